@@ -1,0 +1,82 @@
+"""Batched execution with an automatic batch size.
+
+With ``batch_size=0`` the batch size is tuned on the real work: batches of
+1, 2, 4, ... items are run and timed, doubling while throughput improves and
+memory lasts (up to ``cap``); the rest runs at the best size found. No item is
+processed twice, so tuning costs nothing beyond the slower first batches.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Callable, Sequence, TypeVar
+
+import torch
+
+from abliterate.errors import InvalidArgument, ResourceExhausted
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+R = TypeVar("R")
+
+DEFAULT_BATCH_CAP = 64
+_MIN_GAIN = 1.05  # keep doubling only while throughput improves by at least 5 %
+
+
+def is_oom(exc: BaseException) -> bool:
+    return isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc).lower()
+
+
+def free_memory() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def run_batched(
+    items: Sequence[T],
+    fn: Callable[[Sequence[T]], list[R]],
+    batch_size: int = 0,
+    cap: int = DEFAULT_BATCH_CAP,
+    progress: Callable[[int, int], None] | None = None,
+) -> tuple[list[R], int]:
+    """Run ``fn`` over ``items`` in batches; return (results in order, batch size used)."""
+    if batch_size < 0:
+        raise InvalidArgument(f"batch_size must be >= 0 (0 = automatic), got {batch_size}")
+    results: list[R] = []
+    n = len(items)
+    pos = 0
+    tuning = batch_size == 0
+    size = 1 if tuning else batch_size
+    best_size, best_rate = size, 0.0
+    while pos < n:
+        chunk = items[pos:pos + size]
+        start = time.perf_counter()
+        try:
+            out = fn(chunk)
+        except (RuntimeError, torch.OutOfMemoryError) as exc:
+            if not is_oom(exc):
+                raise
+            free_memory()
+            if size == 1:
+                raise ResourceExhausted("out of memory even at batch size 1") from exc
+            log.warning("out of memory at batch size %d; falling back", size)
+            size = best_size if tuning and best_size < size else max(1, size // 2)
+            tuning = False
+            continue
+        elapsed = max(time.perf_counter() - start, 1e-9)
+        results.extend(out)
+        pos += len(chunk)
+        if progress:
+            progress(pos, n)
+        if tuning and len(chunk) == size:
+            rate = len(chunk) / elapsed
+            if rate > best_rate * _MIN_GAIN and size < cap:
+                best_size, best_rate = size, rate
+                size = min(size * 2, cap)
+            else:
+                if rate > best_rate:
+                    best_size = size
+                size, tuning = best_size, False
+                log.info("automatic batch size: %d", size)
+    return results, (best_size if batch_size == 0 else batch_size)

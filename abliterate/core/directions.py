@@ -1,0 +1,245 @@
+"""Refusal and sacred (capability) directions from residuals.
+
+Refusal: per residual index l, ``r[l] = normalize(mean(H_bad[:, l]) - mean(H_good[:, l]))``,
+optionally projected (the component along the normalized good mean removed).
+Sacred: an orthonormal basis per layer of the directions that distinguish
+capability prompts from baseline text; the refusal direction can be projected
+onto the orthogonal complement of that subspace in one step.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import struct
+from dataclasses import dataclass, field
+
+import torch
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+
+from abliterate.errors import InvalidArgument
+
+EPS = 1e-8
+# A refusal direction whose norm after orthogonalization falls below this
+# (relative to 1) has nothing left to remove: refuse rather than amplify noise.
+MIN_REMAINING_NORM = 1e-3
+
+
+def _normalize(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
+    return x / x.norm(dim=dim, keepdim=True).clamp_min(EPS)
+
+
+def winsorize(residuals: torch.Tensor, quantile: float) -> torch.Tensor:
+    """Clamp each layer's values to +-(the given quantile of |values| in that layer)."""
+    if not 0 < quantile <= 1:
+        raise InvalidArgument(f"winsorization quantile must be in (0, 1], got {quantile}")
+    if quantile == 1:
+        return residuals
+    n, layers, d = residuals.shape
+    flat = residuals.abs().transpose(0, 1).reshape(layers, -1)
+    # torch.quantile has an input-size limit; kthvalue is exact and has none.
+    k = max(1, min(flat.shape[1], math.ceil(quantile * flat.shape[1])))
+    bounds = flat.kthvalue(k, dim=1).values.view(1, layers, 1)
+    return torch.maximum(torch.minimum(residuals, bounds), -bounds)
+
+
+def mean64(residuals: torch.Tensor) -> torch.Tensor:
+    return residuals.double().mean(dim=0)
+
+
+@dataclass
+class LayerDiagnostics:
+    mean_diff_norm: float
+    cosine_of_means: float
+    separation: float  # Cohen's d of the two sets' projections on r
+    sacred_overlap: float | None = None  # norm of r's projection on the sacred subspace
+
+
+@dataclass
+class DirectionSet:
+    """Everything the evaluator needs, as float32 tensors on the CPU.
+
+    ``refusal``: (L+1, d) unit rows. ``sacred``: (L+1, k, d) orthonormal rows
+    per layer, or None. ``refusal_raw``: the refusal directions before sacred
+    orthogonalization (None when none was done).
+    """
+
+    refusal: torch.Tensor
+    good_mean: torch.Tensor
+    bad_mean: torch.Tensor
+    diagnostics: list[LayerDiagnostics] = field(default_factory=list)
+    sacred: torch.Tensor | None = None
+    refusal_raw: torch.Tensor | None = None
+    metadata: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def n_residuals(self) -> int:
+        return self.refusal.shape[0]
+
+    @property
+    def hidden_size(self) -> int:
+        return self.refusal.shape[1]
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        out = {"refusal": self.refusal, "good_mean": self.good_mean, "bad_mean": self.bad_mean}
+        if self.sacred is not None:
+            out["sacred"] = self.sacred
+        if self.refusal_raw is not None:
+            out["refusal_raw"] = self.refusal_raw
+        if self.diagnostics:
+            out["diagnostics"] = torch.tensor(
+                [[d.mean_diff_norm, d.cosine_of_means, d.separation,
+                  float("nan") if d.sacred_overlap is None else d.sacred_overlap] for d in self.diagnostics],
+                dtype=torch.float32)
+        return {k: v.contiguous().float() for k, v in out.items()}
+
+    def to_bytes(self) -> bytes:
+        return st_save(self.tensors(), metadata={k: str(v) for k, v in self.metadata.items()})
+
+    @staticmethod
+    def artifact_id(data: bytes) -> str:
+        return hashlib.sha256(data).hexdigest()
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> "DirectionSet":
+        try:
+            tensors = st_load(data)
+        except Exception as exc:
+            raise InvalidArgument(f"direction set is not valid safetensors data: {exc}") from exc
+        metadata = _safetensors_metadata(data)
+        for key in ("refusal", "good_mean", "bad_mean"):
+            if key not in tensors:
+                raise InvalidArgument(f"direction set lacks the {key!r} tensor")
+        refusal = tensors["refusal"]
+        if refusal.dim() != 2:
+            raise InvalidArgument(f"refusal directions must be 2-D (layers+1, hidden), got {list(refusal.shape)}")
+        if not torch.isfinite(refusal).all():
+            raise InvalidArgument("refusal directions contain NaN or Inf")
+        diagnostics = []
+        if "diagnostics" in tensors:
+            for row in tensors["diagnostics"].tolist():
+                diagnostics.append(LayerDiagnostics(row[0], row[1], row[2], None if math.isnan(row[3]) else row[3]))
+        return cls(refusal=refusal, good_mean=tensors["good_mean"], bad_mean=tensors["bad_mean"],
+                   diagnostics=diagnostics, sacred=tensors.get("sacred"), refusal_raw=tensors.get("refusal_raw"),
+                   metadata=metadata)
+
+
+def _safetensors_metadata(data: bytes) -> dict[str, str]:
+    (length,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8:8 + length])
+    return dict(header.get("__metadata__", {}) or {})
+
+
+def refusal_directions(h_bad: torch.Tensor, h_good: torch.Tensor, projected: bool = True,
+                       winsorize_quantile: float | None = None) -> DirectionSet:
+    """Difference-of-means directions per residual index, with diagnostics."""
+    if h_bad.dim() != 3 or h_good.dim() != 3 or h_bad.shape[1:] != h_good.shape[1:]:
+        raise InvalidArgument(f"residual shapes do not match: {list(h_bad.shape)} vs {list(h_good.shape)}")
+    if h_bad.shape[0] == 0 or h_good.shape[0] == 0:
+        raise InvalidArgument("cannot compute directions from an empty prompt set")
+    if winsorize_quantile is not None:
+        both = winsorize(torch.cat([h_bad, h_good]), winsorize_quantile)
+        h_bad, h_good = both[: h_bad.shape[0]], both[h_bad.shape[0]:]
+    mu_bad, mu_good = mean64(h_bad), mean64(h_good)
+    diff = mu_bad - mu_good
+    r = _normalize(diff)
+    if projected:
+        g = _normalize(mu_good)
+        r = _normalize(r - (r * g).sum(-1, keepdim=True) * g)
+    diagnostics = []
+    for layer in range(r.shape[0]):
+        p_bad = h_bad[:, layer].double() @ r[layer]
+        p_good = h_good[:, layer].double() @ r[layer]
+        pooled = math.sqrt(max((p_bad.var(unbiased=False) + p_good.var(unbiased=False)).item() / 2, EPS))
+        cos = torch.nn.functional.cosine_similarity(mu_bad[layer], mu_good[layer], dim=0).item()
+        diagnostics.append(LayerDiagnostics(
+            mean_diff_norm=diff[layer].norm().item(), cosine_of_means=cos,
+            separation=(p_bad.mean() - p_good.mean()).item() / pooled))
+    return DirectionSet(refusal=r.float(), good_mean=mu_good.float(), bad_mean=mu_bad.float(),
+                        diagnostics=diagnostics, metadata={"projected": str(projected)})
+
+
+def sacred_directions(h_capability: torch.Tensor, h_baseline: torch.Tensor, k: int = 5,
+                      alpha: float = 1.0) -> torch.Tensor:
+    """Per layer, an orthonormal basis (k, d) of the capability subspace.
+
+    The first vector is the normalized mean contrast (capability - baseline);
+    the rest are the top eigenvectors of ``Cov_cap - alpha * Cov_base`` (the
+    directions along which capability prompts vary more than baseline text).
+    The set is orthonormalized by QR, so eigenvector signs do not matter: only
+    the subspace is used.
+    """
+    if k < 1:
+        raise InvalidArgument(f"number of sacred directions must be >= 1, got {k}")
+    if h_capability.shape[0] < 2 or h_baseline.shape[0] < 2:
+        raise InvalidArgument("sacred directions need at least 2 capability and 2 baseline prompts")
+    if h_capability.shape[1:] != h_baseline.shape[1:]:
+        raise InvalidArgument("capability and baseline residual shapes differ")
+    n_res, d = h_capability.shape[1], h_capability.shape[2]
+    k = min(k, d)
+    cap, base = h_capability.double().transpose(0, 1), h_baseline.double().transpose(0, 1)  # (L+1, N, d)
+    mu_cap, mu_base = cap.mean(1), base.mean(1)
+    cc, bc = cap - mu_cap[:, None], base - mu_base[:, None]
+    cov = cc.transpose(1, 2) @ cc / (cap.shape[1] - 1) - alpha * (bc.transpose(1, 2) @ bc / (base.shape[1] - 1))
+    cov = (cov + cov.transpose(1, 2)) / 2
+    _, vecs = torch.linalg.eigh(cov)  # ascending eigenvalues, batched over layers
+    top = vecs[:, :, -(k - 1):].transpose(1, 2) if k > 1 else vecs[:, :, :0].transpose(1, 2)
+    contrast = _normalize(mu_cap - mu_base)[:, None, :]
+    basis = torch.cat([contrast, top], dim=1)  # (L+1, k, d)
+    q, _ = torch.linalg.qr(basis.transpose(1, 2))  # (L+1, d, k) orthonormal columns
+    return q.transpose(1, 2).float().contiguous()
+
+
+def sacred_overlap(refusal: torch.Tensor, sacred: torch.Tensor) -> torch.Tensor:
+    """Per layer: the norm of r's projection onto the sacred subspace (0 = disjoint, 1 = inside)."""
+    coeffs = torch.einsum("lkd,ld->lk", sacred.double(), refusal.double())
+    return coeffs.norm(dim=1).float()
+
+
+def orthogonalize_against(refusal: torch.Tensor, sacred: torch.Tensor) -> torch.Tensor:
+    """Project each r onto the orthogonal complement of its layer's sacred subspace.
+
+    One projection ``r - S^T (S r)`` with orthonormal S, not k sequential
+    Gram-Schmidt steps. Fails if nothing of r remains.
+    """
+    r, s = refusal.double(), sacred.double()
+    coeffs = torch.einsum("lkd,ld->lk", s, r)
+    rest = r - torch.einsum("lk,lkd->ld", coeffs, s)
+    norms = rest.norm(dim=1)
+    # Index 0 (embeddings) is never used for editing, so only check block outputs.
+    dead = [i for i in range(1, len(norms)) if norms[i] < MIN_REMAINING_NORM]
+    if dead:
+        raise InvalidArgument(
+            f"nothing of the refusal direction remains after removing the sacred subspace at residual indices {dead} "
+            f"(remaining norm {norms[dead[0]].item():.2e}); use fewer sacred directions")
+    return _normalize(rest).float()
+
+
+def protect_sacred(directions: DirectionSet, sacred: torch.Tensor) -> DirectionSet:
+    """Attach sacred directions, the overlap report, and the orthogonalized refusal directions."""
+    overlap = sacred_overlap(directions.refusal, sacred)
+    for diag, value in zip(directions.diagnostics, overlap.tolist()):
+        diag.sacred_overlap = value
+    directions.sacred = sacred
+    directions.refusal_raw = directions.refusal
+    directions.refusal = orthogonalize_against(directions.refusal, sacred)
+    directions.metadata["sacred_orthogonalized"] = "True"
+    return directions
+
+
+def global_direction(refusal: torch.Tensor, index: float) -> torch.Tensor:
+    """Interpolate between block outputs: block i's output is residual i+1."""
+    n_blocks = refusal.shape[0] - 1
+    if not isinstance(index, (int, float)) or not math.isfinite(index):
+        raise InvalidArgument(f"direction index must be a finite number, got {index!r}")
+    if not 0 <= index <= n_blocks - 1:
+        raise InvalidArgument(f"direction index {index} is outside [0, {n_blocks - 1}]")
+    base = math.floor(index)
+    frac = index - base
+    lo = refusal[base + 1]
+    if frac == 0 or base + 2 > n_blocks:
+        return _normalize(lo.double()).float()
+    hi = refusal[base + 2]
+    return _normalize(torch.lerp(lo.double(), hi.double(), frac)).float()

@@ -1,0 +1,181 @@
+"""Model loading: HF id / local directory / GGUF file, dtype fallback, padding."""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from dataclasses import dataclass, field
+
+import torch
+
+from abliterate.errors import FailedPrecondition, InvalidArgument, NotFound
+
+log = logging.getLogger(__name__)
+
+# Tried in order when dtype is "auto": a dtype whose one-token test generation
+# gives non-finite logits (a known failure of float16 on some models) is skipped.
+DTYPE_FALLBACK_CHAIN = ("auto", "float16", "bfloat16", "float32")
+_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Where a model comes from and how to load it.
+
+    ``source`` is a Hugging Face model id, a local directory of safetensors, or
+    the path of a ``.gguf`` file (then ``gguf_file`` is derived from it); with
+    ``gguf_file`` set, ``source`` is the directory or repo holding that file.
+    """
+
+    source: str
+    gguf_file: str | None = None
+    dtype: str = "auto"
+    device_map: str | None = None
+    load_in_4bit: bool = False
+    trust_remote_code: bool = False
+    system_prompt: str = "You are a helpful assistant."
+    chat_template_mode: str = "chat"  # "chat" (the model's template) or "plain"
+
+    def resolved_source(self) -> tuple[str, str | None]:
+        """(pretrained path or id, gguf file name or None)."""
+        if not self.source or not self.source.strip():
+            raise InvalidArgument("model source is empty")
+        if self.gguf_file:
+            return self.source, self.gguf_file
+        if self.source.endswith(".gguf"):
+            if not os.path.isfile(self.source):
+                raise NotFound(f"GGUF file not found: {self.source}")
+            return os.path.dirname(os.path.abspath(self.source)), os.path.basename(self.source)
+        return self.source, None
+
+
+@dataclass
+class LoadedModel:
+    model: torch.nn.Module
+    tokenizer: object
+    spec: ModelSpec
+    dtype: torch.dtype
+    quantized: bool = False
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def text_config(self):
+        config = self.model.config
+        return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+    @property
+    def n_layers(self) -> int:
+        return int(self.text_config.num_hidden_layers)
+
+    @property
+    def hidden_size(self) -> int:
+        return int(self.text_config.hidden_size)
+
+
+def prepare_tokenizer(tokenizer) -> None:
+    """Left padding always (the last position must be the last prompt token);
+    the pad token falls back to EOS."""
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token is None:
+        if tokenizer.eos_token is None:
+            raise InvalidArgument("tokenizer has neither a pad token nor an EOS token")
+        tokenizer.pad_token = tokenizer.eos_token
+
+
+def _dtype_candidates(spec: ModelSpec) -> list[str]:
+    if spec.dtype == "auto":
+        return list(DTYPE_FALLBACK_CHAIN)
+    if spec.dtype not in _DTYPES:
+        raise InvalidArgument(f"unknown dtype {spec.dtype!r}; choose one of auto, {', '.join(_DTYPES)}")
+    return [spec.dtype]
+
+
+def _quantization_config(spec: ModelSpec):
+    if not spec.load_in_4bit:
+        return None
+    if not torch.cuda.is_available():
+        raise InvalidArgument("4-bit loading (bitsandbytes) needs a CUDA GPU; none is available here")
+    try:
+        import bitsandbytes  # noqa: F401
+        from transformers import BitsAndBytesConfig
+    except ImportError as exc:
+        raise FailedPrecondition("4-bit loading needs bitsandbytes: pip install 'abliterate[gpu]'") from exc
+    return BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_compute_dtype=torch.bfloat16, bnb_4bit_quant_type="nf4"
+    )
+
+
+def first_token_is_finite(model, tokenizer) -> bool:
+    """Generate one token greedily and check the logits are finite."""
+    enc = tokenizer(["Hello"], return_tensors="pt").to(next(model.parameters()).device)
+    with torch.inference_mode():
+        logits = model(**enc).logits[:, -1, :]
+    return bool(torch.isfinite(logits).all())
+
+
+def load_model(spec: ModelSpec) -> LoadedModel:
+    """Load model and tokenizer, walking the dtype fallback chain."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path, gguf_file = spec.resolved_source()
+    if (path.startswith((".", "/")) or os.sep in path and not gguf_file) and not os.path.exists(path):
+        raise NotFound(f"model path not found: {path}")
+    quant = _quantization_config(spec)
+    common = {"trust_remote_code": spec.trust_remote_code}
+    if gguf_file:
+        common["gguf_file"] = gguf_file
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, **common)
+    except OSError as exc:
+        raise NotFound(f"cannot load a tokenizer from {spec.source!r}: {exc}") from exc
+    prepare_tokenizer(tokenizer)
+
+    last_error: Exception | None = None
+    for dtype_name in _dtype_candidates(spec):
+        kwargs = dict(common)
+        kwargs["dtype"] = "auto" if dtype_name == "auto" else _DTYPES[dtype_name]
+        if spec.device_map:
+            kwargs["device_map"] = spec.device_map
+        if quant is not None:
+            kwargs["quantization_config"] = quant
+        try:
+            model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+        except (OSError, ValueError) as exc:
+            raise NotFound(f"cannot load model {spec.source!r}: {exc}") from exc
+        except Exception as exc:  # a dtype the hardware cannot run, for one
+            log.warning("loading %s with dtype %s failed: %s", spec.source, dtype_name, exc)
+            last_error = exc
+            continue
+        model.eval()
+        model.requires_grad_(False)
+        try:
+            finite = first_token_is_finite(model, tokenizer)
+        except RuntimeError as exc:
+            log.warning("test generation with dtype %s failed: %s", dtype_name, exc)
+            finite, last_error = False, exc
+        if finite:
+            log.info("loaded %s as %s (%s)", spec.source, type(model).__name__, model.dtype)
+            return LoadedModel(model=model, tokenizer=tokenizer, spec=spec, dtype=model.dtype,
+                               quantized=quant is not None)
+        log.warning("dtype %s gives non-finite logits for %s; trying the next one", dtype_name, spec.source)
+        del model
+    raise FailedPrecondition(f"no dtype in {_dtype_candidates(spec)} gives finite logits for {spec.source!r}"
+                             + (f" (last error: {last_error})" if last_error else ""))
+
+
+def from_model(model, tokenizer, spec: ModelSpec | None = None) -> LoadedModel:
+    """Wrap an in-memory model (tests, tiny models built from a config)."""
+    prepare_tokenizer(tokenizer)
+    model.eval()
+    model.requires_grad_(False)
+    return LoadedModel(model=model, tokenizer=tokenizer, spec=spec or ModelSpec(source="<in-memory>"),
+                       dtype=next(model.parameters()).dtype)
+
+
+def isfinite_number(value) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value)

@@ -1,0 +1,179 @@
+"""Trial scoring: KL divergence on harmless prompts, refusals on harmful ones.
+
+``TrialEngine`` is the API the evaluator service wraps: it holds a loaded
+model, its module map and ablator, a direction set and a baseline, and
+``evaluate(params)`` resets, edits, and scores in one call.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from abliterate.core.ablation import Ablator
+from abliterate.core.batching import run_batched
+from abliterate.core.chat import format_prompts
+from abliterate.core.directions import DirectionSet
+from abliterate.core.generation import Generated, generate_greedy
+from abliterate.core.loading import LoadedModel
+from abliterate.core.modules import discover
+from abliterate.core.refusals import RefusalDetector
+from abliterate.core.residuals import encode
+from abliterate.errors import FailedPrecondition, InvalidArgument
+from abliterate.params import AblationParams
+
+
+@dataclass
+class PromptOutcome:
+    prompt: str
+    response: str
+    refusal: bool
+    tokens: int
+    stopped_by: str
+
+
+@dataclass
+class TrialResult:
+    kl: float
+    refusals: int
+    n_refusal_prompts: int
+    n_kl_prompts: int
+    details: list[PromptOutcome] = field(default_factory=list)
+    timings_s: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class Baseline:
+    kl_texts: list[str]
+    refusal_prompts: list[str]
+    refusal_texts: list[str]
+    logprobs: torch.Tensor  # (N, k, V) float32 log-probabilities of the unedited model
+    continuation: torch.Tensor | None  # (N, k-1) greedy tokens fed back for multi-token KL
+    max_new_tokens: int
+    kl_tokens: int
+
+
+def kl_divergence(base_logprobs: torch.Tensor, trial_logprobs: torch.Tensor) -> float:
+    """KL(P_base || P_trial), summed over the vocabulary, averaged over prompts (and positions)."""
+    per_position = F.kl_div(trial_logprobs, base_logprobs, log_target=True, reduction="none").sum(-1)
+    return float(per_position.mean())
+
+
+class TrialEngine:
+    def __init__(self, lm: LoadedModel, batch_size: int = 0, detector: RefusalDetector | None = None):
+        if lm.quantized:
+            raise FailedPrecondition("editing 4-bit quantized weights in place is not supported; load in bf16/fp16")
+        self.lm = lm
+        self.module_map = discover(lm.model)
+        self.ablator = Ablator(self.module_map)
+        self.detector = detector or RefusalDetector()
+        self.batch_size = batch_size
+        self._tuned_sizes: dict[str, int] = {}  # per operation, so tuning happens once
+        self.directions: DirectionSet | None = None
+        self.baseline: Baseline | None = None
+
+    # ---- state -------------------------------------------------------------
+    def set_directions(self, directions: DirectionSet) -> None:
+        expected = (self.module_map.n_layers + 1, self.module_map.hidden_size)
+        if tuple(directions.refusal.shape) != expected:
+            raise InvalidArgument(
+                f"direction set shape {list(directions.refusal.shape)} does not fit this model "
+                f"(expected {list(expected)})")
+        self.directions = directions
+
+    def _texts(self, prompts: list[str]) -> list[str]:
+        return format_prompts(self.lm.tokenizer, prompts, self.lm.spec.system_prompt, self.lm.spec.chat_template_mode)
+
+    def prepare_baseline(self, kl_prompts: list[str], refusal_prompts: list[str], max_new_tokens: int = 30,
+                         kl_tokens: int = 1) -> Baseline:
+        if not kl_prompts:
+            raise InvalidArgument("the KL (harmless evaluation) prompt set is empty")
+        if not refusal_prompts:
+            raise InvalidArgument("the refusal (harmful evaluation) prompt set is empty")
+        if max_new_tokens < 1 or kl_tokens < 1:
+            raise InvalidArgument("max_new_tokens and kl_tokens must be >= 1")
+        self.ablator.reset()
+        kl_texts = self._texts(kl_prompts)
+        continuation = None
+        if kl_tokens > 1:
+            gens = self._generate(kl_texts, kl_tokens - 1, decided=None, pad_to=kl_tokens - 1)
+            continuation = gens
+        logprobs = self._kl_logprobs(kl_texts, continuation, kl_tokens)
+        self.baseline = Baseline(kl_texts, list(refusal_prompts), self._texts(refusal_prompts), logprobs,
+                                 continuation, max_new_tokens, kl_tokens)
+        return self.baseline
+
+    # ---- primitives ----------------------------------------------------------
+    def _run(self, operation: str, items, fn):
+        size = self.batch_size or self._tuned_sizes.get(operation, 0)
+        results, used = run_batched(items, fn, batch_size=size)
+        self._tuned_sizes[operation] = used
+        return results
+
+    def _generate(self, texts, n_tokens, decided, pad_to):
+        """Greedy tokens of the unedited model for multi-token KL, padded with EOS."""
+        tok = self.lm.tokenizer
+        outs = self._run("generate", texts, lambda chunk: generate_greedy(self.lm, list(chunk), n_tokens, decided))
+        rows = []
+        for g in outs:
+            ids = tok(g.text, add_special_tokens=False)["input_ids"][:pad_to]
+            rows.append(ids + [tok.eos_token_id] * (pad_to - len(ids)))
+        return torch.tensor(rows, dtype=torch.long)
+
+    def _kl_logprobs(self, texts: list[str], continuation: torch.Tensor | None, k: int) -> torch.Tensor:
+        """Raw-logit log-probabilities at the last prompt position (and k-1 teacher-forced ones)."""
+        def batch(indices):
+            chunk = [texts[i] for i in indices]
+            enc = encode(self.lm.tokenizer, chunk, self.lm.device, self.lm.spec.chat_template_mode)
+            ids, mask = enc["input_ids"], enc["attention_mask"]
+            if continuation is not None:
+                extra = continuation[list(indices)].to(ids.device)
+                ids = torch.cat([ids, extra], dim=1)
+                mask = torch.cat([mask, torch.ones_like(extra)], dim=1)
+            with torch.inference_mode():
+                logits = self.lm.model(input_ids=ids, attention_mask=mask,
+                                       position_ids=(mask.cumsum(-1) - 1).clamp_min(0), use_cache=False,
+                                       logits_to_keep=k).logits[:, -k:, :]
+            return list(F.log_softmax(logits.float(), dim=-1).cpu())
+        rows = self._run("kl", list(range(len(texts))), batch)
+        return torch.stack(rows)
+
+    def count_refusals(self, texts: list[str], prompts: list[str], max_new_tokens: int) -> list[PromptOutcome]:
+        detector = self.detector
+        gens: list[Generated]
+        gens = self._run("generate", texts, lambda chunk: generate_greedy(
+            self.lm, list(chunk), max_new_tokens, decided=lambda t: detector.find_marker(t) is not None))
+        return [PromptOutcome(p, g.text, detector.is_refusal(g.text), g.tokens, g.stopped_by)
+                for p, g in zip(prompts, gens)]
+
+    # ---- the trial -----------------------------------------------------------
+    def apply(self, params: AblationParams) -> int:
+        if self.directions is None:
+            raise FailedPrecondition("no direction set loaded")
+        return self.ablator.apply(params, self.directions.refusal)
+
+    def evaluate(self, params: AblationParams) -> TrialResult:
+        """Reset, edit with ``params``, score; the model stays edited until the next reset/apply."""
+        if self.baseline is None:
+            raise FailedPrecondition("baseline not prepared: call prepare_baseline first")
+        b = self.baseline
+        timings = {}
+        t0 = time.perf_counter()
+        self.apply(params)
+        timings["edit"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        trial = self._kl_logprobs(b.kl_texts, b.continuation, b.kl_tokens)
+        kl = kl_divergence(b.logprobs, trial)
+        timings["kl"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        outcomes = self.count_refusals(b.refusal_texts, b.refusal_prompts, b.max_new_tokens)
+        timings["refusals"] = time.perf_counter() - t0
+        timings["total"] = sum(timings.values())
+        return TrialResult(kl=kl, refusals=sum(o.refusal for o in outcomes), n_refusal_prompts=len(outcomes),
+                           n_kl_prompts=len(b.kl_texts), details=outcomes, timings_s=timings)
+
+    def reset(self) -> None:
+        self.ablator.reset()

@@ -1,0 +1,139 @@
+"""Ablation parameters and the layer kernel: plain Python, no torch.
+
+Shared by the evaluator (which applies them) and the optimizer (which samples
+them), so it must stay importable without torch.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from enum import Enum
+
+from abliterate.errors import InvalidArgument
+
+
+class DirectionScope(str, Enum):
+    GLOBAL = "global"
+    PER_LAYER = "per_layer"
+
+
+class RowNormalization(str, Enum):
+    NONE = "none"
+    PRE = "pre"
+    FULL = "full"
+
+
+@dataclass(frozen=True)
+class ComponentParams:
+    """Kernel of edit strength over the layers for one component.
+
+    For block ``l``: ``dist = |l - max_weight_position|``; the block is skipped
+    when ``dist > min_weight_distance``, else
+    ``w = max_weight + (dist / min_weight_distance) * (min_weight - max_weight)``.
+    """
+
+    max_weight: float
+    max_weight_position: float
+    min_weight: float
+    min_weight_distance: float
+
+    def weight_at(self, layer: int) -> float:
+        dist = abs(layer - self.max_weight_position)
+        if dist > self.min_weight_distance:
+            return 0.0
+        return self.max_weight + (dist / self.min_weight_distance) * (self.min_weight - self.max_weight)
+
+    def validate(self, name: str, n_layers: int) -> None:
+        for key, value in asdict(self).items():
+            if not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise InvalidArgument(f"{name}.{key} must be a finite number, got {value!r}")
+        if self.min_weight_distance <= 0:
+            raise InvalidArgument(f"{name}.min_weight_distance must be > 0, got {self.min_weight_distance}")
+        if not -0.0 <= self.max_weight_position <= n_layers - 1 + 1e-9:
+            raise InvalidArgument(
+                f"{name}.max_weight_position {self.max_weight_position} is outside [0, {n_layers - 1}]"
+            )
+        for key in ("max_weight", "min_weight"):
+            value = getattr(self, key)
+            if abs(value) > 10:
+                raise InvalidArgument(f"{name}.{key} {value} is outside [-10, 10]")
+
+
+@dataclass(frozen=True)
+class AblationParams:
+    """One trial's parameters.
+
+    ``direction_index`` is a float layer index into the residual directions used
+    when ``direction_scope`` is global (index 0 = embeddings is never chosen:
+    block ``i`` output is residual ``i + 1``). ``components`` maps a component
+    name (``attn.o_proj``, ``mlp.down_proj``) to its kernel; a component that is
+    absent is not edited.
+    """
+
+    direction_scope: DirectionScope = DirectionScope.GLOBAL
+    direction_index: float | None = None
+    components: dict[str, ComponentParams] = field(default_factory=dict)
+    row_normalization: RowNormalization = RowNormalization.NONE
+
+    def validate(self, n_layers: int, known_components: list[str] | None = None) -> None:
+        if self.direction_scope == DirectionScope.GLOBAL:
+            if self.direction_index is None:
+                raise InvalidArgument("direction_index is required when direction_scope is global")
+            if not isinstance(self.direction_index, (int, float)) or not math.isfinite(self.direction_index):
+                raise InvalidArgument(f"direction_index must be a finite number, got {self.direction_index!r}")
+            if not 0 <= self.direction_index <= n_layers - 1:
+                raise InvalidArgument(f"direction_index {self.direction_index} is outside [0, {n_layers - 1}]")
+        if not self.components:
+            raise InvalidArgument("no component parameters given: nothing would be edited")
+        for name, comp in self.components.items():
+            if known_components is not None and name not in known_components:
+                raise InvalidArgument(f"unknown component {name!r}; this model has {sorted(known_components)}")
+            comp.validate(name, n_layers)
+
+    def layer_weights(self, component: str, n_layers: int) -> list[float]:
+        comp = self.components.get(component)
+        if comp is None:
+            return [0.0] * n_layers
+        return [comp.weight_at(layer) for layer in range(n_layers)]
+
+    def to_dict(self) -> dict:
+        return {
+            "direction_scope": self.direction_scope.value,
+            "direction_index": self.direction_index,
+            "row_normalization": self.row_normalization.value,
+            "components": {name: asdict(c) for name, c in self.components.items()},
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "AblationParams":
+        try:
+            return cls(
+                direction_scope=DirectionScope(data.get("direction_scope", "global")),
+                direction_index=data.get("direction_index"),
+                row_normalization=RowNormalization(data.get("row_normalization", "none")),
+                components={name: ComponentParams(**c) for name, c in data.get("components", {}).items()},
+            )
+        except (TypeError, ValueError) as exc:
+            raise InvalidArgument(f"bad ablation parameters: {exc}") from exc
+
+    @classmethod
+    def uniform(
+        cls,
+        direction_index: float,
+        n_layers: int,
+        weight: float = 1.0,
+        components: tuple[str, ...] = ("attn.o_proj", "mlp.down_proj"),
+        row_normalization: RowNormalization = RowNormalization.NONE,
+    ) -> "AblationParams":
+        """Every layer of every named component edited at the same weight."""
+        flat = ComponentParams(
+            max_weight=weight, max_weight_position=(n_layers - 1) / 2, min_weight=weight,
+            min_weight_distance=float(n_layers),
+        )
+        return cls(
+            direction_scope=DirectionScope.GLOBAL,
+            direction_index=direction_index,
+            components={name: flat for name in components},
+            row_normalization=row_normalization,
+        )

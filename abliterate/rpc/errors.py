@@ -1,0 +1,319 @@
+"""Domain exceptions <-> gRPC status codes, in one table.
+
+Server side: :func:`map_errors` (a decorator for servicer methods, unary and
+server-streaming) and :func:`servicer_errors` (the same for every RPC method
+of a servicer class) turn a raised exception into ``context.abort(code,
+message)``. :class:`ErrorMappingInterceptor` does it for every method of a
+server (``build_server`` installs it by default).
+
+Client side: :func:`translate_rpc_errors` (context manager), :func:`from_rpc_error`
+and :func:`mapped_stub` turn a ``grpc.RpcError`` back into the domain
+exception carrying the server's message, so callers never see raw RpcErrors.
+
+This module imports grpc, never torch: a torch out-of-memory error is
+recognised by its class name.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import inspect
+import logging
+from collections.abc import Callable, Iterator
+from typing import Any, TypeVar
+
+import grpc
+
+from abliterate.errors import (
+    AbliterateError,
+    AlreadyExists,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    ResourceExhausted,
+    Unavailable,
+)
+
+log = logging.getLogger(__name__)
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+#: THE table: domain exception class -> status code. Subclasses map like
+#: their nearest listed base (UnsupportedArchitecture -> INVALID_ARGUMENT).
+STATUS_BY_ERROR: dict[type[BaseException], grpc.StatusCode] = {
+    InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT,
+    NotFound: grpc.StatusCode.NOT_FOUND,
+    AlreadyExists: grpc.StatusCode.ALREADY_EXISTS,
+    FailedPrecondition: grpc.StatusCode.FAILED_PRECONDITION,
+    Unavailable: grpc.StatusCode.UNAVAILABLE,
+    ResourceExhausted: grpc.StatusCode.RESOURCE_EXHAUSTED,
+}
+
+
+class RemoteError(AbliterateError):
+    """A status without a domain class (INTERNAL, UNKNOWN, CANCELLED, UNIMPLEMENTED, ...)."""
+
+
+class Unauthenticated(RemoteError):
+    """The server wants a (different) bearer token."""
+
+
+#: Client side: status code -> domain exception class (the inverse of the
+#: table, plus the codes gRPC itself produces).
+ERROR_BY_STATUS: dict[grpc.StatusCode, type[AbliterateError]] = {
+    **{code: cls for cls, code in STATUS_BY_ERROR.items()},
+    grpc.StatusCode.DEADLINE_EXCEEDED: Unavailable,
+    grpc.StatusCode.OUT_OF_RANGE: InvalidArgument,
+    grpc.StatusCode.UNAUTHENTICATED: Unauthenticated,
+    grpc.StatusCode.PERMISSION_DENIED: Unauthenticated,
+}
+
+#: Longest cause put in the details of an INTERNAL status.
+MAX_INTERNAL_DETAIL_CHARS = 300
+
+OomHook = Callable[[], Any]
+
+_MAPPED_MARK = "__abliterate_error_mapped__"
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """MemoryError, or torch's (CUDA) OutOfMemoryError recognised by class name."""
+    if isinstance(exc, MemoryError):
+        return True
+    return any(cls.__name__ == "OutOfMemoryError" for cls in type(exc).__mro__)
+
+
+def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
+    """The status code and the details message for an exception raised by a servicer."""
+    for cls in type(exc).__mro__:
+        code = STATUS_BY_ERROR.get(cls)
+        if code is not None:
+            return code, str(exc) or type(exc).__name__
+    if is_out_of_memory(exc):
+        cause = _short(exc)
+        return grpc.StatusCode.RESOURCE_EXHAUSTED, f"out of memory: {cause}" if cause else "out of memory"
+    cause = _short(exc)
+    return grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}" + (f": {cause}" if cause else "")
+
+
+def _short(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    if len(text) > MAX_INTERNAL_DETAIL_CHARS:
+        text = text[: MAX_INTERNAL_DETAIL_CHARS - 3] + "..."
+    return text
+
+
+def _status_already_set(context: grpc.ServicerContext) -> bool:
+    """True when the servicer already chose a status: ``context.abort()`` (which raises a bare
+    Exception) or ``context.set_code()`` before raising (as the generated base servicer does
+    for UNIMPLEMENTED). gRPC then reports that status; we leave it alone."""
+    try:
+        code = context.code()
+    except Exception:  # noqa: BLE001 - not every context implements code()
+        return False
+    return code is not None and code != grpc.StatusCode.OK
+
+
+def _abort(exc: BaseException, context: grpc.ServicerContext, method: str, on_oom: OomHook | None) -> None:
+    if _status_already_set(context):
+        raise exc
+    if isinstance(exc, (KeyboardInterrupt, SystemExit, GeneratorExit)):
+        raise exc
+    if is_out_of_memory(exc) and on_oom is not None:
+        try:
+            on_oom()
+        except Exception:  # noqa: BLE001 - the hook must not mask the OOM
+            log.exception("out-of-memory hook failed in %s", method)
+    code, message = status_for(exc)
+    if code == grpc.StatusCode.INTERNAL:
+        log.error("%s failed: %s", method, message, exc_info=exc)
+    else:
+        log.info("%s -> %s: %s", method, code.name, message)
+    context.abort(code, message)
+
+
+def wrap_behavior(behavior: Callable, *, streaming: bool, method: str = "", on_oom: OomHook | None = None) -> Callable:
+    """Wrap a handler ``behavior(request_or_iterator, context)`` so exceptions become statuses."""
+    name = method or getattr(behavior, "__qualname__", "rpc")
+
+    if streaming:
+
+        @functools.wraps(behavior)
+        def stream_behavior(*args: Any, **kwargs: Any) -> Iterator:
+            context = _find_context(args, kwargs)
+            try:
+                yield from behavior(*args, **kwargs)
+            except BaseException as exc:  # noqa: BLE001 - converted or re-raised by _abort
+                _abort(exc, context, name, on_oom)
+
+        return stream_behavior
+
+    @functools.wraps(behavior)
+    def unary_behavior(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return behavior(*args, **kwargs)
+        except BaseException as exc:  # noqa: BLE001 - converted or re-raised by _abort
+            _abort(exc, _find_context(args, kwargs), name, on_oom)
+
+    return unary_behavior
+
+
+def _find_context(args: tuple, kwargs: dict) -> grpc.ServicerContext:
+    if "context" in kwargs:
+        return kwargs["context"]
+    return args[-1]
+
+
+def map_errors(func: F | None = None, *, on_oom: OomHook | None = None) -> Any:
+    """Decorator for a servicer method: exceptions -> ``context.abort(code, message)``.
+
+    Works for unary methods and for generator (server-streaming) methods::
+
+        @map_errors
+        def EvaluateTrial(self, request, context): ...
+
+        @map_errors(on_oom=torch.cuda.empty_cache)
+        def Generate(self, request, context): yield ...
+    """
+
+    def decorate(f: F) -> F:
+        wrapped = wrap_behavior(f, streaming=inspect.isgeneratorfunction(f), method=f.__qualname__, on_oom=on_oom)
+        setattr(wrapped, _MAPPED_MARK, True)
+        return wrapped  # type: ignore[return-value]
+
+    return decorate(func) if func is not None else decorate
+
+
+def servicer_errors(cls: type | None = None, *, on_oom: OomHook | None = None) -> Any:
+    """Class decorator: apply :func:`map_errors` to every RPC method the class implements.
+
+    RPC methods are those that override a method of a generated base servicer
+    (a class defined in a ``*_pb2_grpc`` module).
+    """
+
+    def decorate(klass: type) -> type:
+        generated = [base for base in klass.__mro__[1:] if base.__module__.endswith("_pb2_grpc")]
+        rpc_names = {
+            name for base in generated for name, value in vars(base).items()
+            if callable(value) and not name.startswith("_")
+        }
+        for name in sorted(rpc_names):
+            impl = getattr(klass, name, None)
+            unimplemented = any(vars(base).get(name) is impl for base in generated)
+            if impl is None or unimplemented or getattr(impl, _MAPPED_MARK, False):
+                continue
+            setattr(klass, name, map_errors(impl, on_oom=on_oom))
+        return klass
+
+    return decorate(cls) if cls is not None else decorate
+
+
+class ErrorMappingInterceptor(grpc.ServerInterceptor):
+    """Applies the error table to every method served (unary and streaming)."""
+
+    def __init__(self, on_oom: OomHook | None = None) -> None:
+        self._on_oom = on_oom
+
+    def intercept_service(self, continuation: Callable, handler_call_details: grpc.HandlerCallDetails) -> Any:
+        handler = continuation(handler_call_details)
+        if handler is None:
+            return None
+        method = handler_call_details.method
+        replaced = {}
+        for attr in ("unary_unary", "unary_stream", "stream_unary", "stream_stream"):
+            behavior = getattr(handler, attr, None)
+            # Non-blocking behaviors (health Watch) get a callback argument: leave them alone.
+            if behavior is not None and not getattr(behavior, "experimental_non_blocking", False):
+                replaced[attr] = wrap_behavior(
+                    behavior, streaming=attr.endswith("_stream"), method=method, on_oom=self._on_oom
+                )
+        return handler._replace(**replaced) if replaced else handler
+
+
+# ---------------------------------------------------------------- client side
+
+
+def from_rpc_error(err: grpc.RpcError) -> AbliterateError:
+    """The domain exception for a failed call, with the server's message.
+
+    The result carries ``.code`` (``grpc.StatusCode``) and ``.details`` (str).
+    """
+    code = err.code() if callable(getattr(err, "code", None)) else grpc.StatusCode.UNKNOWN
+    details = err.details() if callable(getattr(err, "details", None)) else str(err)
+    details = details or (code.name if code is not None else "UNKNOWN")
+    cls = ERROR_BY_STATUS.get(code, RemoteError)
+    if cls is RemoteError or code in (grpc.StatusCode.DEADLINE_EXCEEDED,):
+        message = f"{code.name if code else 'UNKNOWN'}: {details}"
+    else:
+        message = details
+    exc = cls(message)
+    exc.code = code  # type: ignore[attr-defined]
+    exc.details = details  # type: ignore[attr-defined]
+    return exc
+
+
+@contextlib.contextmanager
+def translate_rpc_errors() -> Iterator[None]:
+    """``with translate_rpc_errors(): stub.X(req)`` raises domain exceptions, not RpcError.
+
+    For a server stream, iterate inside the block (or use :func:`mapped_stub`).
+    """
+    try:
+        yield
+    except grpc.RpcError as err:
+        raise from_rpc_error(err) from err
+
+
+class _MappedStream:
+    """A server-stream call whose iteration raises domain exceptions; still a Call."""
+
+    def __init__(self, call: Any) -> None:
+        self._call = call
+
+    def __iter__(self) -> "_MappedStream":
+        return self
+
+    def __next__(self) -> Any:
+        try:
+            return next(self._call)
+        except grpc.RpcError as err:
+            raise from_rpc_error(err) from err
+
+    def __getattr__(self, name: str) -> Any:  # cancel(), code(), initial_metadata(), ...
+        return getattr(self._call, name)
+
+
+class _MappedMethod:
+    def __init__(self, multicallable: Any) -> None:
+        self._callable = multicallable
+        self._streaming = isinstance(multicallable, (grpc.UnaryStreamMultiCallable, grpc.StreamStreamMultiCallable))
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        try:
+            result = self._callable(*args, **kwargs)
+        except grpc.RpcError as err:
+            raise from_rpc_error(err) from err
+        return _MappedStream(result) if self._streaming else result
+
+    def __getattr__(self, name: str) -> Any:  # future(), with_call()
+        return getattr(self._callable, name)
+
+
+class mapped_stub:  # noqa: N801 - used like a function
+    """Wrap a generated stub so every call raises domain exceptions instead of RpcError.
+
+    ``mapped_stub(EvaluatorServiceStub(channel)).EvaluateTrial(req, timeout=60)``;
+    a server-streaming method returns an iterator that also maps errors and
+    keeps ``cancel()``.
+    """
+
+    def __init__(self, stub: Any) -> None:
+        self._stub = stub
+
+    def __getattr__(self, name: str) -> Any:
+        attr = getattr(self._stub, name)
+        if isinstance(attr, (grpc.UnaryUnaryMultiCallable, grpc.UnaryStreamMultiCallable,
+                             grpc.StreamUnaryMultiCallable, grpc.StreamStreamMultiCallable)):
+            return _MappedMethod(attr)
+        return attr

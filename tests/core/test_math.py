@@ -1,0 +1,115 @@
+"""Kernel, interpolation, row normalization, KL and direction edge cases (no model)."""
+
+import math
+
+import pytest
+import torch
+
+from abliterate.core.ablation import edit_matrix
+from abliterate.core.directions import (global_direction, orthogonalize_against, refusal_directions,
+                                        sacred_directions, sacred_overlap, winsorize, DirectionSet)
+from abliterate.core.scoring import kl_divergence
+from abliterate.errors import InvalidArgument
+from abliterate.params import AblationParams, ComponentParams, RowNormalization
+
+
+def test_kernel_values():
+    k = ComponentParams(max_weight=1.2, max_weight_position=5.0, min_weight=0.2, min_weight_distance=4.0)
+    assert k.weight_at(5) == pytest.approx(1.2)
+    assert k.weight_at(7) == pytest.approx(1.2 + 0.5 * (0.2 - 1.2))
+    assert k.weight_at(1) == pytest.approx(0.2)
+    assert k.weight_at(0) == 0.0 and k.weight_at(10) == 0.0
+
+
+def test_interpolation_between_block_outputs():
+    refusal = torch.eye(4)  # residual indices 0..3 -> blocks 0..2
+    assert torch.allclose(global_direction(refusal, 0.0), refusal[1])
+    mid = global_direction(refusal, 0.5)
+    assert torch.allclose(mid, torch.tensor([0, 1, 1, 0]) / math.sqrt(2))
+    assert torch.allclose(global_direction(refusal, 2.0), refusal[3])
+    for bad in (-0.1, 2.5, float("nan")):
+        with pytest.raises(InvalidArgument):
+            global_direction(refusal, bad)
+
+
+@pytest.mark.parametrize("mode", list(RowNormalization))
+def test_row_normalization_modes(mode):
+    torch.manual_seed(0)
+    w = torch.randn(16, 24)
+    r = torch.nn.functional.normalize(torch.randn(16), dim=0)
+    new = edit_matrix(w, r, 1.0, 0, mode)
+    if mode == RowNormalization.NONE:
+        assert (r @ new).abs().max() < 1e-5
+    if mode == RowNormalization.FULL:
+        assert torch.allclose(new.norm(dim=1), w.norm(dim=1), atol=1e-5)
+    if mode == RowNormalization.PRE:
+        unit = w / w.norm(dim=1, keepdim=True)
+        expected = (unit - torch.outer(r, r @ unit)) * w.norm(dim=1, keepdim=True)
+        assert torch.allclose(new, expected, atol=1e-5)
+
+
+def test_fused_expert_layouts_agree_with_per_expert_linear():
+    torch.manual_seed(0)
+    w = torch.randn(3, 8, 5)  # (experts, out, in)
+    r = torch.nn.functional.normalize(torch.randn(8), dim=0)
+    fused = edit_matrix(w, r, 0.7, 1)
+    transposed = edit_matrix(w.transpose(1, 2).contiguous(), r, 0.7, 2)
+    for e in range(3):
+        assert torch.allclose(fused[e], edit_matrix(w[e], r, 0.7, 0), atol=1e-6)
+    assert torch.allclose(transposed.transpose(1, 2), fused, atol=1e-6)
+
+
+def test_kl_is_zero_for_identical_and_positive_otherwise():
+    a = torch.log_softmax(torch.randn(4, 1, 10), -1)
+    b = torch.log_softmax(torch.randn(4, 1, 10), -1)
+    assert kl_divergence(a, a) == pytest.approx(0.0, abs=1e-7)
+    manual = (a.exp() * (a - b)).sum(-1).mean().item()
+    assert kl_divergence(a, b) == pytest.approx(manual, rel=1e-5)
+
+
+def test_sacred_orthogonalization_single_projection():
+    torch.manual_seed(0)
+    cap, base = torch.randn(20, 3, 16) + 1.0, torch.randn(20, 3, 16)
+    s = sacred_directions(cap, base, k=4)
+    assert s.shape == (3, 4, 16)
+    gram = torch.einsum("lkd,ljd->lkj", s, s)
+    assert torch.allclose(gram, torch.eye(4).expand(3, 4, 4), atol=1e-4)
+    r = torch.nn.functional.normalize(torch.randn(3, 16), dim=1)
+    r2 = orthogonalize_against(r, s)
+    assert torch.einsum("lkd,ld->lk", s, r2).abs().max() < 1e-5
+    assert sacred_overlap(r2, s).max() < 1e-5
+    assert torch.allclose(r2.norm(dim=1), torch.ones(3), atol=1e-5)
+    inside = s[:, 0, :].clone()  # a refusal direction entirely inside the subspace
+    with pytest.raises(InvalidArgument, match="nothing of the refusal direction remains"):
+        orthogonalize_against(inside, s)
+
+
+def test_winsorize_and_direction_set_round_trip():
+    torch.manual_seed(0)
+    h = torch.randn(10, 3, 8)
+    h[0, 1, 2] = 1000.0
+    w = winsorize(h, 0.95)
+    assert w.abs().max() < 1000
+    ds = refusal_directions(h + 1, h, winsorize_quantile=0.95)
+    data = ds.to_bytes()
+    back = DirectionSet.from_bytes(data)
+    assert torch.equal(back.refusal, ds.refusal) and back.metadata["projected"] == "True"
+    assert DirectionSet.artifact_id(data) == DirectionSet.artifact_id(back.to_bytes())
+    with pytest.raises(InvalidArgument):
+        DirectionSet.from_bytes(b"not safetensors")
+
+
+def test_bad_params_are_clear_errors():
+    with pytest.raises(InvalidArgument, match="finite"):
+        AblationParams.uniform(direction_index=float("nan"), n_layers=4).validate(4)
+    with pytest.raises(InvalidArgument, match="outside"):
+        AblationParams.uniform(direction_index=9.0, n_layers=4).validate(4)
+    with pytest.raises(InvalidArgument, match="unknown component"):
+        AblationParams.uniform(direction_index=1.0, n_layers=4, components=("attn.q_proj",)).validate(4, ["attn.o_proj"])
+    bad = AblationParams(direction_index=1.0, components={"attn.o_proj": ComponentParams(float("inf"), 1, 0, 1)})
+    with pytest.raises(InvalidArgument, match="finite"):
+        bad.validate(4)
+    with pytest.raises(InvalidArgument):
+        AblationParams.from_dict({"direction_scope": "sideways"})
+    with pytest.raises(InvalidArgument):
+        refusal_directions(torch.zeros(0, 3, 4), torch.zeros(2, 3, 4))

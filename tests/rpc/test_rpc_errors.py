@@ -1,0 +1,229 @@
+"""Domain errors <-> status codes through a real server and real stubs."""
+
+from __future__ import annotations
+
+import logging
+import socket
+
+import grpc
+import pytest
+
+from abliterate import errors
+from abliterate.rpc import make_channel, map_errors, mapped_stub, servicer_errors, translate_rpc_errors
+from abliterate.rpc.errors import STATUS_BY_ERROR, RemoteError, from_rpc_error, status_for
+from abliterate.v1 import common_pb2, evaluator_pb2, evaluator_pb2_grpc
+
+from tests.rpc.rpc_fakes import FakeEvaluator, make_exception, start_fake
+
+DOMAIN_CASES = [
+    ("InvalidArgument", grpc.StatusCode.INVALID_ARGUMENT, errors.InvalidArgument),
+    ("UnsupportedArchitecture", grpc.StatusCode.INVALID_ARGUMENT, errors.InvalidArgument),
+    ("NotFound", grpc.StatusCode.NOT_FOUND, errors.NotFound),
+    ("AlreadyExists", grpc.StatusCode.ALREADY_EXISTS, errors.AlreadyExists),
+    ("FailedPrecondition", grpc.StatusCode.FAILED_PRECONDITION, errors.FailedPrecondition),
+    ("Unavailable", grpc.StatusCode.UNAVAILABLE, errors.Unavailable),
+    ("ResourceExhausted", grpc.StatusCode.RESOURCE_EXHAUSTED, errors.ResourceExhausted),
+    ("AbliterateError", grpc.StatusCode.INTERNAL, RemoteError),
+]
+
+
+def get_info(channel, raise_name: str | None = None, **kwargs):
+    stub = evaluator_pb2_grpc.EvaluatorServiceStub(channel)
+    metadata = (("x-raise", raise_name),) if raise_name else None
+    return stub.GetModelInfo(common_pb2.GetModelInfoRequest(), metadata=metadata, timeout=10, **kwargs)
+
+
+def test_the_table_covers_every_domain_class():
+    domain = {errors.InvalidArgument, errors.NotFound, errors.AlreadyExists, errors.FailedPrecondition,
+              errors.Unavailable, errors.ResourceExhausted}
+    assert set(STATUS_BY_ERROR) == domain
+    assert status_for(errors.UnsupportedArchitecture("x"))[0] == grpc.StatusCode.INVALID_ARGUMENT
+
+
+@pytest.mark.parametrize("name,code,domain_cls", DOMAIN_CASES)
+def test_domain_error_maps_to_status_and_back(fake_channel, name, code, domain_cls):
+    with pytest.raises(grpc.RpcError) as raw:
+        get_info(fake_channel, name)
+    assert raw.value.code() == code
+    if code != grpc.StatusCode.INTERNAL:
+        assert raw.value.details() == f"{name} raised on purpose"
+
+    with pytest.raises(domain_cls) as mapped:
+        mapped_stub(evaluator_pb2_grpc.EvaluatorServiceStub(fake_channel)).GetModelInfo(
+            common_pb2.GetModelInfoRequest(), metadata=(("x-raise", name),), timeout=10
+        )
+    assert mapped.value.code == code
+    assert f"{name} raised on purpose" in str(mapped.value)
+
+    # the server is still alive and answers normally
+    assert get_info(fake_channel).model.n_layers == 2
+
+
+def test_internal_error_has_short_cause_and_no_traceback(fake_channel, caplog):
+    caplog.set_level(logging.ERROR)
+    with pytest.raises(grpc.RpcError) as raw:
+        get_info(fake_channel, "ZeroDivisionError")
+    assert raw.value.code() == grpc.StatusCode.INTERNAL
+    details = raw.value.details()
+    assert details == "internal error: ZeroDivisionError: division by zero in the secret module"
+    assert "Traceback" not in details and ".py" not in details
+    # the traceback is in the log only
+    logged = [r for r in caplog.records if r.exc_info]
+    assert logged and "Traceback" in logging.Formatter().formatException(logged[-1].exc_info)
+    assert get_info(fake_channel).model.n_layers == 2
+
+
+@pytest.mark.parametrize("name", ["OutOfMemoryError", "MemoryError"])
+def test_out_of_memory_is_resource_exhausted_after_the_hook(fake_server, fake_channel, name):
+    with pytest.raises(errors.ResourceExhausted, match="out of memory"):
+        with translate_rpc_errors():
+            get_info(fake_channel, name)
+    assert fake_server.oom_calls == [1]
+    assert get_info(fake_channel).model.n_layers == 2
+
+
+def test_servicer_abort_passes_through(fake_channel):
+    with pytest.raises(grpc.RpcError) as raw:
+        get_info(fake_channel, "abort")
+    assert raw.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    assert raw.value.details() == "aborted by the servicer itself"
+
+
+def test_streaming_error_after_first_chunk(fake_channel):
+    stub = mapped_stub(evaluator_pb2_grpc.EvaluatorServiceStub(fake_channel))
+    stream = stub.Generate(evaluator_pb2.GenerateRequest(prompt="NotFound"), timeout=10)
+    assert next(stream).text == "first "
+    with pytest.raises(errors.NotFound, match="NotFound raised on purpose"):
+        next(stream)
+    # a clean stream still works, and the mapped stream is a Call (cancel available)
+    chunks = list(stub.Generate(evaluator_pb2.GenerateRequest(), timeout=10))
+    assert [c.text for c in chunks] == ["first ", "done"]
+    assert chunks[-1].finish_reason == common_pb2.FINISH_REASON_STOP
+    other = stub.Generate(evaluator_pb2.GenerateRequest(), timeout=10)
+    assert callable(other.cancel)
+    other.cancel()
+
+
+def test_streaming_internal_error(fake_channel):
+    stub = evaluator_pb2_grpc.EvaluatorServiceStub(fake_channel)
+    with pytest.raises(grpc.RpcError) as raw:
+        list(stub.Generate(evaluator_pb2.GenerateRequest(prompt="ZeroDivisionError"), timeout=10))
+    assert raw.value.code() == grpc.StatusCode.INTERNAL
+    assert "Traceback" not in raw.value.details()
+
+
+@servicer_errors
+class DecoratedEvaluator(FakeEvaluator):
+    """The same servicer with the class decorator, on a server without the interceptor."""
+
+
+def test_class_decorator_without_interceptor():
+    running = start_fake(servicer=DecoratedEvaluator(), map_errors=False)
+    running.health.set_serving()
+    try:
+        with make_channel(running.address) as channel:
+            for name, code, _ in DOMAIN_CASES:
+                with pytest.raises(grpc.RpcError) as raw:
+                    get_info(channel, name)
+                assert raw.value.code() == code
+            stub = evaluator_pb2_grpc.EvaluatorServiceStub(channel)
+            with pytest.raises(grpc.RpcError) as raw:
+                list(stub.Generate(evaluator_pb2.GenerateRequest(prompt="AlreadyExists"), timeout=10))
+            assert raw.value.code() == grpc.StatusCode.ALREADY_EXISTS
+            with pytest.raises(grpc.RpcError) as raw:
+                get_info(channel, "ZeroDivisionError")
+            assert raw.value.code() == grpc.StatusCode.INTERNAL
+            assert "Traceback" not in raw.value.details()
+    finally:
+        running.server.stop(None)
+
+
+def test_without_mapping_grpc_gives_unknown():
+    running = start_fake(map_errors=False)
+    try:
+        with make_channel(running.address) as channel:
+            with pytest.raises(grpc.RpcError) as raw:
+                get_info(channel, "NotFound")
+            assert raw.value.code() == grpc.StatusCode.UNKNOWN
+    finally:
+        running.server.stop(None)
+
+
+class _Ctx:
+    """Minimal ServicerContext for calling decorated methods directly."""
+
+    def __init__(self):
+        self.aborted = None
+
+    def abort(self, code, details):
+        self.aborted = (code, details)
+        raise Exception()
+
+    def code(self):
+        return self.aborted[0] if self.aborted else None
+
+
+def test_method_decorator_unary_and_streaming_directly():
+    hook_calls = []
+
+    class S:
+        @map_errors
+        def Unary(self, request, context):
+            raise errors.NotFound("no such id")
+
+        @map_errors(on_oom=lambda: hook_calls.append(1))
+        def Stream(self, request, context):
+            yield 1
+            raise make_exception("OutOfMemoryError")
+
+    ctx = _Ctx()
+    with pytest.raises(Exception):
+        S().Unary(None, ctx)
+    assert ctx.aborted == (grpc.StatusCode.NOT_FOUND, "no such id")
+
+    ctx = _Ctx()
+    gen = S().Stream(None, ctx)
+    assert next(gen) == 1
+    with pytest.raises(Exception):
+        next(gen)
+    assert ctx.aborted[0] == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert hook_calls == [1]
+
+
+def _closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_unreachable_server_is_unavailable():
+    with make_channel(f"127.0.0.1:{_closed_port()}") as channel:
+        with pytest.raises(errors.Unavailable) as exc:
+            with translate_rpc_errors():
+                get_info(channel)
+        assert exc.value.code == grpc.StatusCode.UNAVAILABLE
+
+
+def test_deadline_exceeded_is_unavailable(fake_channel):
+    with pytest.raises(errors.Unavailable, match="DEADLINE_EXCEEDED"):
+        mapped_stub(evaluator_pb2_grpc.EvaluatorServiceStub(fake_channel)).GetModelInfo(
+            common_pb2.GetModelInfoRequest(), metadata=(("x-raise", "sleep"),), timeout=0.2
+        )
+
+
+def test_unimplemented_is_remote_error(fake_channel):
+    with pytest.raises(RemoteError) as exc:
+        mapped_stub(evaluator_pb2_grpc.EvaluatorServiceStub(fake_channel)).EvaluateTrial(
+            evaluator_pb2.EvaluateTrialRequest(), timeout=10
+        )
+    assert exc.value.code == grpc.StatusCode.UNIMPLEMENTED
+    assert not isinstance(exc.value, (errors.InvalidArgument, errors.NotFound))
+
+
+def test_from_rpc_error_keeps_message(fake_channel):
+    with pytest.raises(grpc.RpcError) as raw:
+        get_info(fake_channel, "FailedPrecondition")
+    exc = from_rpc_error(raw.value)
+    assert isinstance(exc, errors.FailedPrecondition)
+    assert str(exc) == "FailedPrecondition raised on purpose"
+    assert exc.details == "FailedPrecondition raised on purpose"

@@ -1,0 +1,50 @@
+"""Import boundaries (ARCHITECTURE.md section 3): the grpc side never imports torch,
+and the shared plain-Python modules import neither torch nor grpc."""
+
+from __future__ import annotations
+
+import json
+import pkgutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def imported_after(modules: list[str]) -> set[str]:
+    """Top-level package names in sys.modules after importing ``modules`` in a fresh interpreter."""
+    code = (
+        "import importlib, json, sys\n"
+        f"for name in {modules!r}:\n"
+        "    importlib.import_module(name)\n"
+        "print(json.dumps(sorted({m.split('.')[0] for m in sys.modules})))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    return set(json.loads(result.stdout.strip().splitlines()[-1]))
+
+
+def v1_modules() -> list[str]:
+    names = [f"abliterate.v1.{m.name}" for m in pkgutil.iter_modules([str(ROOT / "abliterate" / "v1")])]
+    assert len(names) >= 10, names
+    return names
+
+
+def rpc_modules() -> list[str]:
+    return ["abliterate.rpc", *(f"abliterate.rpc.{m.name}" for m in pkgutil.iter_modules([str(ROOT / "abliterate" / "rpc")]))]
+
+
+def test_rpc_and_stubs_do_not_import_torch():
+    loaded = imported_after(rpc_modules() + v1_modules())
+    assert "grpc" in loaded
+    assert "torch" not in loaded
+
+
+@pytest.mark.parametrize("module", ["abliterate.params", "abliterate.errors"])
+def test_plain_modules_import_neither_torch_nor_grpc(module):
+    loaded = imported_after([module])
+    assert "torch" not in loaded
+    assert "grpc" not in loaded
