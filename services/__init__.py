@@ -1,0 +1,1 @@
+"""The four gRPC services; each runs as ``python -m services.<name>``."""
