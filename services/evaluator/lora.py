@@ -1,0 +1,112 @@
+"""A trial's edit as a PEFT LoRA adapter: rank 1 per edited matrix.
+
+For an edited ``nn.Linear`` weight ``W`` (out, in), block weight ``w`` and
+unit direction ``r`` (out):
+
+- row normalization "none": ``W' = W - w r (r^T W)``, so ``B = -w r`` (out, 1)
+  and ``A = r^T W`` (1, in);
+- "pre": ``W' = W - w diag(|W_i|) r (r^T U)`` with ``U`` the row-normalized
+  ``W``, so ``B = -w (|W_i| * r)`` and ``A = r^T U``;
+- "full" rescales every row after the edit: not rank 1, refused.
+
+With ``r = lora_alpha = 1`` PEFT's scaling is 1, so ``W + B A`` is exactly the
+merged edit (up to float rounding). Layout: ``adapter_model.safetensors`` with
+keys ``base_model.model.<module>.lora_A.weight`` / ``.lora_B.weight`` and
+``adapter_config.json``. Fused 3-D expert tensors (some MoE models) are not
+``nn.Linear`` modules PEFT can target this way: FAILED_PRECONDITION, export
+merged instead.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import torch
+from safetensors.torch import save_file
+
+from abliterate.core.ablation import Ablator
+from abliterate.errors import FailedPrecondition, InvalidArgument
+from abliterate.params import AblationParams, RowNormalization
+
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+ADAPTER_CONFIG = "adapter_config.json"
+_EPS = 1e-8
+
+
+def lora_factors(model: torch.nn.Module, ablator: Ablator, refusal: torch.Tensor,
+                 params: AblationParams) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Module name -> (A (1, in), B (out, 1)) float32 on the CPU, for the unedited ``model``."""
+    if params.row_normalization == RowNormalization.FULL:
+        raise InvalidArgument("row_normalization FULL is not a rank-1 edit: it cannot be exported as a LoRA "
+                              "adapter; export MERGED instead")
+    module_map = ablator.module_map
+    params.validate(module_map.n_layers, module_map.components)
+    directions = ablator.directions_for(params, refusal)
+    names = {id(p): n for n, p in model.named_parameters()}
+    factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    for component in params.components:
+        for layer, w in enumerate(params.layer_weights(component, module_map.n_layers)):
+            if w <= 0:  # as the ablator: a non-positive weight leaves the block alone
+                continue
+            for matrix in module_map.layers[layer].get(component, []):
+                full = names.get(id(matrix.param), matrix.name)
+                if matrix.param.dim() != 2 or not full.endswith(".weight"):
+                    raise FailedPrecondition(
+                        f"{full} is a fused expert tensor of shape {list(matrix.param.shape)}; a PEFT LoRA adapter "
+                        "cannot target it: export MERGED instead")
+                module_name = full[: -len(".weight")]
+                if not isinstance(model.get_submodule(module_name), torch.nn.Linear):
+                    raise FailedPrecondition(f"{module_name} is not an nn.Linear; export MERGED instead")
+                weight = matrix.param.detach().float().cpu()
+                r = directions[layer].detach().float().cpu()
+                if params.row_normalization == RowNormalization.PRE:
+                    norms = weight.norm(dim=1)
+                    a = (r @ (weight / norms.clamp_min(_EPS)[:, None]))[None, :]
+                    b = (-w * norms * r)[:, None]
+                else:
+                    a = (r @ weight)[None, :]
+                    b = (-w * r)[:, None]
+                factors[module_name] = (a.contiguous(), b.contiguous())
+    if not factors:
+        raise InvalidArgument("these parameters edit no matrix: nothing to export")
+    return factors
+
+
+def write_adapter(path: str, factors: dict[str, tuple[torch.Tensor, torch.Tensor]], base_model: str,
+                  metadata: dict | None = None) -> list[str]:
+    """Write the adapter files into ``path`` (which must exist); return the file names."""
+    tensors = {}
+    for module, (a, b) in factors.items():
+        tensors[f"base_model.model.{module}.lora_A.weight"] = a
+        tensors[f"base_model.model.{module}.lora_B.weight"] = b
+    save_file(tensors, os.path.join(path, ADAPTER_WEIGHTS), metadata={"format": "pt"})
+    config = {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": base_model,
+        "r": 1,
+        "lora_alpha": 1,
+        "lora_dropout": 0.0,
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "inference_mode": True,
+        "init_lora_weights": True,
+        "target_modules": sorted(factors),
+        "modules_to_save": None,
+        "layers_to_transform": None,
+        "layers_pattern": None,
+        "rank_pattern": {},
+        "alpha_pattern": {},
+        "use_rslora": False,
+        "use_dora": False,
+        "revision": None,
+    }
+    with open(os.path.join(path, ADAPTER_CONFIG), "w") as fh:
+        json.dump(config, fh, indent=2, sort_keys=True)
+    files = [ADAPTER_WEIGHTS, ADAPTER_CONFIG]
+    if metadata:
+        with open(os.path.join(path, "abliterate.json"), "w") as fh:
+            json.dump(metadata, fh, indent=2, sort_keys=True)
+        files.append("abliterate.json")
+    return files

@@ -1,0 +1,507 @@
+"""The evaluator's state and work: one loaded model, its TrialEngine, direction
+sets by id (a few, least recently used evicted), the held baseline, and the
+device lock.
+
+One operation at a time per device: EvaluateTrial, PrepareBaseline, Generate,
+Chat and ExportModel take the lock without waiting; a second one answers
+UNAVAILABLE ("evaluator busy") at once. Every operation that edits the model
+resets it before releasing the lock, so the weights are the original ones
+between operations (the extractor relies on that when it shares the model).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import shutil
+import struct
+import threading
+import time
+import uuid
+from collections import OrderedDict
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+import torch
+
+from abliterate.core.chat import build_messages, render_chat
+from abliterate.core.directions import DirectionSet
+from abliterate.core.export import export_merged
+from abliterate.core.generation import _cache_argument, _output_cache, _positions, eos_token_ids
+from abliterate.core.loading import LoadedModel
+from abliterate.core.refusals import RefusalDetector
+from abliterate.core.residuals import encode
+from abliterate.core.scoring import TrialEngine, TrialResult
+from abliterate.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
+from abliterate.params import AblationParams
+from abliterate.rpc.convert import load_prompt_set
+from abliterate.rpc.tensors import sha256_hex
+from abliterate.v1 import common_pb2
+from services.evaluator import lora
+from services.runtime import DeviceLock, job_view, model_info
+
+log = logging.getLogger(__name__)
+
+SERVICE = "evaluator"
+DEFAULT_BASELINE_TOKENS = 100
+DEFAULT_GENERATE_TOKENS = 256
+ROLES = ("system", "user", "assistant")
+
+
+@dataclass
+class GenerationOptions:
+    max_new_tokens: int = 0  # 0 = the session default
+    temperature: float = 0.0  # 0 = greedy
+    top_p: float = 0.0  # 0 = 1.0 (off)
+    seed: int | None = None
+
+
+@dataclass
+class Chunk:
+    text: str
+    n_tokens: int
+    finish: str | None = None  # "stop" (EOS) or "length" on the last chunk
+    timings_s: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class LoadResult:
+    direction_set_id: str
+    already_loaded: bool
+    tensor_names: list[str]
+    timings_s: dict[str, float]
+
+
+@dataclass
+class BaselineInfo:
+    baseline_id: str
+    already_prepared: bool
+    n_kl_prompts: int
+    n_refusal_prompts: int
+    baseline_refusals: int
+    timings_s: dict[str, float]
+
+
+@dataclass
+class ExportResult:
+    path: str
+    files: list[str]
+    bytes_written: int
+    hub_url: str
+    timings_s: dict[str, float]
+
+
+def _tensor_names(data: bytes) -> list[str]:
+    (length,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8:8 + length])
+    return sorted(k for k in header if k != "__metadata__")
+
+
+def hub_token() -> str | None:
+    return os.environ.get("HF_TOKEN") or os.environ.get("HUGGING_FACE_HUB_TOKEN") or None
+
+
+class EvaluatorSession:
+    def __init__(self, lm: LoadedModel, batch_size: int = 0, lock: DeviceLock | None = None,
+                 max_direction_sets: int = 4, default_max_new_tokens: int = DEFAULT_GENERATE_TOKENS,
+                 max_generate_tokens: int = 4096):
+        self.lm = lm
+        self.engine = TrialEngine(lm, batch_size=batch_size)
+        self.module_map = self.engine.module_map
+        self.lock = lock or DeviceLock()
+        self.max_direction_sets = max(1, max_direction_sets)
+        self.default_max_new_tokens = default_max_new_tokens
+        self.max_generate_tokens = max_generate_tokens
+        self._sets: OrderedDict[str, tuple[DirectionSet, list[str]]] = OrderedDict()
+        self._store_lock = threading.Lock()
+        self.baseline: BaselineInfo | None = None
+
+    def model_info(self) -> common_pb2.ModelInfo:
+        return model_info(self.lm, self.module_map)
+
+    # ------------------------------------------------------------ directions
+    def load_directions(self, data: bytes, sha256: str = "") -> LoadResult:
+        """Hold a direction set given by its bytes (sha256 verified when given)."""
+        t0 = time.perf_counter()
+        data = bytes(data)
+        digest = sha256_hex(data)
+        if sha256 and sha256.lower() != digest:
+            raise InvalidArgument(f"sha256 mismatch: the direction set hashes to {digest}, the request says {sha256}")
+        with self._store_lock:
+            if digest in self._sets:
+                self._sets.move_to_end(digest)
+                return LoadResult(digest, True, self._sets[digest][1], {"total": time.perf_counter() - t0})
+        ds = DirectionSet.from_bytes(data)
+        expected = (self.module_map.n_layers + 1, self.module_map.hidden_size)
+        if tuple(ds.refusal.shape) != expected:
+            raise InvalidArgument(
+                f"direction set {digest[:12]} has refusal directions of shape {list(ds.refusal.shape)}, but this "
+                f"model ({type(self.lm.model).__name__}, {self.module_map.n_layers} layers, hidden size "
+                f"{self.module_map.hidden_size}) needs {list(expected)}: it was extracted from another model")
+        if ds.sacred is not None and (ds.sacred.dim() != 3 or tuple(ds.sacred.shape[::2]) != expected):
+            raise InvalidArgument(f"sacred directions of shape {list(ds.sacred.shape)} do not fit {list(expected)}")
+        source = ds.metadata.get("model_source")
+        if source and source != self.lm.spec.source:
+            log.warning("direction set %s was extracted from %s; this evaluator serves %s",
+                        digest[:12], source, self.lm.spec.source)
+        names = _tensor_names(data)
+        t_decode = time.perf_counter() - t0
+        t1 = time.perf_counter()
+        ds.refusal = ds.refusal.to(self.lm.device)
+        t_device = time.perf_counter() - t1
+        with self._store_lock:
+            already = digest in self._sets
+            if not already:
+                self._sets[digest] = (ds, names)
+            self._sets.move_to_end(digest)
+            while len(self._sets) > self.max_direction_sets:
+                evicted, _ = self._sets.popitem(last=False)
+                log.info("direction set %s evicted (holding at most %d)", evicted[:12], self.max_direction_sets)
+        return LoadResult(digest, already, names,
+                          {"decode": t_decode, "to_device": t_device, "total": time.perf_counter() - t0})
+
+    def check_directions(self, set_id: str) -> LoadResult:
+        """Is the set with this id held? NOT_FOUND if not."""
+        t0 = time.perf_counter()
+        with self._store_lock:
+            if set_id not in self._sets:
+                raise NotFound(f"direction set {set_id!r} is not held by this evaluator; send its bytes")
+            self._sets.move_to_end(set_id)
+            names = self._sets[set_id][1]
+        return LoadResult(set_id, True, names, {"total": time.perf_counter() - t0})
+
+    def held_ids(self) -> list[str]:
+        with self._store_lock:
+            return list(self._sets)
+
+    def directions(self, set_id: str) -> DirectionSet:
+        """The held set ``set_id``; empty: the most recently loaded one (FAILED_PRECONDITION if none)."""
+        return self._lookup(set_id)[1]
+
+    def _lookup(self, set_id: str) -> tuple[str, DirectionSet]:
+        with self._store_lock:
+            if not set_id:
+                if not self._sets:
+                    raise FailedPrecondition("no direction set loaded: call LoadDirections first")
+                set_id = next(reversed(self._sets))
+            if set_id not in self._sets:
+                raise NotFound(f"direction set {set_id!r} is not held by this evaluator "
+                               "(send LoadDirections with its bytes, then retry)")
+            self._sets.move_to_end(set_id)
+            return set_id, self._sets[set_id][0]
+
+    def _check_params(self, params: AblationParams) -> None:
+        params.validate(self.module_map.n_layers, self.module_map.components)
+
+    # -------------------------------------------------------------- baseline
+    @staticmethod
+    def baseline_id_of(spec: common_pb2.BaselineSpec, source: str) -> str:
+        h = hashlib.sha256(spec.SerializeToString(deterministic=True))
+        h.update(b"\0" + source.encode())
+        return h.hexdigest()
+
+    def prepare_baseline(self, spec: common_pb2.BaselineSpec) -> BaselineInfo:
+        t_start = time.perf_counter()
+        baseline_id = self.baseline_id_of(spec, self.lm.spec.source)
+        held = self.baseline
+        if held is not None and held.baseline_id == baseline_id:
+            return BaselineInfo(baseline_id, True, held.n_kl_prompts, held.n_refusal_prompts,
+                                held.baseline_refusals, {"total": time.perf_counter() - t_start})
+        view = job_view(self.lm, spec.model if spec.HasField("model") else None)
+        if not spec.HasField("kl_prompts"):
+            raise InvalidArgument("baseline.kl_prompts is required")
+        if not spec.HasField("refusal_prompts"):
+            raise InvalidArgument("baseline.refusal_prompts is required")
+        detector = RefusalDetector(tuple(spec.refusal_markers)) if list(spec.refusal_markers) else RefusalDetector()
+        max_new_tokens = spec.max_new_tokens or DEFAULT_BASELINE_TOKENS
+        kl_tokens = max(1, spec.kl_tokens)
+        timings: dict[str, float] = {}
+        t0 = time.perf_counter()
+        kl_prompts = load_prompt_set(spec.kl_prompts, "KL")
+        refusal_prompts = load_prompt_set(spec.refusal_prompts, "refusal")
+        timings["load_prompts"] = time.perf_counter() - t0
+        with self.lock.hold("PrepareBaseline", SERVICE):
+            engine = self.engine
+            saved = (engine.lm, engine.detector, engine.baseline)
+            try:
+                engine.lm, engine.detector = view, detector
+                t0 = time.perf_counter()
+                baseline = engine.prepare_baseline(kl_prompts, refusal_prompts, max_new_tokens, kl_tokens)
+                timings["logprobs"] = time.perf_counter() - t0
+                t0 = time.perf_counter()
+                outcomes = engine.count_refusals(baseline.refusal_texts, baseline.refusal_prompts, max_new_tokens)
+                timings["refusals"] = time.perf_counter() - t0
+            except BaseException:
+                engine.lm, engine.detector, engine.baseline = saved
+                raise
+            finally:
+                engine.reset()
+            timings["total"] = time.perf_counter() - t_start
+            self.baseline = BaselineInfo(baseline_id, False, len(kl_prompts), len(refusal_prompts),
+                                         sum(o.refusal for o in outcomes), timings)
+        log.info("baseline prepared", extra={"baseline_id": baseline_id, "n_kl": len(kl_prompts),
+                                             "n_refusal": len(refusal_prompts),
+                                             "baseline_refusals": self.baseline.baseline_refusals})
+        return self.baseline
+
+    # ----------------------------------------------------------------- trial
+    def evaluate(self, set_id: str, params: AblationParams, baseline_id: str = "",
+                 trial_number: int | None = None) -> TrialResult:
+        ds = self.directions(set_id)
+        held = self.baseline
+        if held is None or self.engine.baseline is None:
+            raise FailedPrecondition("no baseline prepared: call PrepareBaseline first")
+        if baseline_id and baseline_id != held.baseline_id:
+            raise FailedPrecondition(f"the held baseline is {held.baseline_id}, not {baseline_id}: "
+                                     "call PrepareBaseline with the job's spec, then retry")
+        self._check_params(params)
+        with self.lock.hold("EvaluateTrial", SERVICE):
+            try:
+                self.engine.set_directions(ds)
+                result = self.engine.evaluate(params)
+            finally:
+                t0 = time.perf_counter()
+                self.engine.reset()
+                reset_s = time.perf_counter() - t0
+        timings = dict(result.timings_s)
+        timings["ablate"] = timings.pop("edit", 0.0)
+        timings["reset"] = reset_s
+        timings["total"] = timings.get("total", 0.0) + reset_s
+        result.timings_s = timings
+        log.info("trial scored", extra={"trial": trial_number, "kl": result.kl, "refusals": result.refusals})
+        return result
+
+    # ------------------------------------------------------------ generation
+    def _check_options(self, options: GenerationOptions) -> GenerationOptions:
+        n = options.max_new_tokens or self.default_max_new_tokens
+        if n > self.max_generate_tokens:
+            raise InvalidArgument(f"max_new_tokens {n} exceeds this server's limit of {self.max_generate_tokens}")
+        if not math.isfinite(options.temperature) or options.temperature < 0:
+            raise InvalidArgument(f"temperature must be a finite number >= 0, got {options.temperature}")
+        top_p = options.top_p or 1.0
+        if not math.isfinite(top_p) or not 0 < top_p <= 1:
+            raise InvalidArgument(f"top_p must be in (0, 1] (0 = off), got {options.top_p}")
+        return GenerationOptions(n, options.temperature, top_p, options.seed)
+
+    def generate(self, prompt: str, set_id: str = "", params: AblationParams | None = None,
+                 options: GenerationOptions | None = None, raw: bool = False,
+                 is_active: Callable[[], bool] = lambda: True) -> Iterator[Chunk]:
+        """Stream the completion of one prompt (params None: the unedited model)."""
+        if not prompt.strip():
+            raise InvalidArgument("the prompt is empty")
+        spec = self.lm.spec
+        if raw:
+            text, mode = prompt, "plain"
+        else:
+            text = render_chat(self.lm.tokenizer, build_messages(prompt, spec.system_prompt), spec.chat_template_mode)
+            mode = spec.chat_template_mode
+        return self._stream("Generate", text, mode, set_id, params, options, is_active)
+
+    def chat(self, messages: list[tuple[str, str]], set_id: str = "", params: AblationParams | None = None,
+             options: GenerationOptions | None = None,
+             is_active: Callable[[], bool] = lambda: True) -> Iterator[Chunk]:
+        """Stream the next assistant turn (a leading system message replaces the spec's system prompt)."""
+        if not messages:
+            raise InvalidArgument("the conversation is empty")
+        for i, (role, _) in enumerate(messages):
+            if role not in ROLES:
+                raise InvalidArgument(f"message {i}: role must be one of {ROLES}, got {role!r}")
+        if messages[-1][0] != "user":
+            raise InvalidArgument(f"the last message must be a user turn, got {messages[-1][0]!r}")
+        turns = [{"role": r, "content": c} for r, c in messages]
+        spec = self.lm.spec
+        if turns[0]["role"] != "system" and spec.system_prompt:
+            turns.insert(0, {"role": "system", "content": spec.system_prompt})
+        text = render_chat(self.lm.tokenizer, turns, spec.chat_template_mode)
+        return self._stream("Chat", text, spec.chat_template_mode, set_id, params, options, is_active)
+
+    def _stream(self, what: str, text: str, mode: str, set_id: str, params: AblationParams | None,
+                options: GenerationOptions | None, is_active: Callable[[], bool]) -> Iterator[Chunk]:
+        opts = self._check_options(options or GenerationOptions())
+        ds = None
+        if params is not None:
+            ds = self.directions(set_id)
+            self._check_params(params)
+        elif set_id:
+            self.directions(set_id)  # an unknown id is still NOT_FOUND
+        return self._locked_stream(what, text, mode, ds, params, opts, is_active)
+
+    def _locked_stream(self, what, text, mode, ds, params, opts, is_active) -> Iterator[Chunk]:
+        t_start = time.perf_counter()
+        self.lock.acquire(what, SERVICE)
+        try:
+            t0 = time.perf_counter()
+            if params is not None:
+                self.engine.set_directions(ds)
+                self.engine.apply(params)
+            ablate_s = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            n_tokens, finish = 0, "length"
+            for piece, n_tokens, finish in stream_tokens(self.lm, text, mode, opts, is_active):
+                if piece:
+                    yield Chunk(piece, n_tokens)
+            timings = {"ablate": ablate_s, "generate": time.perf_counter() - t0,
+                       "total": time.perf_counter() - t_start}
+            yield Chunk("", n_tokens, finish or "length", timings)
+        finally:
+            self.engine.reset()
+            self.lock.release()
+
+    # ---------------------------------------------------------------- export
+    def export(self, path: str, set_id: str, params: AblationParams, fmt: str = "merged",
+               hub_repo: str | None = None, hub_private: bool = False, overwrite: bool = False) -> ExportResult:
+        t_start = time.perf_counter()
+        if not path or not path.strip():
+            raise InvalidArgument("the export path is empty")
+        if fmt not in ("merged", "lora"):
+            raise InvalidArgument(f"unknown export format {fmt!r}")
+        token = None
+        if hub_repo is not None:
+            if not hub_repo.strip() or hub_repo.count("/") != 1:
+                raise InvalidArgument(f"hub_repo must look like 'user/name', got {hub_repo!r}")
+            token = hub_token()
+            if not token:
+                raise FailedPrecondition("pushing to the Hugging Face Hub needs a token: set HF_TOKEN in the "
+                                         "evaluator's environment")
+        path = os.path.abspath(os.path.expanduser(path))
+        set_id, ds = self._lookup(set_id)
+        self._check_params(params)
+        if os.path.exists(path) and not os.path.isdir(path):
+            raise AlreadyExists(f"export path {path} exists and is not a directory")
+        if os.path.isdir(path) and os.listdir(path) and not overwrite:
+            raise AlreadyExists(f"export path {path} exists and is not empty (set overwrite to replace it)")
+        metadata = {"direction_set_id": set_id, "params": params.to_dict(),
+                    "model_source": self.lm.spec.source, "format": fmt}
+        timings: dict[str, float] = {}
+        parent = os.path.dirname(path)
+        os.makedirs(parent, exist_ok=True)
+        tmp = os.path.join(parent, f".{os.path.basename(path)}.tmp-{uuid.uuid4().hex[:8]}")
+        with self.lock.hold("ExportModel", SERVICE):
+            try:
+                if fmt == "merged":
+                    t0 = time.perf_counter()
+                    self.engine.set_directions(ds)
+                    self.engine.apply(params)
+                    timings["ablate"] = time.perf_counter() - t0
+                    t0 = time.perf_counter()
+                    export_merged(self.lm, tmp, metadata)
+                    timings["save"] = time.perf_counter() - t0
+                else:
+                    t0 = time.perf_counter()
+                    factors = lora.lora_factors(self.lm.model, self.engine.ablator, ds.refusal, params)
+                    timings["ablate"] = time.perf_counter() - t0
+                    t0 = time.perf_counter()
+                    os.makedirs(tmp)
+                    lora.write_adapter(tmp, factors, self.lm.spec.source, metadata)
+                    timings["save"] = time.perf_counter() - t0
+                _swap_into_place(tmp, path)
+            except BaseException:
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise
+            finally:
+                self.engine.reset()
+        files, size = [], 0
+        for root, _, names in os.walk(path):
+            for name in names:
+                full = os.path.join(root, name)
+                files.append(os.path.relpath(full, path))
+                size += os.path.getsize(full)
+        hub_url = ""
+        if hub_repo is not None:
+            t0 = time.perf_counter()
+            hub_url = _push(path, hub_repo, hub_private, token)
+            timings["push"] = time.perf_counter() - t0
+        timings["total"] = time.perf_counter() - t_start
+        log.info("exported", extra={"path": path, "format": fmt, "bytes": size, "hub_url": hub_url})
+        return ExportResult(path, sorted(files), size, hub_url, timings)
+
+
+def _swap_into_place(tmp: str, path: str) -> None:
+    """Move the finished export ``tmp`` to ``path``, replacing what was there."""
+    if os.path.isdir(path):
+        old = f"{tmp}.old"
+        os.rename(path, old)
+        os.rename(tmp, path)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.rename(tmp, path)
+
+
+def _push(path: str, repo: str, private: bool, token: str) -> str:
+    try:
+        from huggingface_hub import HfApi
+
+        api = HfApi(token=token)
+        url = api.create_repo(repo, private=private, exist_ok=True)
+        api.upload_folder(folder_path=path, repo_id=repo, commit_message="abliterate export")
+    except Exception as exc:  # noqa: BLE001 - the export itself is on disk; say why the push failed
+        raise FailedPrecondition(f"the export is at {path}, but pushing it to {repo} failed: "
+                                 f"{type(exc).__name__}: {exc}") from exc
+    return str(url)
+
+
+def stream_tokens(lm: LoadedModel, text: str, mode: str, opts: GenerationOptions,
+                  is_active: Callable[[], bool] = lambda: True) -> Iterator[tuple[str, int, str | None]]:
+    """Decode one continuation with a KV cache: yield ``(new text, tokens so far, finish)``.
+
+    Greedy when ``opts.temperature`` is 0 (the same tokens as ``core.generation.stream_greedy``),
+    else temperature / nucleus sampling with ``opts.seed``. ``finish`` is None until the last
+    item: "stop" at EOS, "length" at the token limit. An incomplete multi-byte character is
+    held back until it is whole. Stops early (without a finish) when ``is_active()`` turns false.
+    """
+    model, tok = lm.model, lm.tokenizer
+    enc = encode(tok, [text], lm.device, mode)
+    mask = enc["attention_mask"]
+    eos = eos_token_ids(lm)
+    generator = None
+    if opts.temperature > 0:
+        generator = torch.Generator(device=lm.device)
+        if opts.seed is not None:
+            generator.manual_seed(int(opts.seed) % (2**63))
+        else:
+            generator.seed()
+    tokens: list[int] = []
+    emitted = ""
+    with torch.inference_mode():
+        out = model(input_ids=enc["input_ids"], attention_mask=mask, position_ids=_positions(mask), use_cache=True,
+                    logits_to_keep=1)
+        cache_arg = _cache_argument(model)
+        for step in range(opts.max_new_tokens):
+            if not is_active():
+                return
+            logits = out.logits[0, -1].float()
+            if generator is None:
+                token = int(logits.argmax())
+            else:
+                token = _sample(logits, opts.temperature, opts.top_p, generator)
+            if token in eos:
+                yield "", len(tokens), "stop"
+                return
+            tokens.append(token)
+            full = tok.decode(tokens, skip_special_tokens=True)
+            last = step == opts.max_new_tokens - 1
+            piece = ""
+            if (last or not full.endswith("\ufffd")) and len(full) > len(emitted):
+                piece, emitted = full[len(emitted):], full
+            if last:
+                yield piece, len(tokens), "length"
+                return
+            yield piece, len(tokens), None
+            mask = torch.cat([mask, mask.new_ones((1, 1))], dim=-1)
+            out = model(input_ids=torch.tensor([[token]], device=mask.device), attention_mask=mask,
+                        position_ids=_positions(mask)[:, -1:], use_cache=True, **{cache_arg: _output_cache(out)})
+    yield "", len(tokens), "length"
+
+
+def _sample(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator) -> int:
+    probs = torch.softmax(logits / temperature, dim=-1)
+    if top_p < 1.0:
+        sorted_probs, order = probs.sort(descending=True)
+        keep = sorted_probs.cumsum(-1) - sorted_probs < top_p  # always keeps the most likely token
+        sorted_probs = sorted_probs * keep
+        choice = torch.multinomial(sorted_probs / sorted_probs.sum(), 1, generator=generator)
+        return int(order[choice])
+    return int(torch.multinomial(probs, 1, generator=generator))

@@ -1,0 +1,21 @@
+"""``python -m services.extractor``: serve ExtractorService until SIGTERM."""
+
+from __future__ import annotations
+
+import sys
+
+from abliterate.v1 import extractor_pb2_grpc
+from services.extractor.config import load
+from services.extractor.servicer import ExtractorServicer
+from services.runtime import Hosted, run
+
+
+def main(argv: list[str] | None = None) -> int:
+    config = load(argv)
+    servicer = ExtractorServicer(batch_size=config.batch_size, max_message_bytes=config.max_message_bytes)
+    hosted = [Hosted(extractor_pb2_grpc.add_ExtractorServiceServicer_to_server, servicer, servicer.attach)]
+    return run("extractor", hosted, config)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

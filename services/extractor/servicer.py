@@ -1,0 +1,40 @@
+"""ExtractorService: translates protos; the work is in ``extraction.Extractor``."""
+
+from __future__ import annotations
+
+from abliterate.errors import Unavailable
+from abliterate.rpc import servicer_errors
+from abliterate.v1 import common_pb2, extractor_pb2_grpc
+from services.runtime import DeviceLock, free_device_memory
+
+
+@servicer_errors(on_oom=free_device_memory)
+class ExtractorServicer(extractor_pb2_grpc.ExtractorServiceServicer):
+    """Serves one model. Built before the model loads (RPCs answer UNAVAILABLE until ``attach``)."""
+
+    def __init__(self, lm=None, *, batch_size: int = 0, lock: DeviceLock | None = None,
+                 max_message_bytes: int | None = None) -> None:
+        self.batch_size = batch_size
+        self.lock = lock or DeviceLock()
+        self.max_message_bytes = max_message_bytes
+        self.extractor = None
+        if lm is not None:
+            self.attach(lm)
+
+    def attach(self, lm) -> None:
+        from services.extractor.extraction import Extractor
+
+        self.extractor = Extractor(lm, batch_size=self.batch_size, lock=self.lock,
+                                   max_message_bytes=self.max_message_bytes)
+
+    def _ready(self):
+        if self.extractor is None:
+            raise Unavailable("the extractor's model is still loading; retry later")
+        return self.extractor
+
+    def GetModelInfo(self, request, context):
+        ex = self._ready()
+        return common_pb2.GetModelInfoResponse(model=ex.model_info(), timings_s={"load": ex.lm.extra.get("load_s", 0.0)})
+
+    def ExtractDirections(self, request, context):
+        yield from self._ready().extract(request, is_active=context.is_active)

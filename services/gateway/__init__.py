@@ -1,0 +1,89 @@
+"""The gateway (no torch): the only public surface of abliterate.
+
+:class:`Gateway` wires the job store (SQL), the event bus, the orchestrator
+(one thread per running job) and the GatewayService servicer into one gRPC
+server. ``python -m services.gateway`` runs it alone; embedded mode hosts it
+beside the other services.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from abliterate.rpc import build_server, serve_until_signal
+from abliterate.v1 import gateway_pb2_grpc
+from services.gateway.config import GatewayConfig
+from services.gateway.events import EventBus
+from services.gateway.jobs import JobStore
+from services.gateway.orchestrator import Orchestrator
+from services.gateway.servicer import GatewayServicer
+
+log = logging.getLogger(__name__)
+
+__all__ = ["Gateway", "GatewayConfig", "GatewayServicer", "JobStore", "Orchestrator"]
+
+
+class Gateway:
+    """A gateway server with its store and orchestrator; ``start()``, then ``stop()`` or ``wait()``."""
+
+    def __init__(
+        self,
+        storage_url: str,
+        extractor_address: str,
+        optimizer_address: str,
+        evaluator_addresses: list[str],
+        address: str = "127.0.0.1:0",
+        auth_token: str | None = None,
+        service_token: str | None = None,
+        resume_on_start: bool = True,
+        workers: int = 16,
+        grace_s: float = 5.0,
+        watch_poll_s: float = 1.0,
+        retry_window_s: float = 600.0,
+    ) -> None:
+        self.store = JobStore(storage_url)
+        self.bus = EventBus(self.store)
+        self.orchestrator = Orchestrator(self.store, self.bus, extractor_address, optimizer_address,
+                                         list(evaluator_addresses), service_token=service_token,
+                                         retry_window_s=retry_window_s)
+        self.servicer = GatewayServicer(self.store, self.bus, self.orchestrator, watch_poll_s=watch_poll_s)
+        self.resume_on_start = resume_on_start
+        self.grace_s = grace_s
+        self.server, self.port, self.health = build_server(
+            [(gateway_pb2_grpc.add_GatewayServiceServicer_to_server, self.servicer)], address,
+            workers=workers, auth_token=auth_token)
+        host = address.rsplit(":", 1)[0]
+        self.address = f"{'127.0.0.1' if host in ('0.0.0.0', '[::]', '') else host}:{self.port}"
+        self._stopped = False
+
+    @classmethod
+    def from_config(cls, config: GatewayConfig) -> "Gateway":
+        return cls(config.storage_url, config.extractor_address, config.optimizer_address,
+                   config.evaluator_addresses, address=config.address, auth_token=config.auth_token,
+                   service_token=config.service_token, resume_on_start=config.resume_on_start,
+                   workers=config.workers, grace_s=config.grace_s, retry_window_s=config.retry_window_s)
+
+    def start(self) -> "Gateway":
+        self.server.start()
+        resumed = self.orchestrator.recover(resume=self.resume_on_start)
+        if resumed:
+            log.info("%d job(s) left running by a previous gateway %s", len(resumed),
+                     "resumed" if self.resume_on_start else "marked INTERRUPTED")
+        self.health.set_serving()
+        return self
+
+    def stop(self, grace_s: float | None = None) -> None:
+        """Stop serving; running jobs keep their phase (a new gateway on the same storage resumes them)."""
+        if self._stopped:
+            return
+        self._stopped = True
+        self.health.set_serving(False)
+        self.bus.close()
+        self.orchestrator.shutdown()
+        self.server.stop(self.grace_s if grace_s is None else grace_s).wait()
+        self.store.close()
+
+    def wait(self) -> None:
+        """Serve until SIGTERM/SIGINT, then stop."""
+        serve_until_signal(self.server, grace_s=self.grace_s, health=self.health)
+        self.stop(0)

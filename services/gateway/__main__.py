@@ -1,0 +1,30 @@
+"""``python -m services.gateway [--storage-url URL] [--extractor-address A] [--optimizer-address A]
+[--evaluator-addresses A,B] [--auth-token T] [--address HOST:PORT]``."""
+
+from __future__ import annotations
+
+import sys
+
+from abliterate.errors import AbliterateError
+from abliterate.rpc import configure_logging
+from services.config import load_config
+from services.gateway import Gateway
+from services.gateway.config import GatewayConfig
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        config = load_config(GatewayConfig, "gateway", argv, description="abliterate gateway (public API, no torch)")
+    except AbliterateError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    configure_logging("gateway", config.log_level)
+    gateway = Gateway.from_config(config)
+    gateway.start()
+    print(f"gateway serving on port {gateway.port}", file=sys.stderr, flush=True)
+    gateway.wait()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,684 @@
+"""Drives jobs: one thread per running job, EXTRACTING -> OPTIMIZING -> a terminal phase.
+
+- EXTRACTING: the extractor's ExtractDirections stream; progress becomes job
+  events; the direction set (bytes and id), diagnostics and model info are
+  stored with the job. Skipped when the job already has its direction set.
+- OPTIMIZING: CreateStudy on the optimizer (load_if_exists, so a resumed job
+  re-attaches to its own study) and RunStudy (with history: trials that
+  completed while the gateway was away are announced too, once). Each
+  finished trial becomes a trial_finished event followed by the current
+  Pareto front; the job's counts, ETA and auto-selected trial are updated.
+  A broken optimizer stream (UNAVAILABLE) is retried with back-off.
+- SUCCEEDED when the study is DONE; FAILED (with an error event) on an
+  error; CANCELLED by :meth:`Orchestrator.cancel`.
+
+Runner writes go through a guard: once a runner is detached (cancel,
+shutdown) nothing it does afterwards reaches the store. No torch here.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import re
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import grpc
+from google.protobuf import json_format
+
+from abliterate.errors import (
+    AbliterateError,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    Unavailable,
+)
+from abliterate.rpc import make_channel, mapped_stub
+from abliterate.rpc.errors import status_for
+from abliterate.v1 import (
+    common_pb2,
+    evaluator_pb2,
+    evaluator_pb2_grpc,
+    extractor_pb2,
+    extractor_pb2_grpc,
+    gateway_pb2,
+    optimizer_pb2,
+    optimizer_pb2_grpc,
+)
+from services.gateway import events as ev
+from services.gateway.jobs import RUNNING_PHASES, JobRecord, JobStore, phase_name
+
+log = logging.getLogger(__name__)
+P = gateway_pb2
+
+NAME_RE = re.compile(r"^[A-Za-z0-9._-]{1,100}$")
+_DTYPES = ("", "auto", "bfloat16", "float16", "float32")
+_TEMPLATE_MODES = ("", "chat", "plain")
+_PROMPT_SETS = ("harmful_train", "harmless_train", "harmful_eval", "harmless_eval")
+
+
+# ------------------------------------------------------------------ validation
+
+
+def _check_prompt_set(msg: common_pb2.PromptSetSpec, what: str) -> None:
+    inline = [p for p in msg.prompts if p.strip()]
+    if msg.prompts:
+        if not inline:
+            raise InvalidArgument(f"{what}: every inline prompt is blank")
+        if msg.source or msg.split or msg.column or msg.config or msg.streaming:
+            raise InvalidArgument(f"{what}: inline prompts exclude source/split/column/config/streaming")
+        return
+    if not msg.source.strip():
+        raise InvalidArgument(f"{what}: the prompt set is empty (give a source or inline prompts)")
+
+
+def validate_spec(spec: gateway_pb2.JobSpec) -> None:
+    """Raise InvalidArgument for a spec that cannot run (checks that need no other service)."""
+    if spec.name and not NAME_RE.match(spec.name):
+        raise InvalidArgument(f"job name {spec.name!r} must be 1-100 characters of [A-Za-z0-9._-]")
+    if not spec.HasField("model") or not spec.model.source.strip():
+        raise InvalidArgument("model.source is empty: name a Hugging Face model id, a directory or a .gguf file")
+    if spec.model.dtype not in _DTYPES:
+        raise InvalidArgument(f"model.dtype {spec.model.dtype!r} is not one of auto, bfloat16, float16, float32")
+    if spec.model.chat_template_mode not in _TEMPLATE_MODES:
+        raise InvalidArgument(f"model.chat_template_mode {spec.model.chat_template_mode!r} is not chat or plain")
+    for what in _PROMPT_SETS:
+        if not spec.HasField(what):
+            raise InvalidArgument(f"{what}: the prompt set is missing")
+        _check_prompt_set(getattr(spec, what), what)
+    if spec.n_trials < 1:
+        raise InvalidArgument(f"n_trials must be at least 1, got {spec.n_trials}")
+    if not math.isfinite(spec.kl_cap) or spec.kl_cap < 0:
+        raise InvalidArgument(f"kl_cap must be a finite number >= 0, got {spec.kl_cap}")
+    extraction = spec.options.extraction
+    q = extraction.winsorize_quantile
+    if q != 0 and not (0.5 < q < 1):
+        raise InvalidArgument(f"options.extraction.winsorize_quantile must be 0 or in (0.5, 1), got {q}")
+    if extraction.orthogonalize_against_sacred and not extraction.sacred:
+        raise InvalidArgument("options.extraction.orthogonalize_against_sacred needs sacred directions")
+    if spec.options.trial_timeout_s < 0 or not math.isfinite(spec.options.trial_timeout_s):
+        raise InvalidArgument("options.trial_timeout_s must be >= 0")
+
+
+def _code_name(exc: BaseException) -> str:
+    code = getattr(exc, "code", None)
+    if isinstance(code, grpc.StatusCode):
+        return code.name
+    return status_for(exc)[0].name
+
+
+def _spec_settings_json(spec: gateway_pb2.JobSpec) -> str:
+    return json.dumps({"job_name": spec.name,
+                       "job_spec": json_format.MessageToDict(spec, preserving_proto_field_name=True)})
+
+
+# ------------------------------------------------------------------ runner
+
+
+class _Detached(Exception):
+    """The runner was detached (cancel or shutdown): stop quietly."""
+
+
+class _Runner:
+    def __init__(self, job_id: str) -> None:
+        self.job_id = job_id
+        self.active = True
+        self.guard = threading.Lock()
+        self.call: Any = None
+        self.thread: threading.Thread | None = None
+        self.started = time.monotonic()
+
+    def detach(self) -> None:
+        with self.guard:
+            self.active = False
+            call = self.call
+        if call is not None:
+            try:
+                call.cancel()
+            except Exception:  # noqa: BLE001 - best effort
+                pass
+
+    def check(self) -> None:
+        if not self.active:
+            raise _Detached()
+
+
+class Orchestrator:
+    """Runs jobs against the extractor, the optimizer and the evaluators."""
+
+    def __init__(
+        self,
+        store: JobStore,
+        bus: ev.EventBus,
+        extractor_address: str,
+        optimizer_address: str,
+        evaluator_addresses: list[str],
+        service_token: str | None = None,
+        rpc_timeout_s: float = 120.0,
+        retry_window_s: float = 600.0,
+        retry_backoff_s: float = 1.0,
+    ) -> None:
+        self.store = store
+        self.bus = bus
+        self.extractor_address = extractor_address
+        self.optimizer_address = optimizer_address
+        self.evaluator_addresses = [a for a in evaluator_addresses if a]
+        self.service_token = service_token or None
+        self.rpc_timeout_s = rpc_timeout_s
+        self.retry_window_s = retry_window_s
+        self.retry_backoff_s = retry_backoff_s
+        self._lock = threading.RLock()
+        self._runners: dict[str, _Runner] = {}
+        self._channels: dict[str, grpc.Channel] = {}
+        self._closed = False
+
+    # ------------------------------------------------------------- clients
+
+    def _channel(self, address: str) -> grpc.Channel:
+        with self._lock:
+            channel = self._channels.get(address)
+            if channel is None:
+                channel = make_channel(address, token=self.service_token)
+                self._channels[address] = channel
+            return channel
+
+    def extractor(self) -> Any:
+        if not self.extractor_address:
+            raise FailedPrecondition("the gateway has no extractor address configured")
+        return mapped_stub(extractor_pb2_grpc.ExtractorServiceStub(self._channel(self.extractor_address)))
+
+    def optimizer(self) -> Any:
+        if not self.optimizer_address:
+            raise FailedPrecondition("the gateway has no optimizer address configured")
+        return mapped_stub(optimizer_pb2_grpc.OptimizerServiceStub(self._channel(self.optimizer_address)))
+
+    def evaluator(self, address: str) -> Any:
+        return mapped_stub(evaluator_pb2_grpc.EvaluatorServiceStub(self._channel(address)))
+
+    # ------------------------------------------------------------- job API
+
+    def submit(self, spec: gateway_pb2.JobSpec) -> JobRecord:
+        validate_spec(spec)
+        job = self.store.create_job(spec)
+        self.bus.publish(job.id, ev.phase_event(P.JOB_PHASE_UNSPECIFIED, P.JOB_PHASE_QUEUED, "submitted"))
+        self.start(job.id)
+        return self.store.get(job.id)
+
+    def start(self, job_id: str) -> None:
+        with self._lock:
+            if self._closed:
+                raise Unavailable("the gateway is shutting down")
+            if job_id in self._runners:
+                return
+            runner = _Runner(job_id)
+            self._runners[job_id] = runner
+            runner.thread = threading.Thread(target=self._run, args=(runner,), name=f"job-{job_id[:8]}", daemon=True)
+            runner.thread.start()
+
+    def is_running(self, job_id: str) -> bool:
+        with self._lock:
+            return job_id in self._runners
+
+    def cancel(self, id_or_name: str) -> JobRecord:
+        job = self.store.get(id_or_name)
+        if job.terminal:
+            raise FailedPrecondition(f"job {job.name} is already {phase_name(job.phase)}")
+        with self._lock:
+            runner = self._runners.pop(job.id, None)
+        if runner is not None:
+            runner.detach()
+        if job.study_name:
+            try:
+                self.optimizer().StopStudy(optimizer_pb2.StopStudyRequest(study_name=job.study_name,
+                                                                          abandon_running=True),
+                                           timeout=self.rpc_timeout_s)
+            except AbliterateError as exc:
+                log.warning("StopStudy %s failed: %s", job.study_name, exc)
+        self._transition(job.id, P.JOB_PHASE_CANCELLED, "cancelled")
+        return self.store.get(job.id)
+
+    def resume(self, id_or_name: str, n_trials: int | None = None) -> JobRecord:
+        job = self.store.get(id_or_name)
+        if self.is_running(job.id):
+            raise FailedPrecondition(f"job {job.name} is running ({phase_name(job.phase)})")
+        if n_trials is not None and n_trials < job.spec.n_trials:
+            raise InvalidArgument(f"n_trials {n_trials} is below the job's current target {job.spec.n_trials}")
+        if job.phase == P.JOB_PHASE_SUCCEEDED and (n_trials is None or n_trials <= job.spec.n_trials):
+            raise FailedPrecondition(f"job {job.name} already SUCCEEDED; pass a larger n_trials to run more")
+        if n_trials is not None and n_trials != job.spec.n_trials:
+            spec = gateway_pb2.JobSpec()
+            spec.CopyFrom(job.spec)
+            spec.n_trials = n_trials
+            self.store.update(job.id, spec=spec)
+        self._transition(job.id, P.JOB_PHASE_QUEUED, "resumed", error="")
+        self.start(job.id)
+        return self.store.get(job.id)
+
+    def recover(self, resume: bool = True) -> list[str]:
+        """At startup: resume jobs left in a running phase (or mark them INTERRUPTED)."""
+        ids = []
+        for job in self.store.jobs_in_phases(RUNNING_PHASES):
+            if resume:
+                self.bus.publish(job.id, ev.progress_event(common_pb2.Progress(
+                    phase="gateway", message="gateway restarted; job resumed")))
+                self.start(job.id)
+            else:
+                self._transition(job.id, P.JOB_PHASE_INTERRUPTED, "the gateway restarted while the job ran")
+            ids.append(job.id)
+        return ids
+
+    def shutdown(self) -> None:
+        """Detach every runner; jobs keep their phase (the next gateway resumes them)."""
+        with self._lock:
+            self._closed = True
+            runners = list(self._runners.values())
+            self._runners.clear()
+        for runner in runners:
+            runner.detach()
+        for runner in runners:
+            if runner.thread is not None:
+                runner.thread.join(timeout=5)
+        with self._lock:
+            channels = list(self._channels.values())
+            self._channels.clear()
+        for channel in channels:
+            channel.close()
+
+    # --------------------------------------------------------- store writes
+
+    def _transition(self, job_id: str, phase: int, message: str = "", runner: _Runner | None = None,
+                    **fields: Any) -> None:
+        def write() -> None:
+            job = self.store.get(job_id)
+            self.store.update(job_id, phase=phase, **fields)
+            if job.phase != phase:
+                self.bus.publish(job_id, ev.phase_event(job.phase, phase, message))
+            else:
+                self.bus.notify(job_id)
+
+        if runner is None:
+            write()
+            return
+        with runner.guard:
+            runner.check()
+            write()
+
+    def _write(self, runner: _Runner, event: gateway_pb2.JobEvent | None = None, **fields: Any) -> None:
+        with runner.guard:
+            runner.check()
+            if fields:
+                self.store.update(runner.job_id, **fields)
+            if event is not None:
+                self.bus.publish(runner.job_id, event)
+
+    def _set_call(self, runner: _Runner, call: Any) -> None:
+        with runner.guard:
+            runner.call = call
+            if not runner.active:
+                call.cancel()
+                raise _Detached()
+
+    # --------------------------------------------------------------- runner
+
+    def _run(self, runner: _Runner) -> None:
+        job_id = runner.job_id
+        try:
+            job = self.store.get(job_id)
+            blob = self.store.get_artifact(job.direction_set_id) if job.direction_set_id else None
+            if blob is None:
+                self._transition(job_id, P.JOB_PHASE_EXTRACTING, "extracting directions", runner=runner)
+                blob = self._retrying(runner, "extractor", lambda: self._extract(runner, job))
+                job = self.store.get(job_id)
+            self._transition(job_id, P.JOB_PHASE_OPTIMIZING, f"direction set {job.direction_set_id[:12]}; "
+                             f"running the study to {job.spec.n_trials} trials", runner=runner)
+            self._optimize(runner, job, blob)
+        except _Detached:
+            log.info("job %s runner detached", job_id)
+        except Exception as exc:  # noqa: BLE001 - any error fails the job, never the gateway
+            if not runner.active:
+                return
+            if not isinstance(exc, AbliterateError):
+                log.exception("job %s failed", job_id)
+            code = _code_name(exc)
+            message = str(exc) or type(exc).__name__
+            try:
+                self._write(runner, ev.error_event(code, message, recoverable=False))
+                self._transition(job_id, P.JOB_PHASE_FAILED, f"{code}: {message}", runner=runner,
+                                 error=f"{code}: {message}", eta_s=None)
+            except _Detached:
+                pass
+        finally:
+            with self._lock:
+                if self._runners.get(job_id) is runner:
+                    del self._runners[job_id]
+
+    def _extract(self, runner: _Runner, job: JobRecord) -> bytes:
+        spec = job.spec
+        request = extractor_pb2.ExtractDirectionsRequest(
+            harmful=spec.harmful_train, harmless=spec.harmless_train, options=spec.options.extraction,
+            model=spec.model)
+        call = self.extractor().ExtractDirections(request)
+        self._set_call(runner, call)
+        result = None
+        try:
+            for response in call:
+                runner.check()
+                kind = response.WhichOneof("event")
+                if kind == "progress":
+                    self._write(runner, ev.progress_event(response.progress))
+                elif kind == "result":
+                    result = response.result
+        except AbliterateError:
+            runner.check()
+            raise
+        runner.check()
+        if result is None:
+            raise Unavailable("the extractor stream ended without a direction set")
+        data = result.directions.safetensors
+        digest = hashlib.sha256(data).hexdigest()
+        if result.direction_set_id and digest != result.direction_set_id:
+            raise InvalidArgument("the extractor's direction set does not match its sha256")
+        self.store.put_artifact(digest, data)
+        model_info = None
+        try:
+            model_info = self.extractor().GetModelInfo(common_pb2.GetModelInfoRequest(),
+                                                       timeout=self.rpc_timeout_s).model
+        except AbliterateError as exc:
+            log.warning("GetModelInfo on the extractor failed: %s", exc)
+        fields: dict[str, Any] = dict(direction_set_id=digest, diagnostics=list(result.layers))
+        if model_info is not None:
+            fields["model"] = model_info
+        self._write(runner, ev.progress_event(common_pb2.Progress(
+            phase="directions", done=1, total=1,
+            message=f"direction set {digest[:12]} from {result.n_harmful} harmful and "
+                    f"{result.n_harmless} harmless prompts")), **fields)
+        return data
+
+    def _create_study(self, job: JobRecord, blob: bytes) -> str:
+        spec = job.spec
+        study_name = job.study_name or job.id
+        options = spec.options
+        request = optimizer_pb2.CreateStudyRequest(
+            study_name=study_name, direction_set_id=job.direction_set_id,
+            directions=common_pb2.TensorBlob(safetensors=blob, sha256=job.direction_set_id),
+            baseline=common_pb2.BaselineSpec(
+                kl_prompts=spec.harmless_eval, refusal_prompts=spec.harmful_eval,
+                max_new_tokens=spec.max_new_tokens, kl_tokens=options.kl_tokens,
+                refusal_markers=list(options.refusal_markers), model=spec.model),
+            n_trials=spec.n_trials, evaluator_addresses=self.evaluator_addresses,
+            job_settings_json=_spec_settings_json(spec), warm_start=list(options.warm_start),
+            trial_timeout_s=options.trial_timeout_s, max_trial_retries=options.max_trial_retries,
+            load_if_exists=True)
+        if options.HasField("search_space"):
+            request.search_space.CopyFrom(options.search_space)
+        if spec.HasField("seed"):
+            request.seed = spec.seed
+        self.optimizer().CreateStudy(request, timeout=self.rpc_timeout_s)
+        return study_name
+
+    def _announced_trials(self, job_id: str) -> set[int]:
+        numbers: set[int] = set()
+        after = 0
+        while True:
+            batch = self.store.events_after(job_id, after)
+            if not batch:
+                return numbers
+            for event in batch:
+                if event.WhichOneof("event") == "trial_finished":
+                    numbers.add(event.trial_finished.trial.number)
+            after = batch[-1].sequence
+
+    def _retrying(self, runner: _Runner, what: str, fn: Any) -> Any:
+        """``fn()``, retried with back-off while it raises Unavailable (a service still loading, busy or
+        restarting), for at most ``retry_window_s`` seconds; each retry is a recoverable error event."""
+        deadline = time.monotonic() + self.retry_window_s
+        attempt = 0
+        while True:
+            runner.check()
+            try:
+                return fn()
+            except Unavailable as exc:
+                runner.check()
+                attempt += 1
+                delay = min(15.0, self.retry_backoff_s * 2 ** min(attempt - 1, 10))
+                if time.monotonic() + delay > deadline:
+                    raise
+                self._write(runner, ev.error_event("UNAVAILABLE", f"{what}: {exc}; retrying in {delay:.0f}s",
+                                                   recoverable=True))
+                end = time.monotonic() + delay
+                while time.monotonic() < end:
+                    runner.check()
+                    time.sleep(0.05)
+
+    def _optimize(self, runner: _Runner, job: JobRecord, blob: bytes) -> None:
+        announced = self._announced_trials(job.id)
+        state = {"job": job}
+
+        def attempt() -> None:
+            current = state["job"]
+            study_name = self._create_study(current, blob)
+            if current.study_name != study_name:
+                self._write(runner, study_name=study_name)
+                state["job"] = current = self.store.get(current.id)
+            if not self._follow_study(runner, current, announced):
+                raise Unavailable("the optimizer's study stream ended before the study did")
+
+        self._retrying(runner, "optimizer", attempt)
+
+    def _follow_study(self, runner: _Runner, job: JobRecord, announced: set[int]) -> bool:
+        """Follow RunStudy; True when the study ended (job in a terminal phase)."""
+        kl_cap = ev.effective_kl_cap(job.spec)
+        call = self.optimizer().RunStudy(optimizer_pb2.RunStudyRequest(study_name=job.study_name,
+                                                                       include_history=True))
+        self._set_call(runner, call)
+        run_started = time.monotonic()
+        completed_this_run = 0
+        try:
+            for response in call:
+                runner.check()
+                event = response.event
+                kind = event.WhichOneof("event")
+                if kind == "trial_finished":
+                    tf = event.trial_finished
+                    if tf.trial.number in announced:
+                        continue
+                    announced.add(tf.trial.number)
+                    completed_this_run += 1
+                    self._on_trial_finished(runner, job, tf, kl_cap, run_started, completed_this_run)
+                elif kind == "trial_failed":
+                    tf = event.trial_failed
+                    counts = self._counts(job.study_name)
+                    self._write(runner, gateway_pb2.JobEvent(trial_failed=gateway_pb2.JobTrialFailed(
+                        number=tf.number, evaluator=tf.evaluator, error=tf.error, will_retry=tf.will_retry)),
+                        **counts)
+                elif kind == "trial_retried":
+                    tr = event.trial_retried
+                    self._write(runner, ev.progress_event(common_pb2.Progress(
+                        phase="retry", message=f"trial {tr.failed_number} re-enqueued as trial {tr.new_number} "
+                                               f"(attempt {tr.attempt})")))
+                elif kind == "progress":
+                    self._write(runner, ev.progress_event(event.progress))
+                elif kind == "done":
+                    self._on_done(runner, job, event.done, kl_cap)
+                    return True
+        except _Detached:
+            raise
+        except AbliterateError:
+            runner.check()
+            raise
+        runner.check()
+        return False
+
+    def _counts(self, study_name: str) -> dict[str, Any]:
+        try:
+            study = self.optimizer().GetStudy(optimizer_pb2.GetStudyRequest(study_name=study_name),
+                                              timeout=self.rpc_timeout_s).study
+        except AbliterateError:
+            return {}
+        return dict(n_trials_complete=study.n_complete, n_trials_failed=study.n_failed)
+
+    def _list_trials(self, study_name: str) -> list[common_pb2.Trial]:
+        response = self.optimizer().ListTrials(optimizer_pb2.ListTrialsRequest(study_name=study_name),
+                                               timeout=self.rpc_timeout_s)
+        return list(response.trials)
+
+    def _on_trial_finished(self, runner: _Runner, job: JobRecord, tf: optimizer_pb2.TrialFinished,
+                           kl_cap: float, run_started: float, completed_this_run: int) -> None:
+        trials = self._list_trials(job.study_name)
+        n_complete = sum(1 for t in trials if t.state == common_pb2.TRIAL_STATE_COMPLETE)
+        n_failed = sum(1 for t in trials if t.state == common_pb2.TRIAL_STATE_FAIL)
+        n_target = job.spec.n_trials
+        eta = tf.eta_s if tf.HasField("eta_s") else None
+        if eta is None and completed_this_run > 0:
+            per_trial = (time.monotonic() - run_started) / completed_this_run
+            eta = per_trial * max(0, n_target - n_complete)
+        finished = gateway_pb2.JobEvent(trial_finished=gateway_pb2.JobTrialFinished(
+            trial=tf.trial, n_complete=n_complete, n_trials=n_target))
+        if eta is not None:
+            finished.eta_s = eta
+        front = ev.front_message(trials, kl_cap)
+        front_event = gateway_pb2.JobEvent(pareto_front=front)
+        if eta is not None:
+            front_event.eta_s = eta
+        auto = front.auto_selected_trial if front.HasField("auto_selected_trial") else None
+        self._write(runner, finished, n_trials_complete=n_complete, n_trials_failed=n_failed, eta_s=eta,
+                    auto_selected_trial=auto)
+        self._write(runner, front_event)
+
+    def _on_done(self, runner: _Runner, job: JobRecord, done: optimizer_pb2.StudyDone, kl_cap: float) -> None:
+        fields: dict[str, Any] = dict(n_trials_complete=done.n_complete, n_trials_failed=done.n_failed, eta_s=None)
+        try:
+            front = ev.front_message(self._list_trials(job.study_name), kl_cap)
+            fields["auto_selected_trial"] = (front.auto_selected_trial if front.HasField("auto_selected_trial")
+                                             else None)
+        except AbliterateError as exc:
+            log.warning("ListTrials after the study ended failed: %s", exc)
+        state = done.state
+        if state == optimizer_pb2.STUDY_STATE_DONE:
+            self._transition(job.id, P.JOB_PHASE_SUCCEEDED, f"{done.n_complete} trials complete",
+                             runner=runner, **fields)
+        elif state == optimizer_pb2.STUDY_STATE_STOPPED:
+            self._transition(job.id, P.JOB_PHASE_CANCELLED, done.message or "the study was stopped",
+                             runner=runner, **fields)
+        else:
+            message = done.message or "the study failed"
+            self._write(runner, ev.error_event("FAILED_PRECONDITION", message))
+            self._transition(job.id, P.JOB_PHASE_FAILED, message, runner=runner, error=message, **fields)
+
+    # ---------------------------------------------------- fronts, export, chat
+
+    def pareto_front(self, id_or_name: str, kl_cap: float | None = None) -> gateway_pb2.ParetoFront:
+        job = self.store.get(id_or_name)
+        cap = ev.effective_kl_cap(job.spec, kl_cap)
+        if not job.study_name:
+            return ev.front_message([], cap)
+        return ev.front_message(self._list_trials(job.study_name), cap)
+
+    def resolve_trial(self, job: JobRecord, number: int | None) -> common_pb2.Trial:
+        if not job.study_name:
+            raise FailedPrecondition(f"job {job.name} has no study yet (phase {phase_name(job.phase)})")
+        trials = self._list_trials(job.study_name)
+        if number is None:
+            chosen = ev.auto_select(ev.pareto_trials(trials), ev.effective_kl_cap(job.spec))
+            if chosen is None:
+                raise FailedPrecondition(f"job {job.name} has no COMPLETE trial yet")
+            return chosen
+        for trial in trials:
+            if trial.number == number:
+                if trial.state != common_pb2.TRIAL_STATE_COMPLETE:
+                    raise FailedPrecondition(f"trial {number} of job {job.name} is "
+                                             f"{common_pb2.TrialState.Name(trial.state)}, not COMPLETE")
+                return trial
+        raise NotFound(f"job {job.name} has no trial {number}")
+
+    def _ensure_directions(self, stub: Any, job: JobRecord) -> None:
+        try:
+            stub.LoadDirections(evaluator_pb2.LoadDirectionsRequest(direction_set_id=job.direction_set_id),
+                                timeout=self.rpc_timeout_s)
+            return
+        except NotFound:
+            pass
+        data = self.store.get_artifact(job.direction_set_id)
+        if data is None:
+            raise FailedPrecondition(f"the direction set of job {job.name} is not stored")
+        stub.LoadDirections(evaluator_pb2.LoadDirectionsRequest(
+            directions=common_pb2.TensorBlob(safetensors=data, sha256=job.direction_set_id)),
+            timeout=self.rpc_timeout_s)
+
+    def _on_evaluator(self, fn: Any) -> Any:
+        """Call ``fn(stub)`` on the first evaluator that is not busy."""
+        if not self.evaluator_addresses:
+            raise FailedPrecondition("the gateway has no evaluator address configured")
+        last: Exception | None = None
+        for address in self.evaluator_addresses:
+            try:
+                return fn(self.evaluator(address))
+            except Unavailable as exc:
+                last = exc
+        raise Unavailable(f"no evaluator is free ({last})")
+
+    def export(self, request: gateway_pb2.GatewayServiceExportModelRequest
+               ) -> gateway_pb2.GatewayServiceExportModelResponse:
+        if not request.path:
+            raise InvalidArgument("path is required")
+        job = self.store.get(request.job_id)
+        trial = self.resolve_trial(job, request.trial_number if request.HasField("trial_number") else None)
+        forward = evaluator_pb2.EvaluatorServiceExportModelRequest(
+            direction_set_id=job.direction_set_id, params=trial.params, path=request.path,
+            format=request.format, hub_private=request.hub_private, overwrite=request.overwrite)
+        if request.HasField("hub_repo"):
+            forward.hub_repo = request.hub_repo
+
+        def call(stub: Any) -> Any:
+            self._ensure_directions(stub, job)
+            return stub.ExportModel(forward)
+
+        result = self._on_evaluator(call)
+        response = gateway_pb2.GatewayServiceExportModelResponse(
+            trial_number=trial.number, path=result.path, files=list(result.files),
+            bytes_written=result.bytes_written, hub_url=result.hub_url)
+        response.timings_s.update(result.timings_s)
+        return response
+
+    def chat(self, request: gateway_pb2.GatewayServiceChatRequest
+             ) -> Iterator[gateway_pb2.GatewayServiceChatResponse]:
+        if not request.messages:
+            raise InvalidArgument("messages is empty")
+        job = self.store.get(request.job_id)
+        forward = evaluator_pb2.EvaluatorServiceChatRequest(messages=list(request.messages), options=request.options)
+        system_prompt = job.spec.model.system_prompt
+        if system_prompt and request.messages[0].role != "system":
+            del forward.messages[:]
+            forward.messages.add(role="system", content=system_prompt)
+            forward.messages.extend(request.messages)
+        trial = None
+        if not request.original_model:
+            trial = self.resolve_trial(job, request.trial_number if request.HasField("trial_number") else None)
+            forward.direction_set_id = job.direction_set_id
+            forward.params.CopyFrom(trial.params)
+
+        def start(stub: Any) -> Any:
+            if trial is not None:
+                self._ensure_directions(stub, job)
+            stream = stub.Chat(forward)
+            first = next(stream, None)  # surfaces UNAVAILABLE here, so the next evaluator is tried
+            return first, stream
+
+        first, stream = self._on_evaluator(start)
+        for chunk in _chain([first] if first is not None else [], stream):
+            out = gateway_pb2.GatewayServiceChatResponse(text=chunk.text, finish_reason=chunk.finish_reason,
+                                                         n_tokens=chunk.n_tokens)
+            out.timings_s.update(chunk.timings_s)
+            if trial is not None:
+                out.trial_number = trial.number
+            yield out
+
+
+def _chain(first: list[Any], rest: Any) -> Iterator[Any]:
+    yield from first
+    yield from rest

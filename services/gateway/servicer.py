@@ -1,0 +1,95 @@
+"""GatewayService: thin RPC layer over the job store, the event bus and the orchestrator.
+
+Domain exceptions raised here become gRPC statuses through build_server's
+error-mapping interceptor (abliterate.rpc.errors). No torch.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import grpc
+
+from abliterate.errors import InvalidArgument
+from abliterate.v1 import gateway_pb2, gateway_pb2_grpc
+from services.gateway import events as ev
+from services.gateway.jobs import JobStore
+from services.gateway.orchestrator import Orchestrator
+
+
+def _timed(start: float, **extra: float) -> dict[str, float]:
+    return {**extra, "total": time.perf_counter() - start}
+
+
+class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
+    def __init__(self, store: JobStore, bus: ev.EventBus, orchestrator: Orchestrator, watch_poll_s: float = 1.0) -> None:
+        self.store = store
+        self.bus = bus
+        self.orchestrator = orchestrator
+        self.watch_poll_s = watch_poll_s
+
+    def SubmitJob(self, request: gateway_pb2.SubmitJobRequest, context: grpc.ServicerContext) -> Any:
+        start = time.perf_counter()
+        if not request.HasField("spec"):
+            raise InvalidArgument("spec is required")
+        job = self.orchestrator.submit(request.spec)
+        return gateway_pb2.SubmitJobResponse(job=job.to_pb(), timings_s=_timed(start))
+
+    def WatchJob(self, request: gateway_pb2.WatchJobRequest, context: grpc.ServicerContext
+                 ) -> Iterator[gateway_pb2.WatchJobResponse]:
+        job = self.store.get(request.job_id)
+        if request.HasField("after_sequence"):
+            after = request.after_sequence
+        else:
+            after = self.store.last_sequence(job.id)
+            snapshot = ev.phase_event(job.phase, job.phase, f"snapshot of {job.name}")
+            front = self.orchestrator.pareto_front(job.id) if job.study_name else ev.front_message(
+                [], ev.effective_kl_cap(job.spec))
+            for event in (snapshot, gateway_pb2.JobEvent(pareto_front=front)):
+                event.sequence = after
+                event.job_id = job.id
+                event.time.GetCurrentTime()
+                if job.eta_s is not None:
+                    event.eta_s = job.eta_s
+                yield gateway_pb2.WatchJobResponse(event=event)
+        for event in self.bus.follow(job.id, after, context.is_active, poll_s=self.watch_poll_s):
+            yield gateway_pb2.WatchJobResponse(event=event)
+
+    def GetJob(self, request: gateway_pb2.GetJobRequest, context: grpc.ServicerContext) -> Any:
+        start = time.perf_counter()
+        job = self.store.get(request.job_id)
+        return gateway_pb2.GetJobResponse(job=job.to_pb(), timings_s=_timed(start))
+
+    def ListJobs(self, request: gateway_pb2.ListJobsRequest, context: grpc.ServicerContext) -> Any:
+        start = time.perf_counter()
+        jobs, total = self.store.list(list(request.phases), request.offset, request.limit)
+        return gateway_pb2.ListJobsResponse(jobs=[j.to_pb() for j in jobs], total=total, timings_s=_timed(start))
+
+    def CancelJob(self, request: gateway_pb2.CancelJobRequest, context: grpc.ServicerContext) -> Any:
+        start = time.perf_counter()
+        job = self.orchestrator.cancel(request.job_id)
+        return gateway_pb2.CancelJobResponse(job=job.to_pb(), timings_s=_timed(start))
+
+    def ResumeJob(self, request: gateway_pb2.ResumeJobRequest, context: grpc.ServicerContext) -> Any:
+        start = time.perf_counter()
+        n_trials = request.n_trials if request.HasField("n_trials") else None
+        job = self.orchestrator.resume(request.job_id, n_trials)
+        return gateway_pb2.ResumeJobResponse(job=job.to_pb(), timings_s=_timed(start))
+
+    def GetParetoFront(self, request: gateway_pb2.GetParetoFrontRequest, context: grpc.ServicerContext) -> Any:
+        start = time.perf_counter()
+        kl_cap = request.kl_cap if request.HasField("kl_cap") else None
+        if kl_cap is not None and not kl_cap > 0:
+            raise InvalidArgument(f"kl_cap must be > 0, got {kl_cap}")
+        front = self.orchestrator.pareto_front(request.job_id, kl_cap)
+        return gateway_pb2.GetParetoFrontResponse(front=front, timings_s=_timed(start))
+
+    def ExportModel(self, request: gateway_pb2.GatewayServiceExportModelRequest, context: grpc.ServicerContext
+                    ) -> Any:
+        return self.orchestrator.export(request)
+
+    def Chat(self, request: gateway_pb2.GatewayServiceChatRequest, context: grpc.ServicerContext
+             ) -> Iterator[gateway_pb2.GatewayServiceChatResponse]:
+        yield from self.orchestrator.chat(request)

@@ -1,0 +1,101 @@
+"""``python -m services.optimizer [--storage-url URL] [--address HOST:PORT] [--evaluator-addresses A,B]
+[--max-message-bytes N] [--blob-dir DIR] ...``: serve OptimizerService until SIGTERM.
+
+Health turns SERVING once the storage answers; SIGTERM/SIGINT stop the study
+loops (trials in flight get ``grace_s``; any still running are reclaimed by
+the next start) and then the server.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import threading
+
+from abliterate.errors import AbliterateError
+from abliterate.rpc import build_server, configure_logging, serve_until_signal
+from abliterate.v1 import optimizer_pb2_grpc
+from services.optimizer.config import OptimizerConfig, load
+from services.optimizer.dispatch import DispatchOptions
+from services.optimizer.servicer import OptimizerServicer
+
+log = logging.getLogger("services.optimizer")
+
+
+def make_servicer(config: OptimizerConfig) -> OptimizerServicer:
+    options = DispatchOptions(
+        health_interval_s=config.health_interval_s, busy_retry_s=config.busy_retry_s,
+        prepare_timeout_s=config.prepare_timeout_s, give_up_s=config.give_up_s,
+        max_message_bytes=config.max_message_bytes, token=config.service_token or "",
+    )
+    return OptimizerServicer(config.storage_url, evaluator_addresses=config.evaluator_addresses,
+                             blob_dir=config.blob_dir or None, options=options)
+
+
+def wait_for_storage(servicer: OptimizerServicer, health, stop: threading.Event, retry_s: float = 2.0) -> None:
+    """Set health SERVING once the storage answers (retrying until ``stop``)."""
+    while not stop.is_set():
+        try:
+            servicer.connect()
+        except Exception as exc:  # noqa: BLE001
+            log.warning("storage not reachable yet: %s", exc)
+            stop.wait(retry_s)
+            continue
+        health.set_serving()
+        log.info("storage reachable; serving")
+        return
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        config = load(argv)
+    except AbliterateError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    configure_logging("optimizer", config.log_level)
+    try:
+        servicer = make_servicer(config)
+    except AbliterateError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    server, port, health = build_server(
+        [(optimizer_pb2_grpc.add_OptimizerServiceServicer_to_server, servicer)], config.address,
+        max_message_bytes=config.max_message_bytes, workers=config.workers, auth_token=config.auth_token)
+    server.start()
+    print(f"optimizer serving on port {port}", file=sys.stderr, flush=True)
+    stop = threading.Event()
+    waiter = threading.Thread(target=wait_for_storage, args=(servicer, health, stop), daemon=True)
+    waiter.start()
+    try:
+        # Loops first, so their last trials are told while the server still answers watchers.
+        def on_signal_shutdown() -> None:
+            stop.set()
+            health.enter_graceful_shutdown()
+            servicer.shutdown(config.grace_s)
+
+        _serve(server, health, config.grace_s, on_signal_shutdown)
+    finally:
+        stop.set()
+        servicer.shutdown(0)
+    return 0
+
+
+def _serve(server, health, grace_s: float, before_stop) -> None:
+    """serve_until_signal, with the study loops stopped before the server."""
+
+    class _Server:
+        def __init__(self, inner) -> None:
+            self._inner = inner
+
+        def wait_for_termination(self, timeout=None):
+            return self._inner.wait_for_termination(timeout)
+
+        def stop(self, grace):
+            before_stop()
+            return self._inner.stop(grace)
+
+    serve_until_signal(_Server(server), grace_s=grace_s, health=health)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,755 @@
+"""Ask/tell dispatch: one trial in flight per evaluator, leases, retries, resume.
+
+A :class:`StudyRunner` drives one study. It keeps a thread per evaluator of
+the pool (:class:`EvaluatorWorker`); each thread
+
+1. waits until its evaluator is healthy, checks its model (depth and
+   components), loads the direction set (by id first; the bytes only when the
+   evaluator lacks it) and prepares the baseline;
+2. asks a trial (under the runner's lock, so the seeded sampler draws in
+   trial order), unless the COMPLETE plus RUNNING trials in storage already
+   reach ``n_trials``;
+3. runs it under a *lease*: the EvaluateTrial call carries the trial timeout as
+   its deadline, and while it waits the thread health-checks the evaluator.
+   Optuna's own heartbeat only runs inside ``study.optimize()``, so this is
+   the heartbeat of an ask/tell trial.
+
+Outcomes of a trial:
+
+- an answer: ``tell`` COMPLETE with (kl, refusals);
+- UNAVAILABLE (or CANCELLED) while the evaluator's health is SERVING: it is
+  busy; the same trial is sent again after a short wait, not a failure;
+- the evaluator lost (connection gone and health failing), the lease expired
+  (DEADLINE_EXCEEDED) or another error: ``tell`` FAIL with the ``error`` user
+  attr, and the same parameters are enqueued again (``study.enqueue_trial``,
+  user attrs ``retry_of``/``attempt``) up to ``max_trial_retries`` times
+  (INVALID_ARGUMENT is not retried: the same parameters would fail again);
+  any evaluator asks it next, the same one once it is back;
+- NOT_FOUND / FAILED_PRECONDITION (the evaluator restarted and lost the
+  directions or the baseline): prepare it again and resend the same trial once.
+
+A lost evaluator is UNREACHABLE: its thread health-checks it periodically with
+a fresh channel and re-admits it (preparing it again) once it is SERVING.
+
+When a loop starts on an existing study, RUNNING trials that no live loop of
+this process owns (left by a killed optimizer) are marked FAIL and their
+parameters enqueued again. One optimizer per study is assumed.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import optuna
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from optuna.trial import TrialState
+
+from abliterate.errors import InvalidArgument
+from abliterate.params import AblationParams
+from abliterate.rpc.channels import make_channel
+from abliterate.rpc.convert import params_to_pb
+from abliterate.rpc.limits import DEFAULT_MAX_MESSAGE_BYTES
+from abliterate.rpc.tensors import sha256_hex
+from abliterate.v1 import common_pb2, evaluator_pb2, evaluator_pb2_grpc, optimizer_pb2
+from services.optimizer import study as st
+
+log = logging.getLogger(__name__)
+
+S = optimizer_pb2  # enum namespace
+
+
+@dataclass
+class DispatchOptions:
+    """Timing knobs of the dispatch loop (seconds)."""
+
+    #: Health-check period while a trial runs, and while an evaluator is unreachable.
+    health_interval_s: float = 5.0
+    #: Deadline of one health check.
+    health_timeout_s: float = 3.0
+    #: Consecutive failed health checks during a trial before its lease is lost.
+    health_failures_to_lose: int = 2
+    #: Wait before resending to a busy evaluator.
+    busy_retry_s: float = 2.0
+    #: Deadline of GetModelInfo / LoadDirections.
+    rpc_timeout_s: float = 120.0
+    #: Deadline of PrepareBaseline (it generates on every refusal prompt).
+    prepare_timeout_s: float = 3600.0
+    #: With no usable evaluator for this long the loop gives up (FAILED).
+    give_up_s: float = 900.0
+    #: Idle poll period of the loop.
+    poll_s: float = 0.2
+    #: gRPC message limit of the channels to evaluators.
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
+    #: Bearer token sent to evaluators (empty: none).
+    token: str = ""
+
+
+class DirectionStore:
+    """Direction-set bytes by sha256: in memory, and in a folder when one is given."""
+
+    def __init__(self, folder: str | os.PathLike | None = None) -> None:
+        self._folder = Path(folder) if folder else None
+        self._memory: dict[str, bytes] = {}
+        self._lock = threading.Lock()
+
+    def put(self, data: bytes) -> str:
+        digest = sha256_hex(data)
+        with self._lock:
+            self._memory[digest] = bytes(data)
+            if self._folder is not None:
+                self._folder.mkdir(parents=True, exist_ok=True)
+                path = self._folder / f"{digest}.safetensors"
+                if not path.exists():
+                    tmp = path.with_suffix(f".tmp{os.getpid()}")
+                    tmp.write_bytes(data)
+                    tmp.replace(path)
+        return digest
+
+    def get(self, digest: str) -> bytes | None:
+        with self._lock:
+            data = self._memory.get(digest)
+            if data is None and self._folder is not None:
+                path = self._folder / f"{digest}.safetensors"
+                if path.exists():
+                    data = path.read_bytes()
+                    if sha256_hex(data) != digest:
+                        log.warning("direction file %s does not match its name; ignored", path)
+                        return None
+                    self._memory[digest] = data
+            return data
+
+
+def _now_event(**kwargs) -> optimizer_pb2.TrialEvent:
+    return optimizer_pb2.TrialEvent(time=st.timestamp(), **kwargs)
+
+
+def _rpc_error_text(err: grpc.RpcError) -> str:
+    code = err.code() if callable(getattr(err, "code", None)) else None
+    details = err.details() if callable(getattr(err, "details", None)) else str(err)
+    return f"{code.name if code else 'UNKNOWN'}: {details}"
+
+
+class EvaluatorWorker(threading.Thread):
+    """Keeps one trial in flight on one evaluator."""
+
+    def __init__(self, runner: "StudyRunner", address: str) -> None:
+        super().__init__(name=f"evaluator-{address}", daemon=True)
+        self.runner = runner
+        self.address = address
+        self.options = runner.options
+        self.state = S.EVALUATOR_STATE_PREPARING
+        self.current_trial: int | None = None
+        self.last_error = ""
+        self.prepared = False
+        self.disabled = False
+        self.baseline_id = ""
+        self._channel: grpc.Channel | None = None
+        self._stub: evaluator_pb2_grpc.EvaluatorServiceStub | None = None
+        self._health: health_pb2_grpc.HealthStub | None = None
+
+    # ------------------------------------------------------------ channel
+
+    def _connect(self) -> None:
+        if self._channel is None:
+            self._channel = make_channel(self.address, self.options.max_message_bytes, self.options.token or None)
+            self._stub = evaluator_pb2_grpc.EvaluatorServiceStub(self._channel)
+            self._health = health_pb2_grpc.HealthStub(self._channel)
+
+    def _reset_channel(self) -> None:
+        if self._channel is not None:
+            self._channel.close()
+        self._channel = self._stub = self._health = None
+
+    def healthy(self) -> bool:
+        self._connect()
+        try:
+            resp = self._health.Check(health_pb2.HealthCheckRequest(service=""),
+                                      timeout=self.options.health_timeout_s)
+            return resp.status == health_pb2.HealthCheckResponse.SERVING
+        except grpc.RpcError:
+            return False
+
+    def _mark_unreachable(self, why: str) -> None:
+        if self.state != S.EVALUATOR_STATE_UNREACHABLE:
+            log.warning("evaluator %s unreachable: %s", self.address, why)
+            self.runner.emit_progress("evaluator_unreachable", f"{self.address}: {why}")
+        self.state = S.EVALUATOR_STATE_UNREACHABLE
+        self.last_error = why
+        self.prepared = False
+        self._reset_channel()
+
+    def _sleep(self, seconds: float) -> None:
+        """Sleep, cut short when the loop ends (but never spin)."""
+        if self.runner.wake.wait(seconds):
+            time.sleep(min(seconds, self.options.poll_s))
+
+    # ------------------------------------------------------------ loop
+
+    def run(self) -> None:
+        try:
+            while not self.runner.worker_should_exit(self):
+                if not self._ensure_ready():
+                    continue
+                item = self.runner.ask_next(self)
+                if item is None:
+                    self._sleep(self.options.poll_s)
+                    continue
+                trial, params = item
+                try:
+                    self._run_trial(trial, params)
+                except Exception as exc:  # noqa: BLE001 - a bug must not leak a RUNNING trial
+                    log.exception("trial %s on %s crashed", trial.number, self.address)
+                    self.runner.fail_trial(self, trial.number, f"internal error: {exc!r}", retry=True)
+                finally:
+                    self.current_trial = None
+                    if self.state == S.EVALUATOR_STATE_BUSY:
+                        self.state = S.EVALUATOR_STATE_IDLE
+        except Exception:  # noqa: BLE001
+            log.exception("evaluator thread %s crashed", self.address)
+            self.disabled = True
+            self.last_error = "evaluator thread crashed (see the optimizer log)"
+        finally:
+            self._reset_channel()
+            self.runner.worker_exited(self)
+
+    def _ensure_ready(self) -> bool:
+        if self.prepared:
+            return True
+        if not self.healthy():
+            self._mark_unreachable("health check failed (not SERVING or no answer)")
+            self._sleep(self.options.health_interval_s)
+            return False
+        return self._prepare()
+
+    def _prepare(self) -> bool:
+        """Model check, direction set, baseline. False (after a pause) when not ready."""
+        runner = self.runner
+        settings = runner.settings
+        self.state = S.EVALUATOR_STATE_PREPARING
+        runner.emit_progress("prepare_evaluator", self.address)
+        self._connect()
+        try:
+            info = self._stub.GetModelInfo(common_pb2.GetModelInfoRequest(),
+                                           timeout=self.options.rpc_timeout_s).model
+            problem = runner.check_model(info)
+            if problem:
+                self.disabled = True
+                self.last_error = problem
+                runner.emit_progress("evaluator_rejected", f"{self.address}: {problem}")
+                return False
+            try:
+                resp = self._stub.LoadDirections(
+                    evaluator_pb2.LoadDirectionsRequest(direction_set_id=settings.direction_set_id),
+                    timeout=self.options.rpc_timeout_s)
+            except grpc.RpcError as err:
+                if err.code() != grpc.StatusCode.NOT_FOUND:
+                    raise
+                data = runner.directions.get(settings.direction_set_id)
+                if data is None:
+                    self.disabled = True
+                    self.last_error = (f"the evaluator lacks direction set {settings.direction_set_id} and this "
+                                       "optimizer does not hold its bytes (send them again with CreateStudy)")
+                    runner.emit_progress("evaluator_rejected", f"{self.address}: {self.last_error}")
+                    return False
+                resp = self._stub.LoadDirections(
+                    evaluator_pb2.LoadDirectionsRequest(directions=common_pb2.TensorBlob(
+                        safetensors=data, sha256=settings.direction_set_id)),
+                    timeout=self.options.rpc_timeout_s)
+            if resp.direction_set_id and resp.direction_set_id != settings.direction_set_id:
+                raise InvalidArgument(f"evaluator answered direction set {resp.direction_set_id}")
+            base = self._stub.PrepareBaseline(evaluator_pb2.PrepareBaselineRequest(baseline=settings.baseline),
+                                              timeout=self.options.prepare_timeout_s)
+            self.baseline_id = base.baseline_id
+        except grpc.RpcError as err:
+            code = err.code()
+            text = _rpc_error_text(err)
+            if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED):
+                if self.healthy():
+                    self.last_error = f"busy: {text}"
+                    self._sleep(self.options.busy_retry_s)
+                else:
+                    self._mark_unreachable(text)
+                    self._sleep(self.options.health_interval_s)
+                return False
+            self.disabled = True
+            self.last_error = f"cannot prepare: {text}"
+            runner.emit_progress("evaluator_rejected", f"{self.address}: {self.last_error}")
+            return False
+        except InvalidArgument as exc:
+            self.disabled = True
+            self.last_error = str(exc)
+            return False
+        self.prepared = True
+        self.state = S.EVALUATOR_STATE_IDLE
+        self.last_error = ""
+        runner.emit_progress("evaluator_ready", self.address)
+        return True
+
+    def _run_trial(self, trial: optuna.Trial, params: AblationParams) -> None:
+        runner = self.runner
+        opts = self.options
+        number = trial.number
+        self.state = S.EVALUATOR_STATE_BUSY
+        self.current_trial = number
+        request = evaluator_pb2.EvaluateTrialRequest(
+            direction_set_id=runner.settings.direction_set_id, params=params_to_pb(params),
+            baseline_id=self.baseline_id, trial_number=number)
+        started = time.monotonic()
+        lease_deadline = started + runner.settings.trial_timeout_s
+        reprepared = False
+        while True:
+            remaining = lease_deadline - time.monotonic()
+            if remaining <= 0:
+                runner.fail_trial(self, number, f"lease expired after {runner.settings.trial_timeout_s:.0f}s",
+                                  retry=True)
+                return
+            self._connect()
+            call_started = time.monotonic()
+            future = self._stub.EvaluateTrial.future(request, timeout=remaining)
+            failures = 0
+            outcome = None
+            while outcome is None:
+                try:
+                    response = future.result(timeout=opts.health_interval_s)
+                    outcome = ("ok", response)
+                except grpc.FutureTimeoutError:
+                    if runner.is_abandoned(number):
+                        future.cancel()
+                        outcome = ("abandoned", None)
+                    elif self.healthy():
+                        failures = 0
+                    else:
+                        failures += 1
+                        if failures >= opts.health_failures_to_lose:
+                            future.cancel()
+                            outcome = ("lost", "evaluator lost during the trial (health checks failed)")
+                except grpc.RpcError as err:
+                    outcome = ("error", err)
+            kind, value = outcome
+            if kind == "ok":
+                rpc_s = time.monotonic() - call_started
+                runner.complete_trial(self, trial, value, rpc_s=rpc_s, lease_s=time.monotonic() - started)
+                return
+            if kind == "abandoned":
+                return
+            if kind == "lost":
+                self._mark_unreachable(value)
+                runner.fail_trial(self, number, value, retry=True)
+                return
+            err: grpc.RpcError = value
+            code = err.code()
+            text = _rpc_error_text(err)
+            if runner.is_abandoned(number):
+                return
+            if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED):
+                if self.healthy():
+                    # Busy (or a blip): send the same trial again, not a failure.
+                    self.last_error = f"busy: {text}"
+                    self._sleep(opts.busy_retry_s)
+                    continue
+                self._mark_unreachable(text)
+                runner.fail_trial(self, number, f"evaluator lost: {text}", retry=True)
+                return
+            if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+                runner.fail_trial(self, number, f"lease expired: {text}", retry=True)
+                return
+            if code in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.FAILED_PRECONDITION) and not reprepared:
+                # The evaluator restarted and lost the directions or the baseline.
+                reprepared = True
+                self.prepared = False
+                if self._prepare():
+                    request.baseline_id = self.baseline_id
+                    self.state = S.EVALUATOR_STATE_BUSY
+                    continue
+                runner.fail_trial(self, number, f"evaluator could not be prepared again: {text}", retry=True)
+                return
+            self.last_error = text
+            runner.fail_trial(self, number, text, retry=code != grpc.StatusCode.INVALID_ARGUMENT)
+            return
+
+    def info(self, n_done: int) -> optimizer_pb2.EvaluatorInfo:
+        msg = optimizer_pb2.EvaluatorInfo(address=self.address, state=self.state, n_trials_done=n_done,
+                                          last_error=self.last_error)
+        current = self.current_trial
+        if current is not None:
+            msg.current_trial = current
+        return msg
+
+
+class StudyRunner:
+    """The loop of one study in this process; several runs may follow each other."""
+
+    def __init__(self, storage: optuna.storages.BaseStorage, name: str, directions: DirectionStore,
+                 options: DispatchOptions, global_evaluators: Callable[[], list[str]] = list) -> None:
+        self.storage = storage
+        self.name = name
+        self.directions = directions
+        self.options = options
+        self._global_evaluators = global_evaluators
+        self.study, self.settings = st.load_study(storage, name)
+        self._lock = threading.RLock()  # storage operations of this study (ask/tell/enqueue)
+        self._state_lock = threading.Condition()
+        self.state = S.STUDY_STATE_CREATED
+        self.message = ""
+        self.wake = threading.Event()  # set to cut sleeps short when the loop ends
+        self._stop = threading.Event()
+        self._abandon = False
+        self._abandoned: set[int] = set()
+        self._target_reached = False
+        self._workers: dict[str, EvaluatorWorker] = {}
+        self._in_flight: set[int] = set()
+        self._flight_lock = threading.Lock()
+        self._tell_lock = threading.Lock()
+        self._subscribers: list[queue.Queue] = []
+        self._sub_lock = threading.Lock()  # never held while taking another lock
+        self._supervisor: threading.Thread | None = None
+        self.run_id = ""
+        self.last_done: optimizer_pb2.TrialEvent | None = None
+
+    # ------------------------------------------------------------ lifecycle
+
+    @property
+    def active(self) -> bool:
+        return self._supervisor is not None and self._supervisor.is_alive()
+
+    def start(self) -> bool:
+        """Start a run unless one is active; False when the study is already DONE."""
+        while True:
+            with self._state_lock:
+                previous = self._supervisor
+                if previous is not None and previous.is_alive():
+                    if not self._stop.is_set():
+                        return True
+                else:
+                    return self._start_locked()
+            previous.join()  # a stopping run: let it end, then start anew
+
+    def _start_locked(self) -> bool:
+        # Settings may have changed (n_trials, evaluator pool) through another runner.
+        self.study, self.settings = st.load_study(self.storage, self.name)
+        if self._count(TrialState.COMPLETE) >= self.settings.n_trials:
+            self.state = S.STUDY_STATE_DONE
+            return False
+        self.run_id = uuid.uuid4().hex
+        self._stop.clear()
+        self.wake.clear()
+        self._abandon = False
+        self._abandoned = set()
+        self._target_reached = False
+        self.message = ""
+        self.last_done = None
+        self.state = S.STUDY_STATE_RUNNING
+        self.study.set_user_attr("ever_run", True)
+        self._reclaim_orphans()
+        self._workers = {}
+        for address in self.pool():
+            self._spawn(address)
+        self._supervisor = threading.Thread(target=self._supervise, name=f"study-{self.name}", daemon=True)
+        self._supervisor.start()
+        return True
+
+    def pool(self) -> list[str]:
+        out: list[str] = []
+        for address in [*self.settings.evaluator_addresses, *self._global_evaluators()]:
+            if address and address not in out:
+                out.append(address)
+        return out
+
+    def _spawn(self, address: str) -> None:
+        worker = EvaluatorWorker(self, address)
+        self._workers[address] = worker
+        worker.start()
+
+    def add_evaluator(self, address: str) -> bool:
+        """Add to the stored pool (and to the active run); False when it was there."""
+        with self._lock:
+            self.settings = st.StudySettings.from_attrs(self.study.user_attrs)
+            added = address not in self.settings.evaluator_addresses
+            if added:
+                self.settings.evaluator_addresses.append(address)
+                st.write_settings(self.study, self.settings)
+        self.admit(address)
+        return added
+
+    def admit(self, address: str) -> None:
+        """Give the active run a worker for ``address`` (no-op when it has a live one)."""
+        with self._state_lock:
+            if not self.active or self._stop.is_set():
+                return
+            worker = self._workers.get(address)
+            if worker is not None and worker.is_alive():
+                return
+            self._spawn(address)
+
+    def stop(self, abandon: bool) -> None:
+        with self._state_lock:
+            if not self.active:
+                return
+            if self.state == S.STUDY_STATE_RUNNING:
+                self.state = S.STUDY_STATE_STOPPING
+            self._stop.set()
+            self.message = "stopped by StopStudy"
+        if abandon:
+            with self._lock:
+                self._abandon = True
+                with self._flight_lock:
+                    numbers = sorted(self._in_flight)
+                    self._abandoned.update(numbers)
+                for number in numbers:
+                    self._fail_locked(None, number, "abandoned by StopStudy", retry=False)
+        self.wake.set()
+
+    def shutdown(self, timeout: float = 10.0) -> None:
+        """Stop the run and wait for it (server shutdown); trials in flight finish or are failed."""
+        self.stop(abandon=False)
+        if self._supervisor is not None:
+            self._supervisor.join(timeout)
+
+    def join(self, timeout: float | None = None) -> None:
+        if self._supervisor is not None:
+            self._supervisor.join(timeout)
+
+    def _supervise(self) -> None:
+        t0 = time.monotonic()
+        unusable_since = time.monotonic()
+        failed = ""
+        while True:
+            with self._state_lock:
+                workers = list(self._workers.values())
+                alive = [w for w in workers if w.is_alive()]
+                if self._target_reached or self._stop.is_set():
+                    if not alive:
+                        break
+                usable = [w for w in alive if not w.disabled and w.state != S.EVALUATOR_STATE_UNREACHABLE]
+                if usable or self._in_flight:
+                    unusable_since = time.monotonic()
+                elif workers and not alive and not failed:
+                    failed = "no evaluator could be prepared: " + "; ".join(
+                        f"{w.address}: {w.last_error}" for w in workers)
+                elif time.monotonic() - unusable_since > self.options.give_up_s and not failed:
+                    failed = (f"no usable evaluator for {self.options.give_up_s:.0f}s"
+                              + (": " + "; ".join(f"{w.address}: {w.last_error}" for w in workers) if workers
+                                 else " (the pool is empty)"))
+                if failed and not self._stop.is_set():
+                    self._stop.set()
+                    self.wake.set()
+            if not alive and (self._stop.is_set() or self._target_reached):
+                break
+            time.sleep(self.options.poll_s)
+        trials = self.study.get_trials(deepcopy=False)
+        c = st.counts(trials)
+        with self._state_lock:
+            if c[TrialState.COMPLETE] >= self.settings.n_trials:
+                self.state, self.message = S.STUDY_STATE_DONE, ""
+            elif failed:
+                self.state, self.message = S.STUDY_STATE_FAILED, failed
+            else:
+                self.state = S.STUDY_STATE_STOPPED
+                self.message = self.message or "stopped"
+            done = _now_event(done=optimizer_pb2.StudyDone(
+                state=self.state, n_complete=c[TrialState.COMPLETE], n_failed=c[TrialState.FAIL],
+                pareto_front=st.pareto_front(trials), message=self.message,
+                timings_s={"total": time.monotonic() - t0}))
+            self.last_done = done
+        log.info("study %s loop ended: %s %s", self.name, optimizer_pb2.StudyState.Name(self.state), self.message)
+        self._emit(done)
+
+    # ------------------------------------------------------------ workers' calls
+
+    def worker_should_exit(self, worker: EvaluatorWorker) -> bool:
+        return worker.disabled or self._stop.is_set() or self._target_reached
+
+    def worker_exited(self, worker: EvaluatorWorker) -> None:
+        log.debug("study %s: evaluator thread %s exited", self.name, worker.address)
+
+    def is_abandoned(self, number: int) -> bool:
+        return number in self._abandoned
+
+    def check_model(self, info: common_pb2.ModelInfo) -> str:
+        """Why an evaluator's model does not fit the study ("" when it does)."""
+        space = self.settings.search_space
+        if info.n_layers != space.n_layers:
+            return f"model has {info.n_layers} layers, the study's direction set fits {space.n_layers}"
+        missing = sorted(set(space.components) - set(info.components))
+        if missing:
+            return f"model lacks components {missing} of the search space (it has {sorted(info.components)})"
+        model = self.settings.model
+        if model and model.get("source") and info.spec.source and model["source"] != info.spec.source:
+            return f"model {info.spec.source!r} differs from the study's {model['source']!r}"
+        return ""
+
+    def _count(self, *states: TrialState) -> int:
+        return len(self.study.get_trials(deepcopy=False, states=states))
+
+    def ask_next(self, worker: EvaluatorWorker) -> tuple[optuna.Trial, AblationParams] | None:
+        with self._lock:
+            if self._stop.is_set():
+                return None
+            trials = self.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.RUNNING))
+            n_complete = sum(1 for t in trials if t.state == TrialState.COMPLETE)
+            if n_complete >= self.settings.n_trials:
+                self._target_reached = True
+                self.wake.set()
+                return None
+            if len(trials) >= self.settings.n_trials:
+                return None  # the rest is in flight; wait in case one fails
+            trial = self.study.ask()
+            space = self.settings.search_space
+            sampled = space.suggest(trial)
+            stored = trial.user_attrs.get("params")
+            params = AblationParams.from_dict(stored) if stored else sampled
+            trial.set_user_attr("params", params.to_dict())
+            trial.set_user_attr("evaluator", worker.address)
+            trial.set_user_attr("run_id", self.run_id)
+            with self._flight_lock:
+                self._in_flight.add(trial.number)
+            log.info("trial %d -> %s", trial.number, worker.address)
+            return trial, params
+
+    def complete_trial(self, worker: EvaluatorWorker, trial: optuna.Trial,
+                       response: evaluator_pb2.EvaluateTrialResponse, *, rpc_s: float, lease_s: float) -> None:
+        scores = response.scores
+        timings = {k: float(v) for k, v in scores.timings_s.items()}
+        timings.update({f"call_{k}": float(v) for k, v in response.timings_s.items()})
+        timings["rpc"] = rpc_s
+        timings["lease"] = lease_s
+        # Not under the study lock: a tell need not wait for another evaluator's ask.
+        with self._flight_lock:
+            self._in_flight.discard(trial.number)
+            if trial.number in self._abandoned:
+                return
+        with self._tell_lock:  # tells in order, so the events count up
+            trial.set_user_attr("timings", timings)
+            trial.set_user_attr("n_refusal_prompts", int(scores.n_refusal_prompts))
+            trial.set_user_attr("n_kl_prompts", int(scores.n_kl_prompts))
+            self.study.tell(trial, [float(scores.kl), float(scores.refusals)], skip_if_finished=True)
+            trials = self.study.get_trials(deepcopy=False)
+            front = st.pareto_front(trials)
+            n_complete = sum(1 for t in trials if t.state == TrialState.COMPLETE)
+            if n_complete >= self.settings.n_trials:
+                self._target_reached = True
+                self.wake.set()
+            frozen = next(t for t in trials if t.number == trial.number)
+            event = _now_event(trial_finished=optimizer_pb2.TrialFinished(
+                trial=st.trial_to_pb(frozen, self.settings.search_space, set(front)),
+                pareto_front=front, n_complete=n_complete, n_trials=self.settings.n_trials))
+            eta = st.eta_seconds(trials, self.settings.n_trials, self.parallelism())
+            if eta is not None:
+                event.trial_finished.eta_s = eta
+            log.info("trial %d complete on %s: kl=%.4g refusals=%d", trial.number, worker.address, scores.kl,
+                     scores.refusals)
+            self._emit(event)
+
+    def fail_trial(self, worker: EvaluatorWorker | None, number: int, error: str, *, retry: bool) -> None:
+        with self._lock:
+            self._fail_locked(worker, number, error, retry=retry)
+
+    def _fail_locked(self, worker: EvaluatorWorker | None, number: int, error: str, *, retry: bool,
+                     ignore_retry_limit: bool = False) -> None:
+        with self._flight_lock:
+            self._in_flight.discard(number)
+        frozen = self.study._storage.get_trial(  # noqa: SLF001
+            self.study._storage.get_trial_id_from_study_id_trial_number(self.study._study_id, number))  # noqa: SLF001
+        if frozen.state.is_finished():
+            return
+        st.set_trial_attr(self.study, frozen, "error", error)
+        self.study.tell(number, state=TrialState.FAIL, skip_if_finished=True)
+        attempt = int(frozen.user_attrs.get("attempt", 0))
+        # Also while stopping: the WAITING trial waits for the next run.
+        will_retry = retry and (ignore_retry_limit or attempt < self.settings.max_trial_retries)
+        address = worker.address if worker else frozen.user_attrs.get("evaluator", "")
+        log.warning("trial %d failed on %s: %s%s", number, address, error, " (re-enqueued)" if will_retry else "")
+        self._emit(_now_event(trial_failed=optimizer_pb2.TrialFailed(
+            number=number, evaluator=address, error=error, will_retry=will_retry)))
+        if will_retry:
+            new_number = self._enqueue_retry(frozen, attempt + 1)
+            self._emit(_now_event(trial_retried=optimizer_pb2.TrialRetried(
+                failed_number=number, new_number=new_number, attempt=attempt + 1)))
+
+    def _enqueue_retry(self, frozen: optuna.trial.FrozenTrial, attempt: int) -> int:
+        attrs = {"retry_of": frozen.number, "attempt": attempt,
+                 "warm_start": bool(frozen.user_attrs.get("warm_start", False))}
+        if frozen.user_attrs.get("params"):
+            attrs["params"] = frozen.user_attrs["params"]
+        self.study.enqueue_trial(dict(frozen.params), user_attrs=attrs)
+        waiting = [t for t in self.study.get_trials(deepcopy=False, states=(TrialState.WAITING,))
+                   if t.user_attrs.get("retry_of") == frozen.number]
+        return max(t.number for t in waiting) if waiting else 0
+
+    def _reclaim_orphans(self) -> None:
+        """FAIL and re-enqueue RUNNING trials left by a loop that is gone (killed optimizer)."""
+        with self._lock:
+            for t in self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+                if t.number in self._in_flight:
+                    continue
+                log.warning("study %s: trial %d was RUNNING without a live loop; failing and re-enqueueing",
+                            self.name, t.number)
+                self._fail_locked(None, t.number, "interrupted: the optimizer running it stopped",
+                                  retry=True, ignore_retry_limit=True)
+
+    # ------------------------------------------------------------ events and views
+
+    def subscribe(self) -> queue.Queue:
+        q: queue.Queue = queue.Queue()
+        with self._sub_lock:
+            self._subscribers.append(q)
+        return q
+
+    def unsubscribe(self, q: queue.Queue) -> None:
+        with self._sub_lock:
+            if q in self._subscribers:
+                self._subscribers.remove(q)
+
+    def _emit(self, event: optimizer_pb2.TrialEvent) -> None:
+        with self._sub_lock:
+            subscribers = list(self._subscribers)
+        for q in subscribers:
+            q.put((self.run_id, event))
+
+    def emit_progress(self, phase: str, message: str) -> None:
+        self._emit(_now_event(progress=common_pb2.Progress(phase=phase, message=message)))
+
+    def parallelism(self) -> int:
+        """Evaluators ready or busy now (at least 1). Lock-free: called under the study lock."""
+        workers = list(self._workers.values())
+        return max(1, sum(1 for w in workers
+                          if w.is_alive() and w.state in (S.EVALUATOR_STATE_IDLE, S.EVALUATOR_STATE_BUSY)))
+
+    def evaluator_infos(self, trials: list[optuna.trial.FrozenTrial]) -> list[optimizer_pb2.EvaluatorInfo]:
+        done: dict[str, int] = {}
+        for t in trials:
+            if t.state == TrialState.COMPLETE:
+                address = t.user_attrs.get("evaluator", "")
+                done[address] = done.get(address, 0) + 1
+        out = []
+        with self._state_lock:
+            workers = dict(self._workers) if self.active else {}
+        for address in self.pool():
+            worker = workers.get(address)
+            if worker is not None and worker.is_alive():
+                out.append(worker.info(done.get(address, 0)))
+            else:
+                out.append(optimizer_pb2.EvaluatorInfo(
+                    address=address, n_trials_done=done.get(address, 0),
+                    state=S.EVALUATOR_STATE_UNSPECIFIED,
+                    last_error=worker.last_error if worker is not None else ""))
+        return out
+
+    def current_state(self, n_complete: int) -> int:
+        with self._state_lock:
+            if self.active:
+                return self.state
+            if n_complete >= self.settings.n_trials:
+                return S.STUDY_STATE_DONE
+            if self.state in (S.STUDY_STATE_STOPPED, S.STUDY_STATE_FAILED):
+                return self.state
+            return S.STUDY_STATE_STOPPED if self.study.user_attrs.get("ever_run") else S.STUDY_STATE_CREATED

@@ -1,0 +1,331 @@
+"""The Optuna side of the optimizer: storage, study settings, trial bookkeeping.
+
+A study is an Optuna multi-objective study (minimize KL, minimize refusals)
+sampled by ``TPESampler(multivariate=True, constant_liar=True, seed,
+n_startup_trials)`` on RDB storage (Postgres, or SQLite embedded). Everything
+needed to resume it lives in the storage:
+
+- study user attrs: ``direction_set_id``, ``job_settings`` (the JSON object),
+  ``job_settings_json`` (the string as given) and ``settings`` (n_trials, seed,
+  resolved search space, baseline spec, lease and retry settings, evaluator
+  pool, model summary, creation time);
+- trial user attrs: ``params`` (``AblationParams.to_dict()``), ``evaluator``,
+  ``timings`` (seconds), ``n_refusal_prompts``/``n_kl_prompts``, ``error``
+  (FAIL), ``retry_of``/``attempt`` (retries), ``warm_start``, ``run_id`` (the
+  optimizer loop that asked it, to recognise trials orphaned by a killed one).
+
+Torch-free; no gRPC server code here.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import logging
+import random
+import threading
+import warnings
+from dataclasses import dataclass, field
+from typing import Any
+
+import optuna
+from google.protobuf import json_format
+from google.protobuf.timestamp_pb2 import Timestamp
+from optuna.trial import FrozenTrial, TrialState
+
+from abliterate.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, Unavailable
+from abliterate.params import AblationParams
+from abliterate.rpc.convert import params_to_pb
+from abliterate.v1 import common_pb2
+from services.optimizer.search_space import SearchSpace
+
+log = logging.getLogger(__name__)
+
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+DEFAULT_TRIAL_TIMEOUT_S = 1800.0
+DEFAULT_MAX_TRIAL_RETRIES = 2
+#: Seeds beyond numpy's RandomState range are folded into it (the given seed is still reported).
+_SEED_MODULUS = 2**32
+
+STATE_TO_PB = {
+    TrialState.WAITING: common_pb2.TRIAL_STATE_WAITING,
+    TrialState.RUNNING: common_pb2.TRIAL_STATE_RUNNING,
+    TrialState.COMPLETE: common_pb2.TRIAL_STATE_COMPLETE,
+    TrialState.FAIL: common_pb2.TRIAL_STATE_FAIL,
+    TrialState.PRUNED: common_pb2.TRIAL_STATE_PRUNED,
+}
+STATE_FROM_PB = {v: k for k, v in STATE_TO_PB.items()}
+
+
+# ---------------------------------------------------------------- storage
+
+_storages: dict[str, optuna.storages.RDBStorage] = {}
+_storages_lock = threading.Lock()
+
+
+def open_storage(url: str) -> optuna.storages.RDBStorage:
+    """An RDB storage for ``url`` (``postgresql+psycopg://...`` or ``sqlite:///path``), one per URL.
+
+    Creates the tables when missing; UNAVAILABLE when the database cannot be reached.
+    """
+    if not url:
+        raise InvalidArgument("no storage URL configured")
+    with _storages_lock:
+        storage = _storages.get(url)
+        if storage is not None:
+            return storage
+        if url.startswith("sqlite"):
+            engine_kwargs: dict[str, Any] = {"connect_args": {"timeout": 60}}
+        else:
+            engine_kwargs = {"pool_pre_ping": True, "pool_size": 10, "max_overflow": 20}
+        try:
+            storage = optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs)
+        except Exception as exc:  # noqa: BLE001 - sqlalchemy/driver errors vary
+            raise Unavailable(f"storage {_redact(url)} is not reachable: {exc}") from exc
+        _storages[url] = storage
+        return storage
+
+
+def _redact(url: str) -> str:
+    """The URL without a password."""
+    if "@" in url and "://" in url:
+        scheme, rest = url.split("://", 1)
+        creds, host = rest.rsplit("@", 1)
+        return f"{scheme}://{creds.split(':', 1)[0]}:***@{host}" if ":" in creds else url
+    return url
+
+
+def ping_storage(storage: optuna.storages.RDBStorage) -> None:
+    """Raise when the database does not answer."""
+    storage.get_all_studies()
+
+
+# ---------------------------------------------------------------- settings
+
+
+@dataclass
+class StudySettings:
+    """What a study was created with (stored in its user attrs)."""
+
+    direction_set_id: str
+    n_trials: int
+    seed: int
+    search_space: SearchSpace
+    baseline: common_pb2.BaselineSpec
+    job_settings_json: str = "{}"
+    trial_timeout_s: float = DEFAULT_TRIAL_TIMEOUT_S
+    max_trial_retries: int = DEFAULT_MAX_TRIAL_RETRIES
+    evaluator_addresses: list[str] = field(default_factory=list)
+    model: dict | None = None
+    created_at: str = ""
+
+    def to_dict(self) -> dict:
+        return {
+            "direction_set_id": self.direction_set_id,
+            "n_trials": self.n_trials,
+            "seed": self.seed,
+            "search_space": self.search_space.to_dict(),
+            "baseline": json_format.MessageToDict(self.baseline),
+            "trial_timeout_s": self.trial_timeout_s,
+            "max_trial_retries": self.max_trial_retries,
+            "evaluator_addresses": list(self.evaluator_addresses),
+            "model": self.model,
+            "created_at": self.created_at,
+        }
+
+    @classmethod
+    def from_attrs(cls, attrs: dict) -> "StudySettings":
+        data = attrs["settings"]
+        baseline = common_pb2.BaselineSpec()
+        json_format.ParseDict(data.get("baseline") or {}, baseline)
+        return cls(
+            direction_set_id=data["direction_set_id"],
+            n_trials=int(data["n_trials"]),
+            seed=int(data["seed"]),
+            search_space=SearchSpace.from_dict(data["search_space"]),
+            baseline=baseline,
+            job_settings_json=attrs.get("job_settings_json", "{}"),
+            trial_timeout_s=float(data.get("trial_timeout_s", DEFAULT_TRIAL_TIMEOUT_S)),
+            max_trial_retries=int(data.get("max_trial_retries", DEFAULT_MAX_TRIAL_RETRIES)),
+            evaluator_addresses=list(data.get("evaluator_addresses", [])),
+            model=data.get("model"),
+            created_at=data.get("created_at", ""),
+        )
+
+
+def parse_job_settings(text: str) -> dict:
+    """The job settings JSON object (empty text = {}); INVALID_ARGUMENT otherwise."""
+    if not text.strip():
+        return {}
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise InvalidArgument(f"job_settings_json is not valid JSON: {exc}") from exc
+    if not isinstance(value, dict):
+        raise InvalidArgument(f"job_settings_json must be a JSON object, got {type(value).__name__}")
+    return value
+
+
+def random_seed() -> int:
+    return random.SystemRandom().randrange(_SEED_MODULUS)
+
+
+def sampler_seed(seed: int, n_existing_trials: int) -> int:
+    """The sampler's seed when a loop (re)starts with ``n_existing_trials`` in storage.
+
+    A fresh study samples with ``seed`` itself (reproducible); a resumed one
+    mixes in the trial count, else its random start-up trials would replay the
+    first run's parameters.
+    """
+    if n_existing_trials == 0:
+        return int(seed) % _SEED_MODULUS
+    return (int(seed) * 1_000_003 + n_existing_trials * 7_919 + 1) % _SEED_MODULUS
+
+
+def make_sampler(seed: int, n_startup_trials: int) -> optuna.samplers.TPESampler:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        return optuna.samplers.TPESampler(
+            multivariate=True, constant_liar=True, seed=int(seed) % _SEED_MODULUS,
+            n_startup_trials=int(n_startup_trials),
+        )
+
+
+def study_exists(storage: optuna.storages.BaseStorage, name: str) -> bool:
+    try:
+        storage.get_study_id_from_name(name)
+        return True
+    except KeyError:
+        return False
+
+
+def create_study(storage: optuna.storages.RDBStorage, name: str, settings: StudySettings,
+                 job_settings: dict) -> optuna.Study:
+    """A new study with its settings in the user attrs (ALREADY_EXISTS when the name is taken)."""
+    if not settings.created_at:
+        settings.created_at = dt.datetime.now(dt.timezone.utc).isoformat()
+    try:
+        study = optuna.create_study(
+            storage=storage, study_name=name, directions=["minimize", "minimize"],
+            sampler=make_sampler(settings.seed, settings.search_space.n_startup_trials),
+        )
+    except optuna.exceptions.DuplicatedStudyError as exc:
+        raise AlreadyExists(f"study {name!r} already exists") from exc
+    write_settings(study, settings, job_settings)
+    return study
+
+
+def write_settings(study: optuna.Study, settings: StudySettings, job_settings: dict | None = None) -> None:
+    study.set_user_attr("direction_set_id", settings.direction_set_id)
+    if job_settings is not None:
+        study.set_user_attr("job_settings", job_settings)
+        study.set_user_attr("job_settings_json", settings.job_settings_json)
+    # Written last: a study without it was never fully created.
+    study.set_user_attr("settings", settings.to_dict())
+
+
+def load_study(storage: optuna.storages.RDBStorage, name: str) -> tuple[optuna.Study, StudySettings]:
+    """The stored study and its settings (NOT_FOUND when unknown)."""
+    if not name:
+        raise InvalidArgument("study_name is required")
+    if not study_exists(storage, name):
+        raise NotFound(f"no study named {name!r}")
+    probe = optuna.load_study(study_name=name, storage=storage)
+    attrs = probe.user_attrs
+    if "settings" not in attrs:
+        raise FailedPrecondition(f"study {name!r} was not created by this optimizer (no settings attribute)")
+    settings = StudySettings.from_attrs(attrs)
+    study = optuna.load_study(
+        study_name=name, storage=storage,
+        sampler=make_sampler(sampler_seed(settings.seed, len(probe.get_trials(deepcopy=False))),
+                             settings.search_space.n_startup_trials),
+    )
+    return study, settings
+
+
+# ---------------------------------------------------------------- trials
+
+
+def set_trial_attr(study: optuna.Study, trial: FrozenTrial, key: str, value: Any) -> None:
+    study._storage.set_trial_user_attr(trial._trial_id, key, value)  # noqa: SLF001 - no public API for a FrozenTrial
+
+
+def counts(trials: list[FrozenTrial]) -> dict[TrialState, int]:
+    out = {state: 0 for state in TrialState}
+    for t in trials:
+        out[t.state] += 1
+    return out
+
+
+def pareto_front(trials: list[FrozenTrial]) -> list[int]:
+    """Numbers of the COMPLETE trials no other COMPLETE trial dominates (both objectives minimized)."""
+    done = [(t.number, tuple(t.values)) for t in trials if t.state == TrialState.COMPLETE and t.values]
+    front = []
+    for number, v in done:
+        dominated = any(all(o[i] <= v[i] for i in range(len(v))) and any(o[i] < v[i] for i in range(len(v)))
+                        for _, o in done)
+        if not dominated:
+            front.append(number)
+    return sorted(front)
+
+
+def eta_seconds(trials: list[FrozenTrial], n_trials: int, parallel: int) -> float | None:
+    """Remaining trials times the mean duration of the last ten COMPLETE ones, over ``parallel``."""
+    done = [t for t in trials if t.state == TrialState.COMPLETE and t.datetime_start and t.datetime_complete]
+    remaining = n_trials - len(done)
+    if remaining <= 0:
+        return 0.0
+    if not done:
+        return None
+    recent = sorted(done, key=lambda t: t.datetime_complete)[-10:]
+    mean = sum((t.datetime_complete - t.datetime_start).total_seconds() for t in recent) / len(recent)
+    return remaining * mean / max(1, parallel)
+
+
+def timestamp(when: dt.datetime | None = None) -> Timestamp:
+    ts = Timestamp()
+    when = when or dt.datetime.now(dt.timezone.utc)
+    if when.tzinfo is None:
+        when = when.astimezone()  # Optuna stores naive local times
+    ts.FromDatetime(when.astimezone(dt.timezone.utc))
+    return ts
+
+
+def trial_params(trial: FrozenTrial, space: SearchSpace) -> AblationParams | None:
+    """The trial's AblationParams: from its ``params`` attribute, else from its Optuna values."""
+    stored = trial.user_attrs.get("params")
+    if stored:
+        return AblationParams.from_dict(stored)
+    if trial.params:
+        return space.params_from_optuna(trial.params)
+    return None
+
+
+def trial_to_pb(trial: FrozenTrial, space: SearchSpace, front: set[int]) -> common_pb2.Trial:
+    attrs = trial.user_attrs
+    msg = common_pb2.Trial(
+        number=trial.number,
+        state=STATE_TO_PB.get(trial.state, common_pb2.TRIAL_STATE_UNSPECIFIED),
+        evaluator=attrs.get("evaluator", "") if trial.state != TrialState.WAITING else "",
+        on_pareto_front=trial.number in front,
+        error=attrs.get("error", "") if trial.state == TrialState.FAIL else "",
+        warm_start=bool(attrs.get("warm_start", False)),
+    )
+    params = trial_params(trial, space)
+    if params is not None:
+        msg.params.CopyFrom(params_to_pb(params))
+    if attrs.get("retry_of") is not None:
+        msg.retry_of = int(attrs["retry_of"])
+    if trial.datetime_start is not None:
+        msg.started_at.CopyFrom(timestamp(trial.datetime_start))
+    if trial.datetime_complete is not None:
+        msg.finished_at.CopyFrom(timestamp(trial.datetime_complete))
+    if trial.state == TrialState.COMPLETE and trial.values:
+        msg.scores.CopyFrom(common_pb2.TrialScores(
+            kl=float(trial.values[0]), refusals=int(round(trial.values[1])),
+            n_refusal_prompts=int(attrs.get("n_refusal_prompts", 0)),
+            n_kl_prompts=int(attrs.get("n_kl_prompts", 0)),
+            timings_s={k: float(v) for k, v in (attrs.get("timings") or {}).items()},
+        ))
+    return msg

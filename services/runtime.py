@@ -1,0 +1,213 @@
+"""What the torch services share: their settings, the device lock, the model
+slot, ModelInfo, and "start the server, load the model, flip health".
+
+The server starts first (health NOT_SERVING, RPCs answer UNAVAILABLE "model is
+still loading"), the model loads in a background thread, and health turns
+SERVING once every servicer has its model. The main thread waits for
+SIGTERM/SIGINT the whole time, so a signal during loading also stops cleanly.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from abliterate.errors import FailedPrecondition, InvalidArgument, Unavailable
+from abliterate.rpc import build_server, configure_logging, serve_until_signal
+from abliterate.rpc.convert import model_spec_from_pb, model_spec_to_pb
+from abliterate.rpc.limits import MIB
+from abliterate.specs import ModelSpec
+from abliterate.v1 import common_pb2
+
+log = logging.getLogger(__name__)
+
+CHAT_MODES = ("chat", "plain")
+
+
+@dataclass
+class TorchServiceConfig:
+    """Settings every torch service has (extractor, evaluator, torch_host)."""
+
+    model: str = field(default="", metadata={"help": "model source: HF id, local directory or .gguf file"})
+    gguf_file: str = field(default="", metadata={"help": "GGUF file name inside the model source"})
+    dtype: str = field(default="auto", metadata={"help": "auto, bfloat16, float16 or float32"})
+    device_map: str = field(default="", metadata={"help": "accelerate device map (auto, cpu, cuda:0, ...)"})
+    load_in_4bit: bool = field(default=False, metadata={"help": "load 4-bit with bitsandbytes (CUDA)"})
+    trust_remote_code: bool = field(default=False, metadata={"help": "pass trust_remote_code to transformers"})
+    system_prompt: str = field(default="You are a helpful assistant.", metadata={"help": "system prompt"})
+    chat_template_mode: str = field(default="chat", metadata={"help": "chat or plain"})
+    address: str = field(default="0.0.0.0:50051", metadata={"help": "host:port to listen on"})
+    max_message_mb: float = field(default=64.0, metadata={"help": "gRPC message limit, MiB, both directions"})
+    workers: int = field(default=8, metadata={"help": "gRPC worker threads"})
+    batch_size: int = field(default=0, metadata={"help": "prompts per forward pass (0 = automatic)"})
+    auth_token: str = field(default="", metadata={"help": "bearer token callers must send (empty = none)"})
+    log_level: str = field(default="INFO", metadata={"help": "log level"})
+    grace_s: float = field(default=5.0, metadata={"help": "seconds calls in flight get at shutdown"})
+
+    @property
+    def max_message_bytes(self) -> int:
+        return int(self.max_message_mb * MIB)
+
+    def model_spec(self) -> ModelSpec:
+        if not self.model.strip():
+            raise InvalidArgument("no model configured: set --model (or ABLITERATE_<SERVICE>_MODEL)")
+        if self.chat_template_mode not in CHAT_MODES:
+            raise InvalidArgument(f"chat_template_mode must be one of {CHAT_MODES}, got {self.chat_template_mode!r}")
+        return ModelSpec(source=self.model, gguf_file=self.gguf_file or None, dtype=self.dtype or "auto",
+                         device_map=self.device_map or None, load_in_4bit=self.load_in_4bit,
+                         trust_remote_code=self.trust_remote_code, system_prompt=self.system_prompt,
+                         chat_template_mode=self.chat_template_mode)
+
+
+class DeviceLock:
+    """One operation at a time per device, never waiting: a second caller gets UNAVAILABLE.
+
+    Shared by the extractor and the evaluator when one process hosts both.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.holder: str | None = None
+
+    @contextlib.contextmanager
+    def hold(self, what: str, service: str = "device") -> Iterator[None]:
+        if not self._lock.acquire(blocking=False):
+            raise Unavailable(f"{service} busy: {self.holder or 'another operation'} is running; retry later")
+        self.holder = what
+        try:
+            yield
+        finally:
+            self.holder = None
+            self._lock.release()
+
+    def acquire(self, what: str, service: str = "device") -> None:
+        """Take the lock (UNAVAILABLE if taken); the caller must call :meth:`release`."""
+        if not self._lock.acquire(blocking=False):
+            raise Unavailable(f"{service} busy: {self.holder or 'another operation'} is running; retry later")
+        self.holder = what
+
+    def release(self) -> None:
+        self.holder = None
+        self._lock.release()
+
+    def locked(self) -> bool:
+        return self._lock.locked()
+
+
+def job_view(lm, request_spec: common_pb2.ModelSpec | None):
+    """The loaded model seen through a request's ModelSpec.
+
+    ``source`` (and ``gguf_file``) must name the loaded model, else
+    FAILED_PRECONDITION; the request's ``system_prompt`` and
+    ``chat_template_mode`` format the prompts. Returns ``lm`` itself when the
+    request carries no spec, else a LoadedModel sharing the same weights.
+    """
+    if request_spec is None:
+        return lm
+    loaded = lm.spec
+    if request_spec.source != loaded.source:
+        raise FailedPrecondition(f"this server loaded {loaded.source!r}, not {request_spec.source!r}")
+    if (request_spec.gguf_file or None) != (loaded.gguf_file or None):
+        raise FailedPrecondition(f"this server loaded GGUF file {loaded.gguf_file or '(none)'!r}, "
+                                 f"not {request_spec.gguf_file or '(none)'!r}")
+    wanted = model_spec_from_pb(request_spec)
+    if wanted.chat_template_mode not in CHAT_MODES:
+        raise InvalidArgument(f"chat_template_mode must be one of {CHAT_MODES}, got {wanted.chat_template_mode!r}")
+    spec = dataclasses.replace(loaded, system_prompt=wanted.system_prompt,
+                               chat_template_mode=wanted.chat_template_mode)
+    if spec == loaded:
+        return lm
+    return dataclasses.replace(lm, spec=spec)
+
+
+def model_info(lm, module_map) -> common_pb2.ModelInfo:
+    """ModelInfo of a loaded model and its module map."""
+    names = {id(p): n for n, p in lm.model.named_parameters()}
+    layers = []
+    for index, layer in enumerate(module_map.layers):
+        matrices = []
+        for mats in layer.values():
+            for m in mats:
+                full = names.get(id(m.param), m.name)
+                matrices.append(full[: -len(".weight")] if full.endswith(".weight") else full)
+        layers.append(common_pb2.LayerModules(layer=index, matrices=matrices))
+    hf_map = getattr(lm.model, "hf_device_map", None)
+    if hf_map and len(set(map(str, hf_map.values()))) > 1:
+        device = ",".join(sorted(set(map(str, hf_map.values()))))
+    else:
+        device = str(lm.device)
+    return common_pb2.ModelInfo(
+        architecture=type(lm.model).__name__, n_layers=lm.n_layers, hidden_size=lm.hidden_size,
+        components=list(module_map.components), layers=layers,
+        dtype=str(lm.dtype).removeprefix("torch."), device=device, spec=model_spec_to_pb(lm.spec),
+        n_parameters=sum(p.numel() for p in lm.model.parameters()))
+
+
+def free_device_memory() -> None:
+    """The out-of-memory hook of the torch servers (empties the CUDA cache)."""
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    except Exception:  # noqa: BLE001 - best effort
+        log.exception("freeing device memory failed")
+
+
+@dataclass
+class Hosted:
+    """A servicer to host and how to hand it the loaded model once it is there."""
+
+    add_fn: Callable[[Any, Any], None]
+    servicer: Any
+    attach: Callable[[Any], None]
+
+
+def start(hosted: Sequence[Hosted], config: TorchServiceConfig, address: str | None = None):
+    """Build and start the server; return ``(server, port, health)`` (health NOT_SERVING)."""
+    server, port, health = build_server([(h.add_fn, h.servicer) for h in hosted], address or config.address,
+                                        max_message_bytes=config.max_message_bytes, workers=config.workers,
+                                        auth_token=config.auth_token or None, on_oom=free_device_memory)
+    server.start()
+    return server, port, health
+
+
+def load_and_attach(hosted: Sequence[Hosted], spec: ModelSpec, health) -> None:
+    """Load the model, hand it to every servicer, flip health to SERVING."""
+    from abliterate.core.loading import load_model
+
+    t0 = time.perf_counter()
+    lm = load_model(spec)
+    lm.extra["load_s"] = time.perf_counter() - t0
+    for h in hosted:
+        h.attach(lm)
+    health.set_serving()
+    log.info("model loaded, serving", extra={"model": spec.source, "load_s": round(lm.extra["load_s"], 3)})
+
+
+def run(service: str, hosted: Sequence[Hosted], config: TorchServiceConfig) -> int:
+    """Serve until SIGTERM/SIGINT: start, load in the background, flip health. Returns an exit code."""
+    configure_logging(service, config.log_level)
+    spec = config.model_spec()
+    server, port, health = start(hosted, config)
+    log.info("listening", extra={"address": config.address, "port": port, "service": service})
+    failed: list[BaseException] = []
+
+    def loader() -> None:
+        try:
+            load_and_attach(hosted, spec, health)
+        except BaseException as exc:  # noqa: BLE001 - reported, then the server stops
+            failed.append(exc)
+            log.error("loading %s failed: %s", spec.source, exc, exc_info=exc)
+            server.stop(0)
+
+    thread = threading.Thread(target=loader, name="model-loader", daemon=True)
+    thread.start()
+    serve_until_signal(server, grace_s=config.grace_s, health=health)
+    return 1 if failed else 0
