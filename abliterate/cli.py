@@ -21,7 +21,6 @@ import json
 import os
 import re
 import sys
-import time
 import tomllib
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -656,6 +655,20 @@ def cmd_resume(args: argparse.Namespace, console: Any) -> int:
     return 0
 
 
+def _log_to_file(path: Path) -> None:
+    """Embedded services log to a file in the data folder, keeping the terminal for progress."""
+    import logging
+
+    from abliterate.rpc.logging import JsonFormatter
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(path, encoding="utf-8")
+    handler.setFormatter(JsonFormatter("embedded"))
+    root = logging.getLogger()
+    root.addHandler(handler)
+    root.setLevel(logging.INFO)
+
+
 def cmd_run(args: argparse.Namespace, console: Any) -> int:
     from abliterate.v1 import gateway_pb2
 
@@ -667,6 +680,7 @@ def cmd_run(args: argparse.Namespace, console: Any) -> int:
     from abliterate.embedded import Embedded  # torch, lazily
 
     data_dir = Path(args.data_dir).expanduser().resolve()
+    _log_to_file(data_dir / "abliterate.log")
     embedded = Embedded(spec.model, data_dir, batch_size=args.batch_size or 0)
     try:
         with console.status(f"loading {spec.model.source} ..."):

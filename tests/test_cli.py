@@ -74,17 +74,6 @@ def test_client_commands_parse():
         parse(["serve", "nothing"])
 
 
-def test_client_path_does_not_import_torch():
-    code = ("import sys, abliterate.cli as c\n"
-            "c.build_parser().parse_args(['jobs'])\n"
-            "c.build_spec(c.build_parser().parse_args(['submit', 'm']))\n"
-            "import services.gateway\n"
-            "print('torch' in sys.modules)\n")
-    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
-    assert out.returncode == 0, out.stderr
-    assert out.stdout.strip() == "False"
-
-
 # ---------------------------------------------------------------------------- trials --plot
 
 

@@ -48,3 +48,38 @@ def test_plain_modules_import_neither_torch_nor_grpc(module):
     loaded = imported_after([module])
     assert "torch" not in loaded
     assert "grpc" not in loaded
+
+
+def gateway_modules() -> list[str]:
+    names = [m.name for m in pkgutil.iter_modules([str(ROOT / "services" / "gateway")])]
+    return ["services.gateway", *(f"services.gateway.{n}" for n in names if n != "__main__")]
+
+
+def test_gateway_does_not_import_torch():
+    loaded = imported_after(gateway_modules())
+    assert "grpc" in loaded and "sqlalchemy" in loaded
+    assert "torch" not in loaded and "transformers" not in loaded
+
+
+def test_cli_client_path_does_not_import_torch():
+    """Parsing every client command, building a job spec and rendering tables and plots stays torch-free
+    (only ``run`` and ``serve`` import torch, lazily)."""
+    code = (
+        "import json, sys\n"
+        "from abliterate import cli\n"
+        "p = cli.build_parser()\n"
+        "for argv in (['jobs'], ['watch', 'j'], ['trials', 'j'], ['export', 'j', '/o'], ['chat', 'j'],\n"
+        "             ['cancel', 'j'], ['resume', 'j'], ['submit', 'm']):\n"
+        "    p.parse_args(argv)\n"
+        "spec = cli.build_spec(p.parse_args(['submit', 'org/m', '--n-trials', '3']))\n"
+        "cli.derived_job_name(spec)\n"
+        "cli.gateway_stub('127.0.0.1:1')\n"
+        "from abliterate.v1 import gateway_pb2\n"
+        "cli.front_table(gateway_pb2.ParetoFront())\n"
+        "print(json.dumps(sorted({m.split('.')[0] for m in sys.modules})))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    loaded = set(json.loads(result.stdout.strip().splitlines()[-1]))
+    assert "grpc" in loaded and "rich" in loaded
+    assert "torch" not in loaded and "transformers" not in loaded

@@ -294,12 +294,13 @@ class Orchestrator:
     def _transition(self, job_id: str, phase: int, message: str = "", runner: _Runner | None = None,
                     **fields: Any) -> None:
         def write() -> None:
+            # The event first, then the phase: a watcher ends once the job is terminal and it has seen
+            # every stored event, so the terminal event must be stored before the phase says so.
             job = self.store.get(job_id)
-            self.store.update(job_id, phase=phase, **fields)
             if job.phase != phase:
-                self.bus.publish(job_id, ev.phase_event(job.phase, phase, message))
-            else:
-                self.bus.notify(job_id)
+                self.store.append_event(job_id, ev.phase_event(job.phase, phase, message))
+            self.store.update(job_id, phase=phase, **fields)
+            self.bus.notify(job_id)
 
         if runner is None:
             write()
@@ -563,8 +564,9 @@ class Orchestrator:
             self._transition(job.id, P.JOB_PHASE_SUCCEEDED, f"{done.n_complete} trials complete",
                              runner=runner, **fields)
         elif state == optimizer_pb2.STUDY_STATE_STOPPED:
-            self._transition(job.id, P.JOB_PHASE_CANCELLED, done.message or "the study was stopped",
-                             runner=runner, **fields)
+            # CancelJob detaches the runner before it stops the study, so a STOPPED seen here comes from
+            # the optimizer itself (shutdown or restart): re-attach once it is back, as RunStudy resumes.
+            raise Unavailable(f"the optimizer stopped the study ({done.message or 'shutdown'})")
         else:
             message = done.message or "the study failed"
             self._write(runner, ev.error_event("FAILED_PRECONDITION", message))

@@ -43,7 +43,9 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
         if request.HasField("after_sequence"):
             after = request.after_sequence
         else:
+            # The sequence before the job is read again: the snapshot is at least as new as `after`.
             after = self.store.last_sequence(job.id)
+            job = self.store.get(job.id)
             snapshot = ev.phase_event(job.phase, job.phase, f"snapshot of {job.name}")
             front = self.orchestrator.pareto_front(job.id) if job.study_name else ev.front_message(
                 [], ev.effective_kl_cap(job.spec))

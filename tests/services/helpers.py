@@ -110,7 +110,7 @@ def free_port() -> int:
 @contextmanager
 def service_process(module: str, model_dir: Path, port: int, extra_env: dict | None = None):
     """Run ``python -m <module>`` on a tiny model; yield the Popen (killed if still alive at the end)."""
-    env = dict(os.environ, PYTHONPATH=str(ROOT), **(extra_env or {}))
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", **(extra_env or {}))
     cmd = [sys.executable, "-m", module, "--model", str(model_dir), "--dtype", "float32", "--device-map", "cpu",
            "--address", f"127.0.0.1:{port}", "--log-level", "WARNING"]
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

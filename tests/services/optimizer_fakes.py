@@ -151,8 +151,9 @@ class RunningEvaluator:
         self.address = f"127.0.0.1:{self.port}"
 
     def stop(self) -> None:
-        self.servicer.release.set()
+        """Kill the server first (calls in flight fail), then let a hanging handler thread end."""
         self.server.stop(None)
+        self.servicer.release.set()
 
 
 def start_fake_evaluator(port: int = 0, **kwargs) -> RunningEvaluator:

@@ -217,6 +217,41 @@ def test_gateway_restart_mid_job_loses_no_trial(start_gateway, tmp_path):
     assert [e.sequence for e in events] == list(range(1, len(events) + 1))
 
 
+def test_optimizer_restart_mid_job_is_retried(torch_address, tmp_path):
+    from services.optimizer.dispatch import DispatchOptions
+    from services.optimizer.servicer import OptimizerServicer
+
+    def start_optimizer(address: str):
+        servicer = OptimizerServicer(f"sqlite:///{tmp_path / 'optuna.db'}", blob_dir=str(tmp_path / "blobs"),
+                                     options=DispatchOptions(health_interval_s=0.5, busy_retry_s=0.2))
+        server, port, health = build_server(
+            [(optimizer_pb2_grpc.add_OptimizerServiceServicer_to_server, servicer)], address)
+        server.start()
+        health.set_serving()
+        return servicer, server, port
+
+    servicer, server, port = start_optimizer("127.0.0.1:0")
+    gateway = Gateway(f"sqlite:///{tmp_path / 'gw.db'}", torch_address, f"127.0.0.1:{port}", [torch_address],
+                      watch_poll_s=0.2, retry_window_s=60).start()
+    try:
+        stub = stub_for(gateway)
+        job = stub.SubmitJob(P.SubmitJobRequest(spec=make_spec(n_trials=5))).job
+        before = follow(stub, job.id, until=lambda e: e.WhichOneof("event") == "trial_finished")
+        servicer.shutdown(5.0)
+        server.stop(None).wait()
+        servicer, server, _ = start_optimizer(f"127.0.0.1:{port}")
+        events = follow(stub, job.id, after=before[-1].sequence)
+        assert phases(events)[-1] == P.JOB_PHASE_SUCCEEDED
+        assert any(e.WhichOneof("event") == "error" and e.error.recoverable for e in events)
+        final = stub.GetJob(P.GetJobRequest(job_id=job.id)).job
+        assert final.n_trials_complete >= 5
+        assert set(trial_numbers(before)) <= set(trial_numbers(follow(stub, job.id)))
+    finally:
+        gateway.stop(0)
+        servicer.shutdown(1.0)
+        server.stop(None)
+
+
 def test_cancel_and_resume(start_gateway, tmp_path):
     gateway = start_gateway(f"sqlite:///{tmp_path / 'gateway.db'}")
     stub = stub_for(gateway)

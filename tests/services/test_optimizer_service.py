@@ -497,7 +497,9 @@ def test_lost_evaluator_is_readmitted_when_it_comes_back(pg_url, tmp_path):
         assert first.servicer.started.wait(15)
         lost_number = first.servicer.calls[0].trial_number
         first.stop()
-        time.sleep(0.5)  # long enough for the optimizer to see it gone (else it just resends: no failure)
+        # Longer than a health check's deadline: the optimizer sees it gone (if it came back within one
+        # health check, the optimizer would just resend the trial to it: no failure to observe).
+        time.sleep(1.5)
         # The same address comes back as a fresh process: no direction set, no baseline.
         revived = start_fake_evaluator(port=first.port, n_layers=N_LAYERS, delay_s=0.05)
         events = []

@@ -1,0 +1,84 @@
+"""Proof on a real model: SmolLM2-135M-Instruct under a safety system prompt.
+
+Directions from 64+64 train prompts; refusals counted on 64 harmful_test
+prompts (30 tokens), KL on 64 harmless_test prompts (first token).
+"""
+
+import pytest
+import torch
+
+from abliterate.core.directions import protect_sacred, refusal_directions, sacred_directions
+from abliterate.core.modules import discover
+from abliterate.core.prompts import load_prompts
+from abliterate.core.residuals import collect_residuals
+from abliterate.core.scoring import TrialEngine
+from abliterate.params import AblationParams
+from benchmarks.smollm2 import shared_prompts
+
+pytestmark = pytest.mark.slow
+
+N = 64
+MID_DEPTH = 15.0  # block index of the direction used for the single edit (30 blocks)
+
+
+@pytest.fixture(scope="module")
+def directions(smollm2):
+    h_bad = collect_residuals(smollm2, shared_prompts("harmful_train", N), batch_size=32)
+    h_good = collect_residuals(smollm2, shared_prompts("harmless_train", N), batch_size=32)
+    return h_bad, h_good, refusal_directions(h_bad, h_good)
+
+
+@pytest.fixture(scope="module")
+def engine(smollm2, directions):
+    eng = TrialEngine(smollm2, batch_size=32)
+    eng.set_directions(directions[2])
+    eng.prepare_baseline(shared_prompts("harmless_test", N), shared_prompts("harmful_test", N), max_new_tokens=30)
+    yield eng
+    eng.reset()
+
+
+def test_discovery_on_smollm2(smollm2):
+    mm = discover(smollm2.model)
+    assert mm.n_layers == 30 and mm.hidden_size == 576
+    assert all(len(layer["attn.o_proj"]) == 1 and len(layer["mlp.down_proj"]) == 1 for layer in mm.layers)
+
+
+def test_directions_separate_the_prompt_sets(directions):
+    _, _, ds = directions
+    mid = ds.diagnostics[int(MID_DEPTH) + 1]
+    assert mid.separation > 1.0, f"mid-depth separation {mid.separation:.2f}"
+
+
+def test_one_mid_depth_edit_halves_refusals_at_small_kl(engine, smollm2):
+    n_layers = smollm2.n_layers
+    base = engine.evaluate(AblationParams.uniform(MID_DEPTH, n_layers, weight=0.0))
+    edited = engine.evaluate(AblationParams.uniform(MID_DEPTH, n_layers, weight=1.0))
+    print(f"\nSmolLM2 unedited: {base.refusals}/{base.n_refusal_prompts} refusals, KL {base.kl:.4f}; "
+          f"edited (direction {MID_DEPTH}, weight 1): {edited.refusals}/{edited.n_refusal_prompts}, "
+          f"KL {edited.kl:.4f}; trial {edited.timings_s['total']:.1f}s")
+    assert base.kl == pytest.approx(0.0, abs=1e-6)
+    assert 12 <= base.refusals <= 32, "the safety system prompt should make about a third refuse"
+    assert edited.refusals <= base.refusals / 2
+    assert edited.kl < 1.0
+
+
+def test_sacred_orthogonalization_protects_capability(smollm2, directions):
+    """Capability KL (on knowledge questions) stays closer to the original with sacred protection."""
+    h_bad, h_good, plain = directions
+    capability = load_prompts("bundled:capability")
+    h_cap = collect_residuals(smollm2, capability[:48], batch_size=16)
+    h_base = collect_residuals(smollm2, load_prompts("bundled:baseline_text")[:48], batch_size=16)
+    sacred = sacred_directions(h_cap, h_base, k=8)
+    protected = protect_sacred(refusal_directions(h_bad, h_good), sacred)
+    assert protected.diagnostics[16].sacred_overlap > 0
+    held_out = capability[48:]
+    results = {}
+    for name, ds in (("plain", plain), ("sacred", protected)):
+        eng = TrialEngine(smollm2, batch_size=32)
+        eng.set_directions(ds)
+        eng.prepare_baseline(held_out, shared_prompts("harmful_test", 16), max_new_tokens=1)
+        results[name] = eng.evaluate(AblationParams.uniform(MID_DEPTH, smollm2.n_layers, weight=1.0)).kl
+        eng.reset()
+    print(f"\ncapability KL at weight 1, direction {MID_DEPTH}: plain {results['plain']:.4f}, "
+          f"sacred-orthogonalized {results['sacred']:.4f}")
+    assert results["sacred"] < results["plain"]
