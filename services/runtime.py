@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from abliterate.errors import FailedPrecondition, InvalidArgument, Unavailable
+from abliterate.errors import AbliterateError, FailedPrecondition, InvalidArgument, Unavailable
 from abliterate.rpc import build_server, configure_logging, serve_until_signal
 from abliterate.rpc.convert import model_spec_from_pb, model_spec_to_pb
 from abliterate.rpc.limits import MIB
@@ -192,9 +192,16 @@ def load_and_attach(hosted: Sequence[Hosted], spec: ModelSpec, health) -> None:
 
 
 def run(service: str, hosted: Sequence[Hosted], config: TorchServiceConfig) -> int:
-    """Serve until SIGTERM/SIGINT: start, load in the background, flip health. Returns an exit code."""
+    """Serve until SIGTERM/SIGINT: start, load in the background, flip health.
+
+    Exit code: 0 after a signal, 1 when the model failed to load, 2 for bad settings.
+    """
     configure_logging(service, config.log_level)
-    spec = config.model_spec()
+    try:
+        spec = config.model_spec()
+    except AbliterateError as exc:
+        log.error("bad settings: %s", exc)
+        return 2
     server, port, health = start(hosted, config)
     log.info("listening", extra={"address": config.address, "port": port, "service": service})
     failed: list[BaseException] = []

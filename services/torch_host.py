@@ -9,6 +9,7 @@ from __future__ import annotations
 import sys
 from dataclasses import dataclass, field
 
+from abliterate.errors import AbliterateError
 from abliterate.v1 import evaluator_pb2_grpc, extractor_pb2_grpc
 from services.config import load_config
 from services.evaluator.config import EvaluatorConfig
@@ -39,8 +40,12 @@ def hosted_servicers(config: TorchHostConfig, lm=None) -> tuple[list[Hosted], Ex
 
 
 def main(argv: list[str] | None = None) -> int:
-    config = load_config(TorchHostConfig, "torch_host", argv,
-                         description="Serve ExtractorService and EvaluatorService on one model.")
+    try:
+        config = load_config(TorchHostConfig, "torch_host", argv,
+                             description="Serve ExtractorService and EvaluatorService on one model.")
+    except AbliterateError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     hosted, _, _ = hosted_servicers(config)
     return run("torch_host", hosted, config)
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 
 from abliterate.core.directions import global_direction
-from abliterate.core.modules import EditableMatrix, ModuleMap
+from abliterate.core.modules import EditableMatrix, ModuleMap, discover
 from abliterate.errors import FailedPrecondition, InvalidArgument
 from abliterate.params import AblationParams, DirectionScope, RowNormalization
 
@@ -109,3 +109,16 @@ class Ablator:
                         edited += 1
         self.applied = params
         return edited
+
+
+def ablator_for(lm) -> Ablator:
+    """The one Ablator of a loaded model.
+
+    Every engine or service sharing a model must share its ablator: a second
+    ablator would not know the first one's edits and could not undo them.
+    """
+    ablator = lm.extra.get("ablator")
+    if ablator is None:
+        ablator = Ablator(discover(lm.model))
+        lm.extra["ablator"] = ablator
+    return ablator

@@ -44,3 +44,8 @@ def format_prompts(tokenizer, prompts: list[str], system_prompt: str | None, mod
     if not prompts:
         raise InvalidArgument("the prompt list is empty")
     return [render_chat(tokenizer, build_messages(p, system_prompt), mode, response_prefix) for p in prompts]
+
+
+def encode(tokenizer, texts: list[str], device, mode: str = "chat"):
+    """Tokenize rendered prompts; chat templates already carry their special tokens."""
+    return tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=(mode == "plain")).to(device)

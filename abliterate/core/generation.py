@@ -15,7 +15,7 @@ from typing import Callable, Iterator
 import torch
 
 from abliterate.core.loading import LoadedModel
-from abliterate.core.residuals import encode
+from abliterate.core.chat import encode
 
 
 @dataclass
@@ -60,6 +60,60 @@ def _select(cache, keep: torch.Tensor) -> bool:
         return False
 
 
+# Below this many shared tokens the extra prefix pass costs more than it saves.
+MIN_SHARED_PREFIX = 8
+
+
+def _shared_prefix_length(rows: list[list[int]]) -> int:
+    """Length of the longest common token prefix, leaving at least one token per row."""
+    if len(rows) < 2:
+        return 0
+    first, limit = rows[0], min(len(r) for r in rows) - 1
+    length = 0
+    while length < limit and all(r[length] == first[length] for r in rows):
+        length += 1
+    return length
+
+
+def prefill(lm: LoadedModel, texts: list[str], extra: torch.Tensor | None = None, logits_to_keep: int = 1,
+            output_hidden_states: bool = False, share_prefix: bool = True):
+    """Forward pass over rendered prompts (plus optional appended token ids) with a KV cache.
+
+    Chat prompts of one batch share a long prefix (template and system
+    prompt). That prefix is run once at batch size 1 and its cache repeated
+    for every row; each row's remainder is left-padded after it. The attention
+    mask and position ids skip the padding, so the logits match a plain
+    left-padded pass. Returns (model output, cache, attention mask).
+    """
+    model, tok = lm.model, lm.tokenizer
+    rows = tok(list(texts), add_special_tokens=(lm.spec.chat_template_mode == "plain"))["input_ids"]
+    if extra is not None:
+        rows = [r + e for r, e in zip(rows, extra.tolist())]
+    n, device = len(rows), lm.device
+    shared = _shared_prefix_length(rows) if share_prefix else 0
+    cache_arg = _cache_argument(model)
+    cache = None
+    if shared >= MIN_SHARED_PREFIX:
+        head = model(input_ids=torch.tensor([rows[0][:shared]], device=device), use_cache=True, logits_to_keep=1)
+        cache = _output_cache(head)
+        try:
+            cache.batch_repeat_interleave(n)
+        except (AttributeError, NotImplementedError, TypeError, RuntimeError):
+            cache, shared = None, 0
+    else:
+        shared = 0
+    tails = [r[shared:] for r in rows]
+    width = max(len(t) for t in tails)
+    pad = tok.pad_token_id
+    ids = torch.tensor([[pad] * (width - len(t)) + t for t in tails], device=device)
+    tail_mask = torch.tensor([[0] * (width - len(t)) + [1] * len(t) for t in tails], device=device)
+    mask = torch.cat([tail_mask.new_ones((n, shared)), tail_mask], dim=1)
+    kwargs = {cache_arg: cache} if cache is not None else {}
+    out = model(input_ids=ids, attention_mask=mask, position_ids=_positions(mask)[:, shared:], use_cache=True,
+                logits_to_keep=logits_to_keep, output_hidden_states=output_hidden_states, **kwargs)
+    return out, _output_cache(out), mask
+
+
 def generate_greedy(
     lm: LoadedModel,
     texts: list[str],
@@ -68,8 +122,6 @@ def generate_greedy(
 ) -> list[Generated]:
     """Greedy continuation of already-rendered prompts (one batch)."""
     model, tok = lm.model, lm.tokenizer
-    enc = encode(tok, texts, lm.device, lm.spec.chat_template_mode)
-    mask = enc["attention_mask"]
     eos = eos_token_ids(lm)
     n = len(texts)
     generated: list[list[int]] = [[] for _ in range(n)]
@@ -77,9 +129,7 @@ def generate_greedy(
     active = torch.arange(n)
     compacting = True
     with torch.inference_mode():
-        out = model(input_ids=enc["input_ids"], attention_mask=mask, position_ids=_positions(mask),
-                    use_cache=True, logits_to_keep=1)
-        cache = _output_cache(out)
+        out, cache, mask = prefill(lm, texts)
         cache_arg = _cache_argument(model)
         next_tokens = out.logits[:, -1, :].argmax(-1)
         for step in range(max_new_tokens):

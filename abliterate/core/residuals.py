@@ -12,21 +12,16 @@ from typing import Callable
 import torch
 
 from abliterate.core.batching import run_batched
-from abliterate.core.chat import format_prompts
+from abliterate.core.chat import encode, format_prompts  # noqa: F401 (encode re-exported)
+from abliterate.core.generation import prefill
 from abliterate.core.loading import LoadedModel
 from abliterate.errors import InvalidArgument
 
 
-def encode(tokenizer, texts: list[str], device, mode: str = "chat"):
-    """Tokenize rendered prompts; chat templates already carry their special tokens."""
-    return tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=(mode == "plain")).to(device)
-
-
 def last_token_residuals(lm: LoadedModel, texts: list[str]) -> torch.Tensor:
     """One forward pass over rendered texts: (B, L+1, d) float32 on the CPU."""
-    enc = encode(lm.tokenizer, list(texts), lm.device, lm.spec.chat_template_mode)
     with torch.inference_mode():
-        out = lm.model(**enc, output_hidden_states=True, use_cache=False, logits_to_keep=1)
+        out, _, _ = prefill(lm, list(texts), output_hidden_states=True)
     states = torch.stack([h[:, -1, :] for h in out.hidden_states], dim=1)
     return states.float().cpu()
 

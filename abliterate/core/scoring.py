@@ -13,15 +13,13 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from abliterate.core.ablation import Ablator
+from abliterate.core.ablation import ablator_for
 from abliterate.core.batching import run_batched
 from abliterate.core.chat import format_prompts
 from abliterate.core.directions import DirectionSet
-from abliterate.core.generation import Generated, generate_greedy
+from abliterate.core.generation import Generated, generate_greedy, prefill
 from abliterate.core.loading import LoadedModel
-from abliterate.core.modules import discover
 from abliterate.core.refusals import RefusalDetector
-from abliterate.core.residuals import encode
 from abliterate.errors import FailedPrecondition, InvalidArgument
 from abliterate.params import AblationParams
 
@@ -67,8 +65,8 @@ class TrialEngine:
         if lm.quantized:
             raise FailedPrecondition("editing 4-bit quantized weights in place is not supported; load in bf16/fp16")
         self.lm = lm
-        self.module_map = discover(lm.model)
-        self.ablator = Ablator(self.module_map)
+        self.ablator = ablator_for(lm)
+        self.module_map = self.ablator.module_map
         self.detector = detector or RefusalDetector()
         self.batch_size = batch_size
         self._tuned_sizes: dict[str, int] = {}  # per operation, so tuning happens once
@@ -127,16 +125,10 @@ class TrialEngine:
         """Raw-logit log-probabilities at the last prompt position (and k-1 teacher-forced ones)."""
         def batch(indices):
             chunk = [texts[i] for i in indices]
-            enc = encode(self.lm.tokenizer, chunk, self.lm.device, self.lm.spec.chat_template_mode)
-            ids, mask = enc["input_ids"], enc["attention_mask"]
-            if continuation is not None:
-                extra = continuation[list(indices)].to(ids.device)
-                ids = torch.cat([ids, extra], dim=1)
-                mask = torch.cat([mask, torch.ones_like(extra)], dim=1)
+            extra = continuation[list(indices)] if continuation is not None else None
             with torch.inference_mode():
-                logits = self.lm.model(input_ids=ids, attention_mask=mask,
-                                       position_ids=(mask.cumsum(-1) - 1).clamp_min(0), use_cache=False,
-                                       logits_to_keep=k).logits[:, -k:, :]
+                out, _, _ = prefill(self.lm, chunk, extra=extra, logits_to_keep=k)
+            logits = out.logits[:, -k:, :]
             return list(F.log_softmax(logits.float(), dim=-1).cpu())
         rows = self._run("kl", list(range(len(texts))), batch)
         return torch.stack(rows)

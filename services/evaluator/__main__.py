@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 
+from abliterate.errors import AbliterateError
 from abliterate.v1 import evaluator_pb2_grpc
 from services.evaluator.config import load
 from services.evaluator.servicer import EvaluatorServicer
@@ -11,7 +12,11 @@ from services.runtime import Hosted, run
 
 
 def main(argv: list[str] | None = None) -> int:
-    config = load(argv)
+    try:
+        config = load(argv)
+    except AbliterateError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     servicer = EvaluatorServicer(batch_size=config.batch_size, max_direction_sets=config.max_direction_sets,
                                  default_max_new_tokens=config.default_max_new_tokens,
                                  max_generate_tokens=config.max_generate_tokens)

@@ -38,7 +38,7 @@ class EvaluatorServicer(evaluator_pb2_grpc.EvaluatorServiceServicer):
     def __init__(self, lm=None, *, session=None, batch_size: int = 0, lock: DeviceLock | None = None,
                  max_direction_sets: int = 4, default_max_new_tokens: int = 256,
                  max_generate_tokens: int = 4096) -> None:
-        self.lock = lock or DeviceLock()
+        self.lock = session.lock if session is not None else (lock or DeviceLock())
         self._kwargs = dict(batch_size=batch_size, max_direction_sets=max_direction_sets,
                             default_max_new_tokens=default_max_new_tokens, max_generate_tokens=max_generate_tokens)
         self.session = session

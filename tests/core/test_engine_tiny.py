@@ -130,3 +130,14 @@ def test_early_stop_generation_matches_unbatched(lm):
     for text, got in zip(texts, batched):
         single = generate_greedy(lm, [text], 8, decided=lambda t: len(t) >= 3 and t[0] < "m")[0]
         assert got.text == single.text and got.stopped_by == single.stopped_by
+
+
+def test_shared_prefix_prefill_matches_plain_left_padded_pass(lm):
+    from abliterate.core.generation import prefill
+
+    texts = format_prompts(lm.tokenizer, GOOD + ["a much longer prompt " * 5], "a long shared system prompt")
+    with torch.inference_mode():
+        shared, _, _ = prefill(lm, texts, logits_to_keep=1, output_hidden_states=True)
+        plain, _, _ = prefill(lm, texts, logits_to_keep=1, output_hidden_states=True, share_prefix=False)
+    assert torch.allclose(shared.logits[:, -1], plain.logits[:, -1], atol=1e-4)
+    assert torch.allclose(shared.hidden_states[-1][:, -1], plain.hidden_states[-1][:, -1], atol=1e-4)

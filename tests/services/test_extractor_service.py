@@ -10,6 +10,7 @@ import torch
 from grpc_health.v1 import health_pb2
 
 from abliterate.core.directions import DirectionSet
+from abliterate.errors import InvalidArgument
 from abliterate.rpc.channels import health_status
 from abliterate.rpc.tensors import sha256_hex
 from abliterate.specs import ModelSpec
@@ -231,3 +232,10 @@ def test_config_layers(monkeypatch, tmp_path):
     config = load_extractor_config(["--model", "m", "--max-message-mb", "2"])
     assert config.batch_size == 3 and config.max_message_bytes == 2 * 1024 * 1024
     assert config.model_spec() == ModelSpec(source="m", dtype="auto")
+    with pytest.raises(InvalidArgument, match="no model configured"):
+        load_extractor_config([]).model_spec()
+    with pytest.raises(InvalidArgument, match="chat_template_mode"):
+        load_extractor_config(["--model", "m", "--chat-template-mode", "odd"]).model_spec()
+    from services.extractor.__main__ import main
+
+    assert main(["--model", "m", "--batch-size", "lots"]) == 2  # a bad setting exits 2 before serving
