@@ -119,6 +119,7 @@ def generate_greedy(
     texts: list[str],
     max_new_tokens: int,
     decided: Callable[[str], bool] | None = None,
+    share_prefix: bool = True,
 ) -> list[Generated]:
     """Greedy continuation of already-rendered prompts (one batch)."""
     model, tok = lm.model, lm.tokenizer
@@ -129,7 +130,7 @@ def generate_greedy(
     active = torch.arange(n)
     compacting = True
     with torch.inference_mode():
-        out, cache, mask = prefill(lm, texts)
+        out, cache, mask = prefill(lm, texts, share_prefix=share_prefix)
         cache_arg = _cache_argument(model)
         next_tokens = out.logits[:, -1, :].argmax(-1)
         for step in range(max_new_tokens):

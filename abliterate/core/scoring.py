@@ -61,7 +61,8 @@ def kl_divergence(base_logprobs: torch.Tensor, trial_logprobs: torch.Tensor) -> 
 
 
 class TrialEngine:
-    def __init__(self, lm: LoadedModel, batch_size: int = 0, detector: RefusalDetector | None = None):
+    def __init__(self, lm: LoadedModel, batch_size: int = 0, detector: RefusalDetector | None = None,
+                 share_prefix: bool = True):
         if lm.quantized:
             raise FailedPrecondition("editing 4-bit quantized weights in place is not supported; load in bf16/fp16")
         self.lm = lm
@@ -69,6 +70,7 @@ class TrialEngine:
         self.module_map = self.ablator.module_map
         self.detector = detector or RefusalDetector()
         self.batch_size = batch_size
+        self.share_prefix = share_prefix  # off only to measure what prefix sharing saves
         self._tuned_sizes: dict[str, int] = {}  # per operation, so tuning happens once
         self.directions: DirectionSet | None = None
         self.baseline: Baseline | None = None
@@ -114,7 +116,8 @@ class TrialEngine:
     def _generate(self, texts, n_tokens, decided, pad_to):
         """Greedy tokens of the unedited model for multi-token KL, padded with EOS."""
         tok = self.lm.tokenizer
-        outs = self._run("generate", texts, lambda chunk: generate_greedy(self.lm, list(chunk), n_tokens, decided))
+        outs = self._run("generate", texts, lambda chunk: generate_greedy(self.lm, list(chunk), n_tokens, decided,
+                                                                      share_prefix=self.share_prefix))
         rows = []
         for g in outs:
             ids = tok(g.text, add_special_tokens=False)["input_ids"][:pad_to]
@@ -127,7 +130,7 @@ class TrialEngine:
             chunk = [texts[i] for i in indices]
             extra = continuation[list(indices)] if continuation is not None else None
             with torch.inference_mode():
-                out, _, _ = prefill(self.lm, chunk, extra=extra, logits_to_keep=k)
+                out, _, _ = prefill(self.lm, chunk, extra=extra, logits_to_keep=k, share_prefix=self.share_prefix)
             logits = out.logits[:, -k:, :]
             return list(F.log_softmax(logits.float(), dim=-1).cpu())
         rows = self._run("kl", list(range(len(texts))), batch)
@@ -137,7 +140,8 @@ class TrialEngine:
         detector = self.detector
         gens: list[Generated]
         gens = self._run("generate", texts, lambda chunk: generate_greedy(
-            self.lm, list(chunk), max_new_tokens, decided=lambda t: detector.find_marker(t) is not None))
+            self.lm, list(chunk), max_new_tokens, decided=lambda t: detector.find_marker(t) is not None,
+            share_prefix=self.share_prefix))
         return [PromptOutcome(p, g.text, detector.is_refusal(g.text), g.tokens, g.stopped_by)
                 for p, g in zip(prompts, gens)]
 
