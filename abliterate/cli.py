@@ -137,6 +137,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("service", choices=["extractor", "evaluator", "optimizer", "gateway", "torch", "all"])
     p.add_argument("args", nargs=argparse.REMAINDER,
                    help="the service's own flags (see abliterate serve SERVICE --help)")
+    from abliterate.vast.cli import register as register_vast  # torch-free
+
+    register_vast(sub)
     return parser
 
 
@@ -737,7 +740,13 @@ def cmd_serve(args: argparse.Namespace, console: Any) -> int:
 
 COMMANDS = {"run": cmd_run, "submit": cmd_submit, "watch": cmd_watch, "jobs": cmd_jobs, "trials": cmd_trials,
             "export": cmd_export, "chat": cmd_chat, "cancel": cmd_cancel, "resume": cmd_resume,
-            "serve": cmd_serve}
+            "serve": cmd_serve, "vast": lambda args, console: _vast_run(args)}
+
+
+def _vast_run(args) -> int:
+    from abliterate.vast.cli import run as vast_run
+
+    return vast_run(args)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -19,6 +19,7 @@ import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
+from abliterate.artifacts import canonical_safetensors
 from abliterate.errors import InvalidArgument
 
 EPS = 1e-8
@@ -96,7 +97,7 @@ class DirectionSet:
         return {k: v.contiguous().float() for k, v in out.items()}
 
     def to_bytes(self) -> bytes:
-        return st_save(self.tensors(), metadata={k: str(v) for k, v in self.metadata.items()})
+        return canonical_safetensors(st_save(self.tensors(), metadata={k: str(v) for k, v in self.metadata.items()}))
 
     @staticmethod
     def artifact_id(data: bytes) -> str:

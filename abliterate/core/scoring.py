@@ -151,8 +151,12 @@ class TrialEngine:
             raise FailedPrecondition("no direction set loaded")
         return self.ablator.apply(params, self.directions.refusal)
 
-    def evaluate(self, params: AblationParams) -> TrialResult:
-        """Reset, edit with ``params``, score; the model stays edited until the next reset/apply."""
+    def evaluate(self, params: AblationParams, keep_edited: bool = False) -> TrialResult:
+        """Reset, edit with ``params``, score, and reset again.
+
+        The model is left as it was unless ``keep_edited``: anything else run on
+        a shared model afterwards (residuals, a baseline) must see the original.
+        """
         if self.baseline is None:
             raise FailedPrecondition("baseline not prepared: call prepare_baseline first")
         b = self.baseline
@@ -167,6 +171,8 @@ class TrialEngine:
         t0 = time.perf_counter()
         outcomes = self.count_refusals(b.refusal_texts, b.refusal_prompts, b.max_new_tokens)
         timings["refusals"] = time.perf_counter() - t0
+        if not keep_edited:
+            self.ablator.reset()
         timings["total"] = sum(timings.values())
         return TrialResult(kl=kl, refusals=sum(o.refusal for o in outcomes), n_refusal_prompts=len(outcomes),
                            n_kl_prompts=len(b.kl_texts), details=outcomes, timings_s=timings)

@@ -16,6 +16,7 @@ import numpy as np
 from safetensors.numpy import load as _st_load
 from safetensors.numpy import save as _st_save
 
+from abliterate.artifacts import canonical_safetensors
 from abliterate.errors import InvalidArgument, ResourceExhausted
 from abliterate.rpc.limits import MIB
 
@@ -52,7 +53,7 @@ def encode_tensors(
             raise InvalidArgument(f"metadata keys and values must be strings, got {bad!r}")
         meta = dict(metadata)
     try:
-        data = _st_save(arrays, metadata=meta)
+        data = canonical_safetensors(_st_save(arrays, metadata=meta))
     except Exception as exc:  # noqa: BLE001 - e.g. an unsupported dtype
         raise InvalidArgument(f"cannot encode tensors: {exc}") from exc
     return data, sha256_hex(data)

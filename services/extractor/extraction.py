@@ -14,7 +14,6 @@ import json
 import logging
 import math
 import queue
-import struct
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -41,21 +40,6 @@ DEFAULT_BASELINE = "bundled:baseline_text"
 
 class _Cancelled(Exception):
     pass
-
-
-def canonical_safetensors(data: bytes) -> bytes:
-    """The same safetensors payload with its JSON header in one canonical form.
-
-    safetensors (0.8) writes ``__metadata__`` in hash-map order, which varies from
-    call to call, so identical direction sets would get different sha256 ids.
-    Sorting the header's keys (data offsets are relative, the tensor bytes are
-    untouched) makes the bytes, and so the id, depend on the content only.
-    """
-    (length,) = struct.unpack("<Q", data[:8])
-    header = json.loads(data[8:8 + length])
-    text = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
-    text += b" " * (-len(text) % 8)
-    return struct.pack("<Q", len(text)) + text + data[8 + length:]
 
 
 def _progress(phase: str, done: int, total: int, message: str = "") -> extractor_pb2.ExtractDirectionsResponse:
@@ -209,7 +193,7 @@ class Extractor:
             "system_prompt": lm.spec.system_prompt or "",
             "chat_template_mode": lm.spec.chat_template_mode,
         })
-        data = canonical_safetensors(ds.to_bytes())
+        data = ds.to_bytes()
         digest = ds.artifact_id(data)
         layers = []
         for index, diag in enumerate(ds.diagnostics):

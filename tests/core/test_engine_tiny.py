@@ -107,7 +107,7 @@ def test_trial_engine_end_to_end_and_export_round_trip(lm, tmp_path):
     zero = AblationParams(direction_index=1.0, components={ATTN: ComponentParams(0.0, 1.0, 0.0, 1.0)})
     assert engine.evaluate(zero).kl == pytest.approx(0.0, abs=1e-6)
     params = AblationParams.uniform(direction_index=1.0, n_layers=lm.n_layers, weight=1.0)
-    result = engine.evaluate(params)
+    result = engine.evaluate(params, keep_edited=True)
     assert result.kl > 0 and math.isfinite(result.kl)
     assert result.n_refusal_prompts == len(BAD) and len(result.details) == len(BAD)
     assert {"edit", "kl", "refusals", "total"} <= set(result.timings_s)
@@ -141,3 +141,12 @@ def test_shared_prefix_prefill_matches_plain_left_padded_pass(lm):
         plain, _, _ = prefill(lm, texts, logits_to_keep=1, output_hidden_states=True, share_prefix=False)
     assert torch.allclose(shared.logits[:, -1], plain.logits[:, -1], atol=1e-4)
     assert torch.allclose(shared.hidden_states[-1][:, -1], plain.hidden_states[-1][:, -1], atol=1e-4)
+
+
+def test_evaluate_leaves_the_model_as_it_was(lm):
+    engine = TrialEngine(lm, batch_size=4)
+    engine.set_directions(refusal_directions(collect_residuals(lm, BAD), collect_residuals(lm, GOOD)))
+    engine.prepare_baseline(GOOD[:2], BAD[:2], max_new_tokens=2)
+    before = {k: v.clone() for k, v in lm.model.state_dict().items()}
+    engine.evaluate(AblationParams.uniform(direction_index=1.0, n_layers=lm.n_layers, weight=1.0))
+    assert all(torch.equal(before[k], v) for k, v in lm.model.state_dict().items())

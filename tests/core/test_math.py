@@ -113,3 +113,12 @@ def test_bad_params_are_clear_errors():
         AblationParams.from_dict({"direction_scope": "sideways"})
     with pytest.raises(InvalidArgument):
         refusal_directions(torch.zeros(0, 3, 4), torch.zeros(2, 3, 4))
+
+
+def test_direction_set_bytes_are_deterministic():
+    torch.manual_seed(0)
+    h = torch.randn(6, 3, 8)
+    ds = refusal_directions(h + 1, h)
+    ds.metadata.update({f"key{i}": str(i) for i in range(12)})
+    ids = {DirectionSet.artifact_id(ds.to_bytes()) for _ in range(8)}
+    assert len(ids) == 1
