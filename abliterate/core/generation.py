@@ -171,28 +171,78 @@ def generate_greedy(
             for g, s in zip(generated, stopped)]
 
 
-def stream_greedy(lm: LoadedModel, text: str, max_new_tokens: int) -> Iterator[str]:
-    """Yield the text pieces of one greedy continuation as they are produced (chat)."""
+def stream_generate(
+    lm: LoadedModel,
+    text: str,
+    max_new_tokens: int,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    seed: int | None = None,
+    is_active: Callable[[], bool] = lambda: True,
+    mode: str | None = None,
+) -> Iterator[tuple[str, int, str | None]]:
+    """Decode one continuation with a KV cache: yield ``(new text, tokens so far, finish)``.
+
+    Greedy when ``temperature`` is 0, else temperature / nucleus sampling
+    seeded by ``seed``. ``finish`` is None until the last item: "stop" at EOS,
+    "length" at the token limit. An incomplete multi-byte character is held
+    back until it is whole. Stops early (without a finish) when ``is_active()``
+    turns false (a cancelled stream).
+    """
     model, tok = lm.model, lm.tokenizer
-    enc = encode(tok, [text], lm.device, lm.spec.chat_template_mode)
+    enc = encode(tok, [text], lm.device, mode or lm.spec.chat_template_mode)
     mask = enc["attention_mask"]
     eos = eos_token_ids(lm)
+    generator = None
+    if temperature > 0:
+        generator = torch.Generator(device=lm.device)
+        if seed is not None:
+            generator.manual_seed(int(seed) % (2**63))
+        else:
+            generator.seed()
     tokens: list[int] = []
     emitted = ""
     with torch.inference_mode():
         out = model(input_ids=enc["input_ids"], attention_mask=mask, position_ids=_positions(mask), use_cache=True,
                     logits_to_keep=1)
         cache_arg = _cache_argument(model)
-        for _ in range(max_new_tokens):
-            token = int(out.logits[0, -1].argmax())
+        for step in range(max_new_tokens):
+            if not is_active():
+                return
+            logits = out.logits[0, -1].float()
+            token = int(logits.argmax()) if generator is None else _sample(logits, temperature, top_p, generator)
             if token in eos:
-                break
+                yield "", len(tokens), "stop"
+                return
             tokens.append(token)
             full = tok.decode(tokens, skip_special_tokens=True)
-            # Hold back an incomplete multi-byte character until it is whole.
-            if not full.endswith("\ufffd") and len(full) > len(emitted):
-                yield full[len(emitted):]
-                emitted = full
+            last = step == max_new_tokens - 1
+            piece = ""
+            if (last or not full.endswith("\ufffd")) and len(full) > len(emitted):
+                piece, emitted = full[len(emitted):], full
+            if last:
+                yield piece, len(tokens), "length"
+                return
+            yield piece, len(tokens), None
             mask = torch.cat([mask, mask.new_ones((1, 1))], dim=-1)
             out = model(input_ids=torch.tensor([[token]], device=mask.device), attention_mask=mask,
                         position_ids=_positions(mask)[:, -1:], use_cache=True, **{cache_arg: _output_cache(out)})
+    yield "", len(tokens), "length"
+
+
+def stream_greedy(lm: LoadedModel, text: str, max_new_tokens: int) -> Iterator[str]:
+    """The text pieces of one greedy continuation (chat)."""
+    for piece, _, _ in stream_generate(lm, text, max_new_tokens):
+        if piece:
+            yield piece
+
+
+def _sample(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator) -> int:
+    probs = torch.softmax(logits / temperature, dim=-1)
+    if 0 < top_p < 1.0:
+        sorted_probs, order = probs.sort(descending=True)
+        keep = sorted_probs.cumsum(-1) - sorted_probs < top_p  # always keeps the most likely token
+        sorted_probs = sorted_probs * keep
+        choice = torch.multinomial(sorted_probs / sorted_probs.sum(), 1, generator=generator)
+        return int(order[choice])
+    return int(torch.multinomial(probs, 1, generator=generator))

@@ -30,10 +30,9 @@ import torch
 from abliterate.core.chat import build_messages, render_chat
 from abliterate.core.directions import DirectionSet
 from abliterate.core.export import export_merged
-from abliterate.core.generation import _cache_argument, _output_cache, _positions, eos_token_ids
+from abliterate.core.generation import stream_generate
 from abliterate.core.loading import LoadedModel
 from abliterate.core.refusals import RefusalDetector
-from abliterate.core.residuals import encode
 from abliterate.core.scoring import TrialEngine, TrialResult
 from abliterate.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
 from abliterate.params import AblationParams
@@ -340,7 +339,8 @@ class EvaluatorSession:
             ablate_s = time.perf_counter() - t0
             t0 = time.perf_counter()
             n_tokens, finish = 0, "length"
-            for piece, n_tokens, finish in stream_tokens(self.lm, text, mode, opts, is_active):
+            for piece, n_tokens, finish in stream_generate(
+                    self.lm, text, opts.max_new_tokens, opts.temperature, opts.top_p, opts.seed, is_active, mode):
                 if piece:
                     yield Chunk(piece, n_tokens)
             timings = {"ablate": ablate_s, "generate": time.perf_counter() - t0,
@@ -441,67 +441,3 @@ def _push(path: str, repo: str, private: bool, token: str) -> str:
         raise FailedPrecondition(f"the export is at {path}, but pushing it to {repo} failed: "
                                  f"{type(exc).__name__}: {exc}") from exc
     return str(url)
-
-
-def stream_tokens(lm: LoadedModel, text: str, mode: str, opts: GenerationOptions,
-                  is_active: Callable[[], bool] = lambda: True) -> Iterator[tuple[str, int, str | None]]:
-    """Decode one continuation with a KV cache: yield ``(new text, tokens so far, finish)``.
-
-    Greedy when ``opts.temperature`` is 0 (the same tokens as ``core.generation.stream_greedy``),
-    else temperature / nucleus sampling with ``opts.seed``. ``finish`` is None until the last
-    item: "stop" at EOS, "length" at the token limit. An incomplete multi-byte character is
-    held back until it is whole. Stops early (without a finish) when ``is_active()`` turns false.
-    """
-    model, tok = lm.model, lm.tokenizer
-    enc = encode(tok, [text], lm.device, mode)
-    mask = enc["attention_mask"]
-    eos = eos_token_ids(lm)
-    generator = None
-    if opts.temperature > 0:
-        generator = torch.Generator(device=lm.device)
-        if opts.seed is not None:
-            generator.manual_seed(int(opts.seed) % (2**63))
-        else:
-            generator.seed()
-    tokens: list[int] = []
-    emitted = ""
-    with torch.inference_mode():
-        out = model(input_ids=enc["input_ids"], attention_mask=mask, position_ids=_positions(mask), use_cache=True,
-                    logits_to_keep=1)
-        cache_arg = _cache_argument(model)
-        for step in range(opts.max_new_tokens):
-            if not is_active():
-                return
-            logits = out.logits[0, -1].float()
-            if generator is None:
-                token = int(logits.argmax())
-            else:
-                token = _sample(logits, opts.temperature, opts.top_p, generator)
-            if token in eos:
-                yield "", len(tokens), "stop"
-                return
-            tokens.append(token)
-            full = tok.decode(tokens, skip_special_tokens=True)
-            last = step == opts.max_new_tokens - 1
-            piece = ""
-            if (last or not full.endswith("\ufffd")) and len(full) > len(emitted):
-                piece, emitted = full[len(emitted):], full
-            if last:
-                yield piece, len(tokens), "length"
-                return
-            yield piece, len(tokens), None
-            mask = torch.cat([mask, mask.new_ones((1, 1))], dim=-1)
-            out = model(input_ids=torch.tensor([[token]], device=mask.device), attention_mask=mask,
-                        position_ids=_positions(mask)[:, -1:], use_cache=True, **{cache_arg: _output_cache(out)})
-    yield "", len(tokens), "length"
-
-
-def _sample(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator) -> int:
-    probs = torch.softmax(logits / temperature, dim=-1)
-    if top_p < 1.0:
-        sorted_probs, order = probs.sort(descending=True)
-        keep = sorted_probs.cumsum(-1) - sorted_probs < top_p  # always keeps the most likely token
-        sorted_probs = sorted_probs * keep
-        choice = torch.multinomial(sorted_probs / sorted_probs.sum(), 1, generator=generator)
-        return int(order[choice])
-    return int(torch.multinomial(probs, 1, generator=generator))
