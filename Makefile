@@ -21,7 +21,7 @@ setup: $(VENV_STAMP)
 # The main job on the embedded default: SmolLM2-135M-Instruct, all services in one process.
 run: $(VENV_STAMP)
 	.venv/bin/abliterate run "$$($(PYTHON) -c 'from benchmarks.smollm2 import smollm2_gguf; print(smollm2_gguf())')" \
-		--n-trials $(N_TRIALS) --system-prompt "$$($(PYTHON) -c 'from benchmarks.smollm2 import SAFETY_SYSTEM_PROMPT as s; print(s)')"
+		--n-trials $(N_TRIALS) --n-prompts 64 --max-new-tokens 30 --batch-size 32 --system-prompt "$$($(PYTHON) -c 'from benchmarks.smollm2 import SAFETY_SYSTEM_PROMPT as s; print(s)')"
 
 # Fast suite, then the slow real-model suite.
 test: $(VENV_STAMP)

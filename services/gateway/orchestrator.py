@@ -488,9 +488,11 @@ class Orchestrator:
                     tf = event.trial_finished
                     if tf.trial.number in announced:
                         continue
-                    announced.add(tf.trial.number)
                     completed_this_run += 1
                     self._on_trial_finished(runner, job, tf, kl_cap, run_started, completed_this_run)
+                    # Only once its event is stored: when the optimizer goes away during
+                    # _on_trial_finished (its ListTrials), the re-attached stream's history announces it.
+                    announced.add(tf.trial.number)
                 elif kind == "trial_failed":
                     tf = event.trial_failed
                     counts = self._counts(job.study_name)
