@@ -88,6 +88,25 @@ def first_token_is_finite(model, tokenizer) -> bool:
     return bool(torch.isfinite(logits).all())
 
 
+def _detach_dequantized_gguf(model, source: str) -> None:
+    """Make a GGUF model whose weights were dequantized an ordinary float model.
+
+    transformers keeps a GGUF "quantizer" on such a model, which makes
+    ``save_pretrained`` refuse to export it although every weight is a plain
+    float tensor. Packed GGUF layers (a kernels-backed path) cannot be edited
+    in place, so they are refused here rather than silently skipped later.
+    """
+    packed = sorted({type(m).__name__ for m in model.modules() if type(m).__name__.lower().startswith("gguf")})
+    if packed:
+        raise FailedPrecondition(
+            f"{source}: GGUF weights were kept packed ({', '.join(packed)}); they must be dequantized to be "
+            "edited (uninstall the `kernels` package or convert the GGUF file to safetensors)")
+    model.hf_quantizer = None
+    model.is_quantized = False
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+
+
 def load_model(spec: ModelSpec) -> LoadedModel:
     """Load model and tokenizer, walking the dtype fallback chain."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -123,6 +142,8 @@ def load_model(spec: ModelSpec) -> LoadedModel:
             continue
         model.eval()
         model.requires_grad_(False)
+        if gguf_file:
+            _detach_dequantized_gguf(model, spec.source)
         try:
             finite = first_token_is_finite(model, tokenizer)
         except RuntimeError as exc:

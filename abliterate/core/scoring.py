@@ -96,13 +96,16 @@ class TrialEngine:
         if max_new_tokens < 1 or kl_tokens < 1:
             raise InvalidArgument("max_new_tokens and kl_tokens must be >= 1")
         self.ablator.reset()
-        kl_texts = self._texts(kl_prompts)
+        # Prompts of similar length share a batch, so little of each batch is padding.
+        # KL is a mean and refusals a count: the order changes neither.
+        kl_texts = sorted(self._texts(kl_prompts), key=len)
+        refusal_pairs = sorted(zip(refusal_prompts, self._texts(refusal_prompts)), key=lambda pair: len(pair[1]))
         continuation = None
         if kl_tokens > 1:
             gens = self._generate(kl_texts, kl_tokens - 1, decided=None, pad_to=kl_tokens - 1)
             continuation = gens
         logprobs = self._kl_logprobs(kl_texts, continuation, kl_tokens)
-        self.baseline = Baseline(kl_texts, list(refusal_prompts), self._texts(refusal_prompts), logprobs,
+        self.baseline = Baseline(kl_texts, [p for p, _ in refusal_pairs], [t for _, t in refusal_pairs], logprobs,
                                  continuation, max_new_tokens, kl_tokens)
         return self.baseline
 
