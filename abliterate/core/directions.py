@@ -10,16 +10,14 @@ onto the orthogonal complement of that subspace in one step.
 from __future__ import annotations
 
 import hashlib
-import json
 import math
-import struct
 from dataclasses import dataclass, field
 
 import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-from abliterate.artifacts import canonical_safetensors
+from abliterate.artifacts import canonical_safetensors, read_metadata
 from abliterate.errors import InvalidArgument
 
 EPS = 1e-8
@@ -109,7 +107,7 @@ class DirectionSet:
             tensors = st_load(data)
         except Exception as exc:
             raise InvalidArgument(f"direction set is not valid safetensors data: {exc}") from exc
-        metadata = _safetensors_metadata(data)
+        metadata = read_metadata(data)
         for key in ("refusal", "good_mean", "bad_mean"):
             if key not in tensors:
                 raise InvalidArgument(f"direction set lacks the {key!r} tensor")
@@ -125,12 +123,6 @@ class DirectionSet:
         return cls(refusal=refusal, good_mean=tensors["good_mean"], bad_mean=tensors["bad_mean"],
                    diagnostics=diagnostics, sacred=tensors.get("sacred"), refusal_raw=tensors.get("refusal_raw"),
                    metadata=metadata)
-
-
-def _safetensors_metadata(data: bytes) -> dict[str, str]:
-    (length,) = struct.unpack("<Q", data[:8])
-    header = json.loads(data[8:8 + length])
-    return dict(header.get("__metadata__", {}) or {})
 
 
 def refusal_directions(h_bad: torch.Tensor, h_good: torch.Tensor, projected: bool = True,

@@ -8,20 +8,17 @@ decoder verifies it. Only numpy dtypes cross (no bfloat16: upcast first).
 from __future__ import annotations
 
 import hashlib
-import json
-import struct
 from collections.abc import Mapping
 
 import numpy as np
 from safetensors.numpy import load as _st_load
 from safetensors.numpy import save as _st_save
 
-from abliterate.artifacts import canonical_safetensors
+from abliterate.artifacts import canonical_safetensors, read_metadata  # noqa: F401 (re-exported)
 from abliterate.errors import InvalidArgument, ResourceExhausted
 from abliterate.rpc.limits import MIB
 
 #: Bytes a safetensors header may take at most (guards against a hostile length).
-_MAX_HEADER_BYTES = 100 * MIB
 
 
 def sha256_hex(data: bytes) -> str:
@@ -76,25 +73,6 @@ def decode_tensors(data: bytes, sha256: str | None = None) -> tuple[dict[str, np
     except Exception as exc:  # noqa: BLE001 - safetensors raises its own error types
         raise InvalidArgument(f"cannot decode safetensors payload (malformed, or a dtype numpy lacks): {exc}") from exc
     return arrays, metadata
-
-
-def read_metadata(data: bytes) -> dict[str, str]:
-    """The ``__metadata__`` of a safetensors payload, without loading the tensors."""
-    if len(data) < 8:
-        raise InvalidArgument(f"malformed safetensors payload: {len(data)} bytes, no header")
-    (header_len,) = struct.unpack("<Q", data[:8])
-    if header_len > min(len(data) - 8, _MAX_HEADER_BYTES):
-        raise InvalidArgument(f"malformed safetensors payload: header length {header_len} is out of bounds")
-    try:
-        header = json.loads(data[8 : 8 + header_len])
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise InvalidArgument(f"malformed safetensors payload: bad header JSON ({exc})") from exc
-    if not isinstance(header, dict):
-        raise InvalidArgument("malformed safetensors payload: header is not an object")
-    meta = header.get("__metadata__") or {}
-    if not isinstance(meta, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in meta.items()):
-        raise InvalidArgument("malformed safetensors payload: __metadata__ must map strings to strings")
-    return dict(meta)
 
 
 def tensors_to_blob(tensors: Mapping[str, np.ndarray], metadata: Mapping[str, str] | None = None):

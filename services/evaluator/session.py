@@ -12,12 +12,10 @@ between operations (the extractor relies on that when it shares the model).
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import math
 import os
 import shutil
-import struct
 import threading
 import time
 import uuid
@@ -27,6 +25,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from abliterate.artifacts import tensor_names
 from abliterate.core.chat import build_messages, render_chat
 from abliterate.core.directions import DirectionSet
 from abliterate.core.export import export_merged
@@ -93,12 +92,6 @@ class ExportResult:
     timings_s: dict[str, float]
 
 
-def _tensor_names(data: bytes) -> list[str]:
-    (length,) = struct.unpack("<Q", data[:8])
-    header = json.loads(data[8:8 + length])
-    return sorted(k for k in header if k != "__metadata__")
-
-
 def hub_token() -> str | None:
     return os.environ.get("HF_TOKEN") or os.environ.get("HUGGING_FACE_HUB_TOKEN") or None
 
@@ -146,7 +139,7 @@ class EvaluatorSession:
         if source and source != self.lm.spec.source:
             log.warning("direction set %s was extracted from %s; this evaluator serves %s",
                         digest[:12], source, self.lm.spec.source)
-        names = _tensor_names(data)
+        names = tensor_names(data)
         t_decode = time.perf_counter() - t0
         t1 = time.perf_counter()
         ds.refusal = ds.refusal.to(self.lm.device)
