@@ -16,7 +16,6 @@ import importlib
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -26,6 +25,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from tests.e2e.processes import free_port, postgres_ok
 
 ROOT = Path(__file__).resolve().parents[2]
 COMPOSE = ROOT / "docker-compose.yml"
@@ -171,25 +171,6 @@ def test_compose_settings_parse_with_the_services_own_loader(monkeypatch):
 # ---------------------------------------------------------------------------- dynamic: run the stack
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _postgres_ok() -> bool:
-    try:
-        import sqlalchemy as sa
-
-        engine = sa.create_engine(PG_URL, connect_args={"connect_timeout": 3})
-        with engine.connect():
-            pass
-        engine.dispose()
-        return True
-    except Exception:  # noqa: BLE001
-        return False
-
-
 def rewrite(value: str, ports: dict[str, int], own: str, data_dir: Path) -> str:
     """What Docker provides, locally: host names, the Postgres server, the /data volume."""
     value = re.sub(r"postgresql\+psycopg://[^@/]+@postgres:5432/\w+", PG_URL, value)
@@ -215,7 +196,7 @@ def _healthy(test: list[str], ports: dict[str, int], own: str, env: dict[str, st
 @needs_services
 @pytest.mark.timeout(240)
 def test_compose_stack_runs_a_job_as_local_processes(tmp_path):
-    if not _postgres_ok():
+    if not postgres_ok(PG_URL):
         pytest.skip(f"PostgreSQL not reachable at {PG_URL}")
     grpc = pytest.importorskip("grpc")
     from tests.tiny import make_model, make_tokenizer
@@ -232,7 +213,7 @@ def test_compose_stack_runs_a_job_as_local_processes(tmp_path):
     services = compose_services(variables)
     started = [n for n, s in services.items() if n != "postgres" and not s.get("profiles")]
     assert sorted(started) == ["evaluator", "extractor", "gateway", "optimizer"]
-    ports = {name: _free_port() for name in services}
+    ports = {name: free_port() for name in services}
 
     base_env = {k: v for k, v in os.environ.items() if not k.startswith(("ABLITERATE_", "HF_"))}
     base_env.update(PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
