@@ -17,13 +17,14 @@ from pathlib import Path
 
 import pytest
 
-from tests.deploy.test_compose import ENV_EXAMPLE, PG_URL, _postgres_ok, compose_services, read_env_file
+from tests.deploy.test_compose import ENV_EXAMPLE, PG_URL, compose_services, read_env_file
+from tests.e2e.processes import free_port, postgres_ok
 
 optuna = pytest.importorskip("optuna")
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -37,7 +38,7 @@ def _get(url: str, timeout: float = 5.0) -> tuple[int, bytes]:
 @pytest.fixture(params=["sqlite", "postgres"])
 def storage_url(request, tmp_path) -> str:
     if request.param == "postgres":
-        if not _postgres_ok():
+        if not postgres_ok(PG_URL):
             pytest.skip(f"PostgreSQL not reachable at {PG_URL}")
         return PG_URL
     return f"sqlite:///{tmp_path / 'optuna.db'}"
@@ -58,7 +59,7 @@ def test_dashboard_serves_the_study(storage_url, tmp_path):
 
     svc = compose_services(read_env_file(ENV_EXAMPLE))["dashboard"]
     assert svc["profiles"] == ["dashboard"]
-    port = _free_port()
+    port = free_port()
     argv = [re.sub(r"--host 0\.0\.0\.0 --port 8080", f"--host 127.0.0.1 --port {port}", a) for a in svc["command"]]
     assert argv != svc["command"], "the dashboard command no longer binds 0.0.0.0:8080 (update this test and the docs)"
     env = {k: v for k, v in os.environ.items() if not k.startswith("ABLITERATE_")}
