@@ -8,13 +8,13 @@ from collections.abc import Callable, Iterator
 
 import grpc
 import pytest
-import sqlalchemy as sa
 
 from abliterate.rpc import build_server, make_channel
 from abliterate.rpc.channels import health_status
 from abliterate.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc, optimizer_pb2_grpc
 from services.gateway import Gateway
 from services.gateway.events import auto_select, pareto_trials
+from tests.e2e.processes import postgres_ok
 
 PG_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
 P = gateway_pb2
@@ -70,21 +70,10 @@ def optimizer_address(tmp_path) -> Iterator[str]:
     server.stop(None)
 
 
-def _postgres_available() -> bool:
-    try:
-        engine = sa.create_engine(PG_URL, connect_args={"connect_timeout": 3})
-        with engine.connect():
-            pass
-        engine.dispose()
-        return True
-    except Exception:  # noqa: BLE001
-        return False
-
-
 @pytest.fixture(params=["sqlite", "postgres"])
 def storage_url(request, tmp_path) -> str:
     if request.param == "postgres":
-        if not _postgres_available():
+        if not postgres_ok(PG_URL):
             pytest.skip("PostgreSQL not reachable at 127.0.0.1:5432")
         return PG_URL
     return f"sqlite:///{tmp_path / 'gateway.db'}"
