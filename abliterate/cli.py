@@ -16,6 +16,7 @@ The client commands never import torch (``run`` and ``serve`` import it lazily).
 from __future__ import annotations
 
 import argparse
+import logging
 import hashlib
 import json
 import os
@@ -676,6 +677,8 @@ def cmd_run(args: argparse.Namespace, console: Any) -> int:
     from abliterate.v1 import gateway_pb2
 
     spec = build_spec(args)
+    if spec.n_trials < 1:  # checked before the (slow) model load
+        raise InvalidArgument(f"--n-trials must be >= 1, got {spec.n_trials}")
     if args.device_map:
         spec.model.device_map = args.device_map
     if not spec.name:
@@ -760,6 +763,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except AbliterateError as exc:
         console.print(f"[red]error:[/red] {exc}")
         return 2 if isinstance(exc, InvalidArgument) else 1
+    except Exception as exc:  # noqa: BLE001 - a user sees the cause; the traceback goes to the log
+        logging.getLogger("abliterate.cli").exception("command %s failed", args.command)
+        console.print(f"[red]error:[/red] {type(exc).__name__}: {exc}")
+        return 1
 
 
 if __name__ == "__main__":

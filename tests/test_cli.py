@@ -169,3 +169,13 @@ def test_run_embedded_on_a_tiny_model_completes_and_exports(tiny_model_dir, tmp_
     assert (data / "gateway.db").exists() and (data / "optuna.db").exists()
     assert elapsed < 60, f"abliterate run took {elapsed:.0f}s"
 
+
+
+def test_run_rejects_bad_input_with_a_message_not_a_traceback(tmp_path, capsys):
+    from abliterate.cli import main
+
+    assert main(["run", str(tmp_path / "missing.gguf"), "--n-trials", "0", "--data-dir", str(tmp_path)]) == 2
+    assert "--n-trials must be >= 1" in capsys.readouterr().out
+    assert main(["run", str(tmp_path / "missing.gguf"), "--n-trials", "1", "--data-dir", str(tmp_path / "d")]) == 1
+    out = capsys.readouterr().out
+    assert "GGUF file not found" in out and "Traceback" not in out

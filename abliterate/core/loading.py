@@ -120,8 +120,8 @@ def load_model(spec: ModelSpec) -> LoadedModel:
         common["gguf_file"] = gguf_file
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, **common)
-    except OSError as exc:
-        raise NotFound(f"cannot load a tokenizer from {spec.source!r}: {exc}") from exc
+    except (OSError, ValueError) as exc:
+        raise NotFound(f"cannot load a tokenizer from {spec.source!r}: {str(exc).splitlines()[0]}") from exc
     prepare_tokenizer(tokenizer)
 
     last_error: Exception | None = None
