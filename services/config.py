@@ -12,11 +12,12 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import sys
 import tomllib
 import typing
-from typing import Any, TypeVar
+from typing import Any, Callable, TypeVar
 
-from abliterate.errors import InvalidArgument
+from abliterate.errors import AbliterateError, InvalidArgument
 
 C = TypeVar("C")
 
@@ -81,3 +82,12 @@ def load_config(cls: type[C], service: str, argv: list[str] | None = None, descr
             values[f.name] = flag
     converted = {k: _convert(v, hints[k], k) for k, v in values.items()}
     return cls(**converted)
+
+
+def load_or_report(load: Callable[[list[str] | None], C], argv: list[str] | None) -> C | None:
+    """A service main's settings, or None after printing why they are bad (the main exits 2)."""
+    try:
+        return load(argv)
+    except AbliterateError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return None

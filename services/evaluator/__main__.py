@@ -4,18 +4,16 @@ from __future__ import annotations
 
 import sys
 
-from abliterate.errors import AbliterateError
 from abliterate.v1 import evaluator_pb2_grpc
+from services.config import load_or_report
 from services.evaluator.config import load
 from services.evaluator.servicer import EvaluatorServicer
 from services.runtime import Hosted, run
 
 
 def main(argv: list[str] | None = None) -> int:
-    try:
-        config = load(argv)
-    except AbliterateError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+    config = load_or_report(load, argv)
+    if config is None:
         return 2
     servicer = EvaluatorServicer(batch_size=config.batch_size, max_direction_sets=config.max_direction_sets,
                                  default_max_new_tokens=config.default_max_new_tokens,

@@ -4,18 +4,16 @@ from __future__ import annotations
 
 import sys
 
-from abliterate.errors import AbliterateError
 from abliterate.v1 import extractor_pb2_grpc
+from services.config import load_or_report
 from services.extractor.config import load
 from services.extractor.servicer import ExtractorServicer
 from services.runtime import Hosted, run
 
 
 def main(argv: list[str] | None = None) -> int:
-    try:
-        config = load(argv)
-    except AbliterateError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+    config = load_or_report(load, argv)
+    if config is None:
         return 2
     servicer = ExtractorServicer(batch_size=config.batch_size, max_message_bytes=config.max_message_bytes)
     hosted = [Hosted(extractor_pb2_grpc.add_ExtractorServiceServicer_to_server, servicer, servicer.attach)]

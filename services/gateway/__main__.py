@@ -5,18 +5,17 @@ from __future__ import annotations
 
 import sys
 
-from abliterate.errors import AbliterateError
 from abliterate.rpc import configure_logging
-from services.config import load_config
+from services.config import load_config, load_or_report
 from services.gateway import Gateway
 from services.gateway.config import GatewayConfig
 
 
 def main(argv: list[str] | None = None) -> int:
-    try:
-        config = load_config(GatewayConfig, "gateway", argv, description="abliterate gateway (public API, no torch)")
-    except AbliterateError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+    config = load_or_report(
+        lambda args: load_config(GatewayConfig, "gateway", args, description="abliterate gateway (public API, no torch)"),
+        argv)
+    if config is None:
         return 2
     configure_logging("gateway", config.log_level)
     gateway = Gateway.from_config(config)

@@ -15,6 +15,7 @@ import threading
 from abliterate.errors import AbliterateError
 from abliterate.rpc import build_server, configure_logging, serve_until_signal
 from abliterate.v1 import optimizer_pb2_grpc
+from services.config import load_or_report
 from services.optimizer.config import OptimizerConfig, load
 from services.optimizer.dispatch import DispatchOptions
 from services.optimizer.servicer import OptimizerServicer
@@ -47,10 +48,8 @@ def wait_for_storage(servicer: OptimizerServicer, health, stop: threading.Event,
 
 
 def main(argv: list[str] | None = None) -> int:
-    try:
-        config = load(argv)
-    except AbliterateError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+    config = load_or_report(load, argv)
+    if config is None:
         return 2
     configure_logging("optimizer", config.log_level)
     try:
