@@ -19,6 +19,11 @@ SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 ARCHITECTURES = ["llama", "qwen2", "qwen3", "mistral", "gemma2", "gemma3_text", "phi3",
                  "qwen2_moe", "qwen3_moe", "mixtral", "gpt_oss"]
 MOE_ARCHITECTURES = {"qwen2_moe", "qwen3_moe", "mixtral", "gpt_oss"}
+# The real models of these architectures attend through sliding windows (Mistral and Phi-3 on every
+# layer, Gemma 2 and GPT-OSS on every other one, Gemma 3 on five of six). The tiny ones keep that,
+# shrunk to a few tokens so that every test prompt is longer than the window.
+SLIDING_ARCHITECTURES = {"mistral", "phi3", "gemma2", "gemma3_text", "gpt_oss"}
+TINY_SLIDING_WINDOW = 6
 
 
 def make_tokenizer(chat_template: bool = True):
@@ -39,7 +44,8 @@ def make_tokenizer(chat_template: bool = True):
     return tok
 
 
-def make_model(arch: str, tokenizer=None, layers: int = 4, hidden: int = 64, seed: int = 0):
+def make_model(arch: str, tokenizer=None, layers: int = 4, hidden: int = 64, seed: int = 0,
+               sliding_window: int = TINY_SLIDING_WINDOW):
     from transformers import AutoConfig, AutoModelForCausalLM
 
     tokenizer = tokenizer or make_tokenizer()
@@ -55,8 +61,11 @@ def make_model(arch: str, tokenizer=None, layers: int = 4, hidden: int = 64, see
                        ("decoder_sparse_step", 1)):
         if hasattr(config, key):
             setattr(config, key, value)
-    if arch == "gpt_oss":
-        config.layer_types = ["full_attention"] * layers
+    if arch in SLIDING_ARCHITECTURES:
+        config.sliding_window = sliding_window
+    if arch == "gemma3_text":
+        # Gemma 3's pattern is five sliding layers, then a full one; keep at least one full layer.
+        config.layer_types = ["sliding_attention"] * (layers - 1) + ["full_attention"]
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     # Random init of the size of real models makes logits tiny; scale up so greedy text varies.

@@ -63,45 +63,86 @@ def _select(cache, keep: torch.Tensor) -> bool:
 # Below this many shared tokens the extra prefix pass costs more than it saves.
 MIN_SHARED_PREFIX = 8
 
+_WINDOWED_LAYER_TYPES = {"sliding_attention": "sliding_window", "chunked_attention": "attention_chunk_size"}
 
-def _shared_prefix_length(rows: list[list[int]]) -> int:
-    """Length of the longest common token prefix, leaving at least one token per row."""
+
+def smallest_attention_window(model) -> int | None:
+    """The smallest sliding or chunked attention window of any layer; None when every layer attends fully.
+
+    transformers builds sliding-window and chunked masks from cache slots, not
+    position ids, so padding between real tokens shifts what falls out of a
+    window; callers use this to decide whether a layout with inner padding is
+    still exact.
+    """
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    layer_types = getattr(config, "layer_types", None)
+    windows = []
+    if layer_types:
+        for layer_type in set(layer_types):
+            attribute = _WINDOWED_LAYER_TYPES.get(layer_type)
+            if attribute is not None:
+                windows.append(getattr(config, attribute, None))
+    else:
+        # Configs without layer types (Mistral, Mixtral, Phi-3): one window for every layer, if any.
+        if getattr(config, "use_sliding_window", True) is not False:
+            windows.append(getattr(config, "sliding_window", None))
+        windows.append(getattr(config, "attention_chunk_size", None))
+    windows = [int(w) for w in windows if w]
+    return min(windows) if windows else None
+
+
+def shared_prefix_length(model, rows: list[list[int]], keep_per_row: int = 1, reserve: int = 0) -> int:
+    """How many leading tokens the rows of a batch can share in one prefix pass (0: no sharing).
+
+    The prefix must leave ``keep_per_row`` tokens in every row (the positions
+    whose logits are kept). The layout ``[prefix][pads][tail]`` puts padding
+    between real tokens, which is exact for full attention but not for sliding
+    or chunked windows, which count cache slots: there the prefix is shared
+    only when the whole padded sequence, plus the ``reserve`` tokens that
+    generation will append, fits the smallest window (then no window ever
+    cuts anything off and the masks equal causal ones).
+    """
     if len(rows) < 2:
         return 0
-    first, limit = rows[0], min(len(r) for r in rows) - 1
+    first, limit = rows[0], min(len(r) for r in rows) - max(1, keep_per_row)
     length = 0
     while length < limit and all(r[length] == first[length] for r in rows):
         length += 1
+    if length < MIN_SHARED_PREFIX:
+        return 0
+    window = smallest_attention_window(model)
+    if window is not None and max(len(r) for r in rows) + reserve > window:
+        return 0
     return length
 
 
 def prefill(lm: LoadedModel, texts: list[str], extra: torch.Tensor | None = None, logits_to_keep: int = 1,
-            output_hidden_states: bool = False, share_prefix: bool = True):
+            output_hidden_states: bool = False, share_prefix: bool = True, reserve: int = 0):
     """Forward pass over rendered prompts (plus optional appended token ids) with a KV cache.
 
     Chat prompts of one batch share a long prefix (template and system
-    prompt). That prefix is run once at batch size 1 and its cache repeated
-    for every row; each row's remainder is left-padded after it. The attention
-    mask and position ids skip the padding, so the logits match a plain
-    left-padded pass. Returns (model output, cache, attention mask).
+    prompt). Where that is exact (see :func:`shared_prefix_length`; ``reserve``
+    is the number of tokens generation will add to the cache) the prefix is run
+    once at batch size 1 and its cache repeated for every row; each row's
+    remainder is left-padded after it. The attention mask and position ids
+    skip the padding, so the logits match a plain left-padded pass. Returns
+    (model output, cache, attention mask).
     """
     model, tok = lm.model, lm.tokenizer
     rows = tok(list(texts), add_special_tokens=(lm.spec.chat_template_mode == "plain"))["input_ids"]
     if extra is not None:
         rows = [r + e for r, e in zip(rows, extra.tolist())]
     n, device = len(rows), lm.device
-    shared = _shared_prefix_length(rows) if share_prefix else 0
+    shared = shared_prefix_length(model, rows, logits_to_keep, reserve) if share_prefix else 0
     cache_arg = _cache_argument(model)
     cache = None
-    if shared >= MIN_SHARED_PREFIX:
+    if shared:
         head = model(input_ids=torch.tensor([rows[0][:shared]], device=device), use_cache=True, logits_to_keep=1)
         cache = _output_cache(head)
         try:
             cache.batch_repeat_interleave(n)
         except (AttributeError, NotImplementedError, TypeError, RuntimeError):
             cache, shared = None, 0
-    else:
-        shared = 0
     tails = [r[shared:] for r in rows]
     width = max(len(t) for t in tails)
     pad = tok.pad_token_id
@@ -130,7 +171,7 @@ def generate_greedy(
     active = torch.arange(n)
     compacting = True
     with torch.inference_mode():
-        out, cache, mask = prefill(lm, texts, share_prefix=share_prefix)
+        out, cache, mask = prefill(lm, texts, share_prefix=share_prefix, reserve=max_new_tokens)
         cache_arg = _cache_argument(model)
         next_tokens = out.logits[:, -1, :].argmax(-1)
         for step in range(max_new_tokens):
