@@ -39,8 +39,14 @@ def run_batched(
     batch_size: int = 0,
     cap: int = DEFAULT_BATCH_CAP,
     progress: Callable[[int, int], None] | None = None,
+    until_tuned: bool = False,
 ) -> tuple[list[R], int]:
-    """Run ``fn`` over ``items`` in batches; return (results in order, batch size used)."""
+    """Run ``fn`` over ``items`` in batches; return (results in order, batch size used).
+
+    ``until_tuned`` stops as soon as the automatic batch size is known (the
+    results then cover only the items run so far): for work that must be
+    redone at the tuned size because results depend slightly on batch shapes.
+    """
     if batch_size < 0:
         raise InvalidArgument(f"batch_size must be >= 0 (0 = automatic), got {batch_size}")
     results: list[R] = []
@@ -79,4 +85,6 @@ def run_batched(
                     best_size = size
                 size, tuning = best_size, False
                 log.info("automatic batch size: %d", size)
+        if until_tuned and not tuning:
+            break
     return results, (best_size if batch_size == 0 else batch_size)

@@ -9,7 +9,7 @@ the remaining steps only pay for the sequences still running.
 from __future__ import annotations
 
 import inspect
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
 import torch
@@ -23,6 +23,7 @@ class Generated:
     text: str
     tokens: int
     stopped_by: str  # "eos", "decided", "limit"
+    token_ids: list[int] = field(default_factory=list)  # the generated ids (EOS excluded)
 
 
 def eos_token_ids(lm: LoadedModel) -> set[int]:
@@ -208,7 +209,7 @@ def generate_greedy(
                         position_ids=_positions(mask)[:, -1:], use_cache=True, **{cache_arg: cache})
             cache = _output_cache(out)
             next_tokens = out.logits[:, -1, :].argmax(-1)
-    return [Generated(tok.decode(g, skip_special_tokens=True), len(g), s or "limit")
+    return [Generated(tok.decode(g, skip_special_tokens=True), len(g), s or "limit", g)
             for g, s in zip(generated, stopped)]
 
 

@@ -1,7 +1,8 @@
 """Residual-stream activations at the last prompt token, for every layer.
 
 Shape (N, L+1, d): index 0 is the embedding output, index l+1 block l's
-output. Prompts are left-padded so position -1 is always the last prompt
+raw output (the last one too: transformers' last hidden state has the final
+norm applied, so block L-1's output is taken from the block itself). Prompts are left-padded so position -1 is always the last prompt
 token. Activations are upcast to float32 on the CPU; means are taken in float64.
 """
 
@@ -15,15 +16,35 @@ from abliterate.core.batching import run_batched
 from abliterate.core.chat import encode, format_prompts  # noqa: F401 (encode re-exported)
 from abliterate.core.generation import prefill
 from abliterate.core.loading import LoadedModel
+from abliterate.core.modules import find_decoder_layers
 from abliterate.errors import InvalidArgument
+
+
+def _last_block(lm: LoadedModel) -> torch.nn.Module:
+    block = lm.extra.get("last_decoder_block")
+    if block is None:
+        block = find_decoder_layers(lm.model, lm.n_layers)[-1]
+        lm.extra["last_decoder_block"] = block
+    return block
 
 
 def last_token_residuals(lm: LoadedModel, texts: list[str]) -> torch.Tensor:
     """One forward pass over rendered texts: (B, L+1, d) float32 on the CPU."""
-    with torch.inference_mode():
-        out, _, _ = prefill(lm, list(texts), output_hidden_states=True)
-    states = torch.stack([h[:, -1, :] for h in out.hidden_states], dim=1)
-    return states.float().cpu()
+    captured: list[torch.Tensor] = []
+
+    def keep_output(_module, _inputs, output):
+        hidden = output[0] if isinstance(output, (tuple, list)) else output
+        captured.append(hidden[:, -1, :])  # (B, d): the last block's output before the final norm
+
+    hook = _last_block(lm).register_forward_hook(keep_output)
+    try:
+        with torch.inference_mode():
+            out, _, _ = prefill(lm, list(texts), output_hidden_states=True)
+    finally:
+        hook.remove()
+    # hidden_states: L+1 tensors (B, T, d); the first L are raw, the last is after the final norm.
+    states = [h[:, -1, :] for h in out.hidden_states[:-1]] + [captured[-1]]
+    return torch.stack(states, dim=1).float().cpu()
 
 
 def collect_residuals(

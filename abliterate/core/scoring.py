@@ -102,8 +102,10 @@ class TrialEngine:
         refusal_pairs = sorted(zip(refusal_prompts, self._texts(refusal_prompts)), key=lambda pair: len(pair[1]))
         continuation = None
         if kl_tokens > 1:
-            gens = self._generate(kl_texts, kl_tokens - 1, decided=None, pad_to=kl_tokens - 1)
-            continuation = gens
+            continuation = self._greedy_continuation(kl_texts, kl_tokens - 1)
+        # Logits depend (in the last bits) on the batch shapes, so the baseline is computed at the
+        # trials' batch size: tune first, on the real work, then compute. A zero edit then gives KL 0.
+        self._tune("kl", list(range(len(kl_texts))), self._kl_batch(kl_texts, continuation, kl_tokens))
         logprobs = self._kl_logprobs(kl_texts, continuation, kl_tokens)
         self.baseline = Baseline(kl_texts, [p for p, _ in refusal_pairs], [t for _, t in refusal_pairs], logprobs,
                                  continuation, max_new_tokens, kl_tokens)
@@ -116,19 +118,27 @@ class TrialEngine:
         self._tuned_sizes[operation] = used
         return results
 
-    def _generate(self, texts, n_tokens, decided, pad_to):
-        """Greedy tokens of the unedited model for multi-token KL, padded with EOS."""
-        tok = self.lm.tokenizer
-        outs = self._run("generate", texts, lambda chunk: generate_greedy(self.lm, list(chunk), n_tokens, decided,
+    def _tune(self, operation: str, items, fn) -> None:
+        """Settle the automatic batch size of ``operation`` on its first batches, keeping no results."""
+        if self.batch_size or operation in self._tuned_sizes:
+            return
+        _, used = run_batched(items, fn, until_tuned=True)
+        self._tuned_sizes[operation] = used
+
+    def _greedy_continuation(self, texts: list[str], n_tokens: int) -> torch.Tensor:
+        """(N, n_tokens) greedy token ids of the unedited model for multi-token KL, padded with EOS.
+
+        The generated ids themselves, not a re-tokenization of their decoded
+        text (which drops special tokens and mangles partial UTF-8 bytes).
+        """
+        eos = self.lm.tokenizer.eos_token_id
+        outs = self._run("generate", texts, lambda chunk: generate_greedy(self.lm, list(chunk), n_tokens, None,
                                                                       share_prefix=self.share_prefix))
-        rows = []
-        for g in outs:
-            ids = tok(g.text, add_special_tokens=False)["input_ids"][:pad_to]
-            rows.append(ids + [tok.eos_token_id] * (pad_to - len(ids)))
+        rows = [g.token_ids[:n_tokens] + [eos] * (n_tokens - len(g.token_ids[:n_tokens])) for g in outs]
         return torch.tensor(rows, dtype=torch.long)
 
-    def _kl_logprobs(self, texts: list[str], continuation: torch.Tensor | None, k: int) -> torch.Tensor:
-        """Raw-logit log-probabilities at the last prompt position (and k-1 teacher-forced ones)."""
+    def _kl_batch(self, texts: list[str], continuation: torch.Tensor | None, k: int):
+        """The KL pass over one batch of prompt indices: (B, k, V) float32 log-probabilities, as a list of rows."""
         def batch(indices):
             chunk = [texts[i] for i in indices]
             extra = continuation[list(indices)] if continuation is not None else None
@@ -136,7 +146,11 @@ class TrialEngine:
                 out, _, _ = prefill(self.lm, chunk, extra=extra, logits_to_keep=k, share_prefix=self.share_prefix)
             logits = out.logits[:, -k:, :]
             return list(F.log_softmax(logits.float(), dim=-1).cpu())
-        rows = self._run("kl", list(range(len(texts))), batch)
+        return batch
+
+    def _kl_logprobs(self, texts: list[str], continuation: torch.Tensor | None, k: int) -> torch.Tensor:
+        """Raw-logit log-probabilities at the last prompt position (and k-1 teacher-forced ones)."""
+        rows = self._run("kl", list(range(len(texts))), self._kl_batch(texts, continuation, k))
         return torch.stack(rows)
 
     def count_refusals(self, texts: list[str], prompts: list[str], max_new_tokens: int) -> list[PromptOutcome]:
