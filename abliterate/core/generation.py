@@ -162,8 +162,15 @@ def generate_greedy(
     max_new_tokens: int,
     decided: Callable[[str], bool] | None = None,
     share_prefix: bool = True,
+    keep_special_tokens: bool = False,
 ) -> list[Generated]:
-    """Greedy continuation of already-rendered prompts (one batch)."""
+    """Greedy continuation of already-rendered prompts (one batch).
+
+    ``keep_special_tokens``: decode with special tokens kept (for ``decided``
+    and the returned text), so that channel and reasoning markers that are
+    special tokens (gpt-oss harmony) are still visible to the caller.
+    """
+    skip_special = not keep_special_tokens
     model, tok = lm.model, lm.tokenizer
     eos = eos_token_ids(lm)
     n = len(texts)
@@ -186,7 +193,7 @@ def generate_greedy(
                     stopped[seq] = "eos"
                     continue
                 generated[seq].append(token)
-                if decided is not None and decided(tok.decode(generated[seq], skip_special_tokens=True)):
+                if decided is not None and decided(tok.decode(generated[seq], skip_special_tokens=skip_special)):
                     stopped[seq] = "decided"
                     continue
                 if step == max_new_tokens - 1:
@@ -209,7 +216,7 @@ def generate_greedy(
                         position_ids=_positions(mask)[:, -1:], use_cache=True, **{cache_arg: cache})
             cache = _output_cache(out)
             next_tokens = out.logits[:, -1, :].argmax(-1)
-    return [Generated(tok.decode(g, skip_special_tokens=True), len(g), s or "limit", g)
+    return [Generated(tok.decode(g, skip_special_tokens=skip_special), len(g), s or "limit", g)
             for g, s in zip(generated, stopped)]
 
 

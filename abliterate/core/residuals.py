@@ -13,10 +13,11 @@ from typing import Callable
 import torch
 
 from abliterate.core.batching import run_batched
-from abliterate.core.chat import encode, format_prompts  # noqa: F401 (encode re-exported)
+from abliterate.core.chat import encode  # noqa: F401 (re-exported)
 from abliterate.core.generation import prefill
 from abliterate.core.loading import LoadedModel
 from abliterate.core.modules import find_decoder_layers
+from abliterate.core.reasoning import scoring_prompts
 from abliterate.errors import InvalidArgument
 
 
@@ -57,8 +58,7 @@ def collect_residuals(
     """Residuals of ``prompts`` formatted with the model's chat template."""
     if not prompts:
         raise InvalidArgument("cannot compute residuals of an empty prompt set")
-    texts = format_prompts(lm.tokenizer, prompts, lm.spec.system_prompt if system_prompt is None else system_prompt,
-                           lm.spec.chat_template_mode)
+    texts = scoring_prompts(lm, prompts, system_prompt)
     # Longest first keeps padding waste low within a batch; order is restored below.
     order = sorted(range(len(texts)), key=lambda i: -len(texts[i]))
     batches, _ = run_batched([texts[i] for i in order], lambda chunk: list(last_token_residuals(lm, chunk)),

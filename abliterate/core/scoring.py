@@ -8,17 +8,17 @@ model, its module map and ablator, a direction set and a baseline, and
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 import torch.nn.functional as F
 
 from abliterate.core.ablation import ablator_for
 from abliterate.core.batching import run_batched
-from abliterate.core.chat import format_prompts
 from abliterate.core.directions import DirectionSet
 from abliterate.core.generation import Generated, generate_greedy, prefill
 from abliterate.core.loading import LoadedModel
+from abliterate.core.reasoning import final_answer, scoring_prompts, special_token_strings
 from abliterate.core.refusals import RefusalDetector
 from abliterate.errors import FailedPrecondition, InvalidArgument
 from abliterate.params import AblationParams
@@ -68,7 +68,10 @@ class TrialEngine:
         self.lm = lm
         self.ablator = ablator_for(lm)
         self.module_map = self.ablator.module_map
-        self.detector = detector or RefusalDetector()
+        detector = detector or RefusalDetector()
+        if not detector.special_tokens:
+            detector = replace(detector, special_tokens=tuple(special_token_strings(lm.tokenizer)))
+        self.detector = detector
         self.batch_size = batch_size
         self.share_prefix = share_prefix  # off only to measure what prefix sharing saves
         self._tuned_sizes: dict[str, int] = {}  # per operation, so tuning happens once
@@ -85,7 +88,7 @@ class TrialEngine:
         self.directions = directions
 
     def _texts(self, prompts: list[str]) -> list[str]:
-        return format_prompts(self.lm.tokenizer, prompts, self.lm.spec.system_prompt, self.lm.spec.chat_template_mode)
+        return scoring_prompts(self.lm, prompts)
 
     def prepare_baseline(self, kl_prompts: list[str], refusal_prompts: list[str], max_new_tokens: int = 30,
                          kl_tokens: int = 1) -> Baseline:
@@ -156,10 +159,12 @@ class TrialEngine:
     def count_refusals(self, texts: list[str], prompts: list[str], max_new_tokens: int) -> list[PromptOutcome]:
         detector = self.detector
         gens: list[Generated]
+        # Decoded with special tokens kept, so harmony channels are seen; only the final answer is scored.
         gens = self._run("generate", texts, lambda chunk: generate_greedy(
             self.lm, list(chunk), max_new_tokens, decided=lambda t: detector.find_marker(t) is not None,
-            share_prefix=self.share_prefix))
-        return [PromptOutcome(p, g.text, detector.is_refusal(g.text), g.tokens, g.stopped_by)
+            share_prefix=self.share_prefix, keep_special_tokens=True))
+        return [PromptOutcome(p, final_answer(g.text, detector.special_tokens), detector.is_refusal(g.text),
+                              g.tokens, g.stopped_by)
                 for p, g in zip(prompts, gens)]
 
     # ---- the trial -----------------------------------------------------------
