@@ -19,9 +19,19 @@ class DirectionScope(str, Enum):
 
 
 class RowNormalization(str, Enum):
+    """How an edit treats the norms of W (see ``core/ablation.py`` for what each guarantees).
+
+    ``none``: plain projection, removes ``r`` exactly at weight 1. ``pre`` and
+    ``full`` (grimjim's): computed on row-normalized W; ``full`` keeps every
+    row norm exactly but neither removes ``r`` exactly. ``column``: plain
+    projection, then every input column rescaled to its original norm; keeps
+    column norms exactly and removes ``r`` exactly at weight 1.
+    """
+
     NONE = "none"
     PRE = "pre"
     FULL = "full"
+    COLUMN = "column"
 
 
 @dataclass(frozen=True)
@@ -56,8 +66,10 @@ class ComponentParams:
             )
         for key in ("max_weight", "min_weight"):
             value = getattr(self, key)
-            if abs(value) > 10:
-                raise InvalidArgument(f"{name}.{key} {value} is outside [-10, 10]")
+            # A negative weight would be skipped (the edit only removes): reject it rather than do nothing.
+            # The search space clamps its MLP range at 0 before it builds parameters.
+            if not 0 <= value <= 10:
+                raise InvalidArgument(f"{name}.{key} {value} is outside [0, 10]")
 
 
 @dataclass(frozen=True)

@@ -70,8 +70,10 @@ def make_model(arch: str, tokenizer=None, layers: int = 4, hidden: int = 64, see
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     # Random init of the size of real models makes logits tiny; scale up so greedy text varies.
     with torch.no_grad():
-        for p in model.parameters():
+        for name, p in model.named_parameters():
             if p.dim() >= 2:
+                p.normal_(0, 0.2)
+            elif name.endswith("bias"):  # trained biases are not zero (gpt-oss, Qwen2 attention)
                 p.normal_(0, 0.2)
     return model.eval()
 

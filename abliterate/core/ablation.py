@@ -1,12 +1,26 @@
 """The directional edit and its exact reset.
 
 For each editable matrix of block l with weight w > 0 and direction r (unit,
-hidden-size): ``W <- W - w * r (r^T W)`` on the output side. Row
-normalization: "none" as above; "pre" computes the edit on the row-normalized
-matrix and applies it at the original row scale; "full" additionally
-renormalizes every row to its original norm (exact norm preservation).
+hidden-size), on the output side (W is (out = hidden, in)):
 
-The first time a matrix is edited its original is copied aside; ``reset``
+- ``none``: ``W <- W - w r (r^T W)``. At w = 1 the block writes nothing along
+  r (``r^T W' = 0``). Norms are not kept.
+- ``pre``: the same edit computed on the row-normalized matrix ``U`` and
+  applied at the original row scale (``W' = W - w diag(|W_i|) r (r^T U)``).
+  Neither row norms nor the removal of r are exact.
+- ``full`` (grimjim's norm-preserving variant): edit ``U``, renormalize its
+  rows, restore the original row norms. Keeps every row norm exactly; does
+  **not** remove r exactly (rows are per residual dimension, and rescaling
+  them does not commute with the projection).
+- ``column``: the plain edit, then every input column (a vector in residual
+  space) rescaled to its original norm. Column scaling commutes with the
+  projection, so at w = 1 r is removed exactly and every column norm is kept.
+
+An output bias (gpt-oss's attention and expert biases) writes into the
+residual stream as a column for a constant input 1: it gets the same
+projection (``b <- b - w r (r . b)``), and in ``column`` mode keeps its norm.
+
+The first time a tensor is edited its original is copied aside; ``reset``
 copies every original back, so a reset restores the weights bit for bit and
 costs memory and time only for what was edited.
 """
@@ -15,12 +29,17 @@ from __future__ import annotations
 
 import torch
 
-from abliterate.core.directions import global_direction
+from abliterate.core.directions import global_direction, remove_subspace
 from abliterate.core.modules import EditableMatrix, ModuleMap, discover
 from abliterate.errors import FailedPrecondition, InvalidArgument
 from abliterate.params import AblationParams, DirectionScope, RowNormalization
 
 _EPS = 1e-8
+
+
+def _project_out(vectors: torch.Tensor, r: torch.Tensor, w: float) -> torch.Tensor:
+    """``v - w r (r . v)`` for every column of ``vectors`` (..., out, n)."""
+    return vectors - w * r[:, None] * (r @ vectors).unsqueeze(-2)
 
 
 def edit_matrix(weight: torch.Tensor, r: torch.Tensor, w: float, out_axis: int,
@@ -34,11 +53,15 @@ def edit_matrix(weight: torch.Tensor, r: torch.Tensor, w: float, out_axis: int,
         raise InvalidArgument(f"a 2-D matrix must have its output on axis 0, got {out_axis}")
     r = r.to(device=mat.device, dtype=torch.float32)
     if row_normalization == RowNormalization.NONE:
-        edited = mat - w * r[:, None] * (r @ mat).unsqueeze(-2)
+        edited = _project_out(mat, r, w)
+    elif row_normalization == RowNormalization.COLUMN:
+        edited = _project_out(mat, r, w)
+        scale = mat.norm(dim=-2, keepdim=True) / edited.norm(dim=-2, keepdim=True).clamp_min(_EPS)
+        edited = edited * scale
     else:
         norms = mat.norm(dim=-1, keepdim=True)
         unit = mat / norms.clamp_min(_EPS)
-        edited_unit = unit - w * r[:, None] * (r @ unit).unsqueeze(-2)
+        edited_unit = _project_out(unit, r, w)
         if row_normalization == RowNormalization.FULL:
             edited_unit = edited_unit / edited_unit.norm(dim=-1, keepdim=True).clamp_min(_EPS)
         edited = edited_unit * norms
@@ -47,12 +70,23 @@ def edit_matrix(weight: torch.Tensor, r: torch.Tensor, w: float, out_axis: int,
     return edited.to(weight.dtype)
 
 
+def edit_bias(bias: torch.Tensor, r: torch.Tensor, w: float,
+              row_normalization: RowNormalization = RowNormalization.NONE) -> torch.Tensor:
+    """Return the edited copy of an output bias, (out,) or per expert (E, out)."""
+    vec = bias.float()
+    r = r.to(device=vec.device, dtype=torch.float32)
+    edited = vec - w * (vec @ r)[..., None] * r
+    if row_normalization == RowNormalization.COLUMN:
+        edited = edited * (vec.norm(dim=-1, keepdim=True) / edited.norm(dim=-1, keepdim=True).clamp_min(_EPS))
+    return edited.to(bias.dtype)
+
+
 class Ablator:
     """Applies trial parameters to a model in place and undoes them exactly."""
 
     def __init__(self, module_map: ModuleMap):
         self.module_map = module_map
-        self._originals: dict[int, tuple[EditableMatrix, torch.Tensor]] = {}
+        self._originals: dict[int, tuple[torch.nn.Parameter, torch.Tensor]] = {}
         self.applied: AblationParams | None = None
 
     @property
@@ -61,20 +95,28 @@ class Ablator:
 
     def reset(self) -> None:
         with torch.no_grad():
-            for matrix, original in self._originals.values():
-                matrix.param.data.copy_(original)
+            for param, original in self._originals.values():
+                param.data.copy_(original)
         self.applied = None
 
     def cached_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for _, t in self._originals.values())
 
-    def _remember(self, matrix: EditableMatrix) -> None:
-        key = id(matrix.param)
+    def _remember(self, param: torch.nn.Parameter) -> None:
+        key = id(param)
         if key not in self._originals:
-            self._originals[key] = (matrix, matrix.param.detach().clone())
+            self._originals[key] = (param, param.detach().clone())
 
-    def directions_for(self, params: AblationParams, refusal: torch.Tensor) -> list[torch.Tensor]:
-        """The direction each block uses."""
+    def directions_for(self, params: AblationParams, refusal: torch.Tensor,
+                       protected: torch.Tensor | None = None) -> list[torch.Tensor]:
+        """The direction each block uses.
+
+        ``protected`` (L+1, k, d): per residual index an orthonormal basis the
+        edit must not touch (sacred directions). Per-layer directions were
+        orthogonalized against it when the set was built; the global direction
+        is interpolated between layers, so it is projected off each block's own
+        subspace here.
+        """
         if refusal.shape[0] != self.n_layers + 1:
             raise FailedPrecondition(
                 f"direction set has {refusal.shape[0]} residual indices; this model needs {self.n_layers + 1}")
@@ -83,32 +125,42 @@ class Ablator:
                 f"direction set has hidden size {refusal.shape[1]}; this model has {self.module_map.hidden_size}")
         if params.direction_scope == DirectionScope.GLOBAL:
             r = global_direction(refusal, params.direction_index)
-            return [r] * self.n_layers
+            if protected is None:
+                return [r] * self.n_layers
+            stacked = r.expand(self.n_layers, -1)  # (L, d)
+            return list(remove_subspace(stacked, protected[1:], what="the global refusal direction"))
         return [refusal[layer + 1] for layer in range(self.n_layers)]
 
-    def apply(self, params: AblationParams, refusal: torch.Tensor) -> int:
+    def apply(self, params: AblationParams, refusal: torch.Tensor, protected: torch.Tensor | None = None) -> int:
         """Reset, then edit. Returns the number of matrices edited."""
         params.validate(self.n_layers, self.module_map.components)
-        directions = self.directions_for(params, refusal)
+        directions = self.directions_for(params, refusal, protected)
         self.reset()
         edited = 0
         with torch.no_grad():
             for component in params.components:
                 weights = params.layer_weights(component, self.n_layers)
                 for layer, w in enumerate(weights):
-                    if w <= 0:  # the MLP weight is clamped at 0 so the search can switch it off
+                    if w == 0:  # weights are >= 0 (validated); 0 leaves the block alone
                         continue
                     for matrix in self.module_map.layers[layer].get(component, []):
-                        self._remember(matrix)
-                        new = edit_matrix(matrix.param.data, directions[layer], w, matrix.out_axis,
-                                          params.row_normalization)
-                        if not torch.isfinite(new).all():
-                            self.reset()
-                            raise InvalidArgument(f"the edit made {matrix.name} of layer {layer} non-finite")
-                        matrix.param.data.copy_(new)
+                        self._edit(matrix, directions[layer], w, params.row_normalization, layer)
                         edited += 1
         self.applied = params
         return edited
+
+    def _edit(self, matrix: EditableMatrix, r: torch.Tensor, w: float, row_normalization: RowNormalization,
+              layer: int) -> None:
+        updates = [(matrix.param, edit_matrix(matrix.param.data, r, w, matrix.out_axis, row_normalization))]
+        if matrix.bias is not None:
+            updates.append((matrix.bias, edit_bias(matrix.bias.data, r, w, row_normalization)))
+        for param, new in updates:
+            if not torch.isfinite(new).all():
+                self.reset()
+                raise InvalidArgument(f"the edit made {matrix.name} of layer {layer} non-finite")
+        for param, new in updates:
+            self._remember(param)
+            param.data.copy_(new)
 
 
 def ablator_for(lm) -> Ablator:

@@ -30,17 +30,33 @@ def _normalize(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
     return x / x.norm(dim=dim, keepdim=True).clamp_min(EPS)
 
 
-def winsorize(residuals: torch.Tensor, quantile: float) -> torch.Tensor:
-    """Clamp each layer's values to +-(the given quantile of |values| in that layer)."""
+WINSORIZE_SCOPES = ("per_prompt", "per_layer")
+
+
+def winsorize(residuals: torch.Tensor, quantile: float, scope: str = "per_prompt") -> torch.Tensor:
+    """Clamp outlying components of residuals (N, L+1, d) to +-(a quantile of their magnitudes).
+
+    ``per_prompt`` (heretic's definition, the default): each prompt's vector at
+    each layer is clamped at the quantile of its own ``|components|``, so one
+    prompt's massive activations do not set the bound for the others.
+    ``per_layer``: one bound per layer, pooled over all prompts and components.
+    """
     if not 0 < quantile <= 1:
         raise InvalidArgument(f"winsorization quantile must be in (0, 1], got {quantile}")
+    if scope not in WINSORIZE_SCOPES:
+        raise InvalidArgument(f"unknown winsorization scope {scope!r}; choose one of {WINSORIZE_SCOPES}")
     if quantile == 1:
         return residuals
     n, layers, d = residuals.shape
-    flat = residuals.abs().transpose(0, 1).reshape(layers, -1)
+    if scope == "per_prompt":
+        flat = residuals.abs().reshape(n * layers, d)  # one row per (prompt, layer) vector
+        shape = (n, layers, 1)
+    else:
+        flat = residuals.abs().transpose(0, 1).reshape(layers, -1)  # one row per layer, all prompts pooled
+        shape = (1, layers, 1)
     # torch.quantile has an input-size limit; kthvalue is exact and has none.
     k = max(1, min(flat.shape[1], math.ceil(quantile * flat.shape[1])))
-    bounds = flat.kthvalue(k, dim=1).values.view(1, layers, 1)
+    bounds = flat.kthvalue(k, dim=1).values.view(shape)
     return torch.maximum(torch.minimum(residuals, bounds), -bounds)
 
 
@@ -126,14 +142,14 @@ class DirectionSet:
 
 
 def refusal_directions(h_bad: torch.Tensor, h_good: torch.Tensor, projected: bool = True,
-                       winsorize_quantile: float | None = None) -> DirectionSet:
+                       winsorize_quantile: float | None = None, winsorize_scope: str = "per_prompt") -> DirectionSet:
     """Difference-of-means directions per residual index, with diagnostics."""
     if h_bad.dim() != 3 or h_good.dim() != 3 or h_bad.shape[1:] != h_good.shape[1:]:
         raise InvalidArgument(f"residual shapes do not match: {list(h_bad.shape)} vs {list(h_good.shape)}")
     if h_bad.shape[0] == 0 or h_good.shape[0] == 0:
         raise InvalidArgument("cannot compute directions from an empty prompt set")
     if winsorize_quantile is not None:
-        both = winsorize(torch.cat([h_bad, h_good]), winsorize_quantile)
+        both = winsorize(torch.cat([h_bad, h_good]), winsorize_quantile, winsorize_scope)
         h_bad, h_good = both[: h_bad.shape[0]], both[h_bad.shape[0]:]
     mu_bad, mu_good = mean64(h_bad), mean64(h_good)
     diff = mu_bad - mu_good
@@ -191,34 +207,69 @@ def sacred_overlap(refusal: torch.Tensor, sacred: torch.Tensor) -> torch.Tensor:
     return coeffs.norm(dim=1).float()
 
 
-def orthogonalize_against(refusal: torch.Tensor, sacred: torch.Tensor) -> torch.Tensor:
-    """Project each r onto the orthogonal complement of its layer's sacred subspace.
+def remove_subspace(vectors: torch.Tensor, basis: torch.Tensor, what: str = "the refusal direction",
+                    first_index: int = 0) -> torch.Tensor:
+    """Project each row of ``vectors`` (n, d) off the span of its own orthonormal ``basis`` (n, k, d); unit rows.
 
-    One projection ``r - S^T (S r)`` with orthonormal S, not k sequential
-    Gram-Schmidt steps. Fails if nothing of r remains.
+    One projection ``v - B^T (B v)``, not k sequential Gram-Schmidt steps.
+    Fails when nothing of a vector remains (``first_index`` numbers the rows
+    in the message).
     """
-    r, s = refusal.double(), sacred.double()
-    coeffs = torch.einsum("lkd,ld->lk", s, r)
-    rest = r - torch.einsum("lk,lkd->ld", coeffs, s)
+    v, b = vectors.double(), basis.double()
+    rest = v - torch.einsum("nk,nkd->nd", torch.einsum("nkd,nd->nk", b, v), b)
     norms = rest.norm(dim=1)
-    # Index 0 (embeddings) is never used for editing, so only check block outputs.
-    dead = [i for i in range(1, len(norms)) if norms[i] < MIN_REMAINING_NORM]
+    dead = [i for i in range(len(norms)) if norms[i] < MIN_REMAINING_NORM]
     if dead:
         raise InvalidArgument(
-            f"nothing of the refusal direction remains after removing the sacred subspace at residual indices {dead} "
-            f"(remaining norm {norms[dead[0]].item():.2e}); use fewer sacred directions")
+            f"nothing of {what} remains after removing the protected subspace at residual indices "
+            f"{[i + first_index for i in dead]} (remaining norm {norms[dead[0]].item():.2e}); use fewer sacred "
+            "directions")
     return _normalize(rest).float()
 
 
+def joint_basis(sacred: torch.Tensor, extra: torch.Tensor | None = None) -> torch.Tensor:
+    """Per layer an orthonormal basis (L+1, k[+1], d) of the sacred subspace, plus ``extra`` (L+1, d) if given."""
+    if extra is None:
+        return sacred
+    stacked = torch.cat([sacred.double(), _normalize(extra.double())[:, None, :]], dim=1)  # (L+1, k+1, d)
+    q, _ = torch.linalg.qr(stacked.transpose(1, 2))  # (L+1, d, k+1) orthonormal columns
+    return q.transpose(1, 2).float().contiguous()
+
+
+def orthogonalize_against(refusal: torch.Tensor, sacred: torch.Tensor) -> torch.Tensor:
+    """Project each r onto the orthogonal complement of its layer's subspace (orthonormal rows per layer).
+
+    Index 0 (embeddings) is never used for editing, so it is projected but not checked.
+    """
+    blocks = remove_subspace(refusal[1:], sacred[1:], first_index=1)
+    r0, s0 = refusal[:1].double(), sacred[:1].double()
+    head = _normalize(r0 - torch.einsum("nk,nkd->nd", torch.einsum("nkd,nd->nk", s0, r0), s0)).float()
+    return torch.cat([head, blocks])
+
+
+def protected_subspace(directions: DirectionSet) -> torch.Tensor | None:
+    """Per layer the orthonormal basis an edit must leave alone: the sacred subspace, plus the harmless
+    mean when the set is projected (so protecting sacred directions cannot undo the projection)."""
+    if directions.sacred is None or directions.metadata.get("sacred_orthogonalized") != "True":
+        return None
+    projected = directions.metadata.get("projected") == "True"
+    return joint_basis(directions.sacred, directions.good_mean if projected else None)
+
+
 def protect_sacred(directions: DirectionSet, sacred: torch.Tensor) -> DirectionSet:
-    """Attach sacred directions, the overlap report, and the orthogonalized refusal directions."""
+    """Attach sacred directions, the overlap report, and the orthogonalized refusal directions.
+
+    For a projected set the refusal directions are orthogonalized against the
+    sacred subspace and the harmless mean jointly: against the sacred subspace
+    alone, ``r`` would regain a component along the harmless mean.
+    """
     overlap = sacred_overlap(directions.refusal, sacred)
     for diag, value in zip(directions.diagnostics, overlap.tolist()):
         diag.sacred_overlap = value
     directions.sacred = sacred
     directions.refusal_raw = directions.refusal
-    directions.refusal = orthogonalize_against(directions.refusal, sacred)
     directions.metadata["sacred_orthogonalized"] = "True"
+    directions.refusal = orthogonalize_against(directions.refusal, protected_subspace(directions))
     return directions
 
 

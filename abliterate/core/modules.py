@@ -3,7 +3,9 @@
 Two components are edited: ``attn.o_proj`` (the attention out-projection) and
 ``mlp.down_proj`` (the MLP down-projection: a dense MLP's, every expert's of a
 MoE, and a shared expert's). Fused expert tensors of shape (experts, out, in)
-or (experts, in, out) are edited per expert along their output axis.
+or (experts, in, out) are edited per expert along their output axis. An output
+bias (of the linear layer, or a fused ``down_proj_bias`` of shape (experts,
+hidden)) is recorded with its matrix.
 """
 
 from __future__ import annotations
@@ -38,6 +40,9 @@ class EditableMatrix:
     name: str  # path inside the layer, for the report
     param: nn.Parameter
     out_axis: int  # axis of size hidden_size that writes into the residual stream
+    # The output bias added after this matrix, (hidden,) or per expert (E, hidden): it writes into the
+    # residual stream too (gpt-oss o_proj and expert down_proj biases), so the edit covers it.
+    bias: nn.Parameter | None = None
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -124,14 +129,16 @@ def discover_layer(layer: nn.Module, index: int, hidden: int) -> dict[str, list[
         if isinstance(module, nn.Linear):
             component = _classify_linear(path, hidden, module)
             if component:
-                found[component].append(EditableMatrix(index, component, path, module.weight, 0))
+                found[component].append(EditableMatrix(index, component, path, module.weight, 0, module.bias))
             continue
         # Fused experts: a module holding a 3-D ``down_proj`` parameter directly.
         for pname, param in module.named_parameters(recurse=False):
             if pname in ("down_proj", "w2") and param.dim() == 3:
                 axis = _fused_expert_out_axis(module, param, hidden)
                 if axis is not None:
-                    found[MLP].append(EditableMatrix(index, MLP, f"{path}.{pname}", param, axis))
+                    bias = getattr(module, f"{pname}_bias", None)
+                    bias = bias if isinstance(bias, nn.Parameter) and bias.shape == (param.shape[0], hidden) else None
+                    found[MLP].append(EditableMatrix(index, MLP, f"{path}.{pname}", param, axis, bias))
     return found
 
 

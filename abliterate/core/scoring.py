@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from abliterate.core.ablation import ablator_for
 from abliterate.core.batching import run_batched
-from abliterate.core.directions import DirectionSet
+from abliterate.core.directions import DirectionSet, protected_subspace
 from abliterate.core.generation import Generated, generate_greedy, prefill
 from abliterate.core.loading import LoadedModel
 from abliterate.core.reasoning import final_answer, scoring_prompts, special_token_strings
@@ -68,10 +68,7 @@ class TrialEngine:
         self.lm = lm
         self.ablator = ablator_for(lm)
         self.module_map = self.ablator.module_map
-        detector = detector or RefusalDetector()
-        if not detector.special_tokens:
-            detector = replace(detector, special_tokens=tuple(special_token_strings(lm.tokenizer)))
-        self.detector = detector
+        self.detector = detector or RefusalDetector()
         self.batch_size = batch_size
         self.share_prefix = share_prefix  # off only to measure what prefix sharing saves
         self._tuned_sizes: dict[str, int] = {}  # per operation, so tuning happens once
@@ -79,6 +76,17 @@ class TrialEngine:
         self.baseline: Baseline | None = None
 
     # ---- state -------------------------------------------------------------
+    @property
+    def detector(self) -> RefusalDetector:
+        return self._detector
+
+    @detector.setter
+    def detector(self, detector: RefusalDetector) -> None:
+        """Replies are decoded with special tokens kept: the detector removes this tokenizer's."""
+        if not detector.special_tokens:
+            detector = replace(detector, special_tokens=tuple(special_token_strings(self.lm.tokenizer)))
+        self._detector = detector
+
     def set_directions(self, directions: DirectionSet) -> None:
         expected = (self.module_map.n_layers + 1, self.module_map.hidden_size)
         if tuple(directions.refusal.shape) != expected:
@@ -171,7 +179,7 @@ class TrialEngine:
     def apply(self, params: AblationParams) -> int:
         if self.directions is None:
             raise FailedPrecondition("no direction set loaded")
-        return self.ablator.apply(params, self.directions.refusal)
+        return self.ablator.apply(params, self.directions.refusal, protected_subspace(self.directions))
 
     def evaluate(self, params: AblationParams, keep_edited: bool = False) -> TrialResult:
         """Reset, edit with ``params``, score, and reset again.

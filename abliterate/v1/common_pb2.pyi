@@ -22,6 +22,7 @@ class RowNormalization(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     ROW_NORMALIZATION_NONE: _ClassVar[RowNormalization]
     ROW_NORMALIZATION_PRE: _ClassVar[RowNormalization]
     ROW_NORMALIZATION_FULL: _ClassVar[RowNormalization]
+    ROW_NORMALIZATION_COLUMN: _ClassVar[RowNormalization]
 
 class FinishReason(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -50,6 +51,7 @@ ROW_NORMALIZATION_UNSPECIFIED: RowNormalization
 ROW_NORMALIZATION_NONE: RowNormalization
 ROW_NORMALIZATION_PRE: RowNormalization
 ROW_NORMALIZATION_FULL: RowNormalization
+ROW_NORMALIZATION_COLUMN: RowNormalization
 FINISH_REASON_UNSPECIFIED: FinishReason
 FINISH_REASON_STOP: FinishReason
 FINISH_REASON_LENGTH: FinishReason

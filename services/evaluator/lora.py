@@ -7,7 +7,10 @@ unit direction ``r`` (out):
   and ``A = r^T W`` (1, in);
 - "pre": ``W' = W - w diag(|W_i|) r (r^T U)`` with ``U`` the row-normalized
   ``W``, so ``B = -w (|W_i| * r)`` and ``A = r^T U``;
-- "full" rescales every row after the edit: not rank 1, refused.
+- "full" rescales every row after the edit, "column" every column: not rank 1, refused.
+
+An edited matrix whose output bias has a component along ``r`` (gpt-oss) is
+refused too: the edit changes that bias, and a LoRA adapter carries no bias.
 
 With ``r = lora_alpha = 1`` PEFT's scaling is 1, so ``W + B A`` is exactly the
 merged edit (up to float rounding). Layout: ``adapter_model.safetensors`` with
@@ -35,19 +38,20 @@ _EPS = 1e-8
 
 
 def lora_factors(model: torch.nn.Module, ablator: Ablator, refusal: torch.Tensor,
-                 params: AblationParams) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+                 params: AblationParams, protected: torch.Tensor | None = None
+                 ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """Module name -> (A (1, in), B (out, 1)) float32 on the CPU, for the unedited ``model``."""
-    if params.row_normalization == RowNormalization.FULL:
-        raise InvalidArgument("row_normalization FULL is not a rank-1 edit: it cannot be exported as a LoRA "
-                              "adapter; export MERGED instead")
+    if params.row_normalization in (RowNormalization.FULL, RowNormalization.COLUMN):
+        raise InvalidArgument(f"row_normalization {params.row_normalization.value.upper()} is not a rank-1 edit: it "
+                              "cannot be exported as a LoRA adapter; export MERGED instead")
     module_map = ablator.module_map
     params.validate(module_map.n_layers, module_map.components)
-    directions = ablator.directions_for(params, refusal)
+    directions = ablator.directions_for(params, refusal, protected)
     names = {id(p): n for n, p in model.named_parameters()}
     factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     for component in params.components:
         for layer, w in enumerate(params.layer_weights(component, module_map.n_layers)):
-            if w <= 0:  # as the ablator: a non-positive weight leaves the block alone
+            if w == 0:  # as the ablator: weight 0 leaves the block alone
                 continue
             for matrix in module_map.layers[layer].get(component, []):
                 full = names.get(id(matrix.param), matrix.name)
@@ -60,6 +64,10 @@ def lora_factors(model: torch.nn.Module, ablator: Ablator, refusal: torch.Tensor
                     raise FailedPrecondition(f"{module_name} is not an nn.Linear; export MERGED instead")
                 weight = matrix.param.detach().float().cpu()
                 r = directions[layer].detach().float().cpu()
+                if matrix.bias is not None and (matrix.bias.detach().float().cpu() @ r).abs().max() > 0:
+                    raise FailedPrecondition(
+                        f"{module_name} has an output bias that the edit changes; a LoRA adapter cannot carry it: "
+                        "export MERGED instead")
                 if params.row_normalization == RowNormalization.PRE:
                     norms = weight.norm(dim=1)
                     a = (r @ (weight / norms.clamp_min(_EPS)[:, None]))[None, :]

@@ -27,7 +27,7 @@ import torch
 
 from abliterate.artifacts import tensor_names
 from abliterate.core.chat import build_messages, render_chat
-from abliterate.core.directions import DirectionSet
+from abliterate.core.directions import DirectionSet, protected_subspace
 from abliterate.core.export import export_merged
 from abliterate.core.generation import stream_generate
 from abliterate.core.loading import LoadedModel
@@ -384,7 +384,8 @@ class EvaluatorSession:
                     timings["save"] = time.perf_counter() - t0
                 else:
                     t0 = time.perf_counter()
-                    factors = lora.lora_factors(self.lm.model, self.engine.ablator, ds.refusal, params)
+                    factors = lora.lora_factors(self.lm.model, self.engine.ablator, ds.refusal, params,
+                                                protected_subspace(ds))
                     timings["ablate"] = time.perf_counter() - t0
                     t0 = time.perf_counter()
                     os.makedirs(tmp)

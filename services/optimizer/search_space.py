@@ -37,7 +37,8 @@ _SCOPE_FROM_PB = {common_pb2.DIRECTION_SCOPE_GLOBAL: DirectionScope.GLOBAL,
 _SCOPE_TO_PB = {v: k for k, v in _SCOPE_FROM_PB.items()}
 _ROWNORM_FROM_PB = {common_pb2.ROW_NORMALIZATION_NONE: RowNormalization.NONE,
                     common_pb2.ROW_NORMALIZATION_PRE: RowNormalization.PRE,
-                    common_pb2.ROW_NORMALIZATION_FULL: RowNormalization.FULL}
+                    common_pb2.ROW_NORMALIZATION_FULL: RowNormalization.FULL,
+                    common_pb2.ROW_NORMALIZATION_COLUMN: RowNormalization.COLUMN}
 _ROWNORM_TO_PB = {v: k for k, v in _ROWNORM_FROM_PB.items()}
 
 
@@ -87,6 +88,9 @@ class ComponentSpace:
 
     def validate(self, name: str) -> None:
         self.max_weight.check(f"{name}.max_weight", -10.0, 10.0)
+        if self.max_weight.low < 0 and not self.clamp_negative_to_zero:
+            raise InvalidArgument(f"{name}.max_weight: a negative low bound ({self.max_weight.low}) needs "
+                                  "clamp_negative_to_zero (an edit weight below 0 is not an edit)")
         self.max_weight_position.check(f"{name}.max_weight_position", 0.0, 1.0)
         self.min_weight_fraction.check(f"{name}.min_weight_fraction", 0.0, 1.0)
         self.min_weight_distance.check(f"{name}.min_weight_distance", 0.0)

@@ -68,7 +68,8 @@ def test_weight_one_edit_writes_nothing_along_r_and_reset_is_exact(lm):
     ablator = Ablator(mm)
     torch.manual_seed(1)
     refusal = torch.nn.functional.normalize(torch.randn(lm.n_layers + 1, lm.hidden_size), dim=1)
-    before = {id(m.param): m.param.detach().clone() for m in mm.matrices()}
+    tensors = [m.param for m in mm.matrices()] + [m.bias for m in mm.matrices() if m.bias is not None]
+    before = {id(t): t.detach().clone() for t in tensors}
     params = AblationParams.uniform(direction_index=1.5, n_layers=lm.n_layers, weight=1.0)
     edited = ablator.apply(params, refusal)
     assert edited == sum(1 for _ in mm.matrices())
@@ -78,9 +79,11 @@ def test_weight_one_edit_writes_nothing_along_r_and_reset_is_exact(lm):
         if w.dim() == 3 and m.out_axis == 2:
             w = w.transpose(1, 2)
         assert (r @ w).abs().max() < 1e-4, m.name
+        if m.bias is not None:  # an output bias writes into the residual stream too
+            assert (m.bias.detach().float() @ r).abs().max() < 1e-4, f"{m.name} bias"
     ablator.reset()
-    for m in mm.matrices():
-        assert torch.equal(m.param, before[id(m.param)]), f"{m.name} not restored bit for bit"
+    for t in tensors:
+        assert torch.equal(t, before[id(t)]), "not restored bit for bit"
     assert ablator.cached_bytes() == sum(t.numel() * t.element_size() for t in before.values())
 
 

@@ -86,7 +86,7 @@ def test_sacred_orthogonalization_single_projection():
 
 def test_winsorize_and_direction_set_round_trip():
     torch.manual_seed(0)
-    h = torch.randn(10, 3, 8)
+    h = torch.randn(10, 3, 64)
     h[0, 1, 2] = 1000.0
     w = winsorize(h, 0.95)
     assert w.abs().max() < 1000
@@ -122,3 +122,36 @@ def test_direction_set_bytes_are_deterministic():
     ds.metadata.update({f"key{i}": str(i) for i in range(12)})
     ids = {DirectionSet.artifact_id(ds.to_bytes()) for _ in range(8)}
     assert len(ids) == 1
+
+
+def test_winsorize_clamps_each_prompt_at_its_own_quantile():
+    torch.manual_seed(0)
+    h = torch.randn(6, 2, 40)
+    h[0] *= 100  # one prompt with massive activations everywhere
+    clamped = winsorize(h, 0.9)  # per prompt (heretic's definition)
+    k = math.ceil(0.9 * 40)
+    for prompt in range(6):
+        for layer in range(2):
+            bound = h[prompt, layer].abs().kthvalue(k).values
+            assert torch.equal(clamped[prompt, layer], h[prompt, layer].clamp(-bound, bound))
+    # The loud prompt does not set the bound of the quiet ones; pooled per layer, it does.
+    assert torch.equal(clamped[1:], winsorize(h[1:], 0.9))
+    pooled = winsorize(h, 0.9, scope="per_layer")
+    assert pooled[0].abs().max() < h[0].abs().max() and not torch.equal(pooled[1:], clamped[1:])
+    with pytest.raises(InvalidArgument):
+        winsorize(h, 0.9, scope="everywhere")
+
+
+def test_negative_kernel_weights_are_rejected():
+    params = AblationParams(direction_index=0.0, components={"attn.o_proj": ComponentParams(-0.5, 0.0, 0.0, 1.0)})
+    with pytest.raises(InvalidArgument, match="outside \\[0, 10\\]"):
+        params.validate(4)
+    params = AblationParams(direction_index=0.0, components={"attn.o_proj": ComponentParams(1.0, 0.0, -0.1, 1.0)})
+    with pytest.raises(InvalidArgument):
+        params.validate(4)
+
+
+def test_disclaimer_is_a_refusal_marker():
+    from abliterate.core.refusals import RefusalDetector
+
+    assert RefusalDetector().is_refusal("Disclaimer: this is for educational purposes only.")
