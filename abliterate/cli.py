@@ -56,6 +56,8 @@ def _add_job_flags(p: argparse.ArgumentParser, defaults: bool) -> None:
     p.add_argument("--system-prompt", help="system prompt put in front of every prompt")
     p.add_argument("--kl-cap", type=float, help="auto-selection KL cap (default 1.0)")
     p.add_argument("--seed", type=int, help="sampler seed")
+    p.add_argument("--n-startup-trials", type=int, help="random trials before TPE takes over (default 10)")
+    p.add_argument("--n-ei-candidates", type=int, help="candidates TPE scores per trial (default 24)")
     p.add_argument("--batch-size", type=int, help="prompts per forward pass (default: automatic)")
     p.add_argument("--dtype", help="auto, bfloat16, float16 or float32")
     p.add_argument("--name", help="job name (default: derived from the model and the settings)")
@@ -214,6 +216,12 @@ def build_spec(args: argparse.Namespace, file_data: dict | None = None) -> Any:
         spec.kl_cap = args.kl_cap
     if args.seed is not None:
         spec.seed = args.seed
+    for flag in ("n_startup_trials", "n_ei_candidates"):
+        value = getattr(args, flag)
+        if value is not None:
+            if value < 1:
+                raise InvalidArgument(f"--{flag.replace('_', '-')} must be >= 1, got {value}")
+            setattr(spec.options.search_space, flag, value)
     if args.batch_size is not None:
         spec.options.extraction.batch_size = args.batch_size
     if args.name:

@@ -30,7 +30,9 @@ from abliterate.v1 import common_pb2, optimizer_pb2
 
 #: Components searched when neither the request nor the evaluators name any.
 DEFAULT_COMPONENTS = ("attn.o_proj", "mlp.down_proj")
+# Chosen by measured front quality at equal budget (docs/benchmarks.md, "Sampler settings").
 DEFAULT_N_STARTUP_TRIALS = 10
+DEFAULT_N_EI_CANDIDATES = 24
 
 _SCOPE_FROM_PB = {common_pb2.DIRECTION_SCOPE_GLOBAL: DirectionScope.GLOBAL,
                   common_pb2.DIRECTION_SCOPE_PER_LAYER: DirectionScope.PER_LAYER}
@@ -114,6 +116,7 @@ class SearchSpace:
     components: dict[str, ComponentSpace] = field(default_factory=dict)
     row_normalizations: tuple[RowNormalization, ...] = (RowNormalization.NONE,)
     n_startup_trials: int = DEFAULT_N_STARTUP_TRIALS
+    n_ei_candidates: int = DEFAULT_N_EI_CANDIDATES
 
     # ------------------------------------------------------------ construction
 
@@ -172,6 +175,7 @@ class SearchSpace:
             components=components,
             row_normalizations=tuple(norms) or (RowNormalization.NONE,),
             n_startup_trials=int(msg.n_startup_trials) or DEFAULT_N_STARTUP_TRIALS,
+            n_ei_candidates=int(msg.n_ei_candidates) or DEFAULT_N_EI_CANDIDATES,
         )
         space.validate()
         return space
@@ -189,6 +193,7 @@ class SearchSpace:
             direction_index=optimizer_pb2.FloatRange(low=self.direction_index.low, high=self.direction_index.high),
             row_normalizations=[_ROWNORM_TO_PB[r] for r in self.row_normalizations],
             n_startup_trials=self.n_startup_trials,
+            n_ei_candidates=self.n_ei_candidates,
         )
         for name, c in self.components.items():
             msg.components[name].CopyFrom(optimizer_pb2.ComponentSearchSpace(
@@ -210,6 +215,7 @@ class SearchSpace:
             "direction_index": self.direction_index.to_list(),
             "row_normalizations": [r.value for r in self.row_normalizations],
             "n_startup_trials": self.n_startup_trials,
+            "n_ei_candidates": self.n_ei_candidates,
             "components": {
                 name: {
                     "max_weight": c.max_weight.to_list(),
@@ -230,6 +236,7 @@ class SearchSpace:
             direction_index=Range(*data["direction_index"]),
             row_normalizations=tuple(RowNormalization(r) for r in data["row_normalizations"]),
             n_startup_trials=int(data.get("n_startup_trials", DEFAULT_N_STARTUP_TRIALS)),
+            n_ei_candidates=int(data.get("n_ei_candidates", DEFAULT_N_EI_CANDIDATES)),
             components={
                 name: ComponentSpace(
                     max_weight=Range(*c["max_weight"]),

@@ -2,7 +2,7 @@
 
 A study is an Optuna multi-objective study (minimize KL, minimize refusals)
 sampled by ``TPESampler(multivariate=True, constant_liar=True, seed,
-n_startup_trials)`` on RDB storage (Postgres, or SQLite embedded). Everything
+n_startup_trials, n_ei_candidates)`` on RDB storage (Postgres, or SQLite embedded). Everything
 needed to resume it lives in the storage:
 
 - study user attrs: ``direction_set_id``, ``job_settings`` (the JSON object),
@@ -183,12 +183,13 @@ def sampler_seed(seed: int, n_existing_trials: int) -> int:
     return (int(seed) * 1_000_003 + n_existing_trials * 7_919 + 1) % _SEED_MODULUS
 
 
-def make_sampler(seed: int, n_startup_trials: int) -> optuna.samplers.TPESampler:
+def make_sampler(seed: int, search_space) -> optuna.samplers.TPESampler:
+    """The study's sampler: multivariate TPE with the space's start-up and candidate counts."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         return optuna.samplers.TPESampler(
             multivariate=True, constant_liar=True, seed=int(seed) % _SEED_MODULUS,
-            n_startup_trials=int(n_startup_trials),
+            n_startup_trials=int(search_space.n_startup_trials), n_ei_candidates=int(search_space.n_ei_candidates),
         )
 
 
@@ -208,7 +209,7 @@ def create_study(storage: optuna.storages.RDBStorage, name: str, settings: Study
     try:
         study = optuna.create_study(
             storage=storage, study_name=name, directions=["minimize", "minimize"],
-            sampler=make_sampler(settings.seed, settings.search_space.n_startup_trials),
+            sampler=make_sampler(settings.seed, settings.search_space),
         )
     except optuna.exceptions.DuplicatedStudyError as exc:
         raise AlreadyExists(f"study {name!r} already exists") from exc
@@ -239,7 +240,7 @@ def load_study(storage: optuna.storages.RDBStorage, name: str) -> tuple[optuna.S
     study = optuna.load_study(
         study_name=name, storage=storage,
         sampler=make_sampler(sampler_seed(settings.seed, len(probe.get_trials(deepcopy=False))),
-                             settings.search_space.n_startup_trials),
+                             settings.search_space),
     )
     return study, settings
 
