@@ -18,6 +18,10 @@ class DirectionScope(str, Enum):
     PER_LAYER = "per_layer"
 
 
+# How winsorization pools its quantile (core/directions.winsorize); the first is the default.
+WINSORIZE_SCOPES = ("per_prompt", "per_layer")
+
+
 class RowNormalization(str, Enum):
     """How an edit treats the norms of W (see ``core/ablation.py`` for what each guarantees).
 

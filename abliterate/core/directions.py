@@ -19,6 +19,7 @@ from safetensors.torch import save as st_save
 
 from abliterate.artifacts import canonical_safetensors, read_metadata
 from abliterate.errors import InvalidArgument
+from abliterate.params import WINSORIZE_SCOPES
 
 EPS = 1e-8
 # A refusal direction whose norm after orthogonalization falls below this
@@ -28,9 +29,6 @@ MIN_REMAINING_NORM = 1e-3
 
 def _normalize(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
     return x / x.norm(dim=dim, keepdim=True).clamp_min(EPS)
-
-
-WINSORIZE_SCOPES = ("per_prompt", "per_layer")
 
 
 def winsorize(residuals: torch.Tensor, quantile: float, scope: str = "per_prompt") -> torch.Tensor:

@@ -222,7 +222,7 @@ class BaselineSpec(_message.Message):
     def __init__(self, kl_prompts: _Optional[_Union[PromptSetSpec, _Mapping]] = ..., refusal_prompts: _Optional[_Union[PromptSetSpec, _Mapping]] = ..., max_new_tokens: _Optional[int] = ..., kl_tokens: _Optional[int] = ..., refusal_markers: _Optional[_Iterable[str]] = ..., model: _Optional[_Union[ModelSpec, _Mapping]] = ...) -> None: ...
 
 class ExtractionOptions(_message.Message):
-    __slots__ = ("projected", "winsorize_quantile", "batch_size", "sacred", "capability", "baseline", "n_sacred", "orthogonalize_against_sacred")
+    __slots__ = ("projected", "winsorize_quantile", "batch_size", "sacred", "capability", "baseline", "n_sacred", "orthogonalize_against_sacred", "winsorize_scope")
     PROJECTED_FIELD_NUMBER: _ClassVar[int]
     WINSORIZE_QUANTILE_FIELD_NUMBER: _ClassVar[int]
     BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
@@ -231,6 +231,7 @@ class ExtractionOptions(_message.Message):
     BASELINE_FIELD_NUMBER: _ClassVar[int]
     N_SACRED_FIELD_NUMBER: _ClassVar[int]
     ORTHOGONALIZE_AGAINST_SACRED_FIELD_NUMBER: _ClassVar[int]
+    WINSORIZE_SCOPE_FIELD_NUMBER: _ClassVar[int]
     projected: bool
     winsorize_quantile: float
     batch_size: int
@@ -239,7 +240,8 @@ class ExtractionOptions(_message.Message):
     baseline: PromptSetSpec
     n_sacred: int
     orthogonalize_against_sacred: bool
-    def __init__(self, projected: _Optional[bool] = ..., winsorize_quantile: _Optional[float] = ..., batch_size: _Optional[int] = ..., sacred: _Optional[bool] = ..., capability: _Optional[_Union[PromptSetSpec, _Mapping]] = ..., baseline: _Optional[_Union[PromptSetSpec, _Mapping]] = ..., n_sacred: _Optional[int] = ..., orthogonalize_against_sacred: _Optional[bool] = ...) -> None: ...
+    winsorize_scope: str
+    def __init__(self, projected: _Optional[bool] = ..., winsorize_quantile: _Optional[float] = ..., batch_size: _Optional[int] = ..., sacred: _Optional[bool] = ..., capability: _Optional[_Union[PromptSetSpec, _Mapping]] = ..., baseline: _Optional[_Union[PromptSetSpec, _Mapping]] = ..., n_sacred: _Optional[int] = ..., orthogonalize_against_sacred: _Optional[bool] = ..., winsorize_scope: _Optional[str] = ...) -> None: ...
 
 class GenerationOptions(_message.Message):
     __slots__ = ("max_new_tokens", "temperature", "top_p", "seed")

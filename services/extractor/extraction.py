@@ -25,6 +25,7 @@ from abliterate.core.directions import protect_sacred, refusal_directions, sacre
 from abliterate.core.loading import LoadedModel
 from abliterate.core.modules import discover
 from abliterate.core.residuals import collect_residuals
+from abliterate.params import WINSORIZE_SCOPES
 from abliterate.errors import InvalidArgument
 from abliterate.rpc.convert import load_prompt_set
 from abliterate.rpc.tensors import check_message_size
@@ -74,6 +75,9 @@ class Extractor:
         if opts.winsorize_quantile and not (0.5 < opts.winsorize_quantile < 1 and math.isfinite(opts.winsorize_quantile)):
             raise InvalidArgument(f"options.winsorize_quantile must be 0 (off) or in (0.5, 1), "
                                   f"got {opts.winsorize_quantile}")
+        if opts.winsorize_scope and opts.winsorize_scope not in WINSORIZE_SCOPES:
+            raise InvalidArgument(f"options.winsorize_scope must be one of {list(WINSORIZE_SCOPES)}, "
+                                  f"got {opts.winsorize_scope[:40]!r}")
         if opts.orthogonalize_against_sacred and not opts.sacred:
             raise InvalidArgument("options.orthogonalize_against_sacred needs options.sacred")
         if not request.HasField("harmful"):
@@ -159,7 +163,8 @@ class Extractor:
         t0 = time.perf_counter()
         projected = opts.projected if opts.HasField("projected") else True
         ds = refusal_directions(residuals["harmful"], residuals["harmless"], projected=projected,
-                                winsorize_quantile=opts.winsorize_quantile or None)
+                                winsorize_quantile=opts.winsorize_quantile or None,
+                                winsorize_scope=opts.winsorize_scope or WINSORIZE_SCOPES[0])
         timings["directions"] = time.perf_counter() - t0
         emit(_progress("directions", 1, 1, f"{ds.n_residuals} residual indices"))
 

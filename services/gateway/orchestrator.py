@@ -38,6 +38,7 @@ from abliterate.errors import (
     NotFound,
     Unavailable,
 )
+from abliterate.params import WINSORIZE_SCOPES
 from abliterate.rpc import make_channel, mapped_stub
 from abliterate.rpc.errors import status_for
 from abliterate.v1 import (
@@ -99,6 +100,9 @@ def validate_spec(spec: gateway_pb2.JobSpec) -> None:
     q = extraction.winsorize_quantile
     if q != 0 and not (0.5 < q < 1):
         raise InvalidArgument(f"options.extraction.winsorize_quantile must be 0 or in (0.5, 1), got {q}")
+    if extraction.winsorize_scope and extraction.winsorize_scope not in WINSORIZE_SCOPES:
+        raise InvalidArgument(f"options.extraction.winsorize_scope must be one of {list(WINSORIZE_SCOPES)}, "
+                              f"got {extraction.winsorize_scope[:40]!r}")
     if extraction.orthogonalize_against_sacred and not extraction.sacred:
         raise InvalidArgument("options.extraction.orthogonalize_against_sacred needs sacred directions")
     if spec.options.trial_timeout_s < 0 or not math.isfinite(spec.options.trial_timeout_s):

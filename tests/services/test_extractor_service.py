@@ -158,7 +158,10 @@ def test_request_model_spec(stub, lm):
                                            options=common_pb2.ExtractionOptions(winsorize_quantile=0.3)),
     extractor_pb2.ExtractDirectionsRequest(harmful=prompts(BAD), harmless=prompts(GOOD),
                                            options=common_pb2.ExtractionOptions(orthogonalize_against_sacred=True)),
-], ids=["empty", "blank", "no-harmless", "winsorize", "ortho-without-sacred"])
+    extractor_pb2.ExtractDirectionsRequest(harmful=prompts(BAD), harmless=prompts(GOOD),
+                                           options=common_pb2.ExtractionOptions(winsorize_quantile=0.9,
+                                                                                winsorize_scope="everywhere")),
+], ids=["empty", "blank", "no-harmless", "winsorize", "ortho-without-sacred", "winsorize-scope"])
 def test_invalid_requests(stub, req):
     assert code_of(stub.ExtractDirections, req) == grpc.StatusCode.INVALID_ARGUMENT
     alive(stub)
@@ -175,6 +178,14 @@ def test_winsorized_extraction(stub):
     _, result = run(stub, request(winsorize_quantile=0.99))
     assert json.loads(DirectionSet.from_bytes(result.directions.safetensors).metadata["options"]) == {
         "winsorize_quantile": 0.99}
+
+
+def test_winsorization_scopes_give_different_directions(stub):
+    _, per_prompt = run(stub, request(winsorize_quantile=0.6))
+    _, per_layer = run(stub, request(winsorize_quantile=0.6, winsorize_scope="per_layer"))
+    first = DirectionSet.from_bytes(per_prompt.directions.safetensors).refusal
+    second = DirectionSet.from_bytes(per_layer.directions.safetensors).refusal
+    assert not torch.allclose(first[1:], second[1:], atol=1e-4)
 
 
 def test_busy_extractor_answers_unavailable(served, stub):
