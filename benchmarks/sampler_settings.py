@@ -88,7 +88,8 @@ def main() -> None:
                              "hypervolume": {str(b): round(hypervolume(points[:b]), 4)
                                              for b in (8, 16, args.trials)}})
             print(name, seed, per_seed[-1]["hypervolume"], flush=True)
-        mean = {b: round(sum(s["hypervolume"][b] for s in per_seed) / len(per_seed), 4) for b in per_seed[0]["hypervolume"]}
+        budgets = per_seed[0]["hypervolume"]
+        mean = {b: round(sum(s["hypervolume"][b] for s in per_seed) / len(per_seed), 4) for b in budgets}
         results["configs"][name] = {"n_startup_trials": startup, "n_ei_candidates": candidates,
                                     "mean_hypervolume": mean, "seeds": per_seed}
     results["total_s"] = round(time.perf_counter() - started, 1)

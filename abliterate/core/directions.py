@@ -184,7 +184,7 @@ def sacred_directions(h_capability: torch.Tensor, h_baseline: torch.Tensor, k: i
         raise InvalidArgument("sacred directions need at least 2 capability and 2 baseline prompts")
     if h_capability.shape[1:] != h_baseline.shape[1:]:
         raise InvalidArgument("capability and baseline residual shapes differ")
-    n_res, d = h_capability.shape[1], h_capability.shape[2]
+    d = h_capability.shape[2]
     k = min(k, d)
     cap, base = h_capability.double().transpose(0, 1), h_baseline.double().transpose(0, 1)  # (L+1, N, d)
     mu_cap, mu_base = cap.mean(1), base.mean(1)

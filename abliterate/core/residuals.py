@@ -2,8 +2,9 @@
 
 Shape (N, L+1, d): index 0 is the embedding output, index l+1 block l's
 raw output (the last one too: transformers' last hidden state has the final
-norm applied, so block L-1's output is taken from the block itself). Prompts are left-padded so position -1 is always the last prompt
-token. Activations are upcast to float32 on the CPU; means are taken in float64.
+norm applied, so block L-1's output is taken from the block itself). Prompts
+are left-padded so position -1 is always the last prompt token. Activations
+are upcast to float32 on the CPU; means are taken in float64.
 """
 
 from __future__ import annotations

@@ -14,7 +14,8 @@ _SCOPE_TO_PB = {DirectionScope.GLOBAL: pb.DIRECTION_SCOPE_GLOBAL, DirectionScope
 _SCOPE_FROM_PB = {v: k for k, v in _SCOPE_TO_PB.items()}
 _SCOPE_FROM_PB[pb.DIRECTION_SCOPE_UNSPECIFIED] = DirectionScope.GLOBAL
 _ROWNORM_TO_PB = {RowNormalization.NONE: pb.ROW_NORMALIZATION_NONE, RowNormalization.PRE: pb.ROW_NORMALIZATION_PRE,
-                  RowNormalization.FULL: pb.ROW_NORMALIZATION_FULL, RowNormalization.COLUMN: pb.ROW_NORMALIZATION_COLUMN}
+                  RowNormalization.FULL: pb.ROW_NORMALIZATION_FULL,
+                  RowNormalization.COLUMN: pb.ROW_NORMALIZATION_COLUMN}
 _ROWNORM_FROM_PB = {v: k for k, v in _ROWNORM_TO_PB.items()}
 _ROWNORM_FROM_PB[pb.ROW_NORMALIZATION_UNSPECIFIED] = RowNormalization.NONE
 

@@ -23,7 +23,6 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
-import torch
 
 from abliterate.artifacts import tensor_names
 from abliterate.core.chat import build_messages, render_chat

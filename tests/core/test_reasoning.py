@@ -121,7 +121,8 @@ def test_r1_template_that_opens_the_block_itself_gets_it_closed():
 def test_gpt_oss_analysis_channel_is_not_scored():
     tok = gpt_oss_tokenizer()
     closed = "<|channel|>analysis<|message|><|end|><|start|>assistant<|channel|>final<|message|>"
-    reply = "<|channel|>analysis<|message|>This is illegal.<|end|><|start|>assistant<|channel|>final<|message|>" + ANSWER
+    reply = ("<|channel|>analysis<|message|>This is illegal.<|end|><|start|>assistant<|channel|>final<|message|>"
+             + ANSWER)
     lm = thinking_lm("gpt_oss", tok, reply, closed)
     assert response_prefix(lm) == closed
     refusals, answers = _refusals(lm, 30)
