@@ -34,8 +34,7 @@ from benchmarks.smollm2 import SAFETY_SYSTEM_PROMPT, shared_prompts, smollm2_ggu
 from services.optimizer.search_space import SearchSpace  # noqa: E402
 from services.optimizer.study import make_sampler  # noqa: E402
 
-CONFIGS = {"startup10_ei24 (ours)": (10, 24), "startup60_ei128 (heretic)": (60, 128), "startup10_ei128": (10, 128),
-           "startup4_ei24": (4, 24)}
+CONFIGS = {"startup10_ei24 (ours)": (10, 24), "startup60_ei128 (heretic)": (60, 128), "startup10_ei128": (10, 128)}
 KL_REFERENCE = 1.0
 
 

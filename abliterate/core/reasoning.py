@@ -43,9 +43,6 @@ class ReasoningBlock:
     closer: str
     closed: str  # what a reply that skips its reasoning starts with
 
-    def __str__(self) -> str:
-        return self.opener
-
 
 REASONING_BLOCKS: tuple[ReasoningBlock, ...] = (
     # Qwen3's own non-thinking form, and the same shape for the others.
@@ -143,10 +140,9 @@ def may_reason(tokenizer) -> bool:
     if isinstance(template, dict):
         template = " ".join(str(t) for t in template.values())
     vocabulary = getattr(tokenizer, "get_vocab", dict)()
-    for block in REASONING_BLOCKS:
-        if block.opener in template or block.opener in vocabulary or _HARMONY_CHANNEL in vocabulary:
-            return True
-    return False
+    if _HARMONY_CHANNEL in vocabulary:
+        return True
+    return any(block.opener in template or block.opener in vocabulary for block in REASONING_BLOCKS)
 
 
 # Replies sampled to find their common prefix, and how long: an opener is a few tokens.
