@@ -41,6 +41,14 @@ def test_run_flags_build_the_job_spec():
     assert all(getattr(spec, k).limit == 16 for k in cli.DEFAULT_SETS)
 
 
+def test_sampler_flags_reach_the_search_space():
+    parse = cli.build_parser().parse_args
+    spec = cli.build_spec(parse(["run", "m", "--n-startup-trials", "60", "--n-ei-candidates", "128"]))
+    assert (spec.options.search_space.n_startup_trials, spec.options.search_space.n_ei_candidates) == (60, 128)
+    with pytest.raises(cli.InvalidArgument, match="--n-ei-candidates"):
+        cli.build_spec(parse(["run", "m", "--n-ei-candidates", "0"]))
+
+
 def test_derived_name_is_stable_and_ignores_the_trial_target():
     parse = cli.build_parser().parse_args
     a = cli.build_spec(parse(["run", "org/Model-1B", "--n-trials", "5", "--seed", "1"]))

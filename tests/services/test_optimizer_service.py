@@ -168,6 +168,39 @@ def test_search_space_bad_ranges_are_invalid_argument():
         SearchSpace.from_pb(bad, n_layers=8, model_components=["attn.o_proj", "mlp.down_proj"])
 
 
+def test_sampler_settings_round_trip_and_reach_the_sampler():
+    from services.optimizer.study import make_sampler
+
+    msg = optimizer_pb2.SearchSpace(n_startup_trials=60, n_ei_candidates=128)
+    space = SearchSpace.from_pb(msg, n_layers=8)
+    assert SearchSpace.from_dict(space.to_dict()) == space
+    assert (space.to_pb().n_startup_trials, space.to_pb().n_ei_candidates) == (60, 128)
+    default = SearchSpace.from_pb(None, n_layers=8)
+    assert (default.n_startup_trials, default.n_ei_candidates) == (10, 24)
+    # Fewer candidates than trials seen: TPE's choice depends on the count, so the setting must reach it.
+    picks = {}
+    for candidates in (1, 128):
+        study = optuna.create_study(directions=["minimize", "minimize"], sampler=make_sampler(
+            0, SearchSpace.from_pb(optimizer_pb2.SearchSpace(n_startup_trials=2, n_ei_candidates=candidates), 8)))
+        for value in range(4):
+            trial = study.ask()
+            x = trial.suggest_float("x", 0, 1)
+            study.tell(trial, [x, abs(x - 0.5) + value])
+        picks[candidates] = study.ask().suggest_float("x", 0, 1)
+    assert picks[1] != picks[128]
+
+
+def test_negative_weight_range_needs_the_clamp():
+    from abliterate.errors import InvalidArgument
+
+    bad = optimizer_pb2.SearchSpace()
+    bad.components["attn.o_proj"].max_weight.CopyFrom(optimizer_pb2.FloatRange(low=-0.5, high=1.0))
+    with pytest.raises(InvalidArgument, match="clamp_negative_to_zero"):
+        SearchSpace.from_pb(bad, n_layers=8)
+    bad.components["attn.o_proj"].clamp_negative_to_zero = True
+    assert SearchSpace.from_pb(bad, n_layers=8).components["attn.o_proj"].clamp_negative_to_zero
+
+
 # ---------------------------------------------------------------- service
 
 
