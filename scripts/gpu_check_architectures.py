@@ -6,10 +6,11 @@
 Tiny models built from configs (tests/tiny.py: real sliding windows shrunk to
 6 tokens, biases, grouped-query attention) on the device, in the dtype:
 
-- batched passes (shared prefix where exact, padding) against the unbatched
-  pass: max |logit difference| of the last position, every hidden state, and
-  whether greedy generations agree, on Mistral, Phi-3, Gemma 2, Gemma 3 and
-  gpt-oss;
+- batched passes against the unbatched pass: max |logit difference| of the
+  last position, every hidden state, and whether greedy generations agree, on
+  Mistral, Phi-3, Gemma 2, Gemma 3 and gpt-oss, each with a 6-token window (the
+  plain left-padded layout runs) and a 512-token one (the shared-prefix layout
+  runs);
 - a zero edit with the automatic batch size gives KL exactly 0;
 - the column-norm edit removes r and keeps column norms; gpt-oss biases are edited.
 
@@ -31,28 +32,32 @@ import torch  # noqa: E402
 from abliterate.core.ablation import edit_matrix  # noqa: E402
 from abliterate.core.chat import format_prompts  # noqa: E402
 from abliterate.core.directions import DirectionSet  # noqa: E402
-from abliterate.core.generation import generate_greedy, prefill  # noqa: E402
+from abliterate.core.generation import generate_greedy, prefill, shared_prefix_length  # noqa: E402
 from abliterate.core.loading import from_model  # noqa: E402
 from abliterate.core.scoring import TrialEngine  # noqa: E402
 from abliterate.params import AblationParams, ComponentParams, RowNormalization  # noqa: E402
 from abliterate.specs import ModelSpec  # noqa: E402
-from tests.tiny import SLIDING_ARCHITECTURES, make_model, make_tokenizer  # noqa: E402
+from tests.tiny import SLIDING_ARCHITECTURES, TINY_SLIDING_WINDOW, make_model, make_tokenizer  # noqa: E402
 
 PROMPTS = ["hi", "bake a loaf of bread", "explain photosynthesis to a child in three sentences",
            "write a poem about rain on a tin roof at night, with rhymes"]
 # Half-precision logits of a random tiny model differ by rounding between batch shapes; above this, a layout bug.
+WIDE_WINDOW = 512  # wider than every test sequence: the shared-prefix layout is exact and used
 TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 0.15, torch.float16: 0.05}
 
 
-def tiny(arch: str, device: str, dtype: torch.dtype):
+def tiny(arch: str, device: str, dtype: torch.dtype, window: int = TINY_SLIDING_WINDOW):
     tok = make_tokenizer()
-    model = make_model(arch, tok).to(device=device, dtype=dtype)
+    model = make_model(arch, tok, sliding_window=window).to(device=device, dtype=dtype)
     return from_model(model, tok, ModelSpec(source=f"<tiny {arch}>"))
 
 
-def equivalence(arch: str, device: str, dtype: torch.dtype) -> dict:
-    lm = tiny(arch, device, dtype)
+def equivalence(arch: str, device: str, dtype: torch.dtype, window: int) -> dict:
+    """Batched against unbatched; a 6-token window runs the plain left-padded layout, a window wider than
+    every sequence the shared-prefix layout."""
+    lm = tiny(arch, device, dtype, window)
     texts = format_prompts(lm.tokenizer, PROMPTS, "a shared system prompt that is long enough to be worth sharing")
+    rows = lm.tokenizer(texts, add_special_tokens=False)["input_ids"]
     worst_logit, worst_hidden, same_text = 0.0, 0.0, True
     with torch.inference_mode():
         batched, _, _ = prefill(lm, texts, output_hidden_states=True)
@@ -65,8 +70,10 @@ def equivalence(arch: str, device: str, dtype: torch.dtype) -> dict:
     for text, got in zip(texts, generate_greedy(lm, texts, 12)):
         same_text &= got.text == generate_greedy(lm, [text], 12)[0].text
     tolerance = TOLERANCE[dtype]
-    return {"max_logit_diff": worst_logit, "max_hidden_rel_diff": worst_hidden, "greedy_equal": same_text,
-            "ok": worst_logit < tolerance * 10 and worst_hidden < tolerance}
+    # Half precision may flip a near-tie of a random model's greedy choice; float32 must agree exactly.
+    return {"shared_prefix": shared_prefix_length(lm.model, rows, reserve=12) > 0, "max_logit_diff": worst_logit,
+            "max_hidden_rel_diff": worst_hidden, "greedy_equal": same_text,
+            "ok": worst_logit < tolerance * 10 and worst_hidden < tolerance and (same_text or dtype != torch.float32)}
 
 
 def zero_edit_kl(device: str, dtype: torch.dtype) -> float:
@@ -99,7 +106,8 @@ def main() -> None:
     report: dict = {"device": args.device, "dtype": args.dtype, "torch": torch.__version__}
     if args.device.startswith("cuda"):
         report["gpu"] = torch.cuda.get_device_name(0)
-    report["equivalence"] = {arch: equivalence(arch, args.device, dtype) for arch in sorted(SLIDING_ARCHITECTURES)}
+    report["equivalence"] = {f"{arch} window {window}": equivalence(arch, args.device, dtype, window)
+                             for arch in sorted(SLIDING_ARCHITECTURES) for window in (TINY_SLIDING_WINDOW, WIDE_WINDOW)}
     report["zero_edit_kl"] = zero_edit_kl(args.device, dtype)
     report["column_edit"] = column_edit(args.device, dtype)
     ok = (all(v["ok"] for v in report["equivalence"].values()) and report["zero_edit_kl"] == 0.0

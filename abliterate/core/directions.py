@@ -226,12 +226,20 @@ def remove_subspace(vectors: torch.Tensor, basis: torch.Tensor, what: str = "the
 
 
 def joint_basis(sacred: torch.Tensor, extra: torch.Tensor | None = None) -> torch.Tensor:
-    """Per layer an orthonormal basis (L+1, k[+1], d) of the sacred subspace, plus ``extra`` (L+1, d) if given."""
+    """Per layer the sacred basis (L+1, k, d) plus one row for ``extra`` (L+1, d), if given.
+
+    The extra row is ``extra``'s part orthogonal to the sacred subspace,
+    normalized; where nothing of it remains (it lies in the subspace already)
+    the row is zero, which the projection ``v - B^T (B v)`` ignores.
+    """
     if extra is None:
         return sacred
-    stacked = torch.cat([sacred.double(), _normalize(extra.double())[:, None, :]], dim=1)  # (L+1, k+1, d)
-    q, _ = torch.linalg.qr(stacked.transpose(1, 2))  # (L+1, d, k+1) orthonormal columns
-    return q.transpose(1, 2).float().contiguous()
+    s, e = sacred.double(), extra.double()
+    rest = e - torch.einsum("lk,lkd->ld", torch.einsum("lkd,ld->lk", s, e), s)  # (L+1, d)
+    norms = rest.norm(dim=1, keepdim=True)
+    row = torch.where(norms >= MIN_REMAINING_NORM * e.norm(dim=1, keepdim=True).clamp_min(EPS),
+                      rest / norms.clamp_min(EPS), torch.zeros_like(rest))
+    return torch.cat([s, row[:, None, :]], dim=1).float().contiguous()  # (L+1, k+1, d)
 
 
 def orthogonalize_against(refusal: torch.Tensor, sacred: torch.Tensor) -> torch.Tensor:

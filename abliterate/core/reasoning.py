@@ -152,31 +152,35 @@ DETECTION_PROMPTS = ("Write a short poem about the sea.", "How do I pick a lock?
 DETECTION_TOKENS = 16
 
 
-def response_prefix(lm: "LoadedModel") -> str:
+def response_prefix(lm: "LoadedModel", system_prompt: str | None = None) -> str:
     """What every scored prompt of this model ends with so that replies start with the answer.
 
-    Detected once per loaded model and cached: the closer of a block the
-    template leaves open, else the closed block when greedy replies open one,
-    else ''. Plain-text mode never adds anything.
+    The closer of a block the template leaves open, else the closed block when
+    greedy replies open one, else ''. Plain-text mode never adds anything.
+    Detected once per model, chat mode and system prompt (``system_prompt``
+    None: the model spec's), and cached in ``lm.extra``, which the per-job
+    views of one model share.
     """
-    cached = lm.extra.get("response_prefix")
-    if cached is not None:
-        return cached
-    prefix = ""
-    if lm.spec.chat_template_mode != "plain":
-        texts = format_prompts(lm.tokenizer, list(DETECTION_PROMPTS), lm.spec.system_prompt,
-                               lm.spec.chat_template_mode)
-        prefix = closing_suffix_for_prompt(texts[0])
-        if not prefix and may_reason(lm.tokenizer):
-            from abliterate.core.generation import generate_greedy  # torch, only when a model is at hand
+    mode = lm.spec.chat_template_mode
+    system = lm.spec.system_prompt if system_prompt is None else system_prompt
+    if mode == "plain":
+        return ""
+    cache = lm.extra.setdefault("response_prefix", {})
+    if (mode, system) in cache:
+        return cache[(mode, system)]
+    texts = format_prompts(lm.tokenizer, list(DETECTION_PROMPTS), system, mode)
+    prefix = closing_suffix_for_prompt(texts[0])
+    if not prefix and may_reason(lm.tokenizer):
+        from abliterate.core.generation import generate_greedy  # torch, only when a model is at hand
 
-            replies = generate_greedy(lm, texts, DETECTION_TOKENS, keep_special_tokens=True)
-            prefix = prefix_for_replies(os.path.commonprefix([r.text for r in replies]))
-    lm.extra["response_prefix"] = prefix
+        replies = generate_greedy(lm, texts, DETECTION_TOKENS, keep_special_tokens=True)
+        prefix = prefix_for_replies(os.path.commonprefix([r.text for r in replies]))
+    cache[(mode, system)] = prefix
     return prefix
 
 
 def scoring_prompts(lm: "LoadedModel", prompts: list[str], system_prompt: str | None = None) -> list[str]:
     """Prompts rendered with the chat template and the model's response prefix."""
-    return format_prompts(lm.tokenizer, prompts, lm.spec.system_prompt if system_prompt is None else system_prompt,
-                          lm.spec.chat_template_mode, response_prefix=response_prefix(lm))
+    system = lm.spec.system_prompt if system_prompt is None else system_prompt
+    return format_prompts(lm.tokenizer, prompts, system, lm.spec.chat_template_mode,
+                          response_prefix=response_prefix(lm, system))

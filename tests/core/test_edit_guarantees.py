@@ -112,6 +112,17 @@ def test_sacred_subspace_of_every_edited_block_is_left_alone(scope):
         ablator.reset()
 
 
+def test_harmless_mean_inside_the_sacred_subspace_adds_no_direction():
+    from abliterate.core.directions import joint_basis
+
+    sacred = torch.eye(6)[None, :2].repeat(3, 1, 1)  # (3, 2, 6): span of e0, e1
+    inside = torch.tensor([[1.0, 2.0, 0, 0, 0, 0]]).repeat(3, 1)
+    outside = torch.tensor([[1.0, 0, 3.0, 0, 0, 0]]).repeat(3, 1)
+    assert joint_basis(sacred, inside)[:, 2].abs().max() == 0  # nothing new to protect
+    row = joint_basis(sacred, outside)[:, 2]
+    assert torch.allclose(row, torch.tensor([0, 0, 1.0, 0, 0, 0]).repeat(3, 1))
+
+
 def test_sacred_orthogonalization_keeps_the_projection_off_the_harmless_mean():
     lm = make_lm("llama", layers=4)
     directions = _protected_set(lm)

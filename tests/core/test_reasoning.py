@@ -9,13 +9,12 @@ comply; and to answer directly when its reasoning block is already closed.
 
 from pathlib import Path
 
-import pytest
 import torch
 
 from abliterate.core.chat import format_prompts
 from abliterate.core.loading import ModelSpec, from_model
-from abliterate.core.reasoning import (DETECTION_PROMPTS, closing_suffix_for_prompt, final_answer, prefix_for_replies,
-                                       response_prefix, scoring_prompts, special_token_strings)
+from abliterate.core.reasoning import (DETECTION_PROMPTS, closing_suffix_for_prompt, final_answer, may_reason,
+                                       prefix_for_replies, response_prefix, scoring_prompts, special_token_strings)
 from abliterate.core.refusals import RefusalDetector
 from abliterate.core.scoring import TrialEngine
 from tests.tiny import make_model
@@ -152,10 +151,23 @@ def test_replies_common_prefix_maps_to_a_closed_block():
     assert prefix_for_replies("I'm sorry") == ""  # a common refusal opening is part of the answer
 
 
-@pytest.mark.parametrize("make", [qwen3_tokenizer, gpt_oss_tokenizer])
-def test_models_that_do_not_reason_get_no_prefix(make):
+def test_models_that_do_not_reason_get_no_prefix_without_generating():
     from tests.tiny import make_lm
 
-    lm = make_lm("llama", layers=2)  # ChatML template, no reasoning token in the vocabulary: nothing generated
+    lm = make_lm("llama", layers=2)  # ChatML template, no reasoning token in the vocabulary
+    assert not may_reason(lm.tokenizer)
     assert response_prefix(lm) == ""
-    assert make().chat_template  # the real templates load
+    assert may_reason(qwen3_tokenizer()) and may_reason(gpt_oss_tokenizer()) and may_reason(r1_tokenizer())
+
+
+def test_prefix_is_detected_per_chat_mode_and_system_prompt_of_views_sharing_a_model():
+    from dataclasses import replace
+
+    tok = r1_tokenizer()
+    lm = from_model(make_model("llama", tok, layers=2, hidden=32), tok, ModelSpec(source="<tiny r1>"))
+    plain = replace(lm, spec=replace(lm.spec, chat_template_mode="plain"))  # a job view: same model, same extra
+    assert response_prefix(plain) == ""
+    assert response_prefix(lm) == "\n</think>\n\n"
+    assert response_prefix(replace(lm, spec=replace(lm.spec, system_prompt="other"))) == "\n</think>\n\n"
+    assert scoring_prompts(plain, ["hi"])[0].endswith("Assistant: ")
+    assert scoring_prompts(lm, ["hi"], system_prompt="x")[0].endswith("<think>\n\n</think>\n\n")

@@ -80,6 +80,8 @@ def test_shared_prefix_within_a_wide_window_equals_unbatched():
     texts = _texts(make_lm("gemma3_text", layers=2))
     longest = max(len(t.encode()) for t in texts)
     lm = make_lm("gemma3_text", layers=2, sliding_window=longest + 16)
+    rows = lm.tokenizer(texts, add_special_tokens=False)["input_ids"]
+    assert shared_prefix_length(lm.model, rows, reserve=8) > 0  # the shared layout is what runs here
     batched = generate_greedy(lm, texts, 8)
     for text, got in zip(texts, batched):
         assert got.text == generate_greedy(lm, [text], 8)[0].text
