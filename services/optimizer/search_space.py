@@ -31,8 +31,8 @@ from abliterate.v1 import common_pb2, optimizer_pb2
 #: Components searched when neither the request nor the evaluators name any.
 DEFAULT_COMPONENTS = ("attn.o_proj", "mlp.down_proj")
 # Chosen by measured front quality at equal budget (docs/benchmarks.md, "Sampler settings").
-DEFAULT_N_STARTUP_TRIALS = 10
-DEFAULT_N_EI_CANDIDATES = 24
+DEFAULT_N_STARTUP_TRIALS = 60
+DEFAULT_N_EI_CANDIDATES = 128
 
 _SCOPE_FROM_PB = {common_pb2.DIRECTION_SCOPE_GLOBAL: DirectionScope.GLOBAL,
                   common_pb2.DIRECTION_SCOPE_PER_LAYER: DirectionScope.PER_LAYER}
