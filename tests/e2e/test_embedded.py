@@ -79,9 +79,13 @@ def tiny_model_dir(tmp_path_factory):
     return path
 
 
+N_TRIALS = 40
+
+
 def test_run_ctrl_c_then_the_same_command_resumes(tiny_model_dir, tmp_path):
     data = tmp_path / "data"
-    cmd = [sys.executable, "-u", "-m", "abliterate.cli", "run", str(tiny_model_dir), "--n-trials", "8",
+    # Enough trials that the run is still going when Ctrl+C arrives (a tiny-model trial takes milliseconds).
+    cmd = [sys.executable, "-u", "-m", "abliterate.cli", "run", str(tiny_model_dir), "--n-trials", str(N_TRIALS),
            "--n-prompts", "4", "--max-new-tokens", "3", "--seed", "0", "--data-dir", str(data),
            "--output", str(tmp_path / "out"), "--dtype", "float32"]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "COLUMNS": "140", "HF_HUB_OFFLINE": "1"}
@@ -91,7 +95,7 @@ def test_run_ctrl_c_then_the_same_command_resumes(tiny_model_dir, tmp_path):
         try:
             deadline = time.monotonic() + 90
             while "trial 0:" not in log.read_text() and proc.poll() is None and time.monotonic() < deadline:
-                time.sleep(0.1)
+                time.sleep(0.02)
             assert proc.poll() is None, log.read_text()[-3000:]
             proc.send_signal(signal.SIGINT)
             rc = proc.wait(timeout=60)
@@ -109,5 +113,5 @@ def test_run_ctrl_c_then_the_same_command_resumes(tiny_model_dir, tmp_path):
     assert "resumed" in result.stdout and "exported to" in result.stdout
     done_after = set(map(int, re.findall(r"trial (\d+): refusals", result.stdout)))
     assert not done_before & done_after  # completed trials were kept, not rerun
-    counts = [int(n) for n in re.findall(r"\((\d+)/8\)", result.stdout)]
-    assert counts and counts[-1] >= 8 and "phase SUCCEEDED" in result.stdout
+    counts = [int(n) for n in re.findall(rf"\((\d+)/{N_TRIALS}\)", result.stdout)]
+    assert counts and counts[-1] >= N_TRIALS and "phase SUCCEEDED" in result.stdout
