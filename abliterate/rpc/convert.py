@@ -10,7 +10,8 @@ from abliterate.params import AblationParams, ComponentParams, DirectionScope, R
 from abliterate.specs import ModelSpec
 from abliterate.v1 import common_pb2 as pb
 
-_SCOPE_TO_PB = {DirectionScope.GLOBAL: pb.DIRECTION_SCOPE_GLOBAL, DirectionScope.PER_LAYER: pb.DIRECTION_SCOPE_PER_LAYER}
+_SCOPE_TO_PB = {DirectionScope.GLOBAL: pb.DIRECTION_SCOPE_GLOBAL,
+                DirectionScope.PER_LAYER: pb.DIRECTION_SCOPE_PER_LAYER}
 _SCOPE_FROM_PB = {v: k for k, v in _SCOPE_TO_PB.items()}
 _SCOPE_FROM_PB[pb.DIRECTION_SCOPE_UNSPECIFIED] = DirectionScope.GLOBAL
 _ROWNORM_TO_PB = {RowNormalization.NONE: pb.ROW_NORMALIZATION_NONE, RowNormalization.PRE: pb.ROW_NORMALIZATION_PRE,

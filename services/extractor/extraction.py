@@ -72,7 +72,8 @@ class Extractor:
     # ------------------------------------------------------------------ checks
     def _validate(self, request: extractor_pb2.ExtractDirectionsRequest):
         opts = request.options
-        if opts.winsorize_quantile and not (0.5 < opts.winsorize_quantile < 1 and math.isfinite(opts.winsorize_quantile)):
+        quantile = opts.winsorize_quantile
+        if quantile and not (0.5 < quantile < 1 and math.isfinite(quantile)):
             raise InvalidArgument(f"options.winsorize_quantile must be 0 (off) or in (0.5, 1), "
                                   f"got {opts.winsorize_quantile}")
         if opts.winsorize_scope and opts.winsorize_scope not in WINSORIZE_SCOPES:

@@ -105,7 +105,8 @@ def test_bad_params_are_clear_errors():
     with pytest.raises(InvalidArgument, match="outside"):
         AblationParams.uniform(direction_index=9.0, n_layers=4).validate(4)
     with pytest.raises(InvalidArgument, match="unknown component"):
-        AblationParams.uniform(direction_index=1.0, n_layers=4, components=("attn.q_proj",)).validate(4, ["attn.o_proj"])
+        unknown = AblationParams.uniform(direction_index=1.0, n_layers=4, components=("attn.q_proj",))
+        unknown.validate(4, ["attn.o_proj"])
     bad = AblationParams(direction_index=1.0, components={"attn.o_proj": ComponentParams(float("inf"), 1, 0, 1)})
     with pytest.raises(InvalidArgument, match="finite"):
         bad.validate(4)
