@@ -4,11 +4,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from services.config import DEFAULT_DATA_DIR
+
 
 @dataclass
 class GatewayConfig:
     address: str = field(default="0.0.0.0:50050", metadata={"help": "host:port to listen on"})
-    storage_url: str = field(default="sqlite:///abliterate-gateway.db",
+    storage_url: str = field(default=f"sqlite:///{DEFAULT_DATA_DIR}/gateway.db",
                              metadata={"help": "job store: postgresql+psycopg://... or sqlite:///path"})
     extractor_address: str = field(default="127.0.0.1:50051", metadata={"help": "extractor host:port"})
     optimizer_address: str = field(default="127.0.0.1:50053", metadata={"help": "optimizer host:port"})

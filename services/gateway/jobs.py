@@ -25,6 +25,7 @@ from google.protobuf import json_format
 
 from abliterate.errors import AlreadyExists, InvalidArgument, NotFound
 from abliterate.v1 import common_pb2, extractor_pb2, gateway_pb2
+from services.config import ensure_sqlite_folder
 
 metadata = sa.MetaData()
 
@@ -149,6 +150,7 @@ def _row_to_record(row: Any) -> JobRecord:
 
 def _engine(url: str) -> sa.Engine:
     if url.startswith("sqlite"):
+        ensure_sqlite_folder(url)
         engine = sa.create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
 
         @sa.event.listens_for(engine, "connect")

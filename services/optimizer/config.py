@@ -5,17 +5,17 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from abliterate.rpc.limits import DEFAULT_MAX_MESSAGE_BYTES
-from services.config import load_config
+from services.config import DEFAULT_DATA_DIR, load_config
 
 
 @dataclass
 class OptimizerConfig:
     address: str = field(default="0.0.0.0:50053", metadata={"help": "host:port to listen on"})
-    storage_url: str = field(default="sqlite:///abliterate-optimizer.db",
+    storage_url: str = field(default=f"sqlite:///{DEFAULT_DATA_DIR}/optimizer.db",
                              metadata={"help": "Optuna storage: postgresql+psycopg://... or sqlite:///path"})
     evaluator_addresses: list[str] = field(default_factory=list,
                                            metadata={"help": "evaluators of every study, comma separated"})
-    blob_dir: str = field(default="abliterate-optimizer-data/directions",
+    blob_dir: str = field(default=f"{DEFAULT_DATA_DIR}/directions",
                           metadata={"help": "folder keeping direction-set bytes across restarts ('' = memory)"})
     max_message_bytes: int = field(default=DEFAULT_MAX_MESSAGE_BYTES, metadata={"help": "gRPC message limit"})
     auth_token: str | None = field(default=None, metadata={"help": "bearer token callers must send"})

@@ -37,6 +37,7 @@ from abliterate.errors import AlreadyExists, FailedPrecondition, InvalidArgument
 from abliterate.params import AblationParams
 from abliterate.rpc.convert import params_to_pb
 from abliterate.v1 import common_pb2
+from services.config import ensure_sqlite_folder
 from services.optimizer.search_space import SearchSpace
 
 log = logging.getLogger(__name__)
@@ -76,6 +77,7 @@ def open_storage(url: str) -> optuna.storages.RDBStorage:
         if storage is not None:
             return storage
         if url.startswith("sqlite"):
+            ensure_sqlite_folder(url)
             engine_kwargs: dict[str, Any] = {"connect_args": {"timeout": 60}}
         else:
             engine_kwargs = {"pool_pre_ping": True, "pool_size": 10, "max_overflow": 20}
