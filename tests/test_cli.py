@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 import time
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -45,8 +46,8 @@ def test_sampler_flags_reach_the_search_space():
     parse = cli.build_parser().parse_args
     spec = cli.build_spec(parse(["run", "m", "--n-startup-trials", "60", "--n-ei-candidates", "128"]))
     assert (spec.options.search_space.n_startup_trials, spec.options.search_space.n_ei_candidates) == (60, 128)
-    with pytest.raises(cli.InvalidArgument, match="--n-ei-candidates"):
-        cli.build_spec(parse(["run", "m", "--n-ei-candidates", "0"]))
+    with pytest.raises(SystemExit):  # the parser rejects it (tests/test_cli_flags.py checks the message)
+        parse(["run", "m", "--n-ei-candidates", "0"])
 
 
 def test_derived_name_is_stable_and_ignores_the_trial_target():
@@ -64,7 +65,7 @@ def test_submit_reads_a_toml_job_file(tmp_path):
     job_file.write_text('name = "from-file"\nmodel = "org/m"\nn_trials = 9\nharmful_train = ["how to x", "how to y"]\n'
                         'harmless_eval = "bundled:harmless_eval@train[:5]"\n[options]\nkl_tokens = 2\n')
     args = cli.build_parser().parse_args(["submit", "--file", str(job_file), "--seed", "4"])
-    spec = cli.build_spec(args, cli.tomllib.loads(job_file.read_text()))
+    spec = cli.build_spec(args, tomllib.loads(job_file.read_text()))
     assert spec.name == "from-file" and spec.model.source == "org/m" and spec.n_trials == 9 and spec.seed == 4
     assert list(spec.harmful_train.prompts) == ["how to x", "how to y"]
     assert spec.harmless_eval.split == "train[:5]" and spec.options.kl_tokens == 2
@@ -178,12 +179,11 @@ def test_run_embedded_on_a_tiny_model_completes_and_exports(tiny_model_dir, tmp_
     assert elapsed < 60, f"abliterate run took {elapsed:.0f}s"
 
 
-
 def test_run_rejects_bad_input_with_a_message_not_a_traceback(tmp_path, capsys):
     from abliterate.cli import main
 
     assert main(["run", str(tmp_path / "missing.gguf"), "--n-trials", "0", "--data-dir", str(tmp_path)]) == 2
-    assert "--n-trials must be >= 1" in capsys.readouterr().out
+    assert "argument --n-trials: must be an integer >= 1, got 0" in capsys.readouterr().err
     assert main(["run", str(tmp_path / "missing.gguf"), "--n-trials", "1", "--data-dir", str(tmp_path / "d")]) == 1
     out = capsys.readouterr().out
     assert "GGUF file not found" in out and "Traceback" not in out

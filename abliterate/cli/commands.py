@@ -1,0 +1,319 @@
+"""The subcommands of ``abliterate`` and :func:`main`, which turns every failure into a one-line message.
+
+The client commands (everything but ``run`` and ``serve``) never import torch; ``run`` and ``serve``
+import it lazily, once their input has been checked.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from rich.markup import escape
+
+from abliterate.cli.client import (
+    all_trials,
+    export_trial,
+    gateway_stub,
+    is_connection_failure,
+    no_gateway_message,
+    submit_or_resume,
+    watch,
+)
+from abliterate.cli.display import front_table, make_console, phase_label
+from abliterate.cli.parser import build_parser
+from abliterate.cli.plot import plot_trials, require_matplotlib
+from abliterate.cli.spec import build_spec, check_prompt_sets, derived_job_name, read_job_file
+from abliterate.errors import AbliterateError, InvalidArgument, Unavailable
+
+EXIT_INTERRUPTED = 130
+#: Commands that talk to a gateway at --gateway (run starts its own on loopback ports).
+CLIENT_COMMANDS = frozenset({"submit", "watch", "jobs", "trials", "export", "chat", "cancel", "resume"})
+#: Status codes of a job failure caused by its input: resuming the job runs the same input again.
+INPUT_ERROR_CODES = frozenset({"INVALID_ARGUMENT", "NOT_FOUND", "ALREADY_EXISTS", "OUT_OF_RANGE",
+                               "UNIMPLEMENTED", "PERMISSION_DENIED", "UNAUTHENTICATED"})
+
+
+def cmd_submit(args: argparse.Namespace, console: Any) -> int:
+    from abliterate.v1 import gateway_pb2
+
+    spec = build_spec(args, read_job_file(args.file) if args.file else None)
+    # Local prompt paths are read by the extractor on its own machine, so only what is the same
+    # everywhere (bundled sets, inline lists, split syntax) is checked here.
+    check_prompt_sets(spec, read_local_files=False)
+    stub = gateway_stub(args.gateway, args.token)
+    job = stub.SubmitJob(gateway_pb2.SubmitJobRequest(spec=spec)).job
+    console.print(f"job [bold]{job.name}[/bold] submitted: {job.id}")
+    if args.watch:
+        job = watch(stub, job.id, console)
+        return 0 if job.phase == gateway_pb2.JOB_PHASE_SUCCEEDED else 1
+    return 0
+
+
+def cmd_watch(args: argparse.Namespace, console: Any) -> int:
+    from abliterate.v1 import gateway_pb2
+
+    job = watch(gateway_stub(args.gateway, args.token), args.job, console, replay=args.replay)
+    console.print(f"job {job.name}: {phase_label(job.phase)}" + (f" ({escape(job.error)})" if job.error else ""))
+    return 0 if job.phase == gateway_pb2.JOB_PHASE_SUCCEEDED else 1
+
+
+def cmd_jobs(args: argparse.Namespace, console: Any) -> int:
+    from rich.table import Table
+
+    from abliterate.v1 import gateway_pb2
+
+    phases = []
+    for name in args.phase:
+        key = "JOB_PHASE_" + name.upper()
+        if key not in gateway_pb2.JobPhase.keys():
+            raise InvalidArgument(f"unknown phase {name!r}")
+        phases.append(gateway_pb2.JobPhase.Value(key))
+    listing = gateway_stub(args.gateway, args.token).ListJobs(gateway_pb2.ListJobsRequest(phases=phases,
+                                                                                          limit=args.limit))
+    table = Table(title=f"{listing.total} job(s)")
+    for column in ("name", "id", "phase", "trials", "selected", "model", "created"):
+        table.add_column(column)
+    for job in listing.jobs:
+        table.add_row(job.name, job.id[:12], phase_label(job.phase),
+                      f"{job.n_trials_complete}/{job.spec.n_trials}",
+                      str(job.auto_selected_trial) if job.HasField("auto_selected_trial") else "",
+                      job.spec.model.source, job.created_at.ToDatetime().strftime("%Y-%m-%d %H:%M:%S"))
+    console.print(table)
+    return 0
+
+
+def cmd_trials(args: argparse.Namespace, console: Any) -> int:
+    from google.protobuf import json_format
+
+    from abliterate.v1 import gateway_pb2
+
+    if args.plot:
+        require_matplotlib()  # before any call, so a missing extra is said at once
+    stub = gateway_stub(args.gateway, args.token)
+    request = gateway_pb2.GetParetoFrontRequest(job_id=args.job)
+    if args.kl_cap is not None:
+        request.kl_cap = args.kl_cap
+    front = stub.GetParetoFront(request).front
+    if args.json:
+        print(json_format.MessageToJson(front, preserving_proto_field_name=True))
+    else:
+        console.print(front_table(front))
+    if args.plot:
+        trials = all_trials(stub, args.job) or list(front.trials)
+        plot_trials(trials, front, args.plot)
+        console.print(f"plot written to {args.plot}")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace, console: Any) -> int:
+    result = export_trial(gateway_stub(args.gateway, args.token), args.job, args.output, args.trial, args.format,
+                          args.hub_repo, args.private, args.overwrite)
+    console.print(f"trial {result.trial_number} exported to {result.path} ({len(result.files)} files, "
+                  f"{result.bytes_written / 1e6:.1f} MB)" + (f"; {result.hub_url}" if result.hub_url else ""))
+    return 0
+
+
+def cmd_chat(args: argparse.Namespace, console: Any) -> int:
+    from abliterate.v1 import common_pb2, gateway_pb2
+
+    stub = gateway_stub(args.gateway, args.token)
+    history: list[Any] = []
+    if args.system:
+        history.append(common_pb2.ChatMessage(role="system", content=args.system))
+    scripted = list(args.message or [])
+    if not scripted:
+        console.print("chat: empty line or /quit to leave, /reset to start over")
+    while True:
+        if scripted:
+            text = scripted.pop(0)
+        elif args.message:
+            return 0
+        else:
+            try:
+                text = console.input("[bold green]you>[/bold green] ")
+            except EOFError:
+                return 0
+        if text.strip() in ("", "/quit", "/exit"):
+            return 0
+        if text.strip() == "/reset":
+            history = history[:1] if args.system else []
+            continue
+        history.append(common_pb2.ChatMessage(role="user", content=text))
+        request = gateway_pb2.GatewayServiceChatRequest(
+            job_id=args.job, messages=history, original_model=args.original,
+            options=common_pb2.GenerationOptions(max_new_tokens=args.max_new_tokens,
+                                                 temperature=args.temperature))
+        if args.trial is not None:
+            request.trial_number = args.trial
+        reply = []
+        console.print("[bold cyan]model>[/bold cyan] ", end="")
+        for chunk in stub.Chat(request):
+            reply.append(chunk.text)
+            console.out(chunk.text, end="", highlight=False)
+        console.print()
+        history.append(common_pb2.ChatMessage(role="assistant", content="".join(reply)))
+
+
+def cmd_cancel(args: argparse.Namespace, console: Any) -> int:
+    from abliterate.v1 import gateway_pb2
+
+    job = gateway_stub(args.gateway, args.token).CancelJob(gateway_pb2.CancelJobRequest(job_id=args.job)).job
+    console.print(f"job {job.name}: {phase_label(job.phase)}")
+    return 0
+
+
+def cmd_resume(args: argparse.Namespace, console: Any) -> int:
+    from abliterate.v1 import gateway_pb2
+
+    request = gateway_pb2.ResumeJobRequest(job_id=args.job)
+    if args.n_trials is not None:
+        request.n_trials = args.n_trials
+    job = gateway_stub(args.gateway, args.token).ResumeJob(request).job
+    console.print(f"job {job.name}: {phase_label(job.phase)}")
+    return 0
+
+
+def _log_to_file(path: Path) -> None:
+    """Embedded services log to a file in the data folder, keeping the terminal for progress."""
+    import logging
+
+    from abliterate.rpc.logging import JsonFormatter
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(path, encoding="utf-8")
+    handler.setFormatter(JsonFormatter("embedded"))
+    root = logging.getLogger()
+    root.addHandler(handler)
+    root.setLevel(logging.INFO)
+
+
+def resuming_can_help(job: Any) -> bool:
+    """False when the job FAILED on its input (INVALID_ARGUMENT, NOT_FOUND, ...): a resume runs it again.
+
+    The gateway stores a failure as ``CODE: message`` (``services/gateway/orchestrator.py``); a cancelled or
+    interrupted job, or one that failed on an unavailable service, may get further on the next attempt."""
+    from abliterate.v1 import gateway_pb2
+
+    if job.phase != gateway_pb2.JOB_PHASE_FAILED:
+        return True
+    code = job.error.split(":", 1)[0].strip()
+    return code not in INPUT_ERROR_CODES
+
+
+def cmd_run(args: argparse.Namespace, console: Any) -> int:
+    from abliterate.v1 import gateway_pb2
+
+    spec = build_spec(args)
+    check_prompt_sets(spec, read_local_files=True)  # before the (slow) model load
+    if args.device_map:
+        spec.model.device_map = args.device_map
+    if not spec.name:
+        spec.name = derived_job_name(spec)
+    from abliterate.embedded import Embedded  # torch, lazily
+
+    data_dir = Path(args.data_dir).expanduser().resolve()
+    _log_to_file(data_dir / "abliterate.log")
+    embedded = Embedded(spec.model, data_dir, batch_size=args.batch_size or 0)
+    try:
+        with console.status(f"loading {spec.model.source} ..."):
+            embedded.start()
+        stub = gateway_stub(embedded.gateway_address)
+        job = submit_or_resume(stub, spec, console)
+        if job.phase != gateway_pb2.JOB_PHASE_SUCCEEDED:
+            job = watch(stub, job.id, console)
+        if job.phase != gateway_pb2.JOB_PHASE_SUCCEEDED:
+            console.print(f"[red]job {job.name} ended {phase_label(job.phase)}"
+                          + (f": {escape(job.error)}" if job.error else ""))
+            if resuming_can_help(job):
+                console.print("run the same command again to resume it")
+            else:
+                console.print("resuming would fail the same way: fix the input and run again")
+            return 1
+        front = stub.GetParetoFront(gateway_pb2.GetParetoFrontRequest(job_id=job.id)).front
+        console.print(front_table(front))
+        if args.no_export:
+            return 0
+        output = args.output or str(data_dir / f"export-{job.name}")
+        with console.status(f"exporting to {output} ..."):
+            result = export_trial(stub, job.id, str(Path(output).expanduser().resolve()), args.trial,
+                                  overwrite=True)
+        console.print(f"[green]trial {result.trial_number} exported to {result.path}[/green] "
+                      f"({len(result.files)} files, {result.bytes_written / 1e6:.1f} MB)")
+        return 0
+    except KeyboardInterrupt:
+        console.print("\n[yellow]interrupted; completed trials are saved. Run the same command again "
+                      "to resume.[/yellow]")
+        try:
+            embedded.stop(grace_s=0)
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            # A trial in flight runs in a worker thread that cannot be interrupted: leave now.
+            os._exit(EXIT_INTERRUPTED)
+    finally:
+        embedded.stop()
+
+
+def cmd_serve(args: argparse.Namespace, console: Any) -> int:
+    rest = [arg for arg in args.args if arg != "--"]
+    if args.service == "gateway":
+        from services.gateway.__main__ import main as serve_main
+    elif args.service == "optimizer":
+        from services.optimizer.__main__ import main as serve_main
+    elif args.service == "extractor":
+        from services.extractor.__main__ import main as serve_main
+    elif args.service == "evaluator":
+        from services.evaluator.__main__ import main as serve_main
+    elif args.service == "torch":
+        from services.torch_host import main as serve_main
+    else:
+        from abliterate.embedded import serve_all as serve_main
+    return int(serve_main(rest) or 0)
+
+
+def cmd_vast(args: argparse.Namespace, console: Any) -> int:
+    from abliterate.vast.cli import run as vast_run
+
+    return vast_run(args)
+
+
+COMMANDS = {"run": cmd_run, "submit": cmd_submit, "watch": cmd_watch, "jobs": cmd_jobs, "trials": cmd_trials,
+            "export": cmd_export, "chat": cmd_chat, "cancel": cmd_cancel, "resume": cmd_resume,
+            "serve": cmd_serve, "vast": cmd_vast}
+
+
+def print_error(console: Any, message: str) -> None:
+    """``error: message`` on one line (a terminal wraps it; rich would otherwise break it at its width).
+
+    The message is escaped: it quotes user input such as ``train[:40]``, which rich would read as markup."""
+    console.print(f"[red]error:[/red] {escape(message)}", soft_wrap=True)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as exc:  # argparse has printed the usage error (exit 2) or the help (exit 0)
+        return exc.code if isinstance(exc.code, int) else 1
+    console = make_console()
+    try:
+        return COMMANDS[args.command](args, console)
+    except KeyboardInterrupt:
+        console.print("\n[yellow]interrupted[/yellow]")
+        return EXIT_INTERRUPTED
+    except Unavailable as exc:
+        connection_failed = args.command in CLIENT_COMMANDS and is_connection_failure(exc)
+        print_error(console, no_gateway_message(args.gateway) if connection_failed else str(exc))
+        return 1
+    except AbliterateError as exc:
+        print_error(console, str(exc))
+        return 2 if isinstance(exc, InvalidArgument) else 1
+    except Exception as exc:  # noqa: BLE001 - a user sees the cause; the traceback goes to the log
+        logging.getLogger("abliterate.cli").exception("command %s failed", args.command)
+        print_error(console, f"{type(exc).__name__}: {exc}")
+        return 1

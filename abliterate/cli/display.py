@@ -1,0 +1,139 @@
+"""What the client commands print: rich tables of jobs and Pareto fronts, and the live job progress."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+
+def make_console() -> Any:
+    from rich.console import Console
+
+    return Console(stderr=False, highlight=False)
+
+
+def phase_label(phase: int) -> str:
+    from abliterate.v1 import gateway_pb2
+
+    return gateway_pb2.JobPhase.Name(phase).removeprefix("JOB_PHASE_")
+
+
+def format_eta(seconds: float | None) -> str:
+    if seconds is None:
+        return "?"
+    seconds = int(max(0, seconds))
+    hours, rest = divmod(seconds, 3600)
+    minutes, secs = divmod(rest, 60)
+    if hours:
+        return f"{hours}h{minutes:02d}m"
+    return f"{minutes}m{secs:02d}s" if minutes else f"{secs}s"
+
+
+def _params_summary(params: Any) -> str:
+    from abliterate.v1 import common_pb2
+
+    scope = "per-layer" if params.direction_scope == common_pb2.DIRECTION_SCOPE_PER_LAYER else "global"
+    parts = [scope + (f"@{params.direction_index:.2f}" if params.HasField("direction_index")
+                      and scope == "global" else "")]
+    for name, kernel in sorted(params.components.items()):
+        parts.append(f"{name}={kernel.max_weight:.2f}@{kernel.max_weight_position:.1f}")
+    return " ".join(parts)
+
+
+def front_table(front: Any) -> Any:
+    from rich.table import Table
+
+    table = Table(title=f"Pareto front ({len(front.trials)} trials; KL cap {front.kl_cap:g})")
+    table.add_column("", width=1)
+    table.add_column("trial", justify="right")
+    table.add_column("refusals", justify="right")
+    table.add_column("KL", justify="right")
+    table.add_column("parameters")
+    chosen = front.auto_selected_trial if front.HasField("auto_selected_trial") else None
+    for trial in front.trials:
+        n_prompts = trial.scores.n_refusal_prompts
+        table.add_row("*" if trial.number == chosen else "", str(trial.number),
+                      f"{trial.scores.refusals}/{n_prompts}" if n_prompts else str(trial.scores.refusals),
+                      f"{trial.scores.kl:.4f}", _params_summary(trial.params))
+    table.caption = f"* auto-selected: {front.selection_rule}"
+    return table
+
+
+class JobWatcher:
+    """Follows a WatchJob stream with a rich progress display; returns the final phase."""
+
+    def __init__(self, console: Any) -> None:
+        self.console = console
+        self.phase = 0
+        self.n_complete = 0
+        self.n_trials = 0
+        self.best = ""
+        self.eta: float | None = None
+        self.error = ""
+
+    def follow(self, stream: Iterator[Any], job: Any) -> int:
+        from rich.markup import escape
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn
+
+        from abliterate.v1 import gateway_pb2
+
+        self.n_trials = job.spec.n_trials
+        self.n_complete = job.n_trials_complete
+        self.phase = job.phase
+        progress = Progress(SpinnerColumn(), TextColumn("[bold]{task.description}"), BarColumn(),
+                            MofNCompleteColumn(), TextColumn("{task.fields[info]}"), console=self.console,
+                            transient=False)
+        with progress:
+            task = progress.add_task(phase_label(self.phase), total=self.n_trials or None,
+                                     completed=self.n_complete, info="")
+            for response in stream:
+                event = response.event
+                if event.HasField("eta_s"):
+                    self.eta = event.eta_s
+                kind = event.WhichOneof("event")
+                if kind == "phase_changed":
+                    self.phase = event.phase_changed.current
+                    if event.phase_changed.previous != event.phase_changed.current:
+                        progress.console.print(f"phase {phase_label(self.phase)}"
+                                               + (f": {escape(event.phase_changed.message)}"
+                                                  if event.phase_changed.message else ""))
+                    else:  # the snapshot a watch starts with
+                        progress.console.print(f"job {job.name} is {phase_label(self.phase)} "
+                                               f"({self.n_complete}/{self.n_trials} trials)")
+                    if self.phase == gateway_pb2.JOB_PHASE_FAILED:
+                        self.error = event.phase_changed.message
+                elif kind == "progress":
+                    step = event.progress
+                    detail = f"{step.phase} {step.done}/{step.total}" if step.total else step.phase
+                    progress.update(task, info=f"{detail} {step.message}".strip()[:80])
+                elif kind == "trial_finished":
+                    finished = event.trial_finished
+                    self.n_complete = finished.n_complete
+                    self.n_trials = finished.n_trials or self.n_trials
+                    scores = finished.trial.scores
+                    progress.console.print(
+                        f"trial {finished.trial.number}: refusals {scores.refusals}/{scores.n_refusal_prompts}, "
+                        f"KL {scores.kl:.4f} ({finished.n_complete}/{finished.n_trials})")
+                elif kind == "trial_failed":
+                    failed = event.trial_failed
+                    progress.console.print(f"[yellow]trial {failed.number} failed: {escape(failed.error)}"
+                                           + (" (will retry)" if failed.will_retry else ""))
+                elif kind == "pareto_front":
+                    front = event.pareto_front
+                    if front.HasField("auto_selected_trial"):
+                        chosen = next((t for t in front.trials if t.number == front.auto_selected_trial), None)
+                        if chosen is not None:
+                            self.best = (f"best: #{chosen.number} refusals {chosen.scores.refusals}"
+                                         f"/{chosen.scores.n_refusal_prompts} KL {chosen.scores.kl:.3f}")
+                elif kind == "error":
+                    error = event.error
+                    style = "yellow" if error.recoverable else "red"
+                    progress.console.print(f"[{style}]{error.code}: {escape(error.message)}")
+                    if not error.recoverable:
+                        self.error = f"{error.code}: {error.message}"
+                eta = f"ETA {format_eta(self.eta)}" if self.phase == gateway_pb2.JOB_PHASE_OPTIMIZING else ""
+                info = " ".join(part for part in (self.best, eta) if part)
+                progress.update(task, description=phase_label(self.phase), total=self.n_trials or None,
+                                completed=self.n_complete, **({"info": info} if kind != "progress" else {}))
+        return self.phase
+

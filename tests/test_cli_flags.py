@@ -1,0 +1,80 @@
+"""``abliterate`` flags: the help text, and argparse-level range checks of every numeric flag."""
+
+from __future__ import annotations
+
+import pytest
+
+from abliterate import cli
+from abliterate.cli.parser import DESCRIPTION, UINT32_MAX, UINT64_MAX
+
+
+def test_help_opens_with_one_plain_line_saying_what_the_tool_does(capsys):
+    assert cli.main(["--help"]) == 0
+    out = capsys.readouterr().out
+    assert "``" not in out and "The ``abliterate`` command" not in out
+    description = " ".join(out.split("\n\n")[1].split())  # argparse wraps it at the terminal width
+    assert description == DESCRIPTION
+    assert DESCRIPTION.startswith("Find and remove a behavioural direction") and "\n" not in DESCRIPTION
+
+
+# (argv, the message argparse prints after "argument ")
+BAD_VALUES = [
+    # integers >= 1
+    (["run", "m", "--n-trials", "-3"], "--n-trials: must be an integer >= 1, got -3"),
+    (["run", "m", "--n-trials", "0"], "--n-trials: must be an integer >= 1, got 0"),
+    (["submit", "m", "--n-trials", "0"], "--n-trials: must be an integer >= 1, got 0"),
+    (["resume", "j", "--n-trials", "-1"], "--n-trials: must be an integer >= 1, got -1"),
+    (["run", "m", "--n-prompts", "0"], "--n-prompts: must be an integer >= 1, got 0"),
+    (["run", "m", "--max-new-tokens", "0"], "--max-new-tokens: must be an integer >= 1, got 0"),
+    (["run", "m", "--n-startup-trials", "0"], "--n-startup-trials: must be an integer >= 1, got 0"),
+    (["submit", "m", "--n-ei-candidates", "-1"], "--n-ei-candidates: must be an integer >= 1, got -1"),
+    (["run", "m", "--batch-size", "0"], "--batch-size: must be an integer >= 1, got 0"),
+    # integers >= 0
+    (["run", "m", "--trial", "-1"], "--trial: must be an integer >= 0, got -1"),
+    (["export", "j", "/out", "--trial", "-2"], "--trial: must be an integer >= 0, got -2"),
+    (["chat", "j", "--trial", "-1"], "--trial: must be an integer >= 0, got -1"),
+    (["jobs", "--limit", "-5"], "--limit: must be an integer >= 0, got -5"),
+    (["chat", "j", "--max-new-tokens", "-1"], "--max-new-tokens: must be an integer >= 0, got -1"),
+    (["run", "m", "--seed", "-1"], "--seed: must be an integer >= 0, got -1"),
+    # too large for the protobuf field
+    (["run", "m", "--seed", str(2**64)], f"--seed: must be an integer <= {UINT64_MAX}, got {2**64}"),
+    (["run", "m", "--n-trials", str(2**32)], f"--n-trials: must be an integer <= {UINT32_MAX}, got {2**32}"),
+    # not a number at all
+    (["run", "m", "--n-trials", "many"], "--n-trials: must be an integer, got 'many'"),
+    (["run", "m", "--seed", "1.5"], "--seed: must be an integer, got '1.5'"),
+    (["run", "m", "--kl-cap", "big"], "--kl-cap: must be a number, got 'big'"),
+    # numbers > 0
+    (["run", "m", "--kl-cap", "0"], "--kl-cap: must be a number > 0, got 0"),
+    (["submit", "m", "--kl-cap", "-0.5"], "--kl-cap: must be a number > 0, got -0.5"),
+    (["trials", "j", "--kl-cap", "0"], "--kl-cap: must be a number > 0, got 0"),
+    # numbers >= 0, finite
+    (["chat", "j", "--temperature", "-0.1"], "--temperature: must be a number >= 0, got -0.1"),
+    (["chat", "j", "--temperature", "inf"], "--temperature: must be a finite number, got inf"),
+    (["run", "m", "--kl-cap", "nan"], "--kl-cap: must be a finite number, got nan"),
+]
+
+
+@pytest.mark.parametrize(("argv", "message"), BAD_VALUES, ids=[" ".join(argv) for argv, _ in BAD_VALUES])
+def test_a_bad_number_is_a_usage_error_naming_the_flag(argv, message, capsys):
+    assert cli.main(argv) == 2
+    captured = capsys.readouterr()
+    assert f"argument {message}" in captured.err
+    assert "Traceback" not in captured.err + captured.out
+    assert "ValueError" not in captured.err + captured.out  # no protobuf range error leaking through
+
+
+def test_boundary_values_are_accepted_and_reach_the_spec():
+    parse = cli.build_parser().parse_args
+    spec = cli.build_spec(parse(["run", "m", "--seed", str(UINT64_MAX), "--n-trials", "1", "--n-prompts", "1",
+                                 "--kl-cap", "1e-6"]))
+    assert (spec.seed, spec.n_trials, spec.harmful_train.limit, spec.kl_cap) == (UINT64_MAX, 1, 1, 1e-6)
+    assert cli.build_spec(parse(["run", "m", "--seed", "0"])).HasField("seed")
+    assert parse(["jobs", "--limit", "0"]).limit == 0
+    chat = parse(["chat", "j", "--max-new-tokens", "0", "--temperature", "0", "--trial", "0"])
+    assert (chat.max_new_tokens, chat.temperature, chat.trial) == (0, 0.0, 0)
+
+
+def test_the_trial_target_defaults_to_200_for_run_and_submit():
+    parse = cli.build_parser().parse_args
+    assert cli.build_spec(parse(["run", "m"])).n_trials == 200
+    assert cli.build_spec(parse(["submit", "m"])).n_trials == 200
