@@ -121,7 +121,10 @@ class Embedded:
 
         from services.optimizer.dispatch import DispatchOptions
 
-        options = DispatchOptions(health_interval_s=2.0, busy_retry_s=0.5, max_message_bytes=self.max_message_bytes)
+        # One process on SQLite: a RUNNING trial found at start was left by an interrupted run, so
+        # a short grace period lets the resumed run re-enqueue it soon.
+        options = DispatchOptions(health_interval_s=2.0, busy_retry_s=0.5, max_message_bytes=self.max_message_bytes,
+                                  heartbeat_interval_s=2, grace_period_s=8)
         self.optimizer_servicer = OptimizerServicer(sqlite_url(self.data_dir / "optuna.db"),
                                                     blob_dir=str(self.data_dir / "directions"), options=options)
         server, port, health = build_server(

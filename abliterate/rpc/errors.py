@@ -35,6 +35,8 @@ from abliterate.errors import (
     Unavailable,
 )
 
+from abliterate.database import describe_outage, is_outage
+
 log = logging.getLogger(__name__)
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -90,6 +92,9 @@ def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
         code = STATUS_BY_ERROR.get(cls)
         if code is not None:
             return code, str(exc) or type(exc).__name__
+    if is_outage(exc):
+        # The database did not answer: the caller may retry, as for any other UNAVAILABLE.
+        return grpc.StatusCode.UNAVAILABLE, f"the database is unreachable: {describe_outage(exc)}"
     if is_out_of_memory(exc):
         cause = _short(exc)
         return grpc.StatusCode.RESOURCE_EXHAUSTED, f"out of memory: {cause}" if cause else "out of memory"

@@ -192,18 +192,22 @@ class RunStudyRequest(_message.Message):
     def __init__(self, study_name: _Optional[str] = ..., include_history: _Optional[bool] = ...) -> None: ...
 
 class TrialFinished(_message.Message):
-    __slots__ = ("trial", "pareto_front", "n_complete", "n_trials", "eta_s")
+    __slots__ = ("trial", "pareto_front", "n_complete", "n_trials", "eta_s", "front_trials", "n_failed")
     TRIAL_FIELD_NUMBER: _ClassVar[int]
     PARETO_FRONT_FIELD_NUMBER: _ClassVar[int]
     N_COMPLETE_FIELD_NUMBER: _ClassVar[int]
     N_TRIALS_FIELD_NUMBER: _ClassVar[int]
     ETA_S_FIELD_NUMBER: _ClassVar[int]
+    FRONT_TRIALS_FIELD_NUMBER: _ClassVar[int]
+    N_FAILED_FIELD_NUMBER: _ClassVar[int]
     trial: _common_pb2.Trial
     pareto_front: _containers.RepeatedScalarFieldContainer[int]
     n_complete: int
     n_trials: int
     eta_s: float
-    def __init__(self, trial: _Optional[_Union[_common_pb2.Trial, _Mapping]] = ..., pareto_front: _Optional[_Iterable[int]] = ..., n_complete: _Optional[int] = ..., n_trials: _Optional[int] = ..., eta_s: _Optional[float] = ...) -> None: ...
+    front_trials: _containers.RepeatedCompositeFieldContainer[_common_pb2.Trial]
+    n_failed: int
+    def __init__(self, trial: _Optional[_Union[_common_pb2.Trial, _Mapping]] = ..., pareto_front: _Optional[_Iterable[int]] = ..., n_complete: _Optional[int] = ..., n_trials: _Optional[int] = ..., eta_s: _Optional[float] = ..., front_trials: _Optional[_Iterable[_Union[_common_pb2.Trial, _Mapping]]] = ..., n_failed: _Optional[int] = ...) -> None: ...
 
 class TrialFailed(_message.Message):
     __slots__ = ("number", "evaluator", "error", "will_retry")

@@ -1,7 +1,7 @@
 """``python -m services.optimizer [--storage-url URL] [--address HOST:PORT] [--evaluator-addresses A,B]
 [--max-message-bytes N] [--blob-dir DIR] ...``: serve OptimizerService until SIGTERM.
 
-Health turns SERVING once the storage answers; SIGTERM/SIGINT stop the study
+Health is SERVING while the storage answers (checked every ``database_check_s``); SIGTERM/SIGINT stop the study
 loops (trials in flight get ``grace_s``; any still running are reclaimed by
 the next start) and then the server.
 """
@@ -28,23 +28,30 @@ def make_servicer(config: OptimizerConfig) -> OptimizerServicer:
         health_interval_s=config.health_interval_s, busy_retry_s=config.busy_retry_s,
         prepare_timeout_s=config.prepare_timeout_s, give_up_s=config.give_up_s,
         max_message_bytes=config.max_message_bytes, token=config.service_token or "",
+        heartbeat_interval_s=config.heartbeat_interval_s, grace_period_s=config.grace_period_s,
+        database_patience_s=config.database_patience_s,
     )
     return OptimizerServicer(config.storage_url, evaluator_addresses=config.evaluator_addresses,
                              blob_dir=config.blob_dir or None, options=options)
 
 
-def wait_for_storage(servicer: OptimizerServicer, health, stop: threading.Event, retry_s: float = 2.0) -> None:
-    """Set health SERVING once the storage answers (retrying until ``stop``)."""
+def watch_storage(servicer: OptimizerServicer, health, stop: threading.Event, period_s: float = 5.0) -> None:
+    """Health follows the database: SERVING while it answers, NOT_SERVING while it does not (checked
+    every ``period_s`` until ``stop``)."""
+    serving = None
     while not stop.is_set():
         try:
             servicer.connect()
+            reachable = True
         except Exception as exc:  # noqa: BLE001
-            log.warning("storage not reachable yet: %s", exc)
-            stop.wait(retry_s)
-            continue
-        health.set_serving()
-        log.info("storage reachable; serving")
-        return
+            reachable = False
+            log.warning("storage not reachable: %s", exc)
+        if reachable != serving:
+            health.set_serving(reachable)
+            log.info("storage %s; %s", "reachable" if reachable else "unreachable",
+                     "serving" if reachable else "NOT_SERVING")
+            serving = reachable
+        stop.wait(period_s if reachable else min(period_s, 2.0))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -63,7 +70,8 @@ def main(argv: list[str] | None = None) -> int:
     server.start()
     print(f"optimizer serving on port {port}", file=sys.stderr, flush=True)
     stop = threading.Event()
-    waiter = threading.Thread(target=wait_for_storage, args=(servicer, health, stop), daemon=True)
+    waiter = threading.Thread(target=watch_storage, args=(servicer, health, stop, config.database_check_s),
+                              daemon=True)
     waiter.start()
     try:
         # Loops first, so their last trials are told while the server still answers watchers.

@@ -26,6 +26,13 @@ class OptimizerConfig:
     give_up_s: float = field(default=900.0, metadata={"help": "a study with no usable evaluator this long fails"})
     workers: int = field(default=16, metadata={"help": "gRPC worker threads (each watcher holds one)"})
     grace_s: float = field(default=10.0, metadata={"help": "seconds trials in flight get at shutdown"})
+    heartbeat_interval_s: int = field(default=10, metadata={"help": "seconds between heartbeats of a trial "
+                                                                      "in flight (Optuna's RDB heartbeat)"})
+    grace_period_s: int = field(default=60, metadata={
+        "help": "seconds without a heartbeat before any optimizer of the study fails the trial and re-enqueues it"})
+    database_patience_s: float = field(default=600.0, metadata={
+        "help": "seconds a database call is retried through an outage before it fails"})
+    database_check_s: float = field(default=5.0, metadata={"help": "period of the database check behind health"})
     log_level: str = field(default="INFO", metadata={"help": "log level"})
 
 

@@ -44,15 +44,18 @@ import queue
 import threading
 import time
 import uuid
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import grpc
 import optuna
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from optuna.trial import TrialState
 
+from abliterate.database import DEFAULT_PATIENCE_S, StudyLock, retry_through_outage
 from abliterate.errors import InvalidArgument
 from abliterate.params import AblationParams
 from abliterate.rpc.channels import make_channel
@@ -64,7 +67,13 @@ from services.optimizer import study as st
 
 log = logging.getLogger(__name__)
 
+# The heartbeat is driven here (ask/tell), not by Study.optimize; both warnings say only that.
+warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used with Study.optimize")
+warnings.filterwarnings("ignore", message=r".*fail_stale_trials is experimental",
+                        category=optuna.exceptions.ExperimentalWarning)
+
 S = optimizer_pb2  # enum namespace
+T = TypeVar("T")
 
 
 @dataclass
@@ -91,6 +100,12 @@ class DispatchOptions:
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
     #: Bearer token sent to evaluators (empty: none).
     token: str = ""
+    #: Seconds between heartbeats of the trials in flight (Optuna's RDB heartbeat, whole seconds).
+    heartbeat_interval_s: int = st.DEFAULT_HEARTBEAT_INTERVAL_S
+    #: Seconds without a heartbeat before any optimizer of the study fails a trial and re-enqueues it.
+    grace_period_s: int = st.DEFAULT_GRACE_PERIOD_S
+    #: Seconds a storage call is retried through a database outage before the caller sees UNAVAILABLE.
+    database_patience_s: float = DEFAULT_PATIENCE_S
 
 
 class DirectionStore:
@@ -199,7 +214,13 @@ class EvaluatorWorker(threading.Thread):
             while not self.runner.worker_should_exit(self):
                 if not self._ensure_ready():
                     continue
-                item = self.runner.ask_next(self)
+                try:
+                    item = self.runner.ask_next(self)
+                except Exception as exc:  # noqa: BLE001 - e.g. the database stayed away: try again later
+                    log.warning("evaluator %s: no trial asked: %s", self.address, exc)
+                    self.last_error = f"cannot ask a trial: {exc}"
+                    self._sleep(self.options.busy_retry_s)
+                    continue
                 if item is None:
                     self._sleep(self.options.poll_s)
                     continue
@@ -386,17 +407,26 @@ class EvaluatorWorker(threading.Thread):
 
 
 class StudyRunner:
-    """The loop of one study in this process; several runs may follow each other."""
+    """The loop of one study in this process; several runs may follow each other.
 
-    def __init__(self, storage: optuna.storages.BaseStorage, name: str, directions: DirectionStore,
+    Several processes may run the same study (each with its own evaluators):
+    asks are serialised across them by :class:`~abliterate.database.StudyLock`
+    and never let COMPLETE plus RUNNING trials exceed ``n_trials``, and each
+    process heartbeats its own trials in flight, so a trial of a killed
+    optimizer is failed (and its parameters re-enqueued) by whichever
+    optimizer notices its stale heartbeat first.
+    """
+
+    def __init__(self, storage: optuna.storages.RDBStorage, name: str, directions: DirectionStore,
                  options: DispatchOptions, global_evaluators: Callable[[], list[str]] = list) -> None:
         self.storage = storage
         self.name = name
         self.directions = directions
         self.options = options
         self._global_evaluators = global_evaluators
-        self.study, self.settings = st.load_study(storage, name)
-        self._lock = threading.RLock()  # storage operations of this study (ask/tell/enqueue)
+        self.study, self.settings = self.storage_call(lambda: st.load_study(storage, name), "loading the study")
+        self._lock = threading.RLock()  # this process's storage writes of the study (ask/tell/enqueue)
+        self._study_lock = StudyLock(storage.engine, name)  # asks across processes
         self._state_lock = threading.Condition()
         self.state = S.STUDY_STATE_CREATED
         self.message = ""
@@ -406,14 +436,21 @@ class StudyRunner:
         self._abandoned: set[int] = set()
         self._target_reached = False
         self._workers: dict[str, EvaluatorWorker] = {}
-        self._in_flight: set[int] = set()
+        self._in_flight: dict[int, optuna.Trial] = {}  # trial number -> the trial this process runs
         self._flight_lock = threading.Lock()
         self._tell_lock = threading.Lock()
         self._subscribers: list[queue.Queue] = []
         self._sub_lock = threading.Lock()  # never held while taking another lock
         self._supervisor: threading.Thread | None = None
+        self._run_over = threading.Event()  # ends the heartbeat thread of a run
         self.run_id = ""
         self.last_done: optimizer_pb2.TrialEvent | None = None
+        st.stale_trial_handlers[name] = self._requeue_stale_trial
+
+    def storage_call(self, function: Callable[[], T], what: str, stop: threading.Event | None = None) -> T:
+        """``function()`` retried through a database outage (UNAVAILABLE once the patience runs out)."""
+        return retry_through_outage(function, what=f"study {self.name}: {what}",
+                                    patience_s=self.options.database_patience_s, stop=stop)
 
     # ------------------------------------------------------------ lifecycle
 
@@ -434,25 +471,29 @@ class StudyRunner:
             previous.join()  # a stopping run: let it end, then start anew
 
     def _start_locked(self) -> bool:
-        # Settings may have changed (n_trials, evaluator pool) through another runner.
-        self.study, self.settings = st.load_study(self.storage, self.name)
-        if self._count(TrialState.COMPLETE) >= self.settings.n_trials:
+        # Settings may have changed (n_trials, evaluator pool) through another runner or process.
+        self.study, self.settings = self.storage_call(lambda: st.load_study(self.storage, self.name),
+                                                      "loading the study")
+        n_complete = self.storage_call(lambda: self._count(TrialState.COMPLETE), "counting trials")
+        if n_complete >= self.settings.n_trials:
             self.state = S.STUDY_STATE_DONE
             return False
+        self.storage_call(lambda: self.study.set_user_attr("ever_run", True), "marking the study run")
         self.run_id = uuid.uuid4().hex
         self._stop.clear()
         self.wake.clear()
+        self._run_over = threading.Event()
         self._abandon = False
         self._abandoned = set()
         self._target_reached = False
         self.message = ""
         self.last_done = None
         self.state = S.STUDY_STATE_RUNNING
-        self.study.set_user_attr("ever_run", True)
-        self._reclaim_orphans()
         self._workers = {}
         for address in self.pool():
             self._spawn(address)
+        threading.Thread(target=self._keep_heartbeats, args=(self._run_over,), name=f"heartbeat-{self.name}",
+                         daemon=True).start()
         self._supervisor = threading.Thread(target=self._supervise, name=f"study-{self.name}", daemon=True)
         self._supervisor.start()
         return True
@@ -471,12 +512,17 @@ class StudyRunner:
 
     def add_evaluator(self, address: str) -> bool:
         """Add to the stored pool (and to the active run); False when it was there."""
-        with self._lock:
+
+        def add() -> bool:
             self.settings = st.StudySettings.from_attrs(self.study.user_attrs)
-            added = address not in self.settings.evaluator_addresses
-            if added:
-                self.settings.evaluator_addresses.append(address)
-                st.write_settings(self.study, self.settings)
+            if address in self.settings.evaluator_addresses:
+                return False
+            self.settings.evaluator_addresses.append(address)
+            st.write_settings(self.study, self.settings)
+            return True
+
+        with self._lock:
+            added = self.storage_call(add, "adding an evaluator")
         self.admit(address)
         return added
 
@@ -519,7 +565,44 @@ class StudyRunner:
             self._supervisor.join(timeout)
 
     def _supervise(self) -> None:
-        t0 = time.monotonic()
+        """Watch the workers until the target is reached, the run is stopped or no evaluator is usable;
+        then announce the end. Never dies silently: RunStudy callers wait for its "done"."""
+        started = time.monotonic()
+        failed = ""
+        try:
+            failed = self._watch_workers()
+        except Exception as exc:  # noqa: BLE001 - the "done" event below must still go out
+            log.exception("study %s supervisor failed", self.name)
+            failed = f"internal error in the study loop: {exc!r}"
+            self._stop.set()
+            self.wake.set()
+        try:
+            trials = self.storage_call(lambda: self.study.get_trials(deepcopy=False), "counting trials at the end")
+        except Exception as exc:  # noqa: BLE001 - the database stayed away: report what this process knows
+            log.warning("study %s: final counts unavailable: %s", self.name, exc)
+            trials = None
+        with self._state_lock:
+            counted = st.counts(trials or [])
+            if trials is not None and counted[TrialState.COMPLETE] >= self.settings.n_trials:
+                self.state, self.message = S.STUDY_STATE_DONE, ""
+            elif failed:
+                self.state, self.message = S.STUDY_STATE_FAILED, failed
+            elif trials is None:
+                self.state, self.message = S.STUDY_STATE_STOPPED, "stopped: the database is unreachable"
+            else:
+                self.state = S.STUDY_STATE_STOPPED
+                self.message = self.message or "stopped"
+            done = _now_event(done=optimizer_pb2.StudyDone(
+                state=self.state, n_complete=counted[TrialState.COMPLETE], n_failed=counted[TrialState.FAIL],
+                pareto_front=st.pareto_front(trials or []), message=self.message,
+                timings_s={"total": time.monotonic() - started}))
+            self.last_done = done
+            self._run_over.set()
+        log.info("study %s loop ended: %s %s", self.name, optimizer_pb2.StudyState.Name(self.state), self.message)
+        self._emit(done)
+
+    def _watch_workers(self) -> str:
+        """Poll the workers until the run ends; why it failed ("" when it did not)."""
         unusable_since = time.monotonic()
         failed = ""
         while True:
@@ -528,7 +611,7 @@ class StudyRunner:
                 alive = [w for w in workers if w.is_alive()]
                 if self._target_reached or self._stop.is_set():
                     if not alive:
-                        break
+                        return failed
                 usable = [w for w in alive if not w.disabled and w.state != S.EVALUATOR_STATE_UNREACHABLE]
                 if usable or self._in_flight:
                     unusable_since = time.monotonic()
@@ -543,25 +626,45 @@ class StudyRunner:
                     self._stop.set()
                     self.wake.set()
             if not alive and (self._stop.is_set() or self._target_reached):
-                break
+                return failed
             time.sleep(self.options.poll_s)
-        trials = self.study.get_trials(deepcopy=False)
-        c = st.counts(trials)
-        with self._state_lock:
-            if c[TrialState.COMPLETE] >= self.settings.n_trials:
-                self.state, self.message = S.STUDY_STATE_DONE, ""
-            elif failed:
-                self.state, self.message = S.STUDY_STATE_FAILED, failed
-            else:
-                self.state = S.STUDY_STATE_STOPPED
-                self.message = self.message or "stopped"
-            done = _now_event(done=optimizer_pb2.StudyDone(
-                state=self.state, n_complete=c[TrialState.COMPLETE], n_failed=c[TrialState.FAIL],
-                pareto_front=st.pareto_front(trials), message=self.message,
-                timings_s={"total": time.monotonic() - t0}))
-            self.last_done = done
-        log.info("study %s loop ended: %s %s", self.name, optimizer_pb2.StudyState.Name(self.state), self.message)
-        self._emit(done)
+
+    # ------------------------------------------------------------ heartbeats
+
+    def _keep_heartbeats(self, run_over: threading.Event) -> None:
+        """Every heartbeat interval: heartbeat this process's trials in flight, then let Optuna fail the
+        study's stale ones (their optimizer died); :meth:`_requeue_stale_trial` re-enqueues those."""
+        while True:
+            try:
+                self.beat_and_reclaim()
+            except Exception as exc:  # noqa: BLE001 - a database blip: the next beat tries again
+                log.warning("study %s: heartbeat failed: %s", self.name, exc)
+            if run_over.wait(self.options.heartbeat_interval_s):
+                return
+
+    def beat_and_reclaim(self) -> None:
+        # Own trials first: after a long outage they are refreshed before anything is judged stale.
+        with self._flight_lock:
+            in_flight = list(self._in_flight.values())
+        for trial in in_flight:
+            try:
+                self.storage.record_heartbeat(trial._trial_id)  # noqa: SLF001 - the id Optuna's loop uses too
+            except optuna.exceptions.UpdateFinishedTrialError:
+                pass  # told between the snapshot and the beat
+        with self._lock:
+            optuna.storages.fail_stale_trials(self.study)
+
+    def _requeue_stale_trial(self, study: optuna.Study, frozen: optuna.trial.FrozenTrial) -> None:
+        """Optuna failed ``frozen`` for a stale heartbeat: record why and run its parameters again."""
+        error = st.STALE_TRIAL_ERROR  # a finished trial takes no attribute: trial_to_pb says this for it
+        log.warning("study %s: trial %d has no heartbeat; failed and re-enqueued", self.name, frozen.number)
+        address = frozen.user_attrs.get("evaluator", "")
+        self._emit(_now_event(trial_failed=optimizer_pb2.TrialFailed(
+            number=frozen.number, evaluator=address, error=error, will_retry=True)))
+        attempt = int(frozen.user_attrs.get("attempt", 0)) + 1
+        new_number = self._enqueue_retry(frozen, attempt)
+        self._emit(_now_event(trial_retried=optimizer_pb2.TrialRetried(
+            failed_number=frozen.number, new_number=new_number, attempt=attempt)))
 
     # ------------------------------------------------------------ workers' calls
 
@@ -591,29 +694,53 @@ class StudyRunner:
         return len(self.study.get_trials(deepcopy=False, states=states))
 
     def ask_next(self, worker: EvaluatorWorker) -> tuple[optuna.Trial, AblationParams] | None:
-        with self._lock:
-            if self._stop.is_set():
-                return None
-            trials = self.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.RUNNING))
-            n_complete = sum(1 for t in trials if t.state == TrialState.COMPLETE)
-            if n_complete >= self.settings.n_trials:
-                self._target_reached = True
-                self.wake.set()
-                return None
-            if len(trials) >= self.settings.n_trials:
-                return None  # the rest is in flight; wait in case one fails
-            trial = self.study.ask()
-            space = self.settings.search_space
-            sampled = space.suggest(trial)
-            stored = trial.user_attrs.get("params")
-            params = AblationParams.from_dict(stored) if stored else sampled
-            trial.set_user_attr("params", params.to_dict())
-            trial.set_user_attr("evaluator", worker.address)
-            trial.set_user_attr("run_id", self.run_id)
-            with self._flight_lock:
-                self._in_flight.add(trial.number)
-            log.info("trial %d -> %s", trial.number, worker.address)
-            return trial, params
+        """The next trial for ``worker`` and its parameters, or None (target reached or all in flight).
+
+        Asked under the study lock, so two optimizers cannot both take the last slot, and sampled
+        under this process's lock, so the seeded sampler draws in trial order. A retry after a
+        database blip continues with the trial already asked (never asks a second one).
+        """
+        if self._stop.is_set():
+            return None
+        asked: list[optuna.Trial] = []
+
+        def ask() -> tuple[optuna.Trial, AblationParams] | None:
+            with self._lock:
+                if not asked:
+                    with self._study_lock.held():
+                        trials = self.study.get_trials(deepcopy=False,
+                                                       states=(TrialState.COMPLETE, TrialState.RUNNING))
+                        n_complete = sum(1 for t in trials if t.state == TrialState.COMPLETE)
+                        if n_complete >= self.settings.n_trials:
+                            self._target_reached = True
+                            self.wake.set()
+                            return None
+                        if len(trials) >= self.settings.n_trials:
+                            return None  # the rest is in flight (here or elsewhere); wait in case one fails
+                        asked.append(self.study.ask())
+                    with self._flight_lock:
+                        self._in_flight[asked[0].number] = asked[0]
+                trial = asked[0]
+                # At once: a trial without any heartbeat is never judged stale.
+                self.storage.record_heartbeat(trial._trial_id)  # noqa: SLF001 - the id Optuna's loop uses too
+                sampled = self.settings.search_space.suggest(trial)
+                stored = trial.user_attrs.get("params")
+                params = AblationParams.from_dict(stored) if stored else sampled
+                trial.set_user_attr("params", params.to_dict())
+                trial.set_user_attr("evaluator", worker.address)
+                trial.set_user_attr("run_id", self.run_id)
+                return trial, params
+
+        try:
+            item = self.storage_call(ask, "asking a trial", stop=self._stop)
+        except BaseException:
+            if asked:  # no longer heartbeaten here: it goes stale and is re-enqueued
+                with self._flight_lock:
+                    self._in_flight.pop(asked[0].number, None)
+            raise
+        if item is not None:
+            log.info("trial %d -> %s", item[0].number, worker.address)
+        return item
 
     def complete_trial(self, worker: EvaluatorWorker, trial: optuna.Trial,
                        response: evaluator_pb2.EvaluateTrialResponse, *, rpc_s: float, lease_s: float) -> None:
@@ -622,26 +749,38 @@ class StudyRunner:
         timings.update({f"call_{k}": float(v) for k, v in response.timings_s.items()})
         timings["rpc"] = rpc_s
         timings["lease"] = lease_s
+        if trial.number in self._abandoned:
+            with self._flight_lock:
+                self._in_flight.pop(trial.number, None)
+            return
+
+        def tell() -> bool:
+            try:
+                trial.set_user_attr("timings", timings)
+                trial.set_user_attr("n_refusal_prompts", int(scores.n_refusal_prompts))
+                trial.set_user_attr("n_kl_prompts", int(scores.n_kl_prompts))
+                self.study.tell(trial, [float(scores.kl), float(scores.refusals)], skip_if_finished=True)
+            except optuna.exceptions.UpdateFinishedTrialError:
+                return False
+            return True
+
         # Not under the study lock: a tell need not wait for another evaluator's ask.
-        with self._flight_lock:
-            self._in_flight.discard(trial.number)
-            if trial.number in self._abandoned:
-                return
         with self._tell_lock:  # tells in order, so the events count up
-            trial.set_user_attr("timings", timings)
-            trial.set_user_attr("n_refusal_prompts", int(scores.n_refusal_prompts))
-            trial.set_user_attr("n_kl_prompts", int(scores.n_kl_prompts))
-            self.study.tell(trial, [float(scores.kl), float(scores.refusals)], skip_if_finished=True)
-            trials = self.study.get_trials(deepcopy=False)
-            front = st.pareto_front(trials)
+            # Retried through an outage, heartbeats still going: a scored trial is not thrown away.
+            told = self.storage_call(tell, f"telling trial {trial.number}")
+            with self._flight_lock:
+                self._in_flight.pop(trial.number, None)
+            trials = self.storage_call(lambda: self.study.get_trials(deepcopy=False), "reading trials")
+            frozen = next(t for t in trials if t.number == trial.number)
+            if not told or frozen.state != TrialState.COMPLETE:
+                log.warning("trial %d was failed elsewhere (stale heartbeat) before its score arrived; "
+                            "its re-enqueued copy runs instead", trial.number)
+                return
             n_complete = sum(1 for t in trials if t.state == TrialState.COMPLETE)
             if n_complete >= self.settings.n_trials:
                 self._target_reached = True
                 self.wake.set()
-            frozen = next(t for t in trials if t.number == trial.number)
-            event = _now_event(trial_finished=optimizer_pb2.TrialFinished(
-                trial=st.trial_to_pb(frozen, self.settings.search_space, set(front)),
-                pareto_front=front, n_complete=n_complete, n_trials=self.settings.n_trials))
+            event = _now_event(trial_finished=st.trial_finished(frozen, trials, self.settings))
             eta = st.eta_seconds(trials, self.settings.n_trials, self.parallelism())
             if eta is not None:
                 event.trial_finished.eta_s = eta
@@ -653,19 +792,24 @@ class StudyRunner:
         with self._lock:
             self._fail_locked(worker, number, error, retry=retry)
 
-    def _fail_locked(self, worker: EvaluatorWorker | None, number: int, error: str, *, retry: bool,
-                     ignore_retry_limit: bool = False) -> None:
+    def _fail_locked(self, worker: EvaluatorWorker | None, number: int, error: str, *, retry: bool) -> None:
         with self._flight_lock:
-            self._in_flight.discard(number)
-        frozen = self.study._storage.get_trial(  # noqa: SLF001
-            self.study._storage.get_trial_id_from_study_id_trial_number(self.study._study_id, number))  # noqa: SLF001
-        if frozen.state.is_finished():
+            trial = self._in_flight.pop(number, None)
+
+        def fail() -> optuna.trial.FrozenTrial | None:
+            frozen = next((t for t in self.study.get_trials(deepcopy=False) if t.number == number), None)
+            if frozen is None or frozen.state.is_finished():
+                return None
+            st.set_trial_attr(self.study, frozen, "error", error)
+            self.study.tell(trial if trial is not None else number, state=TrialState.FAIL, skip_if_finished=True)
+            return frozen
+
+        frozen = self.storage_call(fail, f"failing trial {number}")
+        if frozen is None:
             return
-        st.set_trial_attr(self.study, frozen, "error", error)
-        self.study.tell(number, state=TrialState.FAIL, skip_if_finished=True)
         attempt = int(frozen.user_attrs.get("attempt", 0))
         # Also while stopping: the WAITING trial waits for the next run.
-        will_retry = retry and (ignore_retry_limit or attempt < self.settings.max_trial_retries)
+        will_retry = retry and attempt < self.settings.max_trial_retries
         address = worker.address if worker else frozen.user_attrs.get("evaluator", "")
         log.warning("trial %d failed on %s: %s%s", number, address, error, " (re-enqueued)" if will_retry else "")
         self._emit(_now_event(trial_failed=optimizer_pb2.TrialFailed(
@@ -680,21 +824,12 @@ class StudyRunner:
                  "warm_start": bool(frozen.user_attrs.get("warm_start", False))}
         if frozen.user_attrs.get("params"):
             attrs["params"] = frozen.user_attrs["params"]
-        self.study.enqueue_trial(dict(frozen.params), user_attrs=attrs)
-        waiting = [t for t in self.study.get_trials(deepcopy=False, states=(TrialState.WAITING,))
-                   if t.user_attrs.get("retry_of") == frozen.number]
+        self.storage_call(lambda: self.study.enqueue_trial(dict(frozen.params), user_attrs=attrs),
+                          f"re-enqueueing trial {frozen.number}")
+        waiting = [t for t in self.storage_call(
+            lambda: self.study.get_trials(deepcopy=False, states=(TrialState.WAITING,)), "reading trials")
+            if t.user_attrs.get("retry_of") == frozen.number]
         return max(t.number for t in waiting) if waiting else 0
-
-    def _reclaim_orphans(self) -> None:
-        """FAIL and re-enqueue RUNNING trials left by a loop that is gone (killed optimizer)."""
-        with self._lock:
-            for t in self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-                if t.number in self._in_flight:
-                    continue
-                log.warning("study %s: trial %d was RUNNING without a live loop; failing and re-enqueueing",
-                            self.name, t.number)
-                self._fail_locked(None, t.number, "interrupted: the optimizer running it stopped",
-                                  retry=True, ignore_retry_limit=True)
 
     # ------------------------------------------------------------ events and views
 

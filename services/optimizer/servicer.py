@@ -75,7 +75,7 @@ class OptimizerServicer(optimizer_pb2_grpc.OptimizerServiceServicer):
 
     @property
     def storage(self):
-        return st.open_storage(self.storage_url)
+        return st.open_storage(self.storage_url, self.options.heartbeat_interval_s, self.options.grace_period_s)
 
     def connect(self) -> None:
         """Open the storage and check it answers (raises Unavailable otherwise)."""
@@ -274,8 +274,7 @@ class OptimizerServicer(optimizer_pb2_grpc.OptimizerServiceServicer):
         q = runner.subscribe()
         try:
             if request.include_history:
-                trials = runner.study.get_trials(deepcopy=False)
-                front = st.pareto_front(trials)
+                trials = runner.storage_call(lambda: runner.study.get_trials(deepcopy=False), "reading history")
                 n_complete = 0
                 for t in sorted(trials, key=lambda t: t.number):
                     if t.state != TrialState.COMPLETE:
@@ -283,11 +282,9 @@ class OptimizerServicer(optimizer_pb2_grpc.OptimizerServiceServicer):
                     n_complete += 1
                     yield optimizer_pb2.RunStudyResponse(event=optimizer_pb2.TrialEvent(
                         time=st.timestamp(t.datetime_complete),
-                        trial_finished=optimizer_pb2.TrialFinished(
-                            trial=st.trial_to_pb(t, runner.settings.search_space, set(front)),
-                            pareto_front=front, n_complete=n_complete, n_trials=runner.settings.n_trials)))
+                        trial_finished=st.trial_finished(t, trials, runner.settings, n_complete=n_complete)))
             if not runner.start():
-                trials = runner.study.get_trials(deepcopy=False)
+                trials = runner.storage_call(lambda: runner.study.get_trials(deepcopy=False), "counting trials")
                 c = st.counts(trials)
                 yield optimizer_pb2.RunStudyResponse(event=optimizer_pb2.TrialEvent(
                     time=st.timestamp(), done=optimizer_pb2.StudyDone(

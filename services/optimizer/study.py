@@ -26,6 +26,7 @@ import random
 import threading
 import warnings
 from dataclasses import dataclass, field
+from collections.abc import Callable
 from typing import Any
 
 import optuna
@@ -33,10 +34,11 @@ from google.protobuf import json_format
 from google.protobuf.timestamp_pb2 import Timestamp
 from optuna.trial import FrozenTrial, TrialState
 
+from abliterate import database
 from abliterate.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, Unavailable
 from abliterate.params import AblationParams
 from abliterate.rpc.convert import params_to_pb
-from abliterate.v1 import common_pb2
+from abliterate.v1 import common_pb2, optimizer_pb2
 from services.config import ensure_sqlite_folder
 from services.optimizer.search_space import SearchSpace
 
@@ -61,31 +63,61 @@ STATE_FROM_PB = {v: k for k, v in STATE_TO_PB.items()}
 
 # ---------------------------------------------------------------- storage
 
-_storages: dict[str, optuna.storages.RDBStorage] = {}
+_storages: dict[tuple[str, int, int], optuna.storages.RDBStorage] = {}
 _storages_lock = threading.Lock()
 
+#: Seconds between heartbeats of a trial in flight, and without one before any optimizer fails it.
+DEFAULT_HEARTBEAT_INTERVAL_S = 10
+DEFAULT_GRACE_PERIOD_S = 60
 
-def open_storage(url: str) -> optuna.storages.RDBStorage:
+#: Why a trial Optuna failed for a stale heartbeat failed.
+STALE_TRIAL_ERROR = "interrupted: the optimizer running it stopped (no heartbeat within the grace period)"
+
+#: study name -> what to do with a trial Optuna failed for a stale heartbeat (set by the study's runner).
+stale_trial_handlers: dict[str, Callable[[optuna.Study, FrozenTrial], None]] = {}
+
+
+def _on_stale_trial(study: optuna.Study, trial: FrozenTrial) -> None:
+    """Optuna's heartbeat-stale callback: the trial's optimizer died; its runner here re-enqueues it."""
+    handler = stale_trial_handlers.get(study.study_name)
+    if handler is not None:
+        handler(study, trial)
+    else:  # no runner of this study in this process (cannot happen: only runners fail stale trials)
+        log.warning("stale trial %d of study %s has no handler", trial.number, study.study_name)
+
+
+def open_storage(url: str, heartbeat_interval_s: int = DEFAULT_HEARTBEAT_INTERVAL_S,
+                 grace_period_s: int = DEFAULT_GRACE_PERIOD_S) -> optuna.storages.RDBStorage:
     """An RDB storage for ``url`` (``postgresql+psycopg://...`` or ``sqlite:///path``), one per URL.
 
-    Creates the tables when missing; UNAVAILABLE when the database cannot be reached.
+    Optuna's heartbeat is on: a trial in flight is heartbeaten by the optimizer
+    running it, and any optimizer fails (and re-enqueues) a trial whose last
+    heartbeat is older than ``grace_period_s``. Creates the tables when missing;
+    UNAVAILABLE when the database cannot be reached.
     """
     if not url:
         raise InvalidArgument("no storage URL configured")
+    key = (url, int(heartbeat_interval_s), int(grace_period_s))
     with _storages_lock:
-        storage = _storages.get(url)
+        storage = _storages.get(key)
         if storage is not None:
             return storage
         if url.startswith("sqlite"):
             ensure_sqlite_folder(url)
             engine_kwargs: dict[str, Any] = {"connect_args": {"timeout": 60}}
         else:
-            engine_kwargs = {"pool_pre_ping": True, "pool_size": 10, "max_overflow": 20}
+            # pre-ping: a connection the database dropped (restart, outage) is replaced, not used.
+            engine_kwargs = {"pool_pre_ping": True, "pool_size": 10, "max_overflow": 20,
+                             "connect_args": {"connect_timeout": 10}}
         try:
-            storage = optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                storage = optuna.storages.RDBStorage(
+                    url, engine_kwargs=engine_kwargs, heartbeat_interval=int(heartbeat_interval_s),
+                    grace_period=int(grace_period_s), heartbeat_stale_trial_callback=_on_stale_trial)
         except Exception as exc:  # noqa: BLE001 - sqlalchemy/driver errors vary
             raise Unavailable(f"storage {_redact(url)} is not reachable: {exc}") from exc
-        _storages[url] = storage
+        _storages[key] = storage
         return storage
 
 
@@ -100,7 +132,7 @@ def _redact(url: str) -> str:
 
 def ping_storage(storage: optuna.storages.RDBStorage) -> None:
     """Raise when the database does not answer."""
-    storage.get_all_studies()
+    database.ping(storage.engine)
 
 
 # ---------------------------------------------------------------- settings
@@ -312,7 +344,8 @@ def trial_to_pb(trial: FrozenTrial, space: SearchSpace, front: set[int]) -> comm
         state=STATE_TO_PB.get(trial.state, common_pb2.TRIAL_STATE_UNSPECIFIED),
         evaluator=attrs.get("evaluator", "") if trial.state != TrialState.WAITING else "",
         on_pareto_front=trial.number in front,
-        error=attrs.get("error", "") if trial.state == TrialState.FAIL else "",
+        # Our own failures record why; a FAIL without a reason was failed by Optuna's heartbeat check.
+        error=attrs.get("error", STALE_TRIAL_ERROR) if trial.state == TrialState.FAIL else "",
         warm_start=bool(attrs.get("warm_start", False)),
     )
     params = trial_params(trial, space)
@@ -332,3 +365,19 @@ def trial_to_pb(trial: FrozenTrial, space: SearchSpace, front: set[int]) -> comm
             timings_s={k: float(v) for k, v in (attrs.get("timings") or {}).items()},
         ))
     return msg
+
+
+def trial_finished(trial: FrozenTrial, trials: list[FrozenTrial], settings: StudySettings,
+                   n_complete: int | None = None) -> optimizer_pb2.TrialFinished:
+    """The event of a COMPLETE ``trial`` given every trial of the study: the front's numbers and trials,
+    the counts (``n_complete`` overrides the count, for replayed history) and no ETA."""
+    front = pareto_front(trials)
+    on_front = set(front)
+    by_number = {t.number: t for t in trials}
+    space = settings.search_space
+    counted = counts(trials)
+    return optimizer_pb2.TrialFinished(
+        trial=trial_to_pb(trial, space, on_front), pareto_front=front,
+        front_trials=[trial_to_pb(by_number[number], space, on_front) for number in front],
+        n_complete=counted[TrialState.COMPLETE] if n_complete is None else n_complete,
+        n_trials=settings.n_trials, n_failed=counted[TrialState.FAIL])

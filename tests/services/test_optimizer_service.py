@@ -24,6 +24,7 @@ from abliterate.params import AblationParams, ComponentParams, DirectionScope
 from abliterate.rpc import build_server
 from abliterate.rpc.convert import params_from_pb, params_to_pb
 from abliterate.v1 import common_pb2, optimizer_pb2, optimizer_pb2_grpc
+from services.optimizer import study as st
 from services.optimizer.dispatch import DispatchOptions
 from services.optimizer.search_space import SearchSpace
 from services.optimizer.servicer import OptimizerServicer
@@ -33,7 +34,8 @@ ROOT = Path(__file__).resolve().parents[2]
 PG_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
 N_LAYERS = 4
 FAST = DispatchOptions(health_interval_s=0.2, health_timeout_s=1.0, busy_retry_s=0.1, poll_s=0.05,
-                       give_up_s=20.0, rpc_timeout_s=5.0, prepare_timeout_s=10.0)
+                       give_up_s=20.0, rpc_timeout_s=5.0, prepare_timeout_s=10.0, heartbeat_interval_s=1,
+                       grace_period_s=2)
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -286,7 +288,7 @@ def _expected_scores(trial: common_pb2.Trial) -> tuple[float, int]:
     return fake_scores(params_from_pb(trial.params))
 
 
-def test_resume_after_stop_and_restart_reclaims_orphans(pg_url, evaluators, tmp_path):
+def test_resume_after_stop_and_restart_reclaims_stale_trials(pg_url, evaluators, tmp_path):
     a, b = evaluators
     name = unique("resume")
     opt = Optimizer(pg_url, tmp_path / "blobs")
@@ -301,10 +303,12 @@ def test_resume_after_stop_and_restart_reclaims_orphans(pg_url, evaluators, tmp_
     finally:
         opt.close()
 
-    # A killed optimizer leaves a RUNNING trial behind.
-    study = optuna.load_study(study_name=name, storage=pg_url)
+    # A killed optimizer leaves a RUNNING trial behind, heartbeaten once (as every asked trial is).
+    storage = st.open_storage(pg_url, FAST.heartbeat_interval_s, FAST.grace_period_s)
+    study = optuna.load_study(study_name=name, storage=storage)
     space = SearchSpace.from_dict(study.user_attrs["settings"]["search_space"])
     orphan = study.ask()
+    storage.record_heartbeat(orphan._trial_id)
     orphan_params = space.suggest(orphan)
     orphan.set_user_attr("params", orphan_params.to_dict())
     orphan.set_user_attr("evaluator", "127.0.0.1:1")
