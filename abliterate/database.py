@@ -10,6 +10,7 @@ delays a job instead of failing it:
 - :func:`retry_through_outage` calls a function again with exponential
   back-off (tenacity) while it fails that way, for at most ``patience_s``
   seconds, then raises :class:`~abliterate.errors.Unavailable`;
+- :func:`watch_database` keeps a service's health in step with its database;
 - :class:`StudyLock` serialises a critical section across every process that
   works on one study (a Postgres advisory lock; a process lock on SQLite,
   which serves one process).
@@ -107,6 +108,26 @@ def ping(engine: sa.engine.Engine) -> None:
     """Raise when the database does not answer a trivial query."""
     with engine.connect() as connection:
         connection.execute(sa.text("SELECT 1"))
+
+
+def watch_database(check: Callable[[], None], set_serving: Callable[[bool], None], stop: threading.Event,
+                   period_s: float = 5.0, name: str = "database") -> None:
+    """Until ``stop``: call ``check()`` every ``period_s`` seconds (every 1 s while it fails) and report
+    ``set_serving(True)`` while it answers, ``set_serving(False)`` while it raises."""
+    serving: bool | None = None
+    while not stop.is_set():
+        try:
+            check()
+            reachable = True
+        except Exception as exc:  # noqa: BLE001 - any failure means "not serving"
+            reachable = False
+            log.warning("%s not reachable: %s", name, describe_outage(exc))
+        if reachable != serving:
+            set_serving(reachable)
+            log.info("%s %s: health %s", name, "reachable" if reachable else "unreachable",
+                     "SERVING" if reachable else "NOT_SERVING")
+            serving = reachable
+        stop.wait(period_s if reachable else min(period_s, 1.0))
 
 
 class StudyLock:

@@ -25,6 +25,7 @@ from typing import Any, TypeVar
 
 import grpc
 
+from abliterate.database import describe_outage, is_outage
 from abliterate.errors import (
     AbliterateError,
     AlreadyExists,
@@ -34,8 +35,6 @@ from abliterate.errors import (
     ResourceExhausted,
     Unavailable,
 )
-
-from abliterate.database import describe_outage, is_outage
 
 log = logging.getLogger(__name__)
 

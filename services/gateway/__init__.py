@@ -9,7 +9,9 @@ beside the other services.
 from __future__ import annotations
 
 import logging
+import threading
 
+from abliterate.database import DEFAULT_PATIENCE_S, watch_database
 from abliterate.rpc import build_server, serve_until_signal
 from abliterate.v1 import gateway_pb2_grpc
 from services.gateway.config import GatewayConfig
@@ -40,12 +42,16 @@ class Gateway:
         grace_s: float = 5.0,
         watch_poll_s: float = 1.0,
         retry_window_s: float = 600.0,
+        database_patience_s: float = DEFAULT_PATIENCE_S,
+        database_check_s: float = 5.0,
     ) -> None:
         self.store = JobStore(storage_url)
+        self.database_check_s = database_check_s
+        self._watch_stop = threading.Event()
         self.bus = EventBus(self.store)
         self.orchestrator = Orchestrator(self.store, self.bus, extractor_address, optimizer_address,
                                          list(evaluator_addresses), service_token=service_token,
-                                         retry_window_s=retry_window_s)
+                                         retry_window_s=retry_window_s, database_patience_s=database_patience_s)
         self.servicer = GatewayServicer(self.store, self.bus, self.orchestrator, watch_poll_s=watch_poll_s)
         self.resume_on_start = resume_on_start
         self.grace_s = grace_s
@@ -61,7 +67,8 @@ class Gateway:
         return cls(config.storage_url, config.extractor_address, config.optimizer_address,
                    config.evaluator_addresses, address=config.address, auth_token=config.auth_token,
                    service_token=config.service_token, resume_on_start=config.resume_on_start,
-                   workers=config.workers, grace_s=config.grace_s, retry_window_s=config.retry_window_s)
+                   workers=config.workers, grace_s=config.grace_s, retry_window_s=config.retry_window_s,
+                   database_patience_s=config.database_patience_s, database_check_s=config.database_check_s)
 
     def start(self) -> "Gateway":
         self.server.start()
@@ -70,6 +77,10 @@ class Gateway:
             log.info("%d job(s) left running by a previous gateway %s", len(resumed),
                      "resumed" if self.resume_on_start else "marked INTERRUPTED")
         self.health.set_serving()
+        # From now on health follows the job store's database (NOT_SERVING while it is away).
+        threading.Thread(target=watch_database, args=(self.store.ping, self.health.set_serving, self._watch_stop,
+                                                      self.database_check_s, "job store"),
+                         name="gateway-database", daemon=True).start()
         return self
 
     def stop(self, grace_s: float | None = None) -> None:
@@ -77,6 +88,7 @@ class Gateway:
         if self._stopped:
             return
         self._stopped = True
+        self._watch_stop.set()
         self.health.set_serving(False)
         self.bus.close()
         self.orchestrator.shutdown()

@@ -23,6 +23,9 @@ class GatewayConfig:
                                   metadata={"help": "resume jobs left running (false: mark them INTERRUPTED)"})
     retry_window_s: float = field(default=600.0,
                                   metadata={"help": "seconds a job retries an UNAVAILABLE extractor/optimizer"})
+    database_patience_s: float = field(default=600.0, metadata={
+        "help": "seconds a job's store write is retried through a database outage before the job fails"})
+    database_check_s: float = field(default=5.0, metadata={"help": "period of the database check behind health"})
     workers: int = field(default=16, metadata={"help": "gRPC worker threads (each watcher holds one)"})
     grace_s: float = field(default=5.0, metadata={"help": "seconds calls in flight get at shutdown"})
     log_level: str = field(default="INFO", metadata={"help": "log level"})

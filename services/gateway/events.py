@@ -28,20 +28,6 @@ def effective_kl_cap(spec: gateway_pb2.JobSpec, override: float | None = None) -
     return float(spec.kl_cap) if spec.kl_cap > 0 else DEFAULT_KL_CAP
 
 
-def pareto_trials(trials: Sequence[common_pb2.Trial]) -> list[common_pb2.Trial]:
-    """Non-dominated COMPLETE trials (minimizing refusals and KL), by refusals then KL then number."""
-    done = [t for t in trials if t.state == common_pb2.TRIAL_STATE_COMPLETE and t.HasField("scores")]
-    front = []
-    for t in done:
-        r, k = t.scores.refusals, t.scores.kl
-        dominated = any(
-            (o.scores.refusals <= r and o.scores.kl <= k) and (o.scores.refusals < r or o.scores.kl < k)
-            for o in done)
-        if not dominated:
-            front.append(t)
-    return sorted(front, key=lambda t: (t.scores.refusals, t.scores.kl, t.number))
-
-
 def auto_select(trials: Sequence[common_pb2.Trial], kl_cap: float) -> common_pb2.Trial | None:
     """The rule: fewest refusals among trials with KL <= kl_cap (then lowest KL); none under the cap:
     lowest KL. Non-finite KLs are never preferred."""
@@ -58,9 +44,10 @@ def auto_select(trials: Sequence[common_pb2.Trial], kl_cap: float) -> common_pb2
     return min(scored, key=lambda t: (kl(t), t.scores.refusals, t.number))
 
 
-def front_message(trials: Sequence[common_pb2.Trial], kl_cap: float) -> gateway_pb2.ParetoFront:
-    """The ParetoFront message from COMPLETE trials (the front is computed here, whatever the input)."""
-    front = pareto_trials(trials)
+def front_message(front: Sequence[common_pb2.Trial], kl_cap: float) -> gateway_pb2.ParetoFront:
+    """The ParetoFront message of the optimizer's front (its trials, listed by refusals, then KL, then
+    number) with the auto-selected trial."""
+    front = sorted(front, key=lambda t: (t.scores.refusals, t.scores.kl, t.number))
     msg = gateway_pb2.ParetoFront(selection_rule=selection_rule(kl_cap), kl_cap=kl_cap)
     for t in front:
         copy = msg.trials.add()

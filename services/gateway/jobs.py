@@ -23,6 +23,7 @@ from typing import Any
 import sqlalchemy as sa
 from google.protobuf import json_format
 
+from abliterate import database
 from abliterate.errors import AlreadyExists, InvalidArgument, NotFound
 from abliterate.v1 import common_pb2, extractor_pb2, gateway_pb2
 from services.config import ensure_sqlite_folder
@@ -176,6 +177,10 @@ class JobStore:
         # allocated as max + 1, and SQLite dislikes concurrent writers.
         self._lock = threading.RLock()
         metadata.create_all(self.engine)
+
+    def ping(self) -> None:
+        """Raise when the database does not answer."""
+        database.ping(self.engine)
 
     def close(self) -> None:
         self.engine.dispose()

@@ -6,8 +6,9 @@
 - OPTIMIZING: CreateStudy on the optimizer (load_if_exists, so a resumed job
   re-attaches to its own study) and RunStudy (with history: trials that
   completed while the gateway was away are announced too, once). Each
-  finished trial becomes a trial_finished event followed by the current
-  Pareto front; the job's counts, ETA and auto-selected trial are updated.
+  finished trial becomes a trial_finished event followed by the Pareto front
+  the optimizer sent with it (Optuna's; the gateway keeps no second one); the
+  job's counts, ETA and auto-selected trial are updated.
   A broken optimizer stream (UNAVAILABLE) is retried with back-off.
 - SUCCEEDED when the study is DONE; FAILED (with an error event) on an
   error; CANCELLED by :meth:`Orchestrator.cancel`.
@@ -25,12 +26,13 @@ import math
 import re
 import threading
 import time
-from collections.abc import Iterator
-from typing import Any
+from collections.abc import Callable, Iterator
+from typing import Any, TypeVar
 
 import grpc
 from google.protobuf import json_format
 
+from abliterate.database import DEFAULT_PATIENCE_S, retry_through_outage
 from abliterate.errors import (
     AbliterateError,
     FailedPrecondition,
@@ -56,6 +58,7 @@ from services.gateway.jobs import RUNNING_PHASES, JobRecord, JobStore, phase_nam
 
 log = logging.getLogger(__name__)
 P = gateway_pb2
+T = TypeVar("T")
 
 NAME_RE = re.compile(r"^[A-Za-z0-9._-]{1,100}$")
 _DTYPES = ("", "auto", "bfloat16", "float16", "float32")
@@ -166,6 +169,7 @@ class Orchestrator:
         rpc_timeout_s: float = 120.0,
         retry_window_s: float = 600.0,
         retry_backoff_s: float = 1.0,
+        database_patience_s: float = DEFAULT_PATIENCE_S,
     ) -> None:
         self.store = store
         self.bus = bus
@@ -176,6 +180,7 @@ class Orchestrator:
         self.rpc_timeout_s = rpc_timeout_s
         self.retry_window_s = retry_window_s
         self.retry_backoff_s = retry_backoff_s
+        self.database_patience_s = database_patience_s
         self._lock = threading.RLock()
         self._runners: dict[str, _Runner] = {}
         self._channels: dict[str, grpc.Channel] = {}
@@ -295,6 +300,11 @@ class Orchestrator:
 
     # --------------------------------------------------------- store writes
 
+    def _store_call(self, function: Callable[[], T], what: str) -> T:
+        """A job-store call of a runner, retried through a database outage (so a blip does not strand
+        or fail the job); UNAVAILABLE once ``database_patience_s`` runs out."""
+        return retry_through_outage(function, what=what, patience_s=self.database_patience_s)
+
     def _transition(self, job_id: str, phase: int, message: str = "", runner: _Runner | None = None,
                     **fields: Any) -> None:
         def write() -> None:
@@ -307,19 +317,22 @@ class Orchestrator:
             self.bus.notify(job_id)
 
         if runner is None:
-            write()
+            self._store_call(write, f"job {job_id}: phase change")
             return
         with runner.guard:
             runner.check()
-            write()
+            self._store_call(write, f"job {job_id}: phase change")
 
     def _write(self, runner: _Runner, event: gateway_pb2.JobEvent | None = None, **fields: Any) -> None:
-        with runner.guard:
-            runner.check()
+        def write() -> None:
             if fields:
                 self.store.update(runner.job_id, **fields)
             if event is not None:
                 self.bus.publish(runner.job_id, event)
+
+        with runner.guard:
+            runner.check()
+            self._store_call(write, f"job {runner.job_id}: update")
 
     def _set_call(self, runner: _Runner, call: Any) -> None:
         with runner.guard:
@@ -333,12 +346,13 @@ class Orchestrator:
     def _run(self, runner: _Runner) -> None:
         job_id = runner.job_id
         try:
-            job = self.store.get(job_id)
-            blob = self.store.get_artifact(job.direction_set_id) if job.direction_set_id else None
+            job = self._store_call(lambda: self.store.get(job_id), f"job {job_id}: reading it")
+            blob = (self._store_call(lambda: self.store.get_artifact(job.direction_set_id), "reading directions")
+                    if job.direction_set_id else None)
             if blob is None:
                 self._transition(job_id, P.JOB_PHASE_EXTRACTING, "extracting directions", runner=runner)
                 blob = self._retrying(runner, "extractor", lambda: self._extract(runner, job))
-                job = self.store.get(job_id)
+                job = self._store_call(lambda: self.store.get(job_id), f"job {job_id}: reading it")
             self._transition(job_id, P.JOB_PHASE_OPTIMIZING, f"direction set {job.direction_set_id[:12]}; "
                              f"running the study to {job.spec.n_trials} trials", runner=runner)
             self._optimize(runner, job, blob)
@@ -388,7 +402,7 @@ class Orchestrator:
         digest = hashlib.sha256(data).hexdigest()
         if result.direction_set_id and digest != result.direction_set_id:
             raise InvalidArgument("the extractor's direction set does not match its sha256")
-        self.store.put_artifact(digest, data)
+        self._store_call(lambda: self.store.put_artifact(digest, data), "storing directions")
         model_info = None
         try:
             model_info = self.extractor().GetModelInfo(common_pb2.GetModelInfoRequest(),
@@ -430,7 +444,7 @@ class Orchestrator:
         numbers: set[int] = set()
         after = 0
         while True:
-            batch = self.store.events_after(job_id, after)
+            batch = self._store_call(lambda: self.store.events_after(job_id, after), "reading events")
             if not batch:
                 return numbers
             for event in batch:
@@ -469,7 +483,7 @@ class Orchestrator:
             study_name = self._create_study(current, blob)
             if current.study_name != study_name:
                 self._write(runner, study_name=study_name)
-                state["job"] = current = self.store.get(current.id)
+                state["job"] = current = self._store_call(lambda: self.store.get(current.id), "reading the job")
             if not self._follow_study(runner, current, announced):
                 raise Unavailable("the optimizer's study stream ended before the study did")
 
@@ -494,15 +508,14 @@ class Orchestrator:
                         continue
                     completed_this_run += 1
                     self._on_trial_finished(runner, job, tf, kl_cap, run_started, completed_this_run)
-                    # Only once its event is stored: when the optimizer goes away during
-                    # _on_trial_finished (its ListTrials), the re-attached stream's history announces it.
+                    # Only once its event is stored: when the gateway's store fails during
+                    # _on_trial_finished, the re-attached stream's history announces it.
                     announced.add(tf.trial.number)
                 elif kind == "trial_failed":
                     tf = event.trial_failed
-                    counts = self._counts(job.study_name)
+                    # The counts arrive with the next trial_finished or done event.
                     self._write(runner, gateway_pb2.JobEvent(trial_failed=gateway_pb2.JobTrialFailed(
-                        number=tf.number, evaluator=tf.evaluator, error=tf.error, will_retry=tf.will_retry)),
-                        **counts)
+                        number=tf.number, evaluator=tf.evaluator, error=tf.error, will_retry=tf.will_retry)))
                 elif kind == "trial_retried":
                     tr = event.trial_retried
                     self._write(runner, ev.progress_event(common_pb2.Progress(
@@ -521,46 +534,37 @@ class Orchestrator:
         runner.check()
         return False
 
-    def _counts(self, study_name: str) -> dict[str, Any]:
-        try:
-            study = self.optimizer().GetStudy(optimizer_pb2.GetStudyRequest(study_name=study_name),
-                                              timeout=self.rpc_timeout_s).study
-        except AbliterateError:
-            return {}
-        return dict(n_trials_complete=study.n_complete, n_trials_failed=study.n_failed)
-
-    def _list_trials(self, study_name: str) -> list[common_pb2.Trial]:
-        response = self.optimizer().ListTrials(optimizer_pb2.ListTrialsRequest(study_name=study_name),
+    def _list_trials(self, study_name: str, pareto_only: bool = False) -> list[common_pb2.Trial]:
+        response = self.optimizer().ListTrials(optimizer_pb2.ListTrialsRequest(study_name=study_name,
+                                                                               pareto_only=pareto_only),
                                                timeout=self.rpc_timeout_s)
         return list(response.trials)
 
     def _on_trial_finished(self, runner: _Runner, job: JobRecord, tf: optimizer_pb2.TrialFinished,
                            kl_cap: float, run_started: float, completed_this_run: int) -> None:
-        trials = self._list_trials(job.study_name)
-        n_complete = sum(1 for t in trials if t.state == common_pb2.TRIAL_STATE_COMPLETE)
-        n_failed = sum(1 for t in trials if t.state == common_pb2.TRIAL_STATE_FAIL)
+        """Store the trial and the front the optimizer sent with it (no call back to the optimizer)."""
         n_target = job.spec.n_trials
         eta = tf.eta_s if tf.HasField("eta_s") else None
         if eta is None and completed_this_run > 0:
             per_trial = (time.monotonic() - run_started) / completed_this_run
-            eta = per_trial * max(0, n_target - n_complete)
+            eta = per_trial * max(0, n_target - tf.n_complete)
         finished = gateway_pb2.JobEvent(trial_finished=gateway_pb2.JobTrialFinished(
-            trial=tf.trial, n_complete=n_complete, n_trials=n_target))
+            trial=tf.trial, n_complete=tf.n_complete, n_trials=n_target))
         if eta is not None:
             finished.eta_s = eta
-        front = ev.front_message(trials, kl_cap)
+        front = ev.front_message(tf.front_trials, kl_cap)
         front_event = gateway_pb2.JobEvent(pareto_front=front)
         if eta is not None:
             front_event.eta_s = eta
         auto = front.auto_selected_trial if front.HasField("auto_selected_trial") else None
-        self._write(runner, finished, n_trials_complete=n_complete, n_trials_failed=n_failed, eta_s=eta,
+        self._write(runner, finished, n_trials_complete=tf.n_complete, n_trials_failed=tf.n_failed, eta_s=eta,
                     auto_selected_trial=auto)
         self._write(runner, front_event)
 
     def _on_done(self, runner: _Runner, job: JobRecord, done: optimizer_pb2.StudyDone, kl_cap: float) -> None:
         fields: dict[str, Any] = dict(n_trials_complete=done.n_complete, n_trials_failed=done.n_failed, eta_s=None)
         try:
-            front = ev.front_message(self._list_trials(job.study_name), kl_cap)
+            front = ev.front_message(self._list_trials(job.study_name, pareto_only=True), kl_cap)
             fields["auto_selected_trial"] = (front.auto_selected_trial if front.HasField("auto_selected_trial")
                                              else None)
         except AbliterateError as exc:
@@ -585,17 +589,18 @@ class Orchestrator:
         cap = ev.effective_kl_cap(job.spec, kl_cap)
         if not job.study_name:
             return ev.front_message([], cap)
-        return ev.front_message(self._list_trials(job.study_name), cap)
+        return ev.front_message(self._list_trials(job.study_name, pareto_only=True), cap)
 
     def resolve_trial(self, job: JobRecord, number: int | None) -> common_pb2.Trial:
         if not job.study_name:
             raise FailedPrecondition(f"job {job.name} has no study yet (phase {phase_name(job.phase)})")
-        trials = self._list_trials(job.study_name)
         if number is None:
-            chosen = ev.auto_select(ev.pareto_trials(trials), ev.effective_kl_cap(job.spec))
+            chosen = ev.auto_select(self._list_trials(job.study_name, pareto_only=True),
+                                    ev.effective_kl_cap(job.spec))
             if chosen is None:
                 raise FailedPrecondition(f"job {job.name} has no COMPLETE trial yet")
             return chosen
+        trials = self._list_trials(job.study_name)
         for trial in trials:
             if trial.number == number:
                 if trial.state != common_pb2.TRIAL_STATE_COMPLETE:

@@ -12,6 +12,7 @@ import logging
 import sys
 import threading
 
+from abliterate.database import watch_database
 from abliterate.errors import AbliterateError
 from abliterate.rpc import build_server, configure_logging, serve_until_signal
 from abliterate.v1 import optimizer_pb2_grpc
@@ -35,25 +36,6 @@ def make_servicer(config: OptimizerConfig) -> OptimizerServicer:
                              blob_dir=config.blob_dir or None, options=options)
 
 
-def watch_storage(servicer: OptimizerServicer, health, stop: threading.Event, period_s: float = 5.0) -> None:
-    """Health follows the database: SERVING while it answers, NOT_SERVING while it does not (checked
-    every ``period_s`` until ``stop``)."""
-    serving = None
-    while not stop.is_set():
-        try:
-            servicer.connect()
-            reachable = True
-        except Exception as exc:  # noqa: BLE001
-            reachable = False
-            log.warning("storage not reachable: %s", exc)
-        if reachable != serving:
-            health.set_serving(reachable)
-            log.info("storage %s; %s", "reachable" if reachable else "unreachable",
-                     "serving" if reachable else "NOT_SERVING")
-            serving = reachable
-        stop.wait(period_s if reachable else min(period_s, 2.0))
-
-
 def main(argv: list[str] | None = None) -> int:
     config = load_or_report(load, argv)
     if config is None:
@@ -70,8 +52,8 @@ def main(argv: list[str] | None = None) -> int:
     server.start()
     print(f"optimizer serving on port {port}", file=sys.stderr, flush=True)
     stop = threading.Event()
-    waiter = threading.Thread(target=watch_storage, args=(servicer, health, stop, config.database_check_s),
-                              daemon=True)
+    waiter = threading.Thread(target=watch_database, args=(servicer.connect, health.set_serving, stop,
+                                                           config.database_check_s, "storage"), daemon=True)
     waiter.start()
     try:
         # Loops first, so their last trials are told while the server still answers watchers.

@@ -578,9 +578,10 @@ class StudyRunner:
             self.wake.set()
         try:
             trials = self.storage_call(lambda: self.study.get_trials(deepcopy=False), "counting trials at the end")
+            front = self.storage_call(lambda: st.pareto_front(self.study), "reading the Pareto front")
         except Exception as exc:  # noqa: BLE001 - the database stayed away: report what this process knows
             log.warning("study %s: final counts unavailable: %s", self.name, exc)
-            trials = None
+            trials, front = None, []
         with self._state_lock:
             counted = st.counts(trials or [])
             if trials is not None and counted[TrialState.COMPLETE] >= self.settings.n_trials:
@@ -594,7 +595,7 @@ class StudyRunner:
                 self.message = self.message or "stopped"
             done = _now_event(done=optimizer_pb2.StudyDone(
                 state=self.state, n_complete=counted[TrialState.COMPLETE], n_failed=counted[TrialState.FAIL],
-                pareto_front=st.pareto_front(trials or []), message=self.message,
+                pareto_front=front, message=self.message,
                 timings_s={"total": time.monotonic() - started}))
             self.last_done = done
             self._run_over.set()
@@ -771,6 +772,7 @@ class StudyRunner:
             with self._flight_lock:
                 self._in_flight.pop(trial.number, None)
             trials = self.storage_call(lambda: self.study.get_trials(deepcopy=False), "reading trials")
+            front = self.storage_call(lambda: st.pareto_front(self.study), "reading the Pareto front")
             frozen = next(t for t in trials if t.number == trial.number)
             if not told or frozen.state != TrialState.COMPLETE:
                 log.warning("trial %d was failed elsewhere (stale heartbeat) before its score arrived; "
@@ -780,7 +782,7 @@ class StudyRunner:
             if n_complete >= self.settings.n_trials:
                 self._target_reached = True
                 self.wake.set()
-            event = _now_event(trial_finished=st.trial_finished(frozen, trials, self.settings))
+            event = _now_event(trial_finished=st.trial_finished(frozen, trials, front, self.settings))
             eta = st.eta_seconds(trials, self.settings.n_trials, self.parallelism())
             if eta is not None:
                 event.trial_finished.eta_s = eta

@@ -133,7 +133,7 @@ class OptimizerServicer(optimizer_pb2_grpc.OptimizerServiceServicer):
         trials = runner.study.get_trials(deepcopy=False)
         settings = runner.settings
         c = st.counts(trials)
-        front = st.pareto_front(trials)
+        front = st.pareto_front(runner.study)
         state = runner.current_state(c[TrialState.COMPLETE])
         info = optimizer_pb2.StudyInfo(
             study_name=runner.name, state=state, direction_set_id=settings.direction_set_id,
@@ -275,6 +275,7 @@ class OptimizerServicer(optimizer_pb2_grpc.OptimizerServiceServicer):
         try:
             if request.include_history:
                 trials = runner.storage_call(lambda: runner.study.get_trials(deepcopy=False), "reading history")
+                front = st.pareto_front(runner.study)
                 n_complete = 0
                 for t in sorted(trials, key=lambda t: t.number):
                     if t.state != TrialState.COMPLETE:
@@ -282,14 +283,14 @@ class OptimizerServicer(optimizer_pb2_grpc.OptimizerServiceServicer):
                     n_complete += 1
                     yield optimizer_pb2.RunStudyResponse(event=optimizer_pb2.TrialEvent(
                         time=st.timestamp(t.datetime_complete),
-                        trial_finished=st.trial_finished(t, trials, runner.settings, n_complete=n_complete)))
+                        trial_finished=st.trial_finished(t, trials, front, runner.settings, n_complete=n_complete)))
             if not runner.start():
                 trials = runner.storage_call(lambda: runner.study.get_trials(deepcopy=False), "counting trials")
                 c = st.counts(trials)
                 yield optimizer_pb2.RunStudyResponse(event=optimizer_pb2.TrialEvent(
                     time=st.timestamp(), done=optimizer_pb2.StudyDone(
                         state=optimizer_pb2.STUDY_STATE_DONE, n_complete=c[TrialState.COMPLETE],
-                        n_failed=c[TrialState.FAIL], pareto_front=st.pareto_front(trials),
+                        n_failed=c[TrialState.FAIL], pareto_front=st.pareto_front(runner.study),
                         timings_s={"total": 0.0})))
                 return
             run_id = runner.run_id
@@ -323,7 +324,7 @@ class OptimizerServicer(optimizer_pb2_grpc.OptimizerServiceServicer):
                 raise InvalidArgument(f"states: bad value {value}")
             states.append(st.STATE_FROM_PB[value])
         trials = sorted(runner.study.get_trials(deepcopy=False), key=lambda t: t.number)
-        front = st.pareto_front(trials)
+        front = st.pareto_front(runner.study)
         front_set = set(front)
         selected = [t for t in trials if (not states or t.state in states)
                     and (not request.pareto_only or t.number in front_set)]

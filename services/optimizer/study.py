@@ -25,8 +25,8 @@ import logging
 import random
 import threading
 import warnings
-from dataclasses import dataclass, field
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 import optuna
@@ -293,16 +293,9 @@ def counts(trials: list[FrozenTrial]) -> dict[TrialState, int]:
     return out
 
 
-def pareto_front(trials: list[FrozenTrial]) -> list[int]:
-    """Numbers of the COMPLETE trials no other COMPLETE trial dominates (both objectives minimized)."""
-    done = [(t.number, tuple(t.values)) for t in trials if t.state == TrialState.COMPLETE and t.values]
-    front = []
-    for number, v in done:
-        dominated = any(all(o[i] <= v[i] for i in range(len(v))) and any(o[i] < v[i] for i in range(len(v)))
-                        for _, o in done)
-        if not dominated:
-            front.append(number)
-    return sorted(front)
+def pareto_front(study: optuna.Study) -> list[int]:
+    """Numbers of the trials on the study's Pareto front (Optuna's ``best_trials``; both objectives minimized)."""
+    return sorted(t.number for t in study.best_trials)
 
 
 def eta_seconds(trials: list[FrozenTrial], n_trials: int, parallel: int) -> float | None:
@@ -367,11 +360,10 @@ def trial_to_pb(trial: FrozenTrial, space: SearchSpace, front: set[int]) -> comm
     return msg
 
 
-def trial_finished(trial: FrozenTrial, trials: list[FrozenTrial], settings: StudySettings,
+def trial_finished(trial: FrozenTrial, trials: list[FrozenTrial], front: list[int], settings: StudySettings,
                    n_complete: int | None = None) -> optimizer_pb2.TrialFinished:
-    """The event of a COMPLETE ``trial`` given every trial of the study: the front's numbers and trials,
-    the counts (``n_complete`` overrides the count, for replayed history) and no ETA."""
-    front = pareto_front(trials)
+    """The event of a COMPLETE ``trial`` given every trial of the study and the front's numbers: the
+    front's trials, the counts (``n_complete`` overrides the count, for replayed history) and no ETA."""
     on_front = set(front)
     by_number = {t.number: t for t in trials}
     space = settings.search_space

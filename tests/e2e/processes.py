@@ -214,6 +214,8 @@ class Stack:
         self.optimizer = ServiceProcess("optimizer", "services.optimizer", {
             "storage_url": storage_url, "blob_dir": str(self.workdir / "optimizer-blobs"),
             "health_interval_s": "0.5", "busy_retry_s": "0.3", "grace_s": "2", "log_level": "INFO",
+            # A killed optimizer's trials are re-enqueued 3 s after its last heartbeat.
+            "heartbeat_interval_s": "1", "grace_period_s": "3", "database_check_s": "1",
             **{k: str(v) for k, v in (optimizer_settings or {}).items()}}, logs)
         self.gateway = ServiceProcess("gateway", "services.gateway", {
             "storage_url": storage_url, "extractor_address": self.extractor.address,

@@ -13,7 +13,7 @@ from abliterate.rpc import build_server, make_channel
 from abliterate.rpc.channels import health_status
 from abliterate.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc, optimizer_pb2_grpc
 from services.gateway import Gateway
-from services.gateway.events import auto_select, pareto_trials
+from services.gateway.events import auto_select, front_message
 from tests.e2e.processes import postgres_ok
 
 PG_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
@@ -382,9 +382,10 @@ def test_pareto_selection_rule():
         return common_pb2.Trial(number=n, state=common_pb2.TRIAL_STATE_COMPLETE,
                                 scores=common_pb2.TrialScores(refusals=refusals, kl=kl))
 
-    trials = [t(0, 10, 0.0), t(1, 5, 0.3), t(2, 5, 0.2), t(3, 1, 1.5), t(4, 7, 0.9), t(5, 2, 0.8)]
-    front = pareto_trials(trials)
+    # The optimizer's front (Optuna's best_trials), in any order: listed by refusals, then KL.
+    front = list(front_message([t(0, 10, 0.0), t(2, 5, 0.2), t(5, 2, 0.8), t(3, 1, 1.5)], 1.0).trials)
     assert [x.number for x in front] == [3, 5, 2, 0]
+    assert all(x.on_pareto_front for x in front)
     assert auto_select(front, 1.0).number == 5
     assert auto_select(front, 0.25).number == 2
     assert auto_select(front, 0.0).number == 0  # KL 0.0 <= 0
