@@ -478,7 +478,9 @@ class StudyRunner:
         if n_complete >= self.settings.n_trials:
             self.state = S.STUDY_STATE_DONE
             return False
-        self.storage_call(lambda: self.study.set_user_attr("ever_run", True), "marking the study run")
+        run_index = self.storage_call(self._claim_run_index, "starting a run")
+        self.study, self.settings = self.storage_call(
+            lambda: st.load_study(self.storage, self.name, run_index), "loading the study")
         self.run_id = uuid.uuid4().hex
         self._stop.clear()
         self.wake.clear()
@@ -497,6 +499,14 @@ class StudyRunner:
         self._supervisor = threading.Thread(target=self._supervise, name=f"study-{self.name}", daemon=True)
         self._supervisor.start()
         return True
+
+    def _claim_run_index(self) -> int:
+        """This run's index among the study's runs in every process (0 for the first ever)."""
+        with self._study_lock.held():
+            study = optuna.load_study(study_name=self.name, storage=self.storage)
+            index = int(study.user_attrs.get("n_runs", 0))
+            study.set_user_attr("n_runs", index + 1)
+            return index
 
     def pool(self) -> list[str]:
         out: list[str] = []
@@ -889,4 +899,4 @@ class StudyRunner:
                 return S.STUDY_STATE_DONE
             if self.state in (S.STUDY_STATE_STOPPED, S.STUDY_STATE_FAILED):
                 return self.state
-            return S.STUDY_STATE_STOPPED if self.study.user_attrs.get("ever_run") else S.STUDY_STATE_CREATED
+            return S.STUDY_STATE_STOPPED if self.study.user_attrs.get("n_runs") else S.STUDY_STATE_CREATED

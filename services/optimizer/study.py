@@ -8,7 +8,8 @@ needed to resume it lives in the storage:
 - study user attrs: ``direction_set_id``, ``job_settings`` (the JSON object),
   ``job_settings_json`` (the string as given) and ``settings`` (n_trials, seed,
   resolved search space, baseline spec, lease and retry settings, evaluator
-  pool, model summary, creation time);
+  pool, model summary, creation time), ``n_runs`` (runs started, by every
+  process: the index of a run seeds its sampler);
 - trial user attrs: ``params`` (``AblationParams.to_dict()``), ``evaluator``,
   ``timings`` (seconds), ``n_refusal_prompts``/``n_kl_prompts``, ``error``
   (FAIL), ``retry_of``/``attempt`` (retries), ``warm_start``, ``run_id`` (the
@@ -205,16 +206,16 @@ def random_seed() -> int:
     return random.SystemRandom().randrange(_SEED_MODULUS)
 
 
-def sampler_seed(seed: int, n_existing_trials: int) -> int:
-    """The sampler's seed when a loop (re)starts with ``n_existing_trials`` in storage.
+def sampler_seed(seed: int, run_index: int) -> int:
+    """The sampler's seed of the ``run_index``-th run of a study (counted over every process).
 
-    A fresh study samples with ``seed`` itself (reproducible); a resumed one
-    mixes in the trial count, else its random start-up trials would replay the
-    first run's parameters.
+    The first run samples with ``seed`` itself (reproducible); any later one
+    (a resume, or a second optimizer on the same study) mixes in its index,
+    else its random start-up trials would replay another run's parameters.
     """
-    if n_existing_trials == 0:
+    if run_index == 0:
         return int(seed) % _SEED_MODULUS
-    return (int(seed) * 1_000_003 + n_existing_trials * 7_919 + 1) % _SEED_MODULUS
+    return (int(seed) * 1_000_003 + run_index * 7_919 + 1) % _SEED_MODULUS
 
 
 def make_sampler(seed: int, search_space) -> optuna.samplers.TPESampler:
@@ -260,8 +261,9 @@ def write_settings(study: optuna.Study, settings: StudySettings, job_settings: d
     study.set_user_attr("settings", settings.to_dict())
 
 
-def load_study(storage: optuna.storages.RDBStorage, name: str) -> tuple[optuna.Study, StudySettings]:
-    """The stored study and its settings (NOT_FOUND when unknown)."""
+def load_study(storage: optuna.storages.RDBStorage, name: str,
+               run_index: int = 0) -> tuple[optuna.Study, StudySettings]:
+    """The stored study and its settings (NOT_FOUND when unknown), sampling as run ``run_index``."""
     if not name:
         raise InvalidArgument("study_name is required")
     if not study_exists(storage, name):
@@ -273,8 +275,7 @@ def load_study(storage: optuna.storages.RDBStorage, name: str) -> tuple[optuna.S
     settings = StudySettings.from_attrs(attrs)
     study = optuna.load_study(
         study_name=name, storage=storage,
-        sampler=make_sampler(sampler_seed(settings.seed, len(probe.get_trials(deepcopy=False))),
-                             settings.search_space),
+        sampler=make_sampler(sampler_seed(settings.seed, run_index), settings.search_space),
     )
     return study, settings
 
