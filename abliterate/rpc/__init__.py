@@ -10,9 +10,7 @@ from abliterate.rpc.errors import (
     RemoteError,
     Unauthenticated,
     from_rpc_error,
-    map_errors,
     mapped_stub,
-    servicer_errors,
     translate_rpc_errors,
 )
 from abliterate.rpc.limits import DEFAULT_MAX_MESSAGE_BYTES
@@ -42,10 +40,8 @@ __all__ = [
     "encode_tensors",
     "from_rpc_error",
     "make_channel",
-    "map_errors",
     "mapped_stub",
     "serve_until_signal",
-    "servicer_errors",
     "sha256_hex",
     "tensors_from_blob",
     "tensors_to_blob",

@@ -1,10 +1,9 @@
 """Domain exceptions <-> gRPC status codes, in one table.
 
-Server side: :func:`map_errors` (a decorator for servicer methods, unary and
-server-streaming) and :func:`servicer_errors` (the same for every RPC method
-of a servicer class) turn a raised exception into ``context.abort(code,
-message)``. :class:`ErrorMappingInterceptor` does it for every method of a
-server (``build_server`` installs it by default).
+Server side, one mechanism: :class:`ErrorMappingInterceptor` (``build_server``
+installs it) turns an exception raised by any servicer method, unary or
+streaming, into ``context.abort(code, message)``; a database outage becomes
+UNAVAILABLE, an out-of-memory error RESOURCE_EXHAUSTED (after ``on_oom``).
 
 Client side: :func:`translate_rpc_errors` (context manager), :func:`from_rpc_error`
 and :func:`mapped_stub` turn a ``grpc.RpcError`` back into the domain
@@ -18,10 +17,9 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import inspect
 import logging
 from collections.abc import Callable, Iterator
-from typing import Any, TypeVar
+from typing import Any
 
 import grpc
 
@@ -38,7 +36,6 @@ from abliterate.errors import (
 
 log = logging.getLogger(__name__)
 
-F = TypeVar("F", bound=Callable[..., Any])
 
 #: THE table: domain exception class -> status code. Subclasses map like
 #: their nearest listed base (UnsupportedArchitecture -> INVALID_ARGUMENT).
@@ -74,8 +71,6 @@ ERROR_BY_STATUS: dict[grpc.StatusCode, type[AbliterateError]] = {
 MAX_INTERNAL_DETAIL_CHARS = 300
 
 OomHook = Callable[[], Any]
-
-_MAPPED_MARK = "__abliterate_error_mapped__"
 
 
 def is_out_of_memory(exc: BaseException) -> bool:
@@ -167,50 +162,6 @@ def _find_context(args: tuple, kwargs: dict) -> grpc.ServicerContext:
     if "context" in kwargs:
         return kwargs["context"]
     return args[-1]
-
-
-def map_errors(func: F | None = None, *, on_oom: OomHook | None = None) -> Any:
-    """Decorator for a servicer method: exceptions -> ``context.abort(code, message)``.
-
-    Works for unary methods and for generator (server-streaming) methods::
-
-        @map_errors
-        def EvaluateTrial(self, request, context): ...
-
-        @map_errors(on_oom=torch.cuda.empty_cache)
-        def Generate(self, request, context): yield ...
-    """
-
-    def decorate(f: F) -> F:
-        wrapped = wrap_behavior(f, streaming=inspect.isgeneratorfunction(f), method=f.__qualname__, on_oom=on_oom)
-        setattr(wrapped, _MAPPED_MARK, True)
-        return wrapped  # type: ignore[return-value]
-
-    return decorate(func) if func is not None else decorate
-
-
-def servicer_errors(cls: type | None = None, *, on_oom: OomHook | None = None) -> Any:
-    """Class decorator: apply :func:`map_errors` to every RPC method the class implements.
-
-    RPC methods are those that override a method of a generated base servicer
-    (a class defined in a ``*_pb2_grpc`` module).
-    """
-
-    def decorate(klass: type) -> type:
-        generated = [base for base in klass.__mro__[1:] if base.__module__.endswith("_pb2_grpc")]
-        rpc_names = {
-            name for base in generated for name, value in vars(base).items()
-            if callable(value) and not name.startswith("_")
-        }
-        for name in sorted(rpc_names):
-            impl = getattr(klass, name, None)
-            unimplemented = any(vars(base).get(name) is impl for base in generated)
-            if impl is None or unimplemented or getattr(impl, _MAPPED_MARK, False):
-                continue
-            setattr(klass, name, map_errors(impl, on_oom=on_oom))
-        return klass
-
-    return decorate(cls) if cls is not None else decorate
 
 
 class ErrorMappingInterceptor(grpc.ServerInterceptor):

@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 from abliterate.errors import InvalidArgument, Unavailable
-from abliterate.rpc import servicer_errors
 from abliterate.rpc.convert import params_from_pb
 from abliterate.v1 import common_pb2, evaluator_pb2, evaluator_pb2_grpc
-from services.runtime import DeviceLock, free_device_memory
+from services.runtime import DeviceLock
 
 _FINISH = {"stop": common_pb2.FINISH_REASON_STOP, "length": common_pb2.FINISH_REASON_LENGTH}
 _FORMATS = {common_pb2.EXPORT_FORMAT_UNSPECIFIED: "merged", common_pb2.EXPORT_FORMAT_MERGED: "merged",
@@ -31,7 +30,6 @@ def _params(request, required: bool):
     return None
 
 
-@servicer_errors(on_oom=free_device_memory)
 class EvaluatorServicer(evaluator_pb2_grpc.EvaluatorServiceServicer):
     """Serves one model. Built before the model loads (RPCs answer UNAVAILABLE until ``attach``)."""
 

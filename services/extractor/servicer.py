@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 from abliterate.errors import Unavailable
-from abliterate.rpc import servicer_errors
 from abliterate.v1 import common_pb2, extractor_pb2_grpc
-from services.runtime import DeviceLock, free_device_memory
+from services.runtime import DeviceLock
 
 
-@servicer_errors(on_oom=free_device_memory)
 class ExtractorServicer(extractor_pb2_grpc.ExtractorServiceServicer):
     """Serves one model. Built before the model loads (RPCs answer UNAVAILABLE until ``attach``)."""
 

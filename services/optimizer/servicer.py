@@ -24,7 +24,7 @@ from abliterate.errors import (
 )
 from abliterate.rpc.channels import health_status, make_channel
 from abliterate.rpc.convert import params_from_pb
-from abliterate.rpc.errors import mapped_stub, servicer_errors
+from abliterate.rpc.errors import mapped_stub
 from abliterate.rpc.tensors import decode_tensors, sha256_hex
 from abliterate.v1 import common_pb2, evaluator_pb2_grpc, optimizer_pb2, optimizer_pb2_grpc
 from services.optimizer import study as st
@@ -57,7 +57,6 @@ def n_layers_of(data: bytes) -> int:
     return int(refusal.shape[0] - 1)
 
 
-@servicer_errors
 class OptimizerServicer(optimizer_pb2_grpc.OptimizerServiceServicer):
     """Owns the studies of one storage and their loops."""
 

@@ -9,11 +9,11 @@ import grpc
 import pytest
 
 from abliterate import errors
-from abliterate.rpc import make_channel, map_errors, mapped_stub, servicer_errors, translate_rpc_errors
+from abliterate.rpc import make_channel, mapped_stub, translate_rpc_errors
 from abliterate.rpc.errors import STATUS_BY_ERROR, RemoteError, from_rpc_error, status_for
 from abliterate.v1 import common_pb2, evaluator_pb2, evaluator_pb2_grpc
 
-from tests.rpc.rpc_fakes import FakeEvaluator, make_exception, start_fake
+from tests.rpc.rpc_fakes import start_fake
 
 DOMAIN_CASES = [
     ("InvalidArgument", grpc.StatusCode.INVALID_ARGUMENT, errors.InvalidArgument),
@@ -112,32 +112,6 @@ def test_streaming_internal_error(fake_channel):
     assert "Traceback" not in raw.value.details()
 
 
-@servicer_errors
-class DecoratedEvaluator(FakeEvaluator):
-    """The same servicer with the class decorator, on a server without the interceptor."""
-
-
-def test_class_decorator_without_interceptor():
-    running = start_fake(servicer=DecoratedEvaluator(), map_errors=False)
-    running.health.set_serving()
-    try:
-        with make_channel(running.address) as channel:
-            for name, code, _ in DOMAIN_CASES:
-                with pytest.raises(grpc.RpcError) as raw:
-                    get_info(channel, name)
-                assert raw.value.code() == code
-            stub = evaluator_pb2_grpc.EvaluatorServiceStub(channel)
-            with pytest.raises(grpc.RpcError) as raw:
-                list(stub.Generate(evaluator_pb2.GenerateRequest(prompt="AlreadyExists"), timeout=10))
-            assert raw.value.code() == grpc.StatusCode.ALREADY_EXISTS
-            with pytest.raises(grpc.RpcError) as raw:
-                get_info(channel, "ZeroDivisionError")
-            assert raw.value.code() == grpc.StatusCode.INTERNAL
-            assert "Traceback" not in raw.value.details()
-    finally:
-        running.server.stop(None)
-
-
 def test_without_mapping_grpc_gives_unknown():
     running = start_fake(map_errors=False)
     try:
@@ -147,47 +121,6 @@ def test_without_mapping_grpc_gives_unknown():
             assert raw.value.code() == grpc.StatusCode.UNKNOWN
     finally:
         running.server.stop(None)
-
-
-class _Ctx:
-    """Minimal ServicerContext for calling decorated methods directly."""
-
-    def __init__(self):
-        self.aborted = None
-
-    def abort(self, code, details):
-        self.aborted = (code, details)
-        raise Exception()
-
-    def code(self):
-        return self.aborted[0] if self.aborted else None
-
-
-def test_method_decorator_unary_and_streaming_directly():
-    hook_calls = []
-
-    class S:
-        @map_errors
-        def Unary(self, request, context):
-            raise errors.NotFound("no such id")
-
-        @map_errors(on_oom=lambda: hook_calls.append(1))
-        def Stream(self, request, context):
-            yield 1
-            raise make_exception("OutOfMemoryError")
-
-    ctx = _Ctx()
-    with pytest.raises(Exception):
-        S().Unary(None, ctx)
-    assert ctx.aborted == (grpc.StatusCode.NOT_FOUND, "no such id")
-
-    ctx = _Ctx()
-    gen = S().Stream(None, ctx)
-    assert next(gen) == 1
-    with pytest.raises(Exception):
-        next(gen)
-    assert ctx.aborted[0] == grpc.StatusCode.RESOURCE_EXHAUSTED
-    assert hook_calls == [1]
 
 
 def _closed_port() -> int:
