@@ -57,11 +57,20 @@ class Unauthenticated(RemoteError):
     """The server wants a (different) bearer token."""
 
 
+class DeadlineExceeded(Unavailable):
+    """The call ran past its deadline (client side; a retry may succeed, as for any Unavailable)."""
+
+
+class Cancelled(RemoteError):
+    """The call was cancelled (by this client, or the server went away mid-call)."""
+
+
 #: Client side: status code -> domain exception class (the inverse of the
 #: table, plus the codes gRPC itself produces).
 ERROR_BY_STATUS: dict[grpc.StatusCode, type[AbliterateError]] = {
     **{code: cls for cls, code in STATUS_BY_ERROR.items()},
-    grpc.StatusCode.DEADLINE_EXCEEDED: Unavailable,
+    grpc.StatusCode.DEADLINE_EXCEEDED: DeadlineExceeded,
+    grpc.StatusCode.CANCELLED: Cancelled,
     grpc.StatusCode.OUT_OF_RANGE: InvalidArgument,
     grpc.StatusCode.UNAUTHENTICATED: Unauthenticated,
     grpc.StatusCode.PERMISSION_DENIED: Unauthenticated,
@@ -198,7 +207,7 @@ def from_rpc_error(err: grpc.RpcError) -> AbliterateError:
     details = err.details() if callable(getattr(err, "details", None)) else str(err)
     details = details or (code.name if code is not None else "UNKNOWN")
     cls = ERROR_BY_STATUS.get(code, RemoteError)
-    if cls is RemoteError or code in (grpc.StatusCode.DEADLINE_EXCEEDED,):
+    if cls is RemoteError or code in (grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED):
         message = f"{code.name if code else 'UNKNOWN'}: {details}"
     else:
         message = details

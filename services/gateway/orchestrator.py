@@ -41,17 +41,14 @@ from abliterate.errors import (
     Unavailable,
 )
 from abliterate.params import WINSORIZE_SCOPES
-from abliterate.rpc import make_channel, mapped_stub
+from abliterate.rpc.clients import EvaluatorClient, ExtractorClient, OptimizerClient, ServiceClient
 from abliterate.rpc.errors import status_for
 from abliterate.v1 import (
     common_pb2,
     evaluator_pb2,
-    evaluator_pb2_grpc,
     extractor_pb2,
-    extractor_pb2_grpc,
     gateway_pb2,
     optimizer_pb2,
-    optimizer_pb2_grpc,
 )
 from services.gateway import events as ev
 from services.gateway.jobs import RUNNING_PHASES, JobRecord, JobStore, phase_name
@@ -59,6 +56,7 @@ from services.gateway.jobs import RUNNING_PHASES, JobRecord, JobStore, phase_nam
 log = logging.getLogger(__name__)
 P = gateway_pb2
 T = TypeVar("T")
+ClientT = TypeVar("ClientT", bound=ServiceClient)
 
 NAME_RE = re.compile(r"^[A-Za-z0-9._-]{1,100}$")
 _DTYPES = ("", "auto", "bfloat16", "float16", "float32")
@@ -183,31 +181,31 @@ class Orchestrator:
         self.database_patience_s = database_patience_s
         self._lock = threading.RLock()
         self._runners: dict[str, _Runner] = {}
-        self._channels: dict[str, grpc.Channel] = {}
+        self._clients: dict[tuple[type, str], ServiceClient] = {}
         self._closed = False
 
     # ------------------------------------------------------------- clients
 
-    def _channel(self, address: str) -> grpc.Channel:
+    def _client(self, kind: type[ClientT], address: str) -> ClientT:
+        """One client (one channel) per service address, reused by every job."""
         with self._lock:
-            channel = self._channels.get(address)
-            if channel is None:
-                channel = make_channel(address, token=self.service_token)
-                self._channels[address] = channel
-            return channel
+            client = self._clients.get((kind, address))
+            if client is None:
+                client = self._clients[(kind, address)] = kind(address, token=self.service_token)
+            return client  # type: ignore[return-value]
 
-    def extractor(self) -> Any:
+    def extractor(self) -> ExtractorClient:
         if not self.extractor_address:
             raise FailedPrecondition("the gateway has no extractor address configured")
-        return mapped_stub(extractor_pb2_grpc.ExtractorServiceStub(self._channel(self.extractor_address)))
+        return self._client(ExtractorClient, self.extractor_address)
 
-    def optimizer(self) -> Any:
+    def optimizer(self) -> OptimizerClient:
         if not self.optimizer_address:
             raise FailedPrecondition("the gateway has no optimizer address configured")
-        return mapped_stub(optimizer_pb2_grpc.OptimizerServiceStub(self._channel(self.optimizer_address)))
+        return self._client(OptimizerClient, self.optimizer_address)
 
-    def evaluator(self, address: str) -> Any:
-        return mapped_stub(evaluator_pb2_grpc.EvaluatorServiceStub(self._channel(address)))
+    def evaluator(self, address: str) -> EvaluatorClient:
+        return self._client(EvaluatorClient, address)
 
     # ------------------------------------------------------------- job API
 
@@ -243,9 +241,7 @@ class Orchestrator:
             runner.detach()
         if job.study_name:
             try:
-                self.optimizer().StopStudy(optimizer_pb2.StopStudyRequest(study_name=job.study_name,
-                                                                          abandon_running=True),
-                                           timeout=self.rpc_timeout_s)
+                self.optimizer().stop_study(job.study_name, abandon_running=True, timeout_s=self.rpc_timeout_s)
             except AbliterateError as exc:
                 log.warning("StopStudy %s failed: %s", job.study_name, exc)
         self._transition(job.id, P.JOB_PHASE_CANCELLED, "cancelled")
@@ -293,10 +289,10 @@ class Orchestrator:
             if runner.thread is not None:
                 runner.thread.join(timeout=5)
         with self._lock:
-            channels = list(self._channels.values())
-            self._channels.clear()
-        for channel in channels:
-            channel.close()
+            clients = list(self._clients.values())
+            self._clients.clear()
+        for client in clients:
+            client.close()
 
     # --------------------------------------------------------- store writes
 
@@ -381,7 +377,7 @@ class Orchestrator:
         request = extractor_pb2.ExtractDirectionsRequest(
             harmful=spec.harmful_train, harmless=spec.harmless_train, options=spec.options.extraction,
             model=spec.model)
-        call = self.extractor().ExtractDirections(request)
+        call = self.extractor().extract(request)
         self._set_call(runner, call)
         result = None
         try:
@@ -405,8 +401,7 @@ class Orchestrator:
         self._store_call(lambda: self.store.put_artifact(digest, data), "storing directions")
         model_info = None
         try:
-            model_info = self.extractor().GetModelInfo(common_pb2.GetModelInfoRequest(),
-                                                       timeout=self.rpc_timeout_s).model
+            model_info = self.extractor().model_info(self.rpc_timeout_s)
         except AbliterateError as exc:
             log.warning("GetModelInfo on the extractor failed: %s", exc)
         fields: dict[str, Any] = dict(direction_set_id=digest, diagnostics=list(result.layers))
@@ -437,7 +432,7 @@ class Orchestrator:
             request.search_space.CopyFrom(options.search_space)
         if spec.HasField("seed"):
             request.seed = spec.seed
-        self.optimizer().CreateStudy(request, timeout=self.rpc_timeout_s)
+        self.optimizer().create_study(request, self.rpc_timeout_s)
         return study_name
 
     def _announced_trials(self, job_id: str) -> set[int]:
@@ -492,8 +487,7 @@ class Orchestrator:
     def _follow_study(self, runner: _Runner, job: JobRecord, announced: set[int]) -> bool:
         """Follow RunStudy; True when the study ended (job in a terminal phase)."""
         kl_cap = ev.effective_kl_cap(job.spec)
-        call = self.optimizer().RunStudy(optimizer_pb2.RunStudyRequest(study_name=job.study_name,
-                                                                       include_history=True))
+        call = self.optimizer().run_study(job.study_name, include_history=True)
         self._set_call(runner, call)
         run_started = time.monotonic()
         completed_this_run = 0
@@ -535,10 +529,7 @@ class Orchestrator:
         return False
 
     def _list_trials(self, study_name: str, pareto_only: bool = False) -> list[common_pb2.Trial]:
-        response = self.optimizer().ListTrials(optimizer_pb2.ListTrialsRequest(study_name=study_name,
-                                                                               pareto_only=pareto_only),
-                                               timeout=self.rpc_timeout_s)
-        return list(response.trials)
+        return self.optimizer().list_trials(study_name, pareto_only, self.rpc_timeout_s)
 
     def _on_trial_finished(self, runner: _Runner, job: JobRecord, tf: optimizer_pb2.TrialFinished,
                            kl_cap: float, run_started: float, completed_this_run: int) -> None:
@@ -609,22 +600,11 @@ class Orchestrator:
                 return trial
         raise NotFound(f"job {job.name} has no trial {number}")
 
-    def _ensure_directions(self, stub: Any, job: JobRecord) -> None:
-        try:
-            stub.LoadDirections(evaluator_pb2.LoadDirectionsRequest(direction_set_id=job.direction_set_id),
-                                timeout=self.rpc_timeout_s)
-            return
-        except NotFound:
-            pass
-        data = self.store.get_artifact(job.direction_set_id)
-        if data is None:
-            raise FailedPrecondition(f"the direction set of job {job.name} is not stored")
-        stub.LoadDirections(evaluator_pb2.LoadDirectionsRequest(
-            directions=common_pb2.TensorBlob(safetensors=data, sha256=job.direction_set_id)),
-            timeout=self.rpc_timeout_s)
+    def _ensure_directions(self, client: EvaluatorClient, job: JobRecord) -> None:
+        client.ensure_directions(job.direction_set_id, self.store.get_artifact, self.rpc_timeout_s)
 
     def _on_evaluator(self, fn: Any) -> Any:
-        """Call ``fn(stub)`` on the first evaluator that is not busy."""
+        """Call ``fn(client)`` on the first evaluator that is not busy."""
         if not self.evaluator_addresses:
             raise FailedPrecondition("the gateway has no evaluator address configured")
         last: Exception | None = None
@@ -647,9 +627,9 @@ class Orchestrator:
         if request.HasField("hub_repo"):
             forward.hub_repo = request.hub_repo
 
-        def call(stub: Any) -> Any:
-            self._ensure_directions(stub, job)
-            return stub.ExportModel(forward)
+        def call(client: EvaluatorClient) -> Any:
+            self._ensure_directions(client, job)
+            return client.export_model(forward)
 
         result = self._on_evaluator(call)
         response = gateway_pb2.GatewayServiceExportModelResponse(
@@ -675,10 +655,10 @@ class Orchestrator:
             forward.direction_set_id = job.direction_set_id
             forward.params.CopyFrom(trial.params)
 
-        def start(stub: Any) -> Any:
+        def start(client: EvaluatorClient) -> Any:
             if trial is not None:
-                self._ensure_directions(stub, job)
-            stream = stub.Chat(forward)
+                self._ensure_directions(client, job)
+            stream = client.chat(forward)
             first = next(stream, None)  # surfaces UNAVAILABLE here, so the next evaluator is tried
             return first, stream
 

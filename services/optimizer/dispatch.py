@@ -50,19 +50,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
-import grpc
 import optuna
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 from optuna.trial import TrialState
 
 from abliterate.database import DEFAULT_PATIENCE_S, StudyLock, retry_through_outage
-from abliterate.errors import InvalidArgument
+from abliterate.errors import AbliterateError, FailedPrecondition, InvalidArgument, NotFound, Unavailable
 from abliterate.params import AblationParams
-from abliterate.rpc.channels import make_channel
+from abliterate.rpc.clients import EvaluatorClient, PendingCall
 from abliterate.rpc.convert import params_to_pb
+from abliterate.rpc.errors import Cancelled, DeadlineExceeded
 from abliterate.rpc.limits import DEFAULT_MAX_MESSAGE_BYTES
 from abliterate.rpc.tensors import sha256_hex
-from abliterate.v1 import common_pb2, evaluator_pb2, evaluator_pb2_grpc, optimizer_pb2
+from abliterate.v1 import common_pb2, evaluator_pb2, optimizer_pb2
 from services.optimizer import study as st
 
 log = logging.getLogger(__name__)
@@ -147,10 +146,12 @@ def _now_event(**kwargs) -> optimizer_pb2.TrialEvent:
     return optimizer_pb2.TrialEvent(time=st.timestamp(), **kwargs)
 
 
-def _rpc_error_text(err: grpc.RpcError) -> str:
-    code = err.code() if callable(getattr(err, "code", None)) else None
-    details = err.details() if callable(getattr(err, "details", None)) else str(err)
-    return f"{code.name if code else 'UNKNOWN'}: {details}"
+def _error_text(exc: BaseException) -> str:
+    """``CODE: details`` of a failed call (the status name the client recorded), else the message."""
+    code = getattr(exc, "code", None)
+    name = getattr(code, "name", "")
+    details = getattr(exc, "details", None) or str(exc)
+    return f"{name}: {details}" if name else details
 
 
 class EvaluatorWorker(threading.Thread):
@@ -167,31 +168,24 @@ class EvaluatorWorker(threading.Thread):
         self.prepared = False
         self.disabled = False
         self.baseline_id = ""
-        self._channel: grpc.Channel | None = None
-        self._stub: evaluator_pb2_grpc.EvaluatorServiceStub | None = None
-        self._health: health_pb2_grpc.HealthStub | None = None
+        self._client: EvaluatorClient | None = None
 
     # ------------------------------------------------------------ channel
 
-    def _connect(self) -> None:
-        if self._channel is None:
-            self._channel = make_channel(self.address, self.options.max_message_bytes, self.options.token or None)
-            self._stub = evaluator_pb2_grpc.EvaluatorServiceStub(self._channel)
-            self._health = health_pb2_grpc.HealthStub(self._channel)
+    @property
+    def client(self) -> EvaluatorClient:
+        if self._client is None:
+            self._client = EvaluatorClient(self.address, token=self.options.token or None,
+                                           max_message_bytes=self.options.max_message_bytes)
+        return self._client
 
     def _reset_channel(self) -> None:
-        if self._channel is not None:
-            self._channel.close()
-        self._channel = self._stub = self._health = None
+        if self._client is not None:
+            self._client.close()
+        self._client = None
 
     def healthy(self) -> bool:
-        self._connect()
-        try:
-            resp = self._health.Check(health_pb2.HealthCheckRequest(service=""),
-                                      timeout=self.options.health_timeout_s)
-            return resp.status == health_pb2.HealthCheckResponse.SERVING
-        except grpc.RpcError:
-            return False
+        return self.client.healthy(self.options.health_timeout_s)
 
     def _mark_unreachable(self, why: str) -> None:
         if self.state != S.EVALUATOR_STATE_UNREACHABLE:
@@ -251,64 +245,36 @@ class EvaluatorWorker(threading.Thread):
             return False
         return self._prepare()
 
+    def _reject(self, why: str) -> bool:
+        """This evaluator cannot serve the study: its thread ends (False, for the callers' convenience)."""
+        self.disabled = True
+        self.last_error = why
+        self.runner.emit_progress("evaluator_rejected", f"{self.address}: {why}")
+        return False
+
     def _prepare(self) -> bool:
         """Model check, direction set, baseline. False (after a pause) when not ready."""
         runner = self.runner
         settings = runner.settings
         self.state = S.EVALUATOR_STATE_PREPARING
         runner.emit_progress("prepare_evaluator", self.address)
-        self._connect()
+        client = self.client
         try:
-            info = self._stub.GetModelInfo(common_pb2.GetModelInfoRequest(),
-                                           timeout=self.options.rpc_timeout_s).model
-            problem = runner.check_model(info)
+            problem = runner.check_model(client.model_info(self.options.rpc_timeout_s))
             if problem:
-                self.disabled = True
-                self.last_error = problem
-                runner.emit_progress("evaluator_rejected", f"{self.address}: {problem}")
-                return False
-            try:
-                resp = self._stub.LoadDirections(
-                    evaluator_pb2.LoadDirectionsRequest(direction_set_id=settings.direction_set_id),
-                    timeout=self.options.rpc_timeout_s)
-            except grpc.RpcError as err:
-                if err.code() != grpc.StatusCode.NOT_FOUND:
-                    raise
-                data = runner.directions.get(settings.direction_set_id)
-                if data is None:
-                    self.disabled = True
-                    self.last_error = (f"the evaluator lacks direction set {settings.direction_set_id} and this "
-                                       "optimizer does not hold its bytes (send them again with CreateStudy)")
-                    runner.emit_progress("evaluator_rejected", f"{self.address}: {self.last_error}")
-                    return False
-                resp = self._stub.LoadDirections(
-                    evaluator_pb2.LoadDirectionsRequest(directions=common_pb2.TensorBlob(
-                        safetensors=data, sha256=settings.direction_set_id)),
-                    timeout=self.options.rpc_timeout_s)
-            if resp.direction_set_id and resp.direction_set_id != settings.direction_set_id:
-                raise InvalidArgument(f"evaluator answered direction set {resp.direction_set_id}")
-            base = self._stub.PrepareBaseline(evaluator_pb2.PrepareBaselineRequest(baseline=settings.baseline),
-                                              timeout=self.options.prepare_timeout_s)
-            self.baseline_id = base.baseline_id
-        except grpc.RpcError as err:
-            code = err.code()
-            text = _rpc_error_text(err)
-            if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED):
-                if self.healthy():
-                    self.last_error = f"busy: {text}"
-                    self._sleep(self.options.busy_retry_s)
-                else:
-                    self._mark_unreachable(text)
-                    self._sleep(self.options.health_interval_s)
-                return False
-            self.disabled = True
-            self.last_error = f"cannot prepare: {text}"
-            runner.emit_progress("evaluator_rejected", f"{self.address}: {self.last_error}")
+                return self._reject(problem)
+            client.ensure_directions(settings.direction_set_id, runner.directions.get, self.options.rpc_timeout_s)
+            self.baseline_id = client.prepare_baseline(settings.baseline, self.options.prepare_timeout_s)
+        except (Unavailable, Cancelled) as exc:  # busy, restarting or gone (DeadlineExceeded is Unavailable)
+            if self.healthy():
+                self.last_error = f"busy: {_error_text(exc)}"
+                self._sleep(self.options.busy_retry_s)
+            else:
+                self._mark_unreachable(_error_text(exc))
+                self._sleep(self.options.health_interval_s)
             return False
-        except InvalidArgument as exc:
-            self.disabled = True
-            self.last_error = str(exc)
-            return False
+        except AbliterateError as exc:
+            return self._reject(f"cannot prepare: {_error_text(exc)}")
         self.prepared = True
         self.state = S.EVALUATOR_STATE_IDLE
         self.last_error = ""
@@ -317,7 +283,6 @@ class EvaluatorWorker(threading.Thread):
 
     def _run_trial(self, trial: optuna.Trial, params: AblationParams) -> None:
         runner = self.runner
-        opts = self.options
         number = trial.number
         self.state = S.EVALUATOR_STATE_BUSY
         self.current_trial = number
@@ -333,69 +298,73 @@ class EvaluatorWorker(threading.Thread):
                 runner.fail_trial(self, number, f"lease expired after {runner.settings.trial_timeout_s:.0f}s",
                                   retry=True)
                 return
-            self._connect()
             call_started = time.monotonic()
-            future = self._stub.EvaluateTrial.future(request, timeout=remaining)
-            failures = 0
-            outcome = None
-            while outcome is None:
-                try:
-                    response = future.result(timeout=opts.health_interval_s)
-                    outcome = ("ok", response)
-                except grpc.FutureTimeoutError:
-                    if runner.is_abandoned(number):
-                        future.cancel()
-                        outcome = ("abandoned", None)
-                    elif self.healthy():
-                        failures = 0
-                    else:
-                        failures += 1
-                        if failures >= opts.health_failures_to_lose:
-                            future.cancel()
-                            outcome = ("lost", "evaluator lost during the trial (health checks failed)")
-                except grpc.RpcError as err:
-                    outcome = ("error", err)
-            kind, value = outcome
-            if kind == "ok":
-                rpc_s = time.monotonic() - call_started
-                runner.complete_trial(self, trial, value, rpc_s=rpc_s, lease_s=time.monotonic() - started)
-                return
-            if kind == "abandoned":
-                return
-            if kind == "lost":
-                self._mark_unreachable(value)
-                runner.fail_trial(self, number, value, retry=True)
-                return
-            err: grpc.RpcError = value
-            code = err.code()
-            text = _rpc_error_text(err)
-            if runner.is_abandoned(number):
-                return
-            if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED):
+            try:
+                response = self._await_trial(self.client.start_trial(request, remaining), number)
+            except (DeadlineExceeded, Unavailable, Cancelled) as exc:
+                if runner.is_abandoned(number):
+                    return
+                if isinstance(exc, DeadlineExceeded):
+                    runner.fail_trial(self, number, f"lease expired: {_error_text(exc)}", retry=True)
+                    return
                 if self.healthy():
                     # Busy (or a blip): send the same trial again, not a failure.
-                    self.last_error = f"busy: {text}"
-                    self._sleep(opts.busy_retry_s)
+                    self.last_error = f"busy: {_error_text(exc)}"
+                    self._sleep(self.options.busy_retry_s)
                     continue
-                self._mark_unreachable(text)
-                runner.fail_trial(self, number, f"evaluator lost: {text}", retry=True)
+                self._mark_unreachable(_error_text(exc))
+                runner.fail_trial(self, number, f"evaluator lost: {_error_text(exc)}", retry=True)
                 return
-            if code == grpc.StatusCode.DEADLINE_EXCEEDED:
-                runner.fail_trial(self, number, f"lease expired: {text}", retry=True)
-                return
-            if code in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.FAILED_PRECONDITION) and not reprepared:
-                # The evaluator restarted and lost the directions or the baseline.
+            except (NotFound, FailedPrecondition) as exc:
+                if runner.is_abandoned(number):
+                    return
+                if reprepared:
+                    runner.fail_trial(self, number, _error_text(exc), retry=True)
+                    return
+                # The evaluator restarted and lost the directions or the baseline: prepare it again.
                 reprepared = True
                 self.prepared = False
-                if self._prepare():
-                    request.baseline_id = self.baseline_id
-                    self.state = S.EVALUATOR_STATE_BUSY
-                    continue
-                runner.fail_trial(self, number, f"evaluator could not be prepared again: {text}", retry=True)
+                if not self._prepare():
+                    runner.fail_trial(self, number, f"evaluator could not be prepared again: {_error_text(exc)}",
+                                      retry=True)
+                    return
+                request.baseline_id = self.baseline_id
+                self.state = S.EVALUATOR_STATE_BUSY
+                continue
+            except AbliterateError as exc:
+                if runner.is_abandoned(number):
+                    return
+                self.last_error = _error_text(exc)
+                # The same parameters would fail the same way on bad input.
+                runner.fail_trial(self, number, self.last_error, retry=not isinstance(exc, InvalidArgument))
                 return
-            self.last_error = text
-            runner.fail_trial(self, number, text, retry=code != grpc.StatusCode.INVALID_ARGUMENT)
+            if response is None:  # abandoned, or the evaluator was lost (already handled)
+                return
+            runner.complete_trial(self, trial, response, rpc_s=time.monotonic() - call_started,
+                                  lease_s=time.monotonic() - started)
             return
+
+    def _await_trial(self, call: PendingCall, number: int) -> evaluator_pb2.EvaluateTrialResponse | None:
+        """The trial's answer, health-checking the evaluator while it runs. None when the trial was
+        abandoned (StopStudy) or the evaluator stopped answering health checks (then failed here)."""
+        failures = 0
+        while True:
+            response = call.wait(self.options.health_interval_s)
+            if response is not None:
+                return response
+            if self.runner.is_abandoned(number):
+                call.cancel()
+                return None
+            if self.healthy():
+                failures = 0
+                continue
+            failures += 1
+            if failures >= self.options.health_failures_to_lose:
+                call.cancel()
+                why = "evaluator lost during the trial (health checks failed)"
+                self._mark_unreachable(why)
+                self.runner.fail_trial(self, number, why, retry=True)
+                return None
 
     def info(self, n_done: int) -> optimizer_pb2.EvaluatorInfo:
         msg = optimizer_pb2.EvaluatorInfo(address=self.address, state=self.state, n_trials_done=n_done,

@@ -11,8 +11,6 @@ import threading
 import time
 from collections.abc import Iterator, Sequence
 
-import grpc
-from grpc_health.v1 import health_pb2
 from optuna.trial import TrialState
 
 from abliterate.errors import (
@@ -22,11 +20,10 @@ from abliterate.errors import (
     NotFound,
     Unavailable,
 )
-from abliterate.rpc.channels import health_status, make_channel
+from abliterate.rpc.clients import EvaluatorClient
 from abliterate.rpc.convert import params_from_pb
-from abliterate.rpc.errors import mapped_stub
 from abliterate.rpc.tensors import decode_tensors, sha256_hex
-from abliterate.v1 import common_pb2, evaluator_pb2_grpc, optimizer_pb2, optimizer_pb2_grpc
+from abliterate.v1 import common_pb2, optimizer_pb2, optimizer_pb2_grpc
 from services.optimizer import study as st
 from services.optimizer.dispatch import DirectionStore, DispatchOptions, StudyRunner
 from services.optimizer.search_space import SearchSpace
@@ -113,20 +110,12 @@ class OptimizerServicer(optimizer_pb2_grpc.OptimizerServiceServicer):
             runner.join(max(0.0, deadline - time.monotonic()))
 
     def _probe(self, address: str) -> common_pb2.ModelInfo:
-        """Health SERVING and the ModelInfo of an evaluator (UNAVAILABLE when unreachable)."""
-        channel = make_channel(address, self.options.max_message_bytes, self.options.token or None)
-        try:
-            try:
-                status = health_status(channel, "", timeout_s=_PROBE_TIMEOUT_S)
-            except grpc.RpcError as err:
-                raise Unavailable(f"evaluator {address} is unreachable: {err.code().name}: {err.details()}") from err
-            if status != health_pb2.HealthCheckResponse.SERVING:
-                raise Unavailable(f"evaluator {address} is not SERVING "
-                                  f"({health_pb2.HealthCheckResponse.ServingStatus.Name(status)})")
-            stub = mapped_stub(evaluator_pb2_grpc.EvaluatorServiceStub(channel))
-            return stub.GetModelInfo(common_pb2.GetModelInfoRequest(), timeout=_PROBE_TIMEOUT_S).model
-        finally:
-            channel.close()
+        """Health SERVING and the ModelInfo of an evaluator (UNAVAILABLE when unreachable or not serving)."""
+        with EvaluatorClient(address, token=self.options.token or None,
+                             max_message_bytes=self.options.max_message_bytes) as client:
+            if not client.healthy(_PROBE_TIMEOUT_S):
+                raise Unavailable(f"evaluator {address} is unreachable or not SERVING")
+            return client.model_info(_PROBE_TIMEOUT_S)
 
     def _study_info(self, runner: StudyRunner) -> optimizer_pb2.StudyInfo:
         trials = runner.study.get_trials(deepcopy=False)
