@@ -534,7 +534,7 @@ class Orchestrator:
     def _on_trial_finished(self, runner: _Runner, job: JobRecord, tf: optimizer_pb2.TrialFinished,
                            kl_cap: float, run_started: float, completed_this_run: int) -> None:
         """Store the trial and the front the optimizer sent with it (no call back to the optimizer)."""
-        n_target = job.spec.n_trials
+        n_target = tf.n_trials or job.spec.n_trials  # the study's target is the one that counts
         eta = tf.eta_s if tf.HasField("eta_s") else None
         if eta is None and completed_this_run > 0:
             per_trial = (time.monotonic() - run_started) / completed_this_run
