@@ -134,7 +134,8 @@ def test_trials_prints_the_front_and_plots_a_png(gateway_with_finished_job, tmp_
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
     assert "Pareto front" in out and "auto-selected" in out
     # Front: 0 (9, .01), 1 (4, .2), 4 (2, .9), 3 (1, 2.0); 2 is dominated by 1. Cap 1.0 -> trial 4.
-    trials = cli.all_trials(cli.gateway_stub(gateway_with_finished_job.address), "done-job")
+    with cli.gateway_client(gateway_with_finished_job.address) as client:
+        trials = cli.all_trials(client, "done-job")
     assert [t.number for t in trials] == [0, 1, 2, 3, 4]
     rc = cli.main(["trials", "done-job", "--gateway", gateway_with_finished_job.address, "--json"])
     out = capsys.readouterr().out

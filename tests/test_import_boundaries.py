@@ -73,7 +73,7 @@ def test_cli_client_path_does_not_import_torch():
         "    p.parse_args(argv)\n"
         "spec = cli.build_spec(p.parse_args(['submit', 'org/m', '--n-trials', '3']))\n"
         "cli.derived_job_name(spec)\n"
-        "cli.gateway_stub('127.0.0.1:1')\n"
+        "cli.gateway_client('127.0.0.1:1').close()\n"
         "from abliterate.v1 import gateway_pb2\n"
         "cli.front_table(gateway_pb2.ParetoFront())\n"
         "print(json.dumps(sorted({m.split('.')[0] for m in sys.modules})))\n"

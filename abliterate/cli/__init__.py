@@ -17,7 +17,7 @@ The client commands never import torch (``run`` and ``serve`` import it lazily).
 
 from __future__ import annotations
 
-from abliterate.cli.client import all_trials, export_trial, gateway_stub, submit_or_resume, watch
+from abliterate.cli.client import all_trials, export_trial, gateway_client, submit_or_resume, watch
 from abliterate.cli.commands import COMMANDS, main
 from abliterate.cli.display import JobWatcher, front_table, phase_label
 from abliterate.cli.parser import DEFAULT_DATA_DIR, DEFAULT_GATEWAY, DEFAULT_SETS, build_parser
@@ -27,5 +27,5 @@ from abliterate.errors import InvalidArgument
 
 __all__ = ["COMMANDS", "DEFAULT_DATA_DIR", "DEFAULT_GATEWAY", "DEFAULT_SETS", "InvalidArgument", "JobWatcher",
            "all_trials", "build_parser", "build_spec", "check_prompt_sets", "derived_job_name", "export_trial",
-           "front_table", "gateway_stub", "main", "parse_prompt_set", "phase_label", "plot_trials",
+           "front_table", "gateway_client", "main", "parse_prompt_set", "phase_label", "plot_trials",
            "submit_or_resume", "watch"]

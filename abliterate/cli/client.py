@@ -2,30 +2,33 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from abliterate.cli.display import JobWatcher, phase_label
 from abliterate.errors import AlreadyExists, Unavailable
 
-
-def gateway_stub(address: str, token: str | None = None) -> Any:
-    from abliterate.rpc import make_channel, mapped_stub
-    from abliterate.v1 import gateway_pb2_grpc
-
-    return mapped_stub(gateway_pb2_grpc.GatewayServiceStub(make_channel(address, token=token)))
+if TYPE_CHECKING:
+    from abliterate.rpc.clients import GatewayClient
 
 
-def submit_or_resume(stub: Any, spec: Any, console: Any) -> Any:
+def gateway_client(address: str, token: str | None = None) -> GatewayClient:
+    """A typed client of the gateway at ``address``; close it (``with``) when done."""
+    from abliterate.rpc.clients import GatewayClient
+
+    return GatewayClient(address, token=token)
+
+
+def submit_or_resume(client: GatewayClient, spec: Any, console: Any) -> Any:
     """Submit; when the name is taken, reuse that job (resuming it unless it is done)."""
     from abliterate.v1 import gateway_pb2
 
     try:
-        job = stub.SubmitJob(gateway_pb2.SubmitJobRequest(spec=spec)).job
+        job = client.submit_job(spec)
         console.print(f"job [bold]{job.name}[/bold] ({job.id}) submitted")
         return job
     except AlreadyExists:
         pass
-    job = stub.GetJob(gateway_pb2.GetJobRequest(job_id=spec.name)).job
+    job = client.get_job(spec.name)
     more = spec.n_trials > job.spec.n_trials
     if job.phase == gateway_pb2.JOB_PHASE_SUCCEEDED and not more:
         console.print(f"job [bold]{job.name}[/bold] already SUCCEEDED ({job.n_trials_complete} trials)")
@@ -34,34 +37,24 @@ def submit_or_resume(stub: Any, spec: Any, console: Any) -> Any:
                      gateway_pb2.JOB_PHASE_OPTIMIZING) and not more:
         console.print(f"job [bold]{job.name}[/bold] is running ({phase_label(job.phase)}); following it")
         return job
-    request = gateway_pb2.ResumeJobRequest(job_id=job.id)
-    if more:
-        request.n_trials = spec.n_trials
-    job = stub.ResumeJob(request).job
+    job = client.resume_job(job.id, spec.n_trials if more else None)
     console.print(f"job [bold]{job.name}[/bold] resumed ({job.n_trials_complete}/{job.spec.n_trials} trials done)")
     return job
 
 
-def watch(stub: Any, job_id: str, console: Any, replay: bool = False) -> Any:
-    from abliterate.v1 import gateway_pb2
-
-    job = stub.GetJob(gateway_pb2.GetJobRequest(job_id=job_id)).job
-    request = gateway_pb2.WatchJobRequest(job_id=job.id)
-    if replay:
-        request.after_sequence = 0
-    stream = stub.WatchJob(request)
+def watch(client: GatewayClient, job_id: str, console: Any, replay: bool = False) -> Any:
+    job = client.get_job(job_id)
+    stream = client.watch_job(job.id, after_sequence=0 if replay else None)
     try:
         JobWatcher(console).follow(stream, job)
     finally:
         stream.cancel()
-    return stub.GetJob(gateway_pb2.GetJobRequest(job_id=job.id)).job
+    return client.get_job(job.id)
 
 
-def all_trials(stub: Any, job_id: str) -> list[Any]:
+def all_trials(client: GatewayClient, job_id: str) -> list[Any]:
     """Every finished trial of a job, from its stored events (the gateway streams them in order)."""
-    from abliterate.v1 import gateway_pb2
-
-    snapshot = stub.WatchJob(gateway_pb2.WatchJobRequest(job_id=job_id))
+    snapshot = client.watch_job(job_id)
     try:
         latest = next(iter(snapshot)).event.sequence
     finally:
@@ -69,7 +62,7 @@ def all_trials(stub: Any, job_id: str) -> list[Any]:
     trials: dict[int, Any] = {}
     if latest == 0:
         return []
-    stream = stub.WatchJob(gateway_pb2.WatchJobRequest(job_id=job_id, after_sequence=0))
+    stream = client.watch_job(job_id, after_sequence=0)
     try:
         for response in stream:
             event = response.event
@@ -82,7 +75,7 @@ def all_trials(stub: Any, job_id: str) -> list[Any]:
     return [trials[number] for number in sorted(trials)]
 
 
-def export_trial(stub: Any, job_id: str, output: str, trial: int | None, export_format: str = "merged",
+def export_trial(client: GatewayClient, job_id: str, output: str, trial: int | None, export_format: str = "merged",
                  hub_repo: str | None = None, private: bool = False, overwrite: bool = False) -> Any:
     from abliterate.v1 import common_pb2, gateway_pb2
 
@@ -93,7 +86,7 @@ def export_trial(stub: Any, job_id: str, output: str, trial: int | None, export_
         request.trial_number = trial
     if hub_repo:
         request.hub_repo = hub_repo
-    return stub.ExportModel(request)
+    return client.export_model(request)
 
 
 # gRPC's own wording when no connection could be made (nothing listening, unknown host); an UNAVAILABLE

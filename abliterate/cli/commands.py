@@ -19,7 +19,7 @@ from rich.markup import escape
 from abliterate.cli.client import (
     all_trials,
     export_trial,
-    gateway_stub,
+    gateway_client,
     is_connection_failure,
     no_gateway_message,
     submit_or_resume,
@@ -46,19 +46,20 @@ def cmd_submit(args: argparse.Namespace, console: Any) -> int:
     # Local prompt paths are read by the extractor on its own machine, so only what is the same
     # everywhere (bundled sets, inline lists, split syntax) is checked here.
     check_prompt_sets(spec, read_local_files=False)
-    stub = gateway_stub(args.gateway, args.token)
-    job = stub.SubmitJob(gateway_pb2.SubmitJobRequest(spec=spec)).job
-    console.print(f"job [bold]{job.name}[/bold] submitted: {job.id}")
-    if args.watch:
-        job = watch(stub, job.id, console)
-        return 0 if job.phase == gateway_pb2.JOB_PHASE_SUCCEEDED else 1
+    with gateway_client(args.gateway, args.token) as client:
+        job = client.submit_job(spec)
+        console.print(f"job [bold]{job.name}[/bold] submitted: {job.id}")
+        if args.watch:
+            job = watch(client, job.id, console)
+            return 0 if job.phase == gateway_pb2.JOB_PHASE_SUCCEEDED else 1
     return 0
 
 
 def cmd_watch(args: argparse.Namespace, console: Any) -> int:
     from abliterate.v1 import gateway_pb2
 
-    job = watch(gateway_stub(args.gateway, args.token), args.job, console, replay=args.replay)
+    with gateway_client(args.gateway, args.token) as client:
+        job = watch(client, args.job, console, replay=args.replay)
     console.print(f"job {job.name}: {phase_label(job.phase)}" + (f" ({escape(job.error)})" if job.error else ""))
     return 0 if job.phase == gateway_pb2.JOB_PHASE_SUCCEEDED else 1
 
@@ -74,8 +75,8 @@ def cmd_jobs(args: argparse.Namespace, console: Any) -> int:
         if key not in gateway_pb2.JobPhase.keys():
             raise InvalidArgument(f"unknown phase {name!r}")
         phases.append(gateway_pb2.JobPhase.Value(key))
-    listing = gateway_stub(args.gateway, args.token).ListJobs(gateway_pb2.ListJobsRequest(phases=phases,
-                                                                                          limit=args.limit))
+    with gateway_client(args.gateway, args.token) as client:
+        listing = client.list_jobs(phases, limit=args.limit)
     table = Table(title=f"{listing.total} job(s)")
     for column in ("name", "id", "phase", "trials", "selected", "model", "created"):
         table.add_column(column)
@@ -91,38 +92,38 @@ def cmd_jobs(args: argparse.Namespace, console: Any) -> int:
 def cmd_trials(args: argparse.Namespace, console: Any) -> int:
     from google.protobuf import json_format
 
-    from abliterate.v1 import gateway_pb2
-
     if args.plot:
         require_matplotlib()  # before any call, so a missing extra is said at once
-    stub = gateway_stub(args.gateway, args.token)
-    request = gateway_pb2.GetParetoFrontRequest(job_id=args.job)
-    if args.kl_cap is not None:
-        request.kl_cap = args.kl_cap
-    front = stub.GetParetoFront(request).front
-    if args.json:
-        print(json_format.MessageToJson(front, preserving_proto_field_name=True))
-    else:
-        console.print(front_table(front))
-    if args.plot:
-        trials = all_trials(stub, args.job) or list(front.trials)
-        plot_trials(trials, front, args.plot)
-        console.print(f"plot written to {args.plot}")
+    with gateway_client(args.gateway, args.token) as client:
+        front = client.pareto_front(args.job, kl_cap=args.kl_cap)
+        if args.json:
+            print(json_format.MessageToJson(front, preserving_proto_field_name=True))
+        else:
+            console.print(front_table(front))
+        if args.plot:
+            trials = all_trials(client, args.job) or list(front.trials)
+            plot_trials(trials, front, args.plot)
+            console.print(f"plot written to {args.plot}")
     return 0
 
 
 def cmd_export(args: argparse.Namespace, console: Any) -> int:
-    result = export_trial(gateway_stub(args.gateway, args.token), args.job, args.output, args.trial, args.format,
-                          args.hub_repo, args.private, args.overwrite)
+    with gateway_client(args.gateway, args.token) as client:
+        result = export_trial(client, args.job, args.output, args.trial, args.format, args.hub_repo, args.private,
+                              args.overwrite)
     console.print(f"trial {result.trial_number} exported to {result.path} ({len(result.files)} files, "
                   f"{result.bytes_written / 1e6:.1f} MB)" + (f"; {result.hub_url}" if result.hub_url else ""))
     return 0
 
 
 def cmd_chat(args: argparse.Namespace, console: Any) -> int:
+    with gateway_client(args.gateway, args.token) as client:
+        return _chat(client, args, console)
+
+
+def _chat(client: Any, args: argparse.Namespace, console: Any) -> int:
     from abliterate.v1 import common_pb2, gateway_pb2
 
-    stub = gateway_stub(args.gateway, args.token)
     history: list[Any] = []
     if args.system:
         history.append(common_pb2.ChatMessage(role="system", content=args.system))
@@ -153,7 +154,7 @@ def cmd_chat(args: argparse.Namespace, console: Any) -> int:
             request.trial_number = args.trial
         reply = []
         console.print("[bold cyan]model>[/bold cyan] ", end="")
-        for chunk in stub.Chat(request):
+        for chunk in client.chat(request):
             reply.append(chunk.text)
             console.out(chunk.text, end="", highlight=False)
         console.print()
@@ -161,20 +162,15 @@ def cmd_chat(args: argparse.Namespace, console: Any) -> int:
 
 
 def cmd_cancel(args: argparse.Namespace, console: Any) -> int:
-    from abliterate.v1 import gateway_pb2
-
-    job = gateway_stub(args.gateway, args.token).CancelJob(gateway_pb2.CancelJobRequest(job_id=args.job)).job
+    with gateway_client(args.gateway, args.token) as client:
+        job = client.cancel_job(args.job)
     console.print(f"job {job.name}: {phase_label(job.phase)}")
     return 0
 
 
 def cmd_resume(args: argparse.Namespace, console: Any) -> int:
-    from abliterate.v1 import gateway_pb2
-
-    request = gateway_pb2.ResumeJobRequest(job_id=args.job)
-    if args.n_trials is not None:
-        request.n_trials = args.n_trials
-    job = gateway_stub(args.gateway, args.token).ResumeJob(request).job
+    with gateway_client(args.gateway, args.token) as client:
+        job = client.resume_job(args.job, args.n_trials)
     console.print(f"job {job.name}: {phase_label(job.phase)}")
     return 0
 
@@ -223,26 +219,26 @@ def cmd_run(args: argparse.Namespace, console: Any) -> int:
     try:
         with console.status(f"loading {spec.model.source} ..."):
             embedded.start()
-        stub = gateway_stub(embedded.gateway_address)
-        job = submit_or_resume(stub, spec, console)
-        if job.phase != gateway_pb2.JOB_PHASE_SUCCEEDED:
-            job = watch(stub, job.id, console)
-        if job.phase != gateway_pb2.JOB_PHASE_SUCCEEDED:
-            console.print(f"[red]job {job.name} ended {phase_label(job.phase)}"
-                          + (f": {escape(job.error)}" if job.error else ""))
-            if resuming_can_help(job):
-                console.print("run the same command again to resume it")
-            else:
-                console.print("resuming would fail the same way: fix the input and run again")
-            return 1
-        front = stub.GetParetoFront(gateway_pb2.GetParetoFrontRequest(job_id=job.id)).front
-        console.print(front_table(front))
-        if args.no_export:
-            return 0
-        output = args.output or str(data_dir / f"export-{job.name}")
-        with console.status(f"exporting to {output} ..."):
-            result = export_trial(stub, job.id, str(Path(output).expanduser().resolve()), args.trial,
-                                  overwrite=True)
+        with gateway_client(embedded.gateway_address) as client:
+            job = submit_or_resume(client, spec, console)
+            if job.phase != gateway_pb2.JOB_PHASE_SUCCEEDED:
+                job = watch(client, job.id, console)
+            if job.phase != gateway_pb2.JOB_PHASE_SUCCEEDED:
+                console.print(f"[red]job {job.name} ended {phase_label(job.phase)}"
+                              + (f": {escape(job.error)}" if job.error else ""))
+                if resuming_can_help(job):
+                    console.print("run the same command again to resume it")
+                else:
+                    console.print("resuming would fail the same way: fix the input and run again")
+                return 1
+            front = client.pareto_front(job.id)
+            console.print(front_table(front))
+            if args.no_export:
+                return 0
+            output = args.output or str(data_dir / f"export-{job.name}")
+            with console.status(f"exporting to {output} ..."):
+                result = export_trial(client, job.id, str(Path(output).expanduser().resolve()), args.trial,
+                                      overwrite=True)
         console.print(f"[green]trial {result.trial_number} exported to {result.path}[/green] "
                       f"({len(result.files)} files, {result.bytes_written / 1e6:.1f} MB)")
         return 0

@@ -39,10 +39,10 @@ def test_embedded_job_chat_export_and_rerun(tmp_path, capsys):
     data = tmp_path / "data"
     embedded = Embedded(ModelSpec(source="<tiny llama>"), data, lm=lm).start()
     try:
-        stub = cli.gateway_stub(embedded.gateway_address)
         spec = _spec("tiny-e2e", n_trials=3)
-        job = cli.submit_or_resume(stub, spec, console)
-        job = cli.watch(stub, job.id, console)
+        with cli.gateway_client(embedded.gateway_address) as client:
+            job = cli.submit_or_resume(client, spec, console)
+            job = cli.watch(client, job.id, console)
         assert job.phase == gateway_pb2.JOB_PHASE_SUCCEEDED and job.n_trials_complete >= 3
         address = embedded.gateway_address
         assert cli.main(["chat", "tiny-e2e", "--gateway", address, "-m", "Hello there", "--max-new-tokens", "3"]) == 0
@@ -58,11 +58,11 @@ def test_embedded_job_chat_export_and_rerun(tmp_path, capsys):
     # A new process on the same data folder: the job is there, finished, nothing reruns.
     again = Embedded(ModelSpec(source="<tiny llama>"), data, lm=lm).start()
     try:
-        stub = cli.gateway_stub(again.gateway_address)
-        job = cli.submit_or_resume(stub, _spec("tiny-e2e", n_trials=3), console)
-        assert job.phase == gateway_pb2.JOB_PHASE_SUCCEEDED
-        assert "already SUCCEEDED" in capsys.readouterr().out
-        front = stub.GetParetoFront(gateway_pb2.GetParetoFrontRequest(job_id="tiny-e2e")).front
+        with cli.gateway_client(again.gateway_address) as client:
+            job = cli.submit_or_resume(client, _spec("tiny-e2e", n_trials=3), console)
+            assert job.phase == gateway_pb2.JOB_PHASE_SUCCEEDED
+            assert "already SUCCEEDED" in capsys.readouterr().out
+            front = client.pareto_front("tiny-e2e")
         assert front.trials and all(t.state == common_pb2.TRIAL_STATE_COMPLETE for t in front.trials)
     finally:
         again.stop()
