@@ -15,8 +15,10 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
+
+from pydantic import Field
 
 from abliterate.errors import AbliterateError, FailedPrecondition, InvalidArgument, Unavailable
 from abliterate.rpc import build_server, configure_logging, serve_until_signal
@@ -24,31 +26,31 @@ from abliterate.rpc.convert import model_spec_from_pb, model_spec_to_pb
 from abliterate.rpc.limits import MIB
 from abliterate.specs import ModelSpec
 from abliterate.v1 import common_pb2
+from services.config import ServiceSettings
 
 log = logging.getLogger(__name__)
 
 CHAT_MODES = ("chat", "plain")
 
 
-@dataclass
-class TorchServiceConfig:
-    """Settings every torch service has (extractor, evaluator, torch_host)."""
+class TorchServiceConfig(ServiceSettings):
+    """Settings every torch service has (extractor, evaluator, torch_host); each sets its ``env_prefix``."""
 
-    model: str = field(default="", metadata={"help": "model source: HF id, local directory or .gguf file"})
-    gguf_file: str = field(default="", metadata={"help": "GGUF file name inside the model source"})
-    dtype: str = field(default="auto", metadata={"help": "auto, bfloat16, float16 or float32"})
-    device_map: str = field(default="", metadata={"help": "accelerate device map (auto, cpu, cuda:0, ...)"})
-    load_in_4bit: bool = field(default=False, metadata={"help": "load 4-bit with bitsandbytes (CUDA)"})
-    trust_remote_code: bool = field(default=False, metadata={"help": "pass trust_remote_code to transformers"})
-    system_prompt: str = field(default="You are a helpful assistant.", metadata={"help": "system prompt"})
-    chat_template_mode: str = field(default="chat", metadata={"help": "chat or plain"})
-    address: str = field(default="0.0.0.0:50051", metadata={"help": "host:port to listen on"})
-    max_message_mb: float = field(default=64.0, metadata={"help": "gRPC message limit, MiB, both directions"})
-    workers: int = field(default=8, metadata={"help": "gRPC worker threads"})
-    batch_size: int = field(default=0, metadata={"help": "prompts per forward pass (0 = automatic)"})
-    auth_token: str = field(default="", metadata={"help": "bearer token callers must send (empty = none)"})
-    log_level: str = field(default="INFO", metadata={"help": "log level"})
-    grace_s: float = field(default=5.0, metadata={"help": "seconds calls in flight get at shutdown"})
+    model: str = Field("", description="model source: HF id, local directory or .gguf file")
+    gguf_file: str = Field("", description="GGUF file name inside the model source")
+    dtype: str = Field("auto", description="auto, bfloat16, float16 or float32")
+    device_map: str = Field("", description="accelerate device map (auto, cpu, cuda:0, ...)")
+    load_in_4bit: bool = Field(False, description="load 4-bit with bitsandbytes (CUDA)")
+    trust_remote_code: bool = Field(False, description="pass trust_remote_code to transformers")
+    system_prompt: str = Field("You are a helpful assistant.", description="system prompt")
+    chat_template_mode: str = Field("chat", description="chat or plain")
+    address: str = Field("0.0.0.0:50051", description="host:port to listen on")
+    max_message_mb: float = Field(64.0, description="gRPC message limit, MiB, both directions")
+    workers: int = Field(8, description="gRPC worker threads")
+    batch_size: int = Field(0, description="prompts per forward pass (0 = automatic)")
+    auth_token: str = Field("", description="bearer token callers must send (empty = none)")
+    log_level: str = Field("INFO", description="log level")
+    grace_s: float = Field(5.0, description="seconds calls in flight get at shutdown")
 
     @property
     def max_message_bytes(self) -> int:

@@ -7,20 +7,26 @@ Settings: ``ABLITERATE_TORCH_HOST_<FIELD>`` or ``--<field>`` (the evaluator's fi
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass, field
 
-from abliterate.errors import AbliterateError
+from pydantic import Field
+from pydantic_settings import SettingsConfigDict
+
 from abliterate.v1 import evaluator_pb2_grpc, extractor_pb2_grpc
-from services.config import load_config
+from services.config import load_or_report
 from services.evaluator.config import EvaluatorConfig
 from services.evaluator.servicer import EvaluatorServicer
 from services.extractor.servicer import ExtractorServicer
 from services.runtime import DeviceLock, Hosted, run
 
 
-@dataclass
 class TorchHostConfig(EvaluatorConfig):
-    address: str = field(default="0.0.0.0:50051", metadata={"help": "host:port to listen on"})
+    model_config = SettingsConfigDict(env_prefix="ABLITERATE_TORCH_HOST_")
+
+    address: str = Field("0.0.0.0:50051", description="host:port to listen on")
+
+
+def load(argv: list[str] | None = None) -> TorchHostConfig:
+    return TorchHostConfig.load(argv, description="Serve ExtractorService and EvaluatorService on one model.")
 
 
 def hosted_servicers(config: TorchHostConfig, lm=None) -> tuple[list[Hosted], ExtractorServicer, EvaluatorServicer]:
@@ -40,11 +46,8 @@ def hosted_servicers(config: TorchHostConfig, lm=None) -> tuple[list[Hosted], Ex
 
 
 def main(argv: list[str] | None = None) -> int:
-    try:
-        config = load_config(TorchHostConfig, "torch_host", argv,
-                             description="Serve ExtractorService and EvaluatorService on one model.")
-    except AbliterateError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+    config = load_or_report(load, argv)
+    if config is None:
         return 2
     hosted, _, _ = hosted_servicers(config)
     return run("torch_host", hosted, config)

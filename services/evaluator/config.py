@@ -2,19 +2,20 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from pydantic import Field
+from pydantic_settings import SettingsConfigDict
 
-from services.config import load_config
 from services.runtime import TorchServiceConfig
 
 
-@dataclass
 class EvaluatorConfig(TorchServiceConfig):
-    address: str = field(default="0.0.0.0:50052", metadata={"help": "host:port to listen on"})
-    max_direction_sets: int = field(default=4, metadata={"help": "direction sets held at once (LRU)"})
-    default_max_new_tokens: int = field(default=256, metadata={"help": "Generate/Chat length when not given"})
-    max_generate_tokens: int = field(default=4096, metadata={"help": "largest max_new_tokens accepted"})
+    model_config = SettingsConfigDict(env_prefix="ABLITERATE_EVALUATOR_")
+
+    address: str = Field("0.0.0.0:50052", description="host:port to listen on")
+    max_direction_sets: int = Field(4, description="direction sets held at once (LRU)")
+    default_max_new_tokens: int = Field(256, description="Generate/Chat length when not given")
+    max_generate_tokens: int = Field(4096, description="largest max_new_tokens accepted")
 
 
 def load(argv: list[str] | None = None) -> EvaluatorConfig:
-    return load_config(EvaluatorConfig, "evaluator", argv, description="Serve EvaluatorService.")
+    return EvaluatorConfig.load(argv, description="Serve EvaluatorService.")

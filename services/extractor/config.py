@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from pydantic_settings import SettingsConfigDict
 
-from services.config import load_config
 from services.runtime import TorchServiceConfig
 
 
-@dataclass
 class ExtractorConfig(TorchServiceConfig):
     """Everything is shared with the other torch services (see ``TorchServiceConfig``)."""
 
+    model_config = SettingsConfigDict(env_prefix="ABLITERATE_EXTRACTOR_")
+
 
 def load(argv: list[str] | None = None) -> ExtractorConfig:
-    return load_config(ExtractorConfig, "extractor", argv, description="Serve ExtractorService.")
+    return ExtractorConfig.load(argv, description="Serve ExtractorService.")

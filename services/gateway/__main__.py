@@ -6,15 +6,13 @@ from __future__ import annotations
 import sys
 
 from abliterate.rpc import configure_logging
-from services.config import load_config, load_or_report
+from services.config import load_or_report
 from services.gateway import Gateway
-from services.gateway.config import GatewayConfig
+from services.gateway.config import load
 
 
 def main(argv: list[str] | None = None) -> int:
-    config = load_or_report(
-        lambda args: load_config(GatewayConfig, "gateway", args, description="abliterate gateway (public API, no torch)"),
-        argv)
+    config = load_or_report(load, argv)
     if config is None:
         return 2
     configure_logging("gateway", config.log_level)

@@ -2,30 +2,33 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from pydantic import Field
+from pydantic_settings import SettingsConfigDict
 
-from services.config import DEFAULT_DATA_DIR
+from services.config import DEFAULT_DATA_DIR, ServiceSettings
 
 
-@dataclass
-class GatewayConfig:
-    address: str = field(default="0.0.0.0:50050", metadata={"help": "host:port to listen on"})
-    storage_url: str = field(default=f"sqlite:///{DEFAULT_DATA_DIR}/gateway.db",
-                             metadata={"help": "job store: postgresql+psycopg://... or sqlite:///path"})
-    extractor_address: str = field(default="127.0.0.1:50051", metadata={"help": "extractor host:port"})
-    optimizer_address: str = field(default="127.0.0.1:50053", metadata={"help": "optimizer host:port"})
-    evaluator_addresses: list[str] = field(default_factory=lambda: ["127.0.0.1:50052"],
-                                           metadata={"help": "evaluators for export and chat, comma separated"})
-    auth_token: str | None = field(default=None, metadata={"help": "bearer token callers must send"})
-    service_token: str | None = field(default=None,
-                                      metadata={"help": "bearer token sent to the internal services"})
-    resume_on_start: bool = field(default=True,
-                                  metadata={"help": "resume jobs left running (false: mark them INTERRUPTED)"})
-    retry_window_s: float = field(default=600.0,
-                                  metadata={"help": "seconds a job retries an UNAVAILABLE extractor/optimizer"})
-    database_patience_s: float = field(default=600.0, metadata={
-        "help": "seconds a job's store write is retried through a database outage before the job fails"})
-    database_check_s: float = field(default=5.0, metadata={"help": "period of the database check behind health"})
-    workers: int = field(default=16, metadata={"help": "gRPC worker threads (each watcher holds one)"})
-    grace_s: float = field(default=5.0, metadata={"help": "seconds calls in flight get at shutdown"})
-    log_level: str = field(default="INFO", metadata={"help": "log level"})
+class GatewayConfig(ServiceSettings):
+    model_config = SettingsConfigDict(env_prefix="ABLITERATE_GATEWAY_")
+
+    address: str = Field("0.0.0.0:50050", description="host:port to listen on")
+    storage_url: str = Field(f"sqlite:///{DEFAULT_DATA_DIR}/gateway.db",
+                             description="job store: postgresql+psycopg://... or sqlite:///path")
+    extractor_address: str = Field("127.0.0.1:50051", description="extractor host:port")
+    optimizer_address: str = Field("127.0.0.1:50053", description="optimizer host:port")
+    evaluator_addresses: list[str] = Field(default_factory=lambda: ["127.0.0.1:50052"],
+                                           description="evaluators for export and chat, comma separated")
+    auth_token: str | None = Field(None, description="bearer token callers must send")
+    service_token: str | None = Field(None, description="bearer token sent to the internal services")
+    resume_on_start: bool = Field(True, description="resume jobs left running (false: mark them INTERRUPTED)")
+    retry_window_s: float = Field(600.0, description="seconds a job retries an UNAVAILABLE extractor/optimizer")
+    database_patience_s: float = Field(600.0, description="seconds a job's store write is retried through a "
+                                                          "database outage before the job fails")
+    database_check_s: float = Field(5.0, description="period of the database check behind health")
+    workers: int = Field(16, description="gRPC worker threads (each watcher holds one)")
+    grace_s: float = Field(5.0, description="seconds calls in flight get at shutdown")
+    log_level: str = Field("INFO", description="log level")
+
+
+def load(argv: list[str] | None = None) -> GatewayConfig:
+    return GatewayConfig.load(argv, description="abliterate gateway (public API, no torch)")

@@ -11,7 +11,6 @@ port or a missing secret fails here.
 
 from __future__ import annotations
 
-import dataclasses
 import importlib
 import os
 import re
@@ -19,12 +18,12 @@ import signal
 import subprocess
 import sys
 import time
-import typing
 import uuid
 from pathlib import Path
 
 import pytest
 import yaml
+
 from tests.e2e.processes import free_port, postgres_ok
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -99,7 +98,7 @@ def module_of(command: list[str]) -> str:
 def config_fields(module: str) -> tuple[str, set[str]]:
     service, cfg_module, cls_name = CONFIGS[module]
     cls = getattr(importlib.import_module(cfg_module), cls_name)
-    return service, {f.name for f in dataclasses.fields(cls)}
+    return service, set(cls.model_fields)
 
 
 def _services_exist() -> bool:
@@ -145,7 +144,7 @@ def test_every_compose_setting_is_a_real_config_field():
 
 @needs_services
 def test_compose_settings_parse_with_the_services_own_loader(monkeypatch):
-    """Each service's environment, loaded by services.config.load_config, gives the typed values."""
+    """Each service's environment, loaded by services.config.load_config (pydantic-settings), gives the typed values."""
     from services.config import load_config
 
     services = compose_services(read_env_file(ENV_EXAMPLE))
@@ -159,9 +158,9 @@ def test_compose_settings_parse_with_the_services_own_loader(monkeypatch):
             monkeypatch.delenv(key)
         for key, value in svc["environment"].items():
             monkeypatch.setenv(key, str(value))
-        config = load_config(cls, service, [])
-        hints = typing.get_type_hints(cls)
-        if "evaluator_addresses" in hints:
+        assert cls.service_name() == service
+        config = load_config(cls, [])
+        if "evaluator_addresses" in cls.model_fields:
             assert config.evaluator_addresses == ["evaluator:50052"]
         if name == "gateway":
             assert config.auth_token == "change-me-gateway" and config.extractor_address == "extractor:50051"
