@@ -11,6 +11,11 @@ from dataclasses import dataclass
 
 from abliterate.errors import InvalidArgument, NotFound
 
+#: Weight dtypes a model may be loaded in ("auto" tries a fallback chain).
+DTYPES = ("auto", "bfloat16", "float16", "float32")
+#: How prompts are formatted: the model's chat template, or the text as it is.
+CHAT_MODES = ("chat", "plain")
+
 
 @dataclass(frozen=True)
 class ModelSpec:
@@ -29,6 +34,18 @@ class ModelSpec:
     trust_remote_code: bool = False
     system_prompt: str = "You are a helpful assistant."
     chat_template_mode: str = "chat"  # "chat" (the model's template) or "plain"
+
+    def validate(self) -> "ModelSpec":
+        """Itself, or InvalidArgument naming the bad field (the one check of a model spec: the CLI, the
+        gateway, the torch services and the loader all call it)."""
+        if not self.source or not self.source.strip():
+            raise InvalidArgument("model source is empty: name a Hugging Face model id, a directory or a .gguf file")
+        if self.dtype not in DTYPES:
+            raise InvalidArgument(f"model dtype {self.dtype!r} is not one of {', '.join(DTYPES)}")
+        if self.chat_template_mode not in CHAT_MODES:
+            raise InvalidArgument(f"chat_template_mode {self.chat_template_mode!r} is not one of "
+                                  f"{', '.join(CHAT_MODES)}")
+        return self
 
     def resolved_source(self) -> tuple[str, str | None]:
         """(pretrained path or id, gguf file name or None)."""

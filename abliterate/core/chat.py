@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 from abliterate.errors import FailedPrecondition, InvalidArgument
-
-CHAT_MODES = ("chat", "plain")
+from abliterate.specs import CHAT_MODES  # noqa: F401 - re-exported: the one list lives in specs
 
 
 def build_messages(prompt: str, system_prompt: str | None) -> list[dict]:

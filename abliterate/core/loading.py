@@ -58,10 +58,9 @@ def prepare_tokenizer(tokenizer) -> None:
 
 
 def _dtype_candidates(spec: ModelSpec) -> list[str]:
+    spec.validate()
     if spec.dtype == "auto":
         return list(DTYPE_FALLBACK_CHAIN)
-    if spec.dtype not in _DTYPES:
-        raise InvalidArgument(f"unknown dtype {spec.dtype!r}; choose one of auto, {', '.join(_DTYPES)}")
     return [spec.dtype]
 
 
@@ -84,7 +83,7 @@ def first_token_is_finite(model, tokenizer) -> bool:
     """Generate one token greedily and check the logits are finite."""
     enc = tokenizer(["Hello"], return_tensors="pt").to(next(model.parameters()).device)
     with torch.inference_mode():
-        logits = model(**enc).logits[:, -1, :]
+        logits = model(**enc).logits[:, -1, :]  # (1, T, V) -> (1, V)
     return bool(torch.isfinite(logits).all())
 
 

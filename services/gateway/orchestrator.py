@@ -42,6 +42,7 @@ from abliterate.errors import (
 )
 from abliterate.params import WINSORIZE_SCOPES
 from abliterate.rpc.clients import EvaluatorClient, ExtractorClient, OptimizerClient, ServiceClient
+from abliterate.rpc.convert import model_spec_from_pb
 from abliterate.rpc.errors import status_for
 from abliterate.v1 import (
     common_pb2,
@@ -59,8 +60,6 @@ T = TypeVar("T")
 ClientT = TypeVar("ClientT", bound=ServiceClient)
 
 NAME_RE = re.compile(r"^[A-Za-z0-9._-]{1,100}$")
-_DTYPES = ("", "auto", "bfloat16", "float16", "float32")
-_TEMPLATE_MODES = ("", "chat", "plain")
 _PROMPT_SETS = ("harmful_train", "harmless_train", "harmful_eval", "harmless_eval")
 
 
@@ -83,12 +82,10 @@ def validate_spec(spec: gateway_pb2.JobSpec) -> None:
     """Raise InvalidArgument for a spec that cannot run (checks that need no other service)."""
     if spec.name and not NAME_RE.match(spec.name):
         raise InvalidArgument(f"job name {spec.name!r} must be 1-100 characters of [A-Za-z0-9._-]")
-    if not spec.HasField("model") or not spec.model.source.strip():
-        raise InvalidArgument("model.source is empty: name a Hugging Face model id, a directory or a .gguf file")
-    if spec.model.dtype not in _DTYPES:
-        raise InvalidArgument(f"model.dtype {spec.model.dtype!r} is not one of auto, bfloat16, float16, float32")
-    if spec.model.chat_template_mode not in _TEMPLATE_MODES:
-        raise InvalidArgument(f"model.chat_template_mode {spec.model.chat_template_mode!r} is not chat or plain")
+    try:
+        model_spec_from_pb(spec.model).validate()
+    except InvalidArgument as exc:
+        raise InvalidArgument(f"model: {exc}") from None
     for what in _PROMPT_SETS:
         if not spec.HasField(what):
             raise InvalidArgument(f"{what}: the prompt set is missing")

@@ -296,7 +296,7 @@ def _code(fn: Callable[[], object]) -> grpc.StatusCode:
 
 
 @pytest.mark.parametrize("mutate, fragment", [
-    (lambda s: s.model.ClearField("source"), "model.source"),
+    (lambda s: s.model.ClearField("source"), "model source is empty"),
     (lambda s: s.ClearField("harmful_train"), "harmful_train"),
     (lambda s: s.harmless_eval.CopyFrom(common_pb2.PromptSetSpec()), "harmless_eval"),
     (lambda s: s.harmful_eval.CopyFrom(common_pb2.PromptSetSpec(prompts=["  "])), "harmful_eval"),
