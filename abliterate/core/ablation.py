@@ -39,7 +39,7 @@ _EPS = 1e-8
 
 def _project_out(vectors: torch.Tensor, r: torch.Tensor, w: float) -> torch.Tensor:
     """``v - w r (r . v)`` for every column of ``vectors`` (..., out, n)."""
-    return vectors - w * r[:, None] * (r @ vectors).unsqueeze(-2)
+    return vectors - w * r[:, None] * (r @ vectors).unsqueeze(-2)  # (out, 1) * (..., 1, n) -> (..., out, n)
 
 
 def edit_matrix(weight: torch.Tensor, r: torch.Tensor, w: float, out_axis: int,
@@ -48,25 +48,25 @@ def edit_matrix(weight: torch.Tensor, r: torch.Tensor, w: float, out_axis: int,
     # View as (..., out, in) so every case is the same matrix algebra.
     mat = weight.float()
     if weight.dim() == 3 and out_axis == 2:
-        mat = mat.transpose(1, 2)
+        mat = mat.transpose(1, 2)  # (E, in, out) -> (E, out, in)
     elif weight.dim() == 2 and out_axis != 0:
         raise InvalidArgument(f"a 2-D matrix must have its output on axis 0, got {out_axis}")
     r = r.to(device=mat.device, dtype=torch.float32)
     if row_normalization == RowNormalization.NONE:
-        edited = _project_out(mat, r, w)
+        edited = _project_out(mat, r, w)  # (..., out, in)
     elif row_normalization == RowNormalization.COLUMN:
-        edited = _project_out(mat, r, w)
-        scale = mat.norm(dim=-2, keepdim=True) / edited.norm(dim=-2, keepdim=True).clamp_min(_EPS)
+        edited = _project_out(mat, r, w)  # (..., out, in)
+        scale = mat.norm(dim=-2, keepdim=True) / edited.norm(dim=-2, keepdim=True).clamp_min(_EPS)  # (..., 1, in)
         edited = edited * scale
     else:
-        norms = mat.norm(dim=-1, keepdim=True)
-        unit = mat / norms.clamp_min(_EPS)
-        edited_unit = _project_out(unit, r, w)
+        norms = mat.norm(dim=-1, keepdim=True)  # (..., out, 1) row norms
+        unit = mat / norms.clamp_min(_EPS)  # (..., out, in)
+        edited_unit = _project_out(unit, r, w)  # (..., out, in)
         if row_normalization == RowNormalization.FULL:
             edited_unit = edited_unit / edited_unit.norm(dim=-1, keepdim=True).clamp_min(_EPS)
         edited = edited_unit * norms
     if weight.dim() == 3 and out_axis == 2:
-        edited = edited.transpose(1, 2)
+        edited = edited.transpose(1, 2)  # (E, out, in) -> (E, in, out)
     return edited.to(weight.dtype)
 
 
@@ -75,7 +75,7 @@ def edit_bias(bias: torch.Tensor, r: torch.Tensor, w: float,
     """Return the edited copy of an output bias, (out,) or per expert (E, out)."""
     vec = bias.float()
     r = r.to(device=vec.device, dtype=torch.float32)
-    edited = vec - w * (vec @ r)[..., None] * r
+    edited = vec - w * (vec @ r)[..., None] * r  # (..., 1) * (out,) -> (..., out), with ... = () or (E,)
     if row_normalization == RowNormalization.COLUMN:
         edited = edited * (vec.norm(dim=-1, keepdim=True) / edited.norm(dim=-1, keepdim=True).clamp_min(_EPS))
     return edited.to(bias.dtype)
@@ -124,12 +124,13 @@ class Ablator:
             raise FailedPrecondition(
                 f"direction set has hidden size {refusal.shape[1]}; this model has {self.module_map.hidden_size}")
         if params.direction_scope == DirectionScope.GLOBAL:
-            r = global_direction(refusal, params.direction_index)
+            r = global_direction(refusal, params.direction_index)  # (d,)
             if protected is None:
                 return [r] * self.n_layers
             stacked = r.expand(self.n_layers, -1)  # (L, d)
+            # (L, d) off protected[1:] (L, k, d) -> L unit rows (d,)
             return list(remove_subspace(stacked, protected[1:], what="the global refusal direction"))
-        return [refusal[layer + 1] for layer in range(self.n_layers)]
+        return [refusal[layer + 1] for layer in range(self.n_layers)]  # (L+1, d) -> L rows (d,), block l: row l+1
 
     def apply(self, params: AblationParams, refusal: torch.Tensor, protected: torch.Tensor | None = None) -> int:
         """Reset, then edit. Returns the number of matrices edited."""

@@ -45,21 +45,21 @@ def winsorize(residuals: torch.Tensor, quantile: float, scope: str = "per_prompt
         raise InvalidArgument(f"unknown winsorization scope {scope!r}; choose one of {WINSORIZE_SCOPES}")
     if quantile == 1:
         return residuals
-    n, layers, d = residuals.shape
+    n, layers, d = residuals.shape  # (N, L+1, d)
     if scope == "per_prompt":
-        flat = residuals.abs().reshape(n * layers, d)  # one row per (prompt, layer) vector
+        flat = residuals.abs().reshape(n * layers, d)  # (N*(L+1), d): one row per (prompt, layer) vector
         shape = (n, layers, 1)
     else:
-        flat = residuals.abs().transpose(0, 1).reshape(layers, -1)  # one row per layer, all prompts pooled
+        flat = residuals.abs().transpose(0, 1).reshape(layers, -1)  # (L+1, N*d): one row per layer, all prompts pooled
         shape = (1, layers, 1)
     # torch.quantile has an input-size limit; kthvalue is exact and has none.
     k = max(1, min(flat.shape[1], math.ceil(quantile * flat.shape[1])))
-    bounds = flat.kthvalue(k, dim=1).values.view(shape)
-    return torch.maximum(torch.minimum(residuals, bounds), -bounds)
+    bounds = flat.kthvalue(k, dim=1).values.view(shape)  # (N, L+1, 1) or (1, L+1, 1)
+    return torch.maximum(torch.minimum(residuals, bounds), -bounds)  # (N, L+1, d)
 
 
 def mean64(residuals: torch.Tensor) -> torch.Tensor:
-    return residuals.double().mean(dim=0)
+    return residuals.double().mean(dim=0)  # (N, L+1, d) -> (L+1, d)
 
 
 @dataclass
@@ -102,7 +102,7 @@ class DirectionSet:
         if self.refusal_raw is not None:
             out["refusal_raw"] = self.refusal_raw
         if self.diagnostics:
-            out["diagnostics"] = torch.tensor(
+            out["diagnostics"] = torch.tensor(  # (L+1, 4)
                 [[d.mean_diff_norm, d.cosine_of_means, d.separation,
                   float("nan") if d.sacred_overlap is None else d.sacred_overlap] for d in self.diagnostics],
                 dtype=torch.float32)
@@ -132,7 +132,7 @@ class DirectionSet:
             raise InvalidArgument("refusal directions contain NaN or Inf")
         diagnostics = []
         if "diagnostics" in tensors:
-            for row in tensors["diagnostics"].tolist():
+            for row in tensors["diagnostics"].tolist():  # (L+1, 4)
                 diagnostics.append(LayerDiagnostics(row[0], row[1], row[2], None if math.isnan(row[3]) else row[3]))
         return cls(refusal=refusal, good_mean=tensors["good_mean"], bad_mean=tensors["bad_mean"],
                    diagnostics=diagnostics, sacred=tensors.get("sacred"), refusal_raw=tensors.get("refusal_raw"),
@@ -147,18 +147,18 @@ def refusal_directions(h_bad: torch.Tensor, h_good: torch.Tensor, projected: boo
     if h_bad.shape[0] == 0 or h_good.shape[0] == 0:
         raise InvalidArgument("cannot compute directions from an empty prompt set")
     if winsorize_quantile is not None:
-        both = winsorize(torch.cat([h_bad, h_good]), winsorize_quantile, winsorize_scope)
-        h_bad, h_good = both[: h_bad.shape[0]], both[h_bad.shape[0]:]
-    mu_bad, mu_good = mean64(h_bad), mean64(h_good)
-    diff = mu_bad - mu_good
-    r = _normalize(diff)
+        both = winsorize(torch.cat([h_bad, h_good]), winsorize_quantile, winsorize_scope)  # (N_bad + N_good, L+1, d)
+        h_bad, h_good = both[: h_bad.shape[0]], both[h_bad.shape[0]:]  # (N_bad, L+1, d), (N_good, L+1, d)
+    mu_bad, mu_good = mean64(h_bad), mean64(h_good)  # (L+1, d) each, float64
+    diff = mu_bad - mu_good  # (L+1, d)
+    r = _normalize(diff)  # (L+1, d) unit rows
     if projected:
-        g = _normalize(mu_good)
-        r = _normalize(r - (r * g).sum(-1, keepdim=True) * g)
+        g = _normalize(mu_good)  # (L+1, d)
+        r = _normalize(r - (r * g).sum(-1, keepdim=True) * g)  # (L+1, d) - (L+1, 1) * (L+1, d)
     diagnostics = []
     for layer in range(r.shape[0]):
-        p_bad = h_bad[:, layer].double() @ r[layer]
-        p_good = h_good[:, layer].double() @ r[layer]
+        p_bad = h_bad[:, layer].double() @ r[layer]  # (N_bad, d) @ (d,) -> (N_bad,)
+        p_good = h_good[:, layer].double() @ r[layer]  # (N_good, d) @ (d,) -> (N_good,)
         pooled = math.sqrt(max((p_bad.var(unbiased=False) + p_good.var(unbiased=False)).item() / 2, EPS))
         cos = torch.nn.functional.cosine_similarity(mu_bad[layer], mu_good[layer], dim=0).item()
         diagnostics.append(LayerDiagnostics(
@@ -187,22 +187,23 @@ def sacred_directions(h_capability: torch.Tensor, h_baseline: torch.Tensor, k: i
     d = h_capability.shape[2]
     k = min(k, d)
     cap, base = h_capability.double().transpose(0, 1), h_baseline.double().transpose(0, 1)  # (L+1, N, d)
-    mu_cap, mu_base = cap.mean(1), base.mean(1)
-    cc, bc = cap - mu_cap[:, None], base - mu_base[:, None]
+    mu_cap, mu_base = cap.mean(1), base.mean(1)  # (L+1, d)
+    cc, bc = cap - mu_cap[:, None], base - mu_base[:, None]  # (L+1, N, d) - (L+1, 1, d)
+    # (L+1, d, N) @ (L+1, N, d) -> (L+1, d, d): one covariance difference per layer
     cov = cc.transpose(1, 2) @ cc / (cap.shape[1] - 1) - alpha * (bc.transpose(1, 2) @ bc / (base.shape[1] - 1))
-    cov = (cov + cov.transpose(1, 2)) / 2
-    _, vecs = torch.linalg.eigh(cov)  # ascending eigenvalues, batched over layers
-    top = vecs[:, :, -(k - 1):].transpose(1, 2) if k > 1 else vecs[:, :, :0].transpose(1, 2)
-    contrast = _normalize(mu_cap - mu_base)[:, None, :]
+    cov = (cov + cov.transpose(1, 2)) / 2  # (L+1, d, d)
+    _, vecs = torch.linalg.eigh(cov)  # (L+1, d, d), eigenvector columns: ascending eigenvalues, batched over layers
+    top = vecs[:, :, -(k - 1):].transpose(1, 2) if k > 1 else vecs[:, :, :0].transpose(1, 2)  # (L+1, k-1, d)
+    contrast = _normalize(mu_cap - mu_base)[:, None, :]  # (L+1, 1, d)
     basis = torch.cat([contrast, top], dim=1)  # (L+1, k, d)
     q, _ = torch.linalg.qr(basis.transpose(1, 2))  # (L+1, d, k) orthonormal columns
-    return q.transpose(1, 2).float().contiguous()
+    return q.transpose(1, 2).float().contiguous()  # (L+1, k, d) orthonormal rows
 
 
 def sacred_overlap(refusal: torch.Tensor, sacred: torch.Tensor) -> torch.Tensor:
     """Per layer: the norm of r's projection onto the sacred subspace (0 = disjoint, 1 = inside)."""
-    coeffs = torch.einsum("lkd,ld->lk", sacred.double(), refusal.double())
-    return coeffs.norm(dim=1).float()
+    coeffs = torch.einsum("lkd,ld->lk", sacred.double(), refusal.double())  # (L+1, k, d), (L+1, d) -> (L+1, k)
+    return coeffs.norm(dim=1).float()  # (L+1,)
 
 
 def remove_subspace(vectors: torch.Tensor, basis: torch.Tensor, what: str = "the refusal direction",
@@ -214,8 +215,8 @@ def remove_subspace(vectors: torch.Tensor, basis: torch.Tensor, what: str = "the
     in the message).
     """
     v, b = vectors.double(), basis.double()
-    rest = v - torch.einsum("nk,nkd->nd", torch.einsum("nkd,nd->nk", b, v), b)
-    norms = rest.norm(dim=1)
+    rest = v - torch.einsum("nk,nkd->nd", torch.einsum("nkd,nd->nk", b, v), b)  # B v: (n, k); B^T (B v): (n, d)
+    norms = rest.norm(dim=1)  # (n,)
     dead = [i for i in range(len(norms)) if norms[i] < MIN_REMAINING_NORM]
     if dead:
         raise InvalidArgument(
@@ -236,9 +237,9 @@ def joint_basis(sacred: torch.Tensor, extra: torch.Tensor | None = None) -> torc
         return sacred
     s, e = sacred.double(), extra.double()
     rest = e - torch.einsum("lk,lkd->ld", torch.einsum("lkd,ld->lk", s, e), s)  # (L+1, d)
-    norms = rest.norm(dim=1, keepdim=True)
+    norms = rest.norm(dim=1, keepdim=True)  # (L+1, 1)
     row = torch.where(norms >= MIN_REMAINING_NORM * e.norm(dim=1, keepdim=True).clamp_min(EPS),
-                      rest / norms.clamp_min(EPS), torch.zeros_like(rest))
+                      rest / norms.clamp_min(EPS), torch.zeros_like(rest))  # (L+1, d)
     return torch.cat([s, row[:, None, :]], dim=1).float().contiguous()  # (L+1, k+1, d)
 
 
@@ -247,10 +248,10 @@ def orthogonalize_against(refusal: torch.Tensor, sacred: torch.Tensor) -> torch.
 
     Index 0 (embeddings) is never used for editing, so it is projected but not checked.
     """
-    blocks = remove_subspace(refusal[1:], sacred[1:], first_index=1)
-    r0, s0 = refusal[:1].double(), sacred[:1].double()
-    head = _normalize(r0 - torch.einsum("nk,nkd->nd", torch.einsum("nkd,nd->nk", s0, r0), s0)).float()
-    return torch.cat([head, blocks])
+    blocks = remove_subspace(refusal[1:], sacred[1:], first_index=1)  # (L, d) off (L, k, d) -> (L, d)
+    r0, s0 = refusal[:1].double(), sacred[:1].double()  # (1, d), (1, k, d)
+    head = _normalize(r0 - torch.einsum("nk,nkd->nd", torch.einsum("nkd,nd->nk", s0, r0), s0)).float()  # (1, d)
+    return torch.cat([head, blocks])  # (1, d) + (L, d) -> (L+1, d)
 
 
 def protected_subspace(directions: DirectionSet) -> torch.Tensor | None:
@@ -259,7 +260,7 @@ def protected_subspace(directions: DirectionSet) -> torch.Tensor | None:
     if directions.sacred is None or directions.metadata.get("sacred_orthogonalized") != "True":
         return None
     projected = directions.metadata.get("projected") == "True"
-    return joint_basis(directions.sacred, directions.good_mean if projected else None)
+    return joint_basis(directions.sacred, directions.good_mean if projected else None)  # (L+1, k or k+1, d)
 
 
 def protect_sacred(directions: DirectionSet, sacred: torch.Tensor) -> DirectionSet:
@@ -269,13 +270,13 @@ def protect_sacred(directions: DirectionSet, sacred: torch.Tensor) -> DirectionS
     sacred subspace and the harmless mean jointly: against the sacred subspace
     alone, ``r`` would regain a component along the harmless mean.
     """
-    overlap = sacred_overlap(directions.refusal, sacred)
+    overlap = sacred_overlap(directions.refusal, sacred)  # (L+1,)
     for diag, value in zip(directions.diagnostics, overlap.tolist()):
         diag.sacred_overlap = value
     directions.sacred = sacred
     directions.refusal_raw = directions.refusal
     directions.metadata["sacred_orthogonalized"] = "True"
-    directions.refusal = orthogonalize_against(directions.refusal, protected_subspace(directions))
+    directions.refusal = orthogonalize_against(directions.refusal, protected_subspace(directions))  # (L+1, d)
     return directions
 
 
@@ -288,8 +289,8 @@ def global_direction(refusal: torch.Tensor, index: float) -> torch.Tensor:
         raise InvalidArgument(f"direction index {index} is outside [0, {n_blocks - 1}]")
     base = math.floor(index)
     frac = index - base
-    lo = refusal[base + 1]
+    lo = refusal[base + 1]  # (L+1, d) -> (d,)
     if frac == 0 or base + 2 > n_blocks:
         return _normalize(lo.double()).float()
-    hi = refusal[base + 2]
-    return _normalize(torch.lerp(lo.double(), hi.double(), frac)).float()
+    hi = refusal[base + 2]  # (d,)
+    return _normalize(torch.lerp(lo.double(), hi.double(), frac)).float()  # (d,)

@@ -49,7 +49,7 @@ def _output_cache(out):
 
 
 def _positions(mask: torch.Tensor) -> torch.Tensor:
-    return (mask.long().cumsum(-1) - 1).clamp_min(0)
+    return (mask.long().cumsum(-1) - 1).clamp_min(0)  # (B, T) mask -> (B, T) position ids
 
 
 def _select(cache, keep: torch.Tensor) -> bool:
@@ -132,12 +132,13 @@ def prefill(lm: LoadedModel, texts: list[str], extra: torch.Tensor | None = None
     model, tok = lm.model, lm.tokenizer
     rows = tok(list(texts), add_special_tokens=(lm.spec.chat_template_mode == "plain"))["input_ids"]
     if extra is not None:
-        rows = [r + e for r, e in zip(rows, extra.tolist())]
+        rows = [r + e for r, e in zip(rows, extra.tolist())]  # extra (B, k-1): scoring's continuation tokens
     n, device = len(rows), lm.device
     shared = shared_prefix_length(model, rows, logits_to_keep, reserve) if share_prefix else 0
     cache_arg = _cache_argument(model)
     cache = None
     if shared:
+        # The prefix once, input_ids (1, shared); its cache is then repeated to B rows.
         head = model(input_ids=torch.tensor([rows[0][:shared]], device=device), use_cache=True, logits_to_keep=1)
         cache = _output_cache(head)
         try:
@@ -147,10 +148,11 @@ def prefill(lm: LoadedModel, texts: list[str], extra: torch.Tensor | None = None
     tails = [r[shared:] for r in rows]
     width = max(len(t) for t in tails)
     pad = tok.pad_token_id
-    ids = torch.tensor([[pad] * (width - len(t)) + t for t in tails], device=device)
-    tail_mask = torch.tensor([[0] * (width - len(t)) + [1] * len(t) for t in tails], device=device)
-    mask = torch.cat([tail_mask.new_ones((n, shared)), tail_mask], dim=1)
+    ids = torch.tensor([[pad] * (width - len(t)) + t for t in tails], device=device)  # (B, width) left-padded
+    tail_mask = torch.tensor([[0] * (width - len(t)) + [1] * len(t) for t in tails], device=device)  # (B, width)
+    mask = torch.cat([tail_mask.new_ones((n, shared)), tail_mask], dim=1)  # (B, shared + width)
     kwargs = {cache_arg: cache} if cache is not None else {}
+    # position_ids (B, width): the tail's; out.logits (B, logits_to_keep, V), hidden states (B, width, d)
     out = model(input_ids=ids, attention_mask=mask, position_ids=_positions(mask)[:, shared:], use_cache=True,
                 logits_to_keep=logits_to_keep, output_hidden_states=output_hidden_states, **kwargs)
     return out, _output_cache(out), mask
@@ -181,7 +183,7 @@ def generate_greedy(
     with torch.inference_mode():
         out, cache, mask = prefill(lm, texts, share_prefix=share_prefix, reserve=max_new_tokens)
         cache_arg = _cache_argument(model)
-        next_tokens = out.logits[:, -1, :].argmax(-1)
+        next_tokens = out.logits[:, -1, :].argmax(-1)  # (B, 1, V) -> (B,)
         for step in range(max_new_tokens):
             rows = active.tolist() if compacting else list(range(n))
             still = []
@@ -204,18 +206,18 @@ def generate_greedy(
                 break
             feed = next_tokens
             if compacting and len(still) < len(rows):
-                keep = torch.tensor(still, device=mask.device)
+                keep = torch.tensor(still, device=mask.device)  # (B',): the slots still running
                 if _select(cache, keep):
-                    active = active[keep.cpu()]
-                    mask = mask[keep]
-                    feed = next_tokens[keep]
+                    active = active[keep.cpu()]  # (B,) -> (B',)
+                    mask = mask[keep]  # (B, T) -> (B', T)
+                    feed = next_tokens[keep]  # (B,) -> (B',)
                 else:
                     compacting = False
-            mask = torch.cat([mask, mask.new_ones((mask.shape[0], 1))], dim=-1)
-            out = model(input_ids=feed[:, None], attention_mask=mask,
+            mask = torch.cat([mask, mask.new_ones((mask.shape[0], 1))], dim=-1)  # (B, T) -> (B, T+1)
+            out = model(input_ids=feed[:, None], attention_mask=mask,  # input_ids and position_ids (B, 1)
                         position_ids=_positions(mask)[:, -1:], use_cache=True, **{cache_arg: cache})
             cache = _output_cache(out)
-            next_tokens = out.logits[:, -1, :].argmax(-1)
+            next_tokens = out.logits[:, -1, :].argmax(-1)  # (B, 1, V) -> (B,)
     return [Generated(tok.decode(g, skip_special_tokens=skip_special), len(g), s or "limit", g)
             for g, s in zip(generated, stopped)]
 
@@ -239,8 +241,8 @@ def stream_generate(
     turns false (a cancelled stream).
     """
     model, tok = lm.model, lm.tokenizer
-    enc = encode(tok, [text], lm.device, mode or lm.spec.chat_template_mode)
-    mask = enc["attention_mask"]
+    enc = encode(tok, [text], lm.device, mode or lm.spec.chat_template_mode)  # input_ids (1, T)
+    mask = enc["attention_mask"]  # (1, T)
     eos = eos_token_ids(lm)
     generator = None
     if temperature > 0:
@@ -258,7 +260,7 @@ def stream_generate(
         for step in range(max_new_tokens):
             if not is_active():
                 return
-            logits = out.logits[0, -1].float()
+            logits = out.logits[0, -1].float()  # (1, 1, V) -> (V,)
             token = int(logits.argmax()) if generator is None else _sample(logits, temperature, top_p, generator)
             if token in eos:
                 yield "", len(tokens), "stop"
@@ -273,8 +275,8 @@ def stream_generate(
                 yield piece, len(tokens), "length"
                 return
             yield piece, len(tokens), None
-            mask = torch.cat([mask, mask.new_ones((1, 1))], dim=-1)
-            out = model(input_ids=torch.tensor([[token]], device=mask.device), attention_mask=mask,
+            mask = torch.cat([mask, mask.new_ones((1, 1))], dim=-1)  # (1, T) -> (1, T+1)
+            out = model(input_ids=torch.tensor([[token]], device=mask.device), attention_mask=mask,  # (1, 1) ids
                         position_ids=_positions(mask)[:, -1:], use_cache=True, **{cache_arg: _output_cache(out)})
     yield "", len(tokens), "length"
 
@@ -287,11 +289,11 @@ def stream_greedy(lm: LoadedModel, text: str, max_new_tokens: int) -> Iterator[s
 
 
 def _sample(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator) -> int:
-    probs = torch.softmax(logits / temperature, dim=-1)
+    probs = torch.softmax(logits / temperature, dim=-1)  # (V,)
     if 0 < top_p < 1.0:
-        sorted_probs, order = probs.sort(descending=True)
+        sorted_probs, order = probs.sort(descending=True)  # (V,) each
         keep = sorted_probs.cumsum(-1) - sorted_probs < top_p  # always keeps the most likely token
         sorted_probs = sorted_probs * keep
-        choice = torch.multinomial(sorted_probs / sorted_probs.sum(), 1, generator=generator)
+        choice = torch.multinomial(sorted_probs / sorted_probs.sum(), 1, generator=generator)  # (1,)
         return int(order[choice])
-    return int(torch.multinomial(probs, 1, generator=generator))
+    return int(torch.multinomial(probs, 1, generator=generator))  # (1,)

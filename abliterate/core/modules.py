@@ -113,7 +113,7 @@ def _classify_linear(path: str, hidden: int, module: nn.Linear) -> str | None:
 def _fused_expert_out_axis(owner: nn.Module, param: torch.Tensor, hidden: int) -> int | None:
     if param.dim() != 3:
         return None
-    _, a, b = param.shape
+    _, a, b = param.shape  # (E, out, in) or (E, in, out)
     if type(owner).__name__ in _INPUT_MAJOR_EXPERT_CLASSES:
         return 2 if b == hidden else None
     if a == hidden:
@@ -129,6 +129,7 @@ def discover_layer(layer: nn.Module, index: int, hidden: int) -> dict[str, list[
         if isinstance(module, nn.Linear):
             component = _classify_linear(path, hidden, module)
             if component:
+                # nn.Linear: weight (out, in), output axis 0; bias (out,)
                 found[component].append(EditableMatrix(index, component, path, module.weight, 0, module.bias))
             continue
         # Fused experts: a module holding a 3-D ``down_proj`` parameter directly.

@@ -45,8 +45,8 @@ def last_token_residuals(lm: LoadedModel, texts: list[str]) -> torch.Tensor:
     finally:
         hook.remove()
     # hidden_states: L+1 tensors (B, T, d); the first L are raw, the last is after the final norm.
-    states = [h[:, -1, :] for h in out.hidden_states[:-1]] + [captured[-1]]
-    return torch.stack(states, dim=1).float().cpu()
+    states = [h[:, -1, :] for h in out.hidden_states[:-1]] + [captured[-1]]  # L+1 tensors (B, d)
+    return torch.stack(states, dim=1).float().cpu()  # (B, L+1, d)
 
 
 def collect_residuals(
@@ -62,11 +62,12 @@ def collect_residuals(
     texts = scoring_prompts(lm, prompts, system_prompt)
     # Longest first keeps padding waste low within a batch; order is restored below.
     order = sorted(range(len(texts)), key=lambda i: -len(texts[i]))
+    # batches: N rows (L+1, d), in that order.
     batches, _ = run_batched([texts[i] for i in order], lambda chunk: list(last_token_residuals(lm, chunk)),
                              batch_size=batch_size, progress=progress)
-    result = torch.empty((len(texts),) + tuple(batches[0].shape), dtype=torch.float32)
+    result = torch.empty((len(texts),) + tuple(batches[0].shape), dtype=torch.float32)  # (N, L+1, d)
     for slot, i in enumerate(order):
-        result[i] = batches[slot]
+        result[i] = batches[slot]  # (L+1, d)
     if not torch.isfinite(result).all():
         raise InvalidArgument("residuals contain NaN or Inf: the model's dtype cannot represent its activations")
     return result

@@ -56,7 +56,7 @@ class Baseline:
 
 def kl_divergence(base_logprobs: torch.Tensor, trial_logprobs: torch.Tensor) -> float:
     """KL(P_base || P_trial), summed over the vocabulary, averaged over prompts (and positions)."""
-    per_position = F.kl_div(trial_logprobs, base_logprobs, log_target=True, reduction="none").sum(-1)
+    per_position = F.kl_div(trial_logprobs, base_logprobs, log_target=True, reduction="none").sum(-1)  # (N, k)
     return float(per_position.mean())
 
 
@@ -88,7 +88,7 @@ class TrialEngine:
         self._detector = detector
 
     def set_directions(self, directions: DirectionSet) -> None:
-        expected = (self.module_map.n_layers + 1, self.module_map.hidden_size)
+        expected = (self.module_map.n_layers + 1, self.module_map.hidden_size)  # (L+1, d)
         if tuple(directions.refusal.shape) != expected:
             raise InvalidArgument(
                 f"direction set shape {list(directions.refusal.shape)} does not fit this model "
@@ -146,23 +146,23 @@ class TrialEngine:
         outs = self._run("generate", texts, lambda chunk: generate_greedy(self.lm, list(chunk), n_tokens, None,
                                                                       share_prefix=self.share_prefix))
         rows = [g.token_ids[:n_tokens] + [eos] * (n_tokens - len(g.token_ids[:n_tokens])) for g in outs]
-        return torch.tensor(rows, dtype=torch.long)
+        return torch.tensor(rows, dtype=torch.long)  # (N, n_tokens)
 
     def _kl_batch(self, texts: list[str], continuation: torch.Tensor | None, k: int):
         """The KL pass over one batch of prompt indices: (B, k, V) float32 log-probabilities, as a list of rows."""
         def batch(indices):
             chunk = [texts[i] for i in indices]
-            extra = continuation[list(indices)] if continuation is not None else None
+            extra = continuation[list(indices)] if continuation is not None else None  # (B, k-1)
             with torch.inference_mode():
                 out, _, _ = prefill(self.lm, chunk, extra=extra, logits_to_keep=k, share_prefix=self.share_prefix)
-            logits = out.logits[:, -k:, :]
-            return list(F.log_softmax(logits.float(), dim=-1).cpu())
+            logits = out.logits[:, -k:, :]  # (B, k, V)
+            return list(F.log_softmax(logits.float(), dim=-1).cpu())  # B rows (k, V)
         return batch
 
     def _kl_logprobs(self, texts: list[str], continuation: torch.Tensor | None, k: int) -> torch.Tensor:
         """Raw-logit log-probabilities at the last prompt position (and k-1 teacher-forced ones)."""
         rows = self._run("kl", list(range(len(texts))), self._kl_batch(texts, continuation, k))
-        return torch.stack(rows)
+        return torch.stack(rows)  # N rows (k, V) -> (N, k, V)
 
     def count_refusals(self, texts: list[str], prompts: list[str], max_new_tokens: int) -> list[PromptOutcome]:
         detector = self.detector
