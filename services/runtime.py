@@ -30,7 +30,6 @@ from services.config import ServiceSettings
 
 log = logging.getLogger(__name__)
 
-CHAT_MODES = ("chat", "plain")
 
 
 class TorchServiceConfig(ServiceSettings):
@@ -59,12 +58,10 @@ class TorchServiceConfig(ServiceSettings):
     def model_spec(self) -> ModelSpec:
         if not self.model.strip():
             raise InvalidArgument("no model configured: set --model (or ABLITERATE_<SERVICE>_MODEL)")
-        if self.chat_template_mode not in CHAT_MODES:
-            raise InvalidArgument(f"chat_template_mode must be one of {CHAT_MODES}, got {self.chat_template_mode!r}")
         return ModelSpec(source=self.model, gguf_file=self.gguf_file or None, dtype=self.dtype or "auto",
                          device_map=self.device_map or None, load_in_4bit=self.load_in_4bit,
                          trust_remote_code=self.trust_remote_code, system_prompt=self.system_prompt,
-                         chat_template_mode=self.chat_template_mode)
+                         chat_template_mode=self.chat_template_mode).validate()
 
 
 class DeviceLock:
@@ -118,9 +115,7 @@ def job_view(lm, request_spec: common_pb2.ModelSpec | None):
     if (request_spec.gguf_file or None) != (loaded.gguf_file or None):
         raise FailedPrecondition(f"this server loaded GGUF file {loaded.gguf_file or '(none)'!r}, "
                                  f"not {request_spec.gguf_file or '(none)'!r}")
-    wanted = model_spec_from_pb(request_spec)
-    if wanted.chat_template_mode not in CHAT_MODES:
-        raise InvalidArgument(f"chat_template_mode must be one of {CHAT_MODES}, got {wanted.chat_template_mode!r}")
+    wanted = model_spec_from_pb(request_spec).validate()
     spec = dataclasses.replace(loaded, system_prompt=wanted.system_prompt,
                                chat_template_mode=wanted.chat_template_mode)
     if spec == loaded:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from abliterate.errors import FailedPrecondition, InvalidArgument
-from abliterate.specs import CHAT_MODES  # noqa: F401 - re-exported: the one list lives in specs
+from abliterate.specs import CHAT_MODES
 
 
 def build_messages(prompt: str, system_prompt: str | None) -> list[dict]:
