@@ -8,7 +8,7 @@ On a tiny random llama (default; saved to a temporary folder) or ``--model PATH`
 (a) gRPC overhead per trial. The same trial parameters are evaluated ``--repeats``
     times in this process with ``abliterate.core.scoring.TrialEngine`` (evaluate +
     reset, as the evaluator does) and through a real evaluator server process
-    (``python -m services.evaluator``) over loopback (EvaluateTrial, client-side wall
+    (``python -m abliterate_services.evaluator``) over loopback (EvaluateTrial, client-side wall
     time), interleaved, same model files, same prompts, batch size, threads and
     baseline. Reports the median per-trial time of each, the difference and ratio,
     and the server's own handler time (so difference = transport + (de)serialization
@@ -104,7 +104,7 @@ def main() -> None:
         logs = tmp / "logs"
         settings = torch_settings(Path(model_path), dtype=args.dtype, batch_size=args.batch,
                                   system_prompt=SYSTEM_PROMPT, log_level="WARNING")
-        evaluators = [ServiceProcess(f"evaluator{i + 1}", "services.evaluator", settings, logs,
+        evaluators = [ServiceProcess(f"evaluator{i + 1}", "abliterate_services.evaluator", settings, logs,
                                      threads=args.threads) for i in range(2)]
         for e in evaluators:
             stack.callback(e.terminate, 15)
@@ -196,7 +196,7 @@ def main() -> None:
             else:
                 storage = f"sqlite:///{tmp / 'optuna.db'}"
             summary["optimizer_storage"] = "postgresql" if use_pg else "sqlite"
-            optimizer = ServiceProcess("optimizer", "services.optimizer", {
+            optimizer = ServiceProcess("optimizer", "abliterate_services.optimizer", {
                 "storage_url": storage, "blob_dir": str(tmp / "blobs"), "health_interval_s": "1",
                 "busy_retry_s": "0.3", "log_level": "WARNING"}, logs)
             stack.callback(optimizer.terminate, 15)

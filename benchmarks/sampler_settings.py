@@ -3,7 +3,7 @@
     .venv/bin/python benchmarks/sampler_settings.py [--trials 30] [--seeds 3] [--prompts 16] [--tokens 16]
 
 Every configuration runs the optimizer's own search space and sampler
-(``services.optimizer``: multivariate TPE with constant liar) for ``--trials``
+(``abliterate_services.optimizer``: multivariate TPE with constant liar) for ``--trials``
 sequential trials per seed against the real objectives (first-token KL on
 harmless_test prompts, refusals on harmful_test prompts, through
 ``TrialEngine``) of SmolLM2-135M-Instruct with the safety system prompt. The
@@ -31,8 +31,8 @@ from abliterate.core.residuals import collect_residuals  # noqa: E402
 from abliterate.core.scoring import TrialEngine  # noqa: E402
 from abliterate.specs import ModelSpec  # noqa: E402
 from benchmarks.smollm2 import SAFETY_SYSTEM_PROMPT, shared_prompts, smollm2_gguf  # noqa: E402
-from services.optimizer.search_space import SearchSpace  # noqa: E402
-from services.optimizer.study import make_sampler  # noqa: E402
+from abliterate_services.optimizer.search_space import SearchSpace  # noqa: E402
+from abliterate_services.optimizer.study import make_sampler  # noqa: E402
 
 # (n_startup_trials, n_ei_candidates): our defaults before this measurement, heretic's (now ours), a mix.
 CONFIGS = {"startup10_ei24 (previous default)": (10, 24), "startup60_ei128 (heretic's, now the default)": (60, 128),

@@ -19,7 +19,7 @@ for dir in "$DATA_DIR" "$HF_HOME" "$DATA_DIR/exports"; do
 done
 
 if [ "$#" -eq 0 ]; then
-    echo "usage: <image> COMMAND... (e.g. python -m services.gateway, abliterate serve all --model M)" >&2
+    echo "usage: <image> COMMAND... (e.g. python -m abliterate_services.gateway, abliterate serve all --model M)" >&2
     exit 2
 fi
 exec "$@"

@@ -1,1 +1,1 @@
-"""The four gRPC services; each runs as ``python -m services.<name>``."""
+"""The four gRPC services; each runs as ``python -m abliterate_services.<name>``."""

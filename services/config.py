@@ -160,7 +160,7 @@ class ServiceSettings(BaseSettings):
 
 def _parser(cls: type[ServiceSettings], description: str) -> argparse.ArgumentParser:
     service = cls.service_name()
-    parser = argparse.ArgumentParser(prog=f"python -m services.{service}", description=description)
+    parser = argparse.ArgumentParser(prog=f"python -m abliterate_services.{service}", description=description)
     parser.add_argument("--config", help=f"TOML file (the [{service}] table or the top level)")
     for name, field in cls.model_fields.items():
         parser.add_argument("--" + name.replace("_", "-"), dest=name, default=None,

@@ -26,7 +26,7 @@ from abliterate.rpc.convert import model_spec_from_pb, model_spec_to_pb
 from abliterate.rpc.limits import MIB
 from abliterate.specs import ModelSpec
 from abliterate.v1 import common_pb2
-from services.config import ServiceSettings
+from abliterate_services.config import ServiceSettings
 
 log = logging.getLogger(__name__)
 

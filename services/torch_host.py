@@ -1,4 +1,4 @@
-"""``python -m services.torch_host``: the extractor AND the evaluator in one process,
+"""``python -m abliterate_services.torch_host``: the extractor AND the evaluator in one process,
 on one grpc.Server, sharing ONE loaded model and one device lock (one-GPU boxes).
 
 Settings: ``ABLITERATE_TORCH_HOST_<FIELD>`` or ``--<field>`` (the evaluator's fields).
@@ -12,11 +12,11 @@ from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
 from abliterate.v1 import evaluator_pb2_grpc, extractor_pb2_grpc
-from services.config import load_or_report
-from services.evaluator.config import EvaluatorConfig
-from services.evaluator.servicer import EvaluatorServicer
-from services.extractor.servicer import ExtractorServicer
-from services.runtime import DeviceLock, Hosted, run
+from abliterate_services.config import load_or_report
+from abliterate_services.evaluator.config import EvaluatorConfig
+from abliterate_services.evaluator.servicer import EvaluatorServicer
+from abliterate_services.extractor.servicer import ExtractorServicer
+from abliterate_services.runtime import DeviceLock, Hosted, run
 
 
 class TorchHostConfig(EvaluatorConfig):

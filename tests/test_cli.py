@@ -103,8 +103,8 @@ class _CannedOptimizer(optimizer_pb2_grpc.OptimizerServiceServicer):
 
 @pytest.fixture
 def gateway_with_finished_job(tmp_path):
-    from services.gateway import Gateway
-    from services.gateway.jobs import JobStore
+    from abliterate_services.gateway import Gateway
+    from abliterate_services.gateway.jobs import JobStore
 
     optimizer, port, health = build_server([(optimizer_pb2_grpc.add_OptimizerServiceServicer_to_server,
                                              _CannedOptimizer())])

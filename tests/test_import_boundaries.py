@@ -4,6 +4,7 @@ and the shared plain-Python modules import neither torch nor grpc."""
 from __future__ import annotations
 
 import json
+import os
 import pkgutil
 import subprocess
 import sys
@@ -52,7 +53,7 @@ def test_plain_modules_import_neither_torch_nor_grpc(module):
 
 def gateway_modules() -> list[str]:
     names = [m.name for m in pkgutil.iter_modules([str(ROOT / "services" / "gateway")])]
-    return ["services.gateway", *(f"services.gateway.{n}" for n in names if n != "__main__")]
+    return ["abliterate_services.gateway", *(f"abliterate_services.gateway.{n}" for n in names if n != "__main__")]
 
 
 def test_gateway_does_not_import_torch():
@@ -83,3 +84,44 @@ def test_cli_client_path_does_not_import_torch():
     loaded = set(json.loads(result.stdout.strip().splitlines()[-1]))
     assert "grpc" in loaded and "rich" in loaded
     assert "torch" not in loaded and "transformers" not in loaded
+
+
+def library_modules() -> list[str]:
+    """Every module of the library (abliterate/) except the CLI, the application entry point."""
+    names = []
+    for package in ("abliterate", "abliterate.core", "abliterate.rpc", "abliterate.vast"):
+        folder = ROOT.joinpath(*package.split("."))
+        names += [f"{package}.{m.name}" for m in pkgutil.iter_modules([str(folder)])
+                  if not m.ispkg and m.name != "__main__"]
+    assert "abliterate.database" in names and "abliterate.core.ablation" in names
+    return names
+
+
+def test_the_library_does_not_import_the_services():
+    loaded = imported_after(library_modules())
+    assert "abliterate" in loaded
+    assert "abliterate_services" not in loaded and "services" not in loaded
+
+
+def test_services_install_under_a_project_specific_name(tmp_path):
+    """Outside the repository (no folder on sys.path) the services import as abliterate_services only."""
+    code = ("import importlib.util, json\n"
+            "print(json.dumps([importlib.util.find_spec(n) is not None "
+            "for n in ('abliterate_services.optimizer', 'services')]))\n")
+    result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=60,
+                            env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"})
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout) == [True, False]
+
+
+def test_pyproject_lists_every_package_folder():
+    import tomllib
+
+    setuptools = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    mapping = {folder: name for name, folder in setuptools["package-dir"].items()}
+    found = set()
+    for init in [*ROOT.glob("abliterate/**/__init__.py"), *ROOT.glob("services/**/__init__.py")]:
+        parts = init.parent.relative_to(ROOT).parts
+        top = mapping.get(parts[0], parts[0])
+        found.add(".".join((top, *parts[1:])))
+    assert found == set(setuptools["packages"])

@@ -211,7 +211,7 @@ def cmd_run(args: argparse.Namespace, console: Any) -> int:
         spec.model.device_map = args.device_map
     if not spec.name:
         spec.name = derived_job_name(spec)
-    from abliterate.embedded import Embedded  # torch, lazily
+    from abliterate_services.embedded import Embedded  # torch, lazily
 
     data_dir = Path(args.data_dir).expanduser().resolve()
     _log_to_file(data_dir / "abliterate.log")
@@ -259,17 +259,17 @@ def cmd_run(args: argparse.Namespace, console: Any) -> int:
 def cmd_serve(args: argparse.Namespace, console: Any) -> int:
     rest = [arg for arg in args.args if arg != "--"]
     if args.service == "gateway":
-        from services.gateway.__main__ import main as serve_main
+        from abliterate_services.gateway.__main__ import main as serve_main
     elif args.service == "optimizer":
-        from services.optimizer.__main__ import main as serve_main
+        from abliterate_services.optimizer.__main__ import main as serve_main
     elif args.service == "extractor":
-        from services.extractor.__main__ import main as serve_main
+        from abliterate_services.extractor.__main__ import main as serve_main
     elif args.service == "evaluator":
-        from services.evaluator.__main__ import main as serve_main
+        from abliterate_services.evaluator.__main__ import main as serve_main
     elif args.service == "torch":
-        from services.torch_host import main as serve_main
+        from abliterate_services.torch_host import main as serve_main
     else:
-        from abliterate.embedded import serve_all as serve_main
+        from abliterate_services.embedded import serve_all as serve_main
     return int(serve_main(rest) or 0)
 
 

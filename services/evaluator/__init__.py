@@ -1,5 +1,5 @@
 """The evaluator service: scores trials, generates, chats and exports for ablation parameters.
 
-``python -m services.evaluator --model SOURCE`` serves ``EvaluatorService``;
+``python -m abliterate_services.evaluator --model SOURCE`` serves ``EvaluatorService``;
 the state and the work live in ``session.EvaluatorSession``.
 """

@@ -1,14 +1,14 @@
-"""``python -m services.evaluator``: serve EvaluatorService until SIGTERM."""
+"""``python -m abliterate_services.evaluator``: serve EvaluatorService until SIGTERM."""
 
 from __future__ import annotations
 
 import sys
 
 from abliterate.v1 import evaluator_pb2_grpc
-from services.config import load_or_report
-from services.evaluator.config import load
-from services.evaluator.servicer import EvaluatorServicer
-from services.runtime import Hosted, run
+from abliterate_services.config import load_or_report
+from abliterate_services.evaluator.config import load
+from abliterate_services.evaluator.servicer import EvaluatorServicer
+from abliterate_services.runtime import Hosted, run
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
-from services.runtime import TorchServiceConfig
+from abliterate_services.runtime import TorchServiceConfig
 
 
 class EvaluatorConfig(TorchServiceConfig):

@@ -5,7 +5,7 @@ from __future__ import annotations
 from abliterate.errors import InvalidArgument, Unavailable
 from abliterate.rpc.convert import params_from_pb
 from abliterate.v1 import common_pb2, evaluator_pb2, evaluator_pb2_grpc
-from services.runtime import DeviceLock
+from abliterate_services.runtime import DeviceLock
 
 _FINISH = {"stop": common_pb2.FINISH_REASON_STOP, "length": common_pb2.FINISH_REASON_LENGTH}
 _FORMATS = {common_pb2.EXPORT_FORMAT_UNSPECIFIED: "merged", common_pb2.EXPORT_FORMAT_MERGED: "merged",
@@ -13,7 +13,7 @@ _FORMATS = {common_pb2.EXPORT_FORMAT_UNSPECIFIED: "merged", common_pb2.EXPORT_FO
 
 
 def _options(request):
-    from services.evaluator.session import GenerationOptions
+    from abliterate_services.evaluator.session import GenerationOptions
 
     if not request.HasField("options"):
         return GenerationOptions()
@@ -44,7 +44,7 @@ class EvaluatorServicer(evaluator_pb2_grpc.EvaluatorServiceServicer):
             self.attach(lm)
 
     def attach(self, lm) -> None:
-        from services.evaluator.session import EvaluatorSession
+        from abliterate_services.evaluator.session import EvaluatorSession
 
         self.session = EvaluatorSession(lm, lock=self.lock, **self._kwargs)
 

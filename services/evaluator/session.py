@@ -37,8 +37,8 @@ from abliterate.params import AblationParams
 from abliterate.rpc.convert import load_prompt_set
 from abliterate.rpc.tensors import sha256_hex
 from abliterate.v1 import common_pb2
-from services.evaluator import lora
-from services.runtime import DeviceLock, job_view, model_info
+from abliterate_services.evaluator import lora
+from abliterate_services.runtime import DeviceLock, job_view, model_info
 
 log = logging.getLogger(__name__)
 

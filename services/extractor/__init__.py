@@ -1,4 +1,4 @@
 """The extractor service: refusal (and sacred) directions of a loaded model.
 
-``python -m services.extractor --model SOURCE`` serves ``ExtractorService``.
+``python -m abliterate_services.extractor --model SOURCE`` serves ``ExtractorService``.
 """

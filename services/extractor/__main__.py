@@ -1,14 +1,14 @@
-"""``python -m services.extractor``: serve ExtractorService until SIGTERM."""
+"""``python -m abliterate_services.extractor``: serve ExtractorService until SIGTERM."""
 
 from __future__ import annotations
 
 import sys
 
 from abliterate.v1 import extractor_pb2_grpc
-from services.config import load_or_report
-from services.extractor.config import load
-from services.extractor.servicer import ExtractorServicer
-from services.runtime import Hosted, run
+from abliterate_services.config import load_or_report
+from abliterate_services.extractor.config import load
+from abliterate_services.extractor.servicer import ExtractorServicer
+from abliterate_services.runtime import Hosted, run
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pydantic_settings import SettingsConfigDict
 
-from services.runtime import TorchServiceConfig
+from abliterate_services.runtime import TorchServiceConfig
 
 
 class ExtractorConfig(TorchServiceConfig):

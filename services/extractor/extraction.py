@@ -30,7 +30,7 @@ from abliterate.errors import InvalidArgument
 from abliterate.rpc.convert import load_prompt_set
 from abliterate.rpc.tensors import check_message_size
 from abliterate.v1 import common_pb2, extractor_pb2
-from services.runtime import DeviceLock, job_view, model_info
+from abliterate_services.runtime import DeviceLock, job_view, model_info
 
 log = logging.getLogger(__name__)
 

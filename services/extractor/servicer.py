@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from abliterate.errors import Unavailable
 from abliterate.v1 import common_pb2, extractor_pb2_grpc
-from services.runtime import DeviceLock
+from abliterate_services.runtime import DeviceLock
 
 
 class ExtractorServicer(extractor_pb2_grpc.ExtractorServiceServicer):
@@ -20,7 +20,7 @@ class ExtractorServicer(extractor_pb2_grpc.ExtractorServiceServicer):
             self.attach(lm)
 
     def attach(self, lm) -> None:
-        from services.extractor.extraction import Extractor
+        from abliterate_services.extractor.extraction import Extractor
 
         self.extractor = Extractor(lm, batch_size=self.batch_size, lock=self.lock,
                                    max_message_bytes=self.max_message_bytes)

@@ -2,7 +2,7 @@
 
 :class:`Gateway` wires the job store (SQL), the event bus, the orchestrator
 (one thread per running job) and the GatewayService servicer into one gRPC
-server. ``python -m services.gateway`` runs it alone; embedded mode hosts it
+server. ``python -m abliterate_services.gateway`` runs it alone; embedded mode hosts it
 beside the other services.
 """
 
@@ -14,11 +14,11 @@ import threading
 from abliterate.database import DEFAULT_PATIENCE_S, watch_database
 from abliterate.rpc import build_server, serve_until_signal
 from abliterate.v1 import gateway_pb2_grpc
-from services.gateway.config import GatewayConfig
-from services.gateway.events import EventBus
-from services.gateway.jobs import JobStore
-from services.gateway.orchestrator import Orchestrator
-from services.gateway.servicer import GatewayServicer
+from abliterate_services.gateway.config import GatewayConfig
+from abliterate_services.gateway.events import EventBus
+from abliterate_services.gateway.jobs import JobStore
+from abliterate_services.gateway.orchestrator import Orchestrator
+from abliterate_services.gateway.servicer import GatewayServicer
 
 log = logging.getLogger(__name__)
 

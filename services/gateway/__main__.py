@@ -1,4 +1,4 @@
-"""``python -m services.gateway [--storage-url URL] [--extractor-address A] [--optimizer-address A]
+"""``python -m abliterate_services.gateway [--storage-url URL] [--extractor-address A] [--optimizer-address A]
 [--evaluator-addresses A,B] [--auth-token T] [--address HOST:PORT]``."""
 
 from __future__ import annotations
@@ -6,9 +6,9 @@ from __future__ import annotations
 import sys
 
 from abliterate.rpc import configure_logging
-from services.config import load_or_report
-from services.gateway import Gateway
-from services.gateway.config import load
+from abliterate_services.config import load_or_report
+from abliterate_services.gateway import Gateway
+from abliterate_services.gateway.config import load
 
 
 def main(argv: list[str] | None = None) -> int:

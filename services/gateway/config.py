@@ -5,7 +5,7 @@ from __future__ import annotations
 from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
-from services.config import DEFAULT_DATA_DIR, ServiceSettings
+from abliterate_services.config import DEFAULT_DATA_DIR, ServiceSettings
 
 
 class GatewayConfig(ServiceSettings):

@@ -12,7 +12,7 @@ import threading
 from collections.abc import Callable, Iterator, Sequence
 
 from abliterate.v1 import common_pb2, gateway_pb2
-from services.gateway.jobs import TERMINAL_PHASES, JobStore
+from abliterate_services.gateway.jobs import TERMINAL_PHASES, JobStore
 
 DEFAULT_KL_CAP = 1.0
 

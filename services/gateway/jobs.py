@@ -26,7 +26,7 @@ from google.protobuf import json_format
 from abliterate import database
 from abliterate.errors import AlreadyExists, InvalidArgument, NotFound
 from abliterate.v1 import common_pb2, extractor_pb2, gateway_pb2
-from services.config import ensure_sqlite_folder
+from abliterate_services.config import ensure_sqlite_folder
 
 metadata = sa.MetaData()
 

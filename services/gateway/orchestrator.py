@@ -51,8 +51,8 @@ from abliterate.v1 import (
     gateway_pb2,
     optimizer_pb2,
 )
-from services.gateway import events as ev
-from services.gateway.jobs import RUNNING_PHASES, JobRecord, JobStore, phase_name
+from abliterate_services.gateway import events as ev
+from abliterate_services.gateway.jobs import RUNNING_PHASES, JobRecord, JobStore, phase_name
 
 log = logging.getLogger(__name__)
 P = gateway_pb2

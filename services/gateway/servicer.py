@@ -14,9 +14,9 @@ import grpc
 
 from abliterate.errors import InvalidArgument
 from abliterate.v1 import gateway_pb2, gateway_pb2_grpc
-from services.gateway import events as ev
-from services.gateway.jobs import JobStore
-from services.gateway.orchestrator import Orchestrator
+from abliterate_services.gateway import events as ev
+from abliterate_services.gateway.jobs import JobStore
+from abliterate_services.gateway.orchestrator import Orchestrator
 
 
 def _timed(start: float, **extra: float) -> dict[str, float]:

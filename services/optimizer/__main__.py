@@ -1,4 +1,4 @@
-"""``python -m services.optimizer [--storage-url URL] [--address HOST:PORT] [--evaluator-addresses A,B]
+"""``python -m abliterate_services.optimizer [--storage-url URL] [--address HOST:PORT] [--evaluator-addresses A,B]
 [--max-message-bytes N] [--blob-dir DIR] ...``: serve OptimizerService until SIGTERM.
 
 Health is SERVING while the storage answers (checked every ``database_check_s``); SIGTERM/SIGINT stop the study
@@ -16,12 +16,12 @@ from abliterate.database import watch_database
 from abliterate.errors import AbliterateError
 from abliterate.rpc import build_server, configure_logging, serve_until_signal
 from abliterate.v1 import optimizer_pb2_grpc
-from services.config import load_or_report
-from services.optimizer.config import OptimizerConfig, load
-from services.optimizer.dispatch import DispatchOptions
-from services.optimizer.servicer import OptimizerServicer
+from abliterate_services.config import load_or_report
+from abliterate_services.optimizer.config import OptimizerConfig, load
+from abliterate_services.optimizer.dispatch import DispatchOptions
+from abliterate_services.optimizer.servicer import OptimizerServicer
 
-log = logging.getLogger("services.optimizer")
+log = logging.getLogger("abliterate_services.optimizer")
 
 
 def make_servicer(config: OptimizerConfig) -> OptimizerServicer:

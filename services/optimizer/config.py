@@ -6,7 +6,7 @@ from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
 from abliterate.rpc.limits import DEFAULT_MAX_MESSAGE_BYTES
-from services.config import DEFAULT_DATA_DIR, ServiceSettings
+from abliterate_services.config import DEFAULT_DATA_DIR, ServiceSettings
 
 
 class OptimizerConfig(ServiceSettings):

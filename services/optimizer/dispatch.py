@@ -38,6 +38,7 @@ parameters enqueued again. One optimizer per study is assumed.
 
 from __future__ import annotations
 
+import datetime as dt
 import logging
 import os
 import queue
@@ -51,10 +52,17 @@ from pathlib import Path
 from typing import TypeVar
 
 import optuna
+from abliterate_services.optimizer import study as st
 from optuna.trial import TrialState
 
 from abliterate.database import DEFAULT_PATIENCE_S, StudyLock, retry_through_outage
-from abliterate.errors import AbliterateError, FailedPrecondition, InvalidArgument, NotFound, Unavailable
+from abliterate.errors import (
+    AbliterateError,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    Unavailable,
+)
 from abliterate.params import AblationParams
 from abliterate.rpc.clients import EvaluatorClient, PendingCall
 from abliterate.rpc.convert import params_to_pb
@@ -62,7 +70,6 @@ from abliterate.rpc.errors import Cancelled, DeadlineExceeded
 from abliterate.rpc.limits import DEFAULT_MAX_MESSAGE_BYTES
 from abliterate.rpc.tensors import sha256_hex
 from abliterate.v1 import common_pb2, evaluator_pb2, optimizer_pb2
-from services.optimizer import study as st
 
 log = logging.getLogger(__name__)
 
@@ -406,6 +413,7 @@ class StudyRunner:
         self._target_reached = False
         self._workers: dict[str, EvaluatorWorker] = {}
         self._in_flight: dict[int, optuna.Trial] = {}  # trial number -> the trial this process runs
+        self._adopted: set[int] = set()  # trial ids of other runs given one heartbeat (see beat_and_reclaim)
         self._flight_lock = threading.Lock()
         self._tell_lock = threading.Lock()
         self._subscribers: list[queue.Queue] = []
@@ -633,6 +641,28 @@ class StudyRunner:
                 pass  # told between the snapshot and the beat
         with self._lock:
             optuna.storages.fail_stale_trials(self.study)
+        self._adopt_silent_trials({trial.number for trial in in_flight})
+
+    def _adopt_silent_trials(self, mine: set[int]) -> None:
+        """Give one heartbeat to every RUNNING trial of another run that started over a grace period ago.
+
+        Optuna never judges a trial without any heartbeat stale, and a process killed between ``ask``
+        and its first heartbeat leaves exactly that: a RUNNING trial that would count against
+        ``n_trials`` for good. One beat makes it stale one grace period later unless its owner is
+        alive (an owner beats it anyway; a live trial only gets one grace period more, once).
+        """
+        grace = dt.timedelta(seconds=self.options.grace_period_s)
+        now = dt.datetime.now()  # Optuna stores naive local start times
+        for trial in self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+            trial_id = trial._trial_id  # noqa: SLF001 - the id Optuna's heartbeat is keyed by
+            if trial.number in mine or trial_id in self._adopted or trial.datetime_start is None:
+                continue
+            if now - trial.datetime_start > grace:
+                self._adopted.add(trial_id)
+                try:
+                    self.storage.record_heartbeat(trial_id)
+                except optuna.exceptions.UpdateFinishedTrialError:
+                    pass  # finished meanwhile
 
     def _requeue_stale_trial(self, study: optuna.Study, frozen: optuna.trial.FrozenTrial) -> None:
         """Optuna failed ``frozen`` for a stale heartbeat: record why and run its parameters again."""

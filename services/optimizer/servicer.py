@@ -24,9 +24,9 @@ from abliterate.rpc.clients import EvaluatorClient
 from abliterate.rpc.convert import params_from_pb
 from abliterate.rpc.tensors import decode_tensors, sha256_hex
 from abliterate.v1 import common_pb2, optimizer_pb2, optimizer_pb2_grpc
-from services.optimizer import study as st
-from services.optimizer.dispatch import DirectionStore, DispatchOptions, StudyRunner
-from services.optimizer.search_space import SearchSpace
+from abliterate_services.optimizer import study as st
+from abliterate_services.optimizer.dispatch import DirectionStore, DispatchOptions, StudyRunner
+from abliterate_services.optimizer.search_space import SearchSpace
 
 log = logging.getLogger(__name__)
 

@@ -40,8 +40,8 @@ from abliterate.errors import AlreadyExists, FailedPrecondition, InvalidArgument
 from abliterate.params import AblationParams
 from abliterate.rpc.convert import params_to_pb
 from abliterate.v1 import common_pb2, optimizer_pb2
-from services.config import ensure_sqlite_folder
-from services.optimizer.search_space import SearchSpace
+from abliterate_services.config import ensure_sqlite_folder
+from abliterate_services.optimizer.search_space import SearchSpace
 
 log = logging.getLogger(__name__)
 

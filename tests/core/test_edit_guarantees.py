@@ -69,7 +69,7 @@ def test_gpt_oss_attention_bias_is_edited_so_the_block_writes_nothing_along_r():
 
 
 def test_lora_export_refuses_an_edit_that_changes_a_bias():
-    from services.evaluator.lora import lora_factors
+    from abliterate_services.evaluator.lora import lora_factors
 
     lm = make_lm("gpt_oss", layers=2)
     ablator = Ablator(discover(lm.model))

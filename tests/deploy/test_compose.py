@@ -34,10 +34,10 @@ ENTRYPOINT = ROOT / "deploy" / "entrypoint.sh"
 
 # The module each compose service runs and the config class its env vars must match.
 CONFIGS = {
-    "services.extractor": ("extractor", "services.extractor.config", "ExtractorConfig"),
-    "services.evaluator": ("evaluator", "services.evaluator.config", "EvaluatorConfig"),
-    "services.optimizer": ("optimizer", "services.optimizer.config", "OptimizerConfig"),
-    "services.gateway": ("gateway", "services.gateway.config", "GatewayConfig"),
+    "abliterate_services.extractor": ("extractor", "abliterate_services.extractor.config", "ExtractorConfig"),
+    "abliterate_services.evaluator": ("evaluator", "abliterate_services.evaluator.config", "EvaluatorConfig"),
+    "abliterate_services.optimizer": ("optimizer", "abliterate_services.optimizer.config", "OptimizerConfig"),
+    "abliterate_services.gateway": ("gateway", "abliterate_services.gateway.config", "GatewayConfig"),
 }
 # Variables that are not service settings (read by the entrypoint, huggingface_hub, ...).
 NON_SETTINGS = {"ABLITERATE_DATA_DIR", "ABLITERATE_DASHBOARD_STORAGE_URL", "HF_HOME", "HF_TOKEN"}
@@ -144,8 +144,8 @@ def test_every_compose_setting_is_a_real_config_field():
 
 @needs_services
 def test_compose_settings_parse_with_the_services_own_loader(monkeypatch):
-    """Each service's environment, loaded by services.config.load_config (pydantic-settings), gives the typed values."""
-    from services.config import load_config
+    """Each service's environment, loaded by abliterate_services.config.load_config (pydantic-settings), gives the typed values."""
+    from abliterate_services.config import load_config
 
     services = compose_services(read_env_file(ENV_EXAMPLE))
     for name in ("extractor", "evaluator", "optimizer", "gateway"):

@@ -1,6 +1,6 @@
 """Run the four services as separate OS processes on loopback, for end-to-end tests and benchmarks.
 
-Each service is started the way an operator starts it: ``python -m services.<name>``,
+Each service is started the way an operator starts it: ``python -m abliterate_services.<name>``,
 configured only through ``ABLITERATE_<SERVICE>_<FIELD>`` environment variables,
 listening on a free ``127.0.0.1`` port, its output in a log file. A
 :class:`ServiceProcess` can be killed (SIGKILL, no clean-up at all) and started
@@ -29,8 +29,8 @@ PG_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
 LOOPBACK = "127.0.0.1"
 
 # module -> the <SERVICE> part of its ABLITERATE_<SERVICE>_<FIELD> variables
-SERVICES = {"services.extractor": "extractor", "services.evaluator": "evaluator",
-            "services.optimizer": "optimizer", "services.gateway": "gateway"}
+SERVICES = {"abliterate_services.extractor": "extractor", "abliterate_services.evaluator": "evaluator",
+            "abliterate_services.optimizer": "optimizer", "abliterate_services.gateway": "gateway"}
 
 
 def free_port() -> int:
@@ -206,18 +206,18 @@ class Stack:
                  gateway_settings: dict | None = None) -> None:
         self.workdir = Path(workdir)
         logs = self.workdir / "logs"
-        self.extractor = ServiceProcess("extractor", "services.extractor", torch_settings(model_dir), logs)
+        self.extractor = ServiceProcess("extractor", "abliterate_services.extractor", torch_settings(model_dir), logs)
         self.evaluators = [
-            ServiceProcess(f"evaluator{i + 1}", "services.evaluator",
+            ServiceProcess(f"evaluator{i + 1}", "abliterate_services.evaluator",
                            torch_settings(model_dir, **(evaluator_settings or {})), logs)
             for i in range(n_evaluators)]
-        self.optimizer = ServiceProcess("optimizer", "services.optimizer", {
+        self.optimizer = ServiceProcess("optimizer", "abliterate_services.optimizer", {
             "storage_url": storage_url, "blob_dir": str(self.workdir / "optimizer-blobs"),
             "health_interval_s": "0.5", "busy_retry_s": "0.3", "grace_s": "2", "log_level": "INFO",
             # A killed optimizer's trials are re-enqueued 3 s after its last heartbeat.
             "heartbeat_interval_s": "1", "grace_period_s": "3", "database_check_s": "1",
             **{k: str(v) for k, v in (optimizer_settings or {}).items()}}, logs)
-        self.gateway = ServiceProcess("gateway", "services.gateway", {
+        self.gateway = ServiceProcess("gateway", "abliterate_services.gateway", {
             "storage_url": storage_url, "extractor_address": self.extractor.address,
             "optimizer_address": self.optimizer.address,
             "evaluator_addresses": ",".join(e.address for e in self.evaluators),

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from abliterate import cli
-from abliterate.embedded import Embedded
+from abliterate_services.embedded import Embedded
 from abliterate.specs import ModelSpec
 from abliterate.v1 import common_pb2, gateway_pb2
 

@@ -55,7 +55,7 @@ def two_optimizers(model_dir, tmp_path_factory):
         first, second = stack.evaluators
         stack.optimizer.settings["evaluator_addresses"] = first.address
         stack.gateway.settings["evaluator_addresses"] = ""  # the study's own pool stays empty
-        other = ServiceProcess("optimizer2", "services.optimizer",
+        other = ServiceProcess("optimizer2", "abliterate_services.optimizer",
                                {**stack.optimizer.settings, "evaluator_addresses": second.address},
                                workdir / "logs")
         try:

@@ -1,5 +1,5 @@
 """The real topology as separate OS processes: extractor, two evaluators, optimizer (Optuna on
-PostgreSQL), gateway; every service is ``python -m services.<name>`` configured by environment
+PostgreSQL), gateway; every service is ``python -m abliterate_services.<name>`` configured by environment
 variables on a free loopback port (see ``tests/e2e/processes.py``).
 
 - the happy path: a 6-trial job through the gateway uses both evaluators, SUCCEEDS with exactly 6

@@ -16,9 +16,9 @@ from abliterate.core.generation import generate_greedy, stream_greedy
 from abliterate.core.chat import build_messages, render_chat
 from abliterate.rpc.tensors import sha256_hex
 from abliterate.v1 import common_pb2, evaluator_pb2, evaluator_pb2_grpc, extractor_pb2
-from services.evaluator.servicer import EvaluatorServicer
-from services.evaluator.session import EvaluatorSession
-from services.extractor.extraction import Extractor
+from abliterate_services.evaluator.servicer import EvaluatorServicer
+from abliterate_services.evaluator.session import EvaluatorSession
+from abliterate_services.extractor.extraction import Extractor
 from tests.services.helpers import BAD, GOOD, code_of, details_of, kernel_params, prompts, serve, wait_until
 from tests.tiny import make_lm
 

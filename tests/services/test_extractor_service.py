@@ -15,9 +15,9 @@ from abliterate.rpc.channels import health_status
 from abliterate.rpc.tensors import sha256_hex
 from abliterate.specs import ModelSpec
 from abliterate.v1 import common_pb2, extractor_pb2, extractor_pb2_grpc
-from services.extractor.config import load as load_extractor_config
-from services.extractor.servicer import ExtractorServicer
-from services.runtime import Hosted, load_and_attach, start
+from abliterate_services.extractor.config import load as load_extractor_config
+from abliterate_services.extractor.servicer import ExtractorServicer
+from abliterate_services.runtime import Hosted, load_and_attach, start
 from tests.services.helpers import BAD, GOOD, code_of, details_of, prompts, save_tiny, serve
 from tests.tiny import make_lm
 
@@ -247,6 +247,6 @@ def test_config_layers(monkeypatch, tmp_path):
         load_extractor_config([]).model_spec()
     with pytest.raises(InvalidArgument, match="chat_template_mode"):
         load_extractor_config(["--model", "m", "--chat-template-mode", "odd"]).model_spec()
-    from services.extractor.__main__ import main
+    from abliterate_services.extractor.__main__ import main
 
     assert main(["--model", "m", "--batch-size", "lots"]) == 2  # a bad setting exits 2 before serving

@@ -12,8 +12,8 @@ import pytest
 from abliterate.rpc import build_server, make_channel
 from abliterate.rpc.channels import health_status
 from abliterate.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc, optimizer_pb2_grpc
-from services.gateway import Gateway
-from services.gateway.events import auto_select, front_message
+from abliterate_services.gateway import Gateway
+from abliterate_services.gateway.events import auto_select, front_message
 from tests.e2e.processes import postgres_ok
 
 PG_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
@@ -40,8 +40,8 @@ def make_spec(n_trials: int = 3, name: str = "", **kw) -> P.JobSpec:
 
 @pytest.fixture(scope="module")
 def torch_address() -> Iterator[str]:
-    from services.runtime import free_device_memory
-    from services.torch_host import TorchHostConfig, hosted_servicers
+    from abliterate_services.runtime import free_device_memory
+    from abliterate_services.torch_host import TorchHostConfig, hosted_servicers
     from tests.tiny import make_lm
 
     lm = make_lm("llama", layers=2, hidden=64)
@@ -56,8 +56,8 @@ def torch_address() -> Iterator[str]:
 
 @pytest.fixture
 def optimizer_address(tmp_path) -> Iterator[str]:
-    from services.optimizer.dispatch import DispatchOptions
-    from services.optimizer.servicer import OptimizerServicer
+    from abliterate_services.optimizer.dispatch import DispatchOptions
+    from abliterate_services.optimizer.servicer import OptimizerServicer
 
     servicer = OptimizerServicer(f"sqlite:///{tmp_path / 'optuna.db'}", blob_dir=str(tmp_path / "blobs"),
                                  options=DispatchOptions(health_interval_s=0.5, busy_retry_s=0.2))
@@ -207,8 +207,8 @@ def test_gateway_restart_mid_job_loses_no_trial(start_gateway, tmp_path):
 
 
 def test_optimizer_restart_mid_job_is_retried(torch_address, tmp_path):
-    from services.optimizer.dispatch import DispatchOptions
-    from services.optimizer.servicer import OptimizerServicer
+    from abliterate_services.optimizer.dispatch import DispatchOptions
+    from abliterate_services.optimizer.servicer import OptimizerServicer
 
     def start_optimizer(address: str):
         servicer = OptimizerServicer(f"sqlite:///{tmp_path / 'optuna.db'}", blob_dir=str(tmp_path / "blobs"),
@@ -344,7 +344,7 @@ def test_unknown_jobs_and_duplicate_names(offline_gateway):
 
 
 def test_restart_marks_running_jobs_interrupted_when_asked(tmp_path):
-    from services.gateway.jobs import JobStore
+    from abliterate_services.gateway.jobs import JobStore
 
     url = f"sqlite:///{tmp_path / 'gw.db'}"
     store = JobStore(url)

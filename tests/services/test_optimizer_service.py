@@ -24,10 +24,10 @@ from abliterate.params import AblationParams, ComponentParams, DirectionScope
 from abliterate.rpc import build_server
 from abliterate.rpc.convert import params_from_pb, params_to_pb
 from abliterate.v1 import common_pb2, optimizer_pb2, optimizer_pb2_grpc
-from services.optimizer import study as st
-from services.optimizer.dispatch import DispatchOptions
-from services.optimizer.search_space import SearchSpace
-from services.optimizer.servicer import OptimizerServicer
+from abliterate_services.optimizer import study as st
+from abliterate_services.optimizer.dispatch import DispatchOptions
+from abliterate_services.optimizer.search_space import SearchSpace
+from abliterate_services.optimizer.servicer import OptimizerServicer
 from tests.services.optimizer_fakes import directions_blob, start_fake_evaluator
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -171,7 +171,7 @@ def test_search_space_bad_ranges_are_invalid_argument():
 
 
 def test_sampler_settings_round_trip_and_reach_the_sampler():
-    from services.optimizer.study import make_sampler
+    from abliterate_services.optimizer.study import make_sampler
 
     msg = optimizer_pb2.SearchSpace(n_startup_trials=7, n_ei_candidates=33)
     space = SearchSpace.from_pb(msg, n_layers=8)
@@ -312,6 +312,10 @@ def test_resume_after_stop_and_restart_reclaims_stale_trials(pg_url, evaluators,
     orphan_params = space.suggest(orphan)
     orphan.set_user_attr("params", orphan_params.to_dict())
     orphan.set_user_attr("evaluator", "127.0.0.1:1")
+    # And one killed between ask and its first heartbeat: Optuna alone would never judge it stale.
+    silent = study.ask()
+    silent_params = space.suggest(silent)
+    silent.set_user_attr("params", silent_params.to_dict())
 
     opt2 = Optimizer(pg_url, tmp_path / "blobs")  # a new servicer: nothing in memory
     try:
@@ -321,18 +325,24 @@ def test_resume_after_stop_and_restart_reclaims_stale_trials(pg_url, evaluators,
         events = opt2.run(name)
         assert events[-1].done.state == optimizer_pb2.STUDY_STATE_DONE
         failed = [e.trial_failed for e in events if e.HasField("trial_failed")]
-        assert [f.number for f in failed] == [orphan.number] and failed[0].will_retry
+        assert sorted(f.number for f in failed) == [orphan.number, silent.number]
+        assert all(f.will_retry for f in failed)
         retried = [e.trial_retried for e in events if e.HasField("trial_retried")]
-        assert retried[0].failed_number == orphan.number
+        assert sorted(r.failed_number for r in retried) == [orphan.number, silent.number]
 
         complete = list_trials(opt2, name, common_pb2.TRIAL_STATE_COMPLETE)
         assert len(complete) == 6
         assert len({t.number for t in complete}) == 6
         assert len({params_key(t) for t in complete}) == 6, "a parameter set completed twice"
-        (orphan_trial,) = [t for t in list_trials(opt2, name) if t.number == orphan.number]
-        assert orphan_trial.state == common_pb2.TRIAL_STATE_FAIL and "interrupted" in orphan_trial.error
-        (rerun,) = [t for t in complete if t.HasField("retry_of") and t.retry_of == orphan.number]
-        assert params_from_pb(rerun.params) == orphan_params
+        by_number = {t.number: t for t in list_trials(opt2, name)}
+        for lost in (orphan, silent):
+            assert by_number[lost.number].state == common_pb2.TRIAL_STATE_FAIL
+            assert "interrupted" in by_number[lost.number].error
+        # Their parameters come back (as many as the target still needs, the first failed first).
+        reruns = {t.retry_of: t for t in complete if t.HasField("retry_of")}
+        assert reruns, "no lost trial was re-run"
+        expected = {orphan.number: orphan_params, silent.number: silent_params}
+        assert all(params_from_pb(t.params) == expected[number] for number, t in reruns.items())
     finally:
         opt2.close()
 
@@ -481,9 +491,9 @@ def test_bad_input_and_error_codes(pg_url, evaluators, tmp_path):
 
 def test_optimizer_imports_no_torch():
     code = ("import sys\n"
-            "import services.optimizer, services.optimizer.__main__, services.optimizer.servicer\n"
-            "import services.optimizer.dispatch, services.optimizer.study, services.optimizer.search_space\n"
-            "import services.optimizer.config\n"
+            "import abliterate_services.optimizer, services.optimizer.__main__, services.optimizer.servicer\n"
+            "import abliterate_services.optimizer.dispatch, services.optimizer.study, services.optimizer.search_space\n"
+            "import abliterate_services.optimizer.config\n"
             "print('torch' in sys.modules, 'transformers' in sys.modules)\n")
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
@@ -501,7 +511,7 @@ def test_main_serves_once_storage_is_reachable_and_stops_on_sigterm(tmp_path):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     proc = subprocess.Popen(
-        [sys.executable, "-m", "services.optimizer", "--address", f"127.0.0.1:{port}",
+        [sys.executable, "-m", "abliterate_services.optimizer", "--address", f"127.0.0.1:{port}",
          "--storage-url", f"sqlite:///{tmp_path / 'o.db'}", "--blob-dir", str(tmp_path / "blobs"),
          "--max-message-bytes", str(8 << 20), "--grace-s", "1"],
         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

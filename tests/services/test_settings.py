@@ -9,13 +9,13 @@ from pathlib import Path
 import pytest
 
 from abliterate.errors import InvalidArgument
-from services.config import load_config, load_or_report
-from services.extractor.config import ExtractorConfig
-from services.gateway.config import GatewayConfig
-from services.gateway.config import load as load_gateway
-from services.optimizer.config import OptimizerConfig
-from services.optimizer.config import load as load_optimizer
-from services.torch_host import TorchHostConfig
+from abliterate_services.config import load_config, load_or_report
+from abliterate_services.extractor.config import ExtractorConfig
+from abliterate_services.gateway.config import GatewayConfig
+from abliterate_services.gateway.config import load as load_gateway
+from abliterate_services.optimizer.config import OptimizerConfig
+from abliterate_services.optimizer.config import load as load_optimizer
+from abliterate_services.torch_host import TorchHostConfig
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -133,7 +133,7 @@ def test_fields_names_and_help_are_the_flags():
             assert field.description, f"{cls.__name__}.{name} has no help text"
 
 
-@pytest.mark.parametrize("module", ["services.optimizer", "services.gateway"])
+@pytest.mark.parametrize("module", ["abliterate_services.optimizer", "abliterate_services.gateway"])
 def test_main_help_and_bad_setting_exit(module):
     result = subprocess.run([sys.executable, "-m", module, "--help"], cwd=ROOT, capture_output=True, text=True,
                             timeout=60)

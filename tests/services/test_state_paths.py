@@ -1,8 +1,8 @@
 """Standalone services keep their state inside a data folder, never loose in the current directory."""
 
-from services.config import DEFAULT_DATA_DIR, ensure_sqlite_folder
-from services.gateway.config import GatewayConfig
-from services.optimizer.config import OptimizerConfig
+from abliterate_services.config import DEFAULT_DATA_DIR, ensure_sqlite_folder
+from abliterate_services.gateway.config import GatewayConfig
+from abliterate_services.optimizer.config import OptimizerConfig
 
 
 def test_default_state_paths_are_inside_the_data_folder():
@@ -19,7 +19,7 @@ def test_sqlite_folder_is_created(tmp_path):
 
 
 def test_gateway_store_opens_in_a_missing_folder(tmp_path):
-    from services.gateway.jobs import JobStore
+    from abliterate_services.gateway.jobs import JobStore
 
     JobStore(f"sqlite:///{tmp_path / 'new' / 'gateway.db'}")
     assert (tmp_path / "new" / "gateway.db").exists()

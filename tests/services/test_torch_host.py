@@ -12,7 +12,7 @@ from abliterate.core.directions import DirectionSet
 from abliterate.rpc import make_channel, wait_for_serving
 from abliterate.rpc.channels import health_status
 from abliterate.v1 import common_pb2, evaluator_pb2, evaluator_pb2_grpc, extractor_pb2, extractor_pb2_grpc
-from services.torch_host import TorchHostConfig, hosted_servicers
+from abliterate_services.torch_host import TorchHostConfig, hosted_servicers
 from tests.services.helpers import (BAD, GOOD, details_of, free_port, kernel_params, prompts, save_tiny, serve,
                                     service_process, stop_with_sigterm)
 from tests.tiny import make_lm
@@ -86,13 +86,13 @@ def test_one_device_lock_for_both_services(host):
     assert ev.EvaluateTrial(E.EvaluateTrialRequest(direction_set_id=set_id, params=kernel_params())).scores.kl > 0
 
 
-@pytest.mark.parametrize("module", ["services.extractor.__main__", "services.evaluator.__main__",
-                                    "services.torch_host"])
+@pytest.mark.parametrize("module", ["abliterate_services.extractor.__main__", "abliterate_services.evaluator.__main__",
+                                    "abliterate_services.torch_host"])
 def test_mains_wire_their_servicers(module, monkeypatch, lm):
     """Each main builds its servicers from its settings and hands them to the runtime (not served here)."""
     import importlib
 
-    import services.runtime
+    import abliterate_services.runtime
 
     mod = importlib.import_module(module)
     captured = {}
@@ -104,8 +104,8 @@ def test_mains_wire_their_servicers(module, monkeypatch, lm):
     assert captured["service"] in ("extractor", "evaluator", "torch_host")
     for h in hosted:
         h.attach(lm)
-    stubs = {"services.extractor.__main__": [EXTRACTOR], "services.evaluator.__main__": [EVALUATOR],
-             "services.torch_host": [EXTRACTOR, EVALUATOR]}[module]
+    stubs = {"abliterate_services.extractor.__main__": [EXTRACTOR], "abliterate_services.evaluator.__main__": [EVALUATOR],
+             "abliterate_services.torch_host": [EXTRACTOR, EVALUATOR]}[module]
     with serve([(h.add_fn, h.servicer) for h in hosted]) as s:
         for name in stubs:
             assert health_status(s.channel, name) == health_pb2.HealthCheckResponse.SERVING
@@ -115,16 +115,16 @@ def test_mains_wire_their_servicers(module, monkeypatch, lm):
         if EVALUATOR in stubs:
             assert evaluator_pb2_grpc.EvaluatorServiceStub(s.channel).GetModelInfo(
                 common_pb2.GetModelInfoRequest()).model.n_layers == 3
-    assert services.runtime.TorchServiceConfig is not None
+    assert abliterate_services.runtime.TorchServiceConfig is not None
 
 
 @pytest.fixture(scope="module", autouse=True)
 def booting_host(tmp_path_factory):
-    """``python -m services.torch_host`` on a tiny saved model, started first so it boots while
+    """``python -m abliterate_services.torch_host`` on a tiny saved model, started first so it boots while
     the in-process tests run; the entry-point test at the end checks it."""
     model_dir = save_tiny(tmp_path_factory.mktemp("torch_host") / "tiny")
     port = free_port()
-    with service_process("services.torch_host", model_dir, port) as proc:
+    with service_process("abliterate_services.torch_host", model_dir, port) as proc:
         yield proc, port, model_dir
 
 

@@ -1,7 +1,7 @@
 """Embedded mode: the four services in one process, on loopback ports.
 
 - one gRPC server hosting the extractor AND the evaluator, sharing one
-  loaded model and one device lock (``services.torch_host``);
+  loaded model and one device lock (``abliterate_services.torch_host``);
 - the optimizer, its Optuna study in ``<data_dir>/optuna.db`` (SQLite);
 - the gateway, its job store in ``<data_dir>/gateway.db`` (SQLite).
 
@@ -95,8 +95,8 @@ class Embedded:
         return self
 
     def _start_torch(self) -> None:
-        from services.runtime import free_device_memory
-        from services.torch_host import TorchHostConfig, hosted_servicers
+        from abliterate_services.runtime import free_device_memory
+        from abliterate_services.torch_host import TorchHostConfig, hosted_servicers
 
         if self.lm is None:
             from abliterate.core.loading import load_model
@@ -117,9 +117,9 @@ class Embedded:
 
     def _start_optimizer(self) -> None:
         from abliterate.v1 import optimizer_pb2_grpc
-        from services.optimizer.servicer import OptimizerServicer
+        from abliterate_services.optimizer.servicer import OptimizerServicer
 
-        from services.optimizer.dispatch import DispatchOptions
+        from abliterate_services.optimizer.dispatch import DispatchOptions
 
         # One process on SQLite: a RUNNING trial found at start was left by an interrupted run, so
         # a short grace period lets the resumed run re-enqueue it soon.
@@ -136,7 +136,7 @@ class Embedded:
         self.optimizer_address = f"{self.host}:{port}"
 
     def _start_gateway(self) -> None:
-        from services.gateway import Gateway
+        from abliterate_services.gateway import Gateway
 
         self.gateway = Gateway(
             sqlite_url(self.data_dir / "gateway.db"), self.torch_address, self.optimizer_address,
