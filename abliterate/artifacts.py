@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import struct
 
-
 from abliterate.errors import InvalidArgument
 
 # A safetensors header describes tensors in JSON; anything this large is not one of ours.
@@ -26,7 +25,7 @@ def read_header(data: bytes) -> tuple[dict, int]:
     if length > min(len(data) - 8, MAX_HEADER_BYTES):
         raise InvalidArgument(f"malformed safetensors payload: header length {length} is out of bounds")
     try:
-        header = json.loads(data[8:8 + length])
+        header = json.loads(data[8 : 8 + length])
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise InvalidArgument(f"malformed safetensors payload: bad header JSON ({exc})") from exc
     if not isinstance(header, dict):
@@ -50,4 +49,4 @@ def canonical_safetensors(data: bytes) -> bytes:
     header, length = read_header(data)
     text = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
     text += b" " * (-len(text) % 8)  # the format pads the header to 8 bytes
-    return struct.pack("<Q", len(text)) + text + data[8 + length:]
+    return struct.pack("<Q", len(text)) + text + data[8 + length :]

@@ -76,8 +76,9 @@ def describe_outage(exc: BaseException) -> str:
     return text.splitlines()[0] if text else type(exc).__name__
 
 
-def retry_through_outage(function: Callable[[], T], *, what: str, patience_s: float = DEFAULT_PATIENCE_S,
-                         stop: threading.Event | None = None) -> T:
+def retry_through_outage(
+    function: Callable[[], T], *, what: str, patience_s: float = DEFAULT_PATIENCE_S, stop: threading.Event | None = None
+) -> T:
     """``function()``, called again with back-off while the database is unreachable.
 
     Other errors pass through at once. After ``patience_s`` seconds of outage
@@ -86,8 +87,12 @@ def retry_through_outage(function: Callable[[], T], *, what: str, patience_s: fl
 
     def log_retry(state: tenacity.RetryCallState) -> None:
         error = state.outcome.exception() if state.outcome is not None else None
-        log.warning("database unreachable during %s (attempt %d): %s; retrying", what, state.attempt_number,
-                    describe_outage(error) if error else "?")
+        log.warning(
+            "database unreachable during %s (attempt %d): %s; retrying",
+            what,
+            state.attempt_number,
+            describe_outage(error) if error else "?",
+        )
 
     stop_rule = tenacity.stop_after_delay(patience_s)
     if stop is not None:
@@ -95,7 +100,10 @@ def retry_through_outage(function: Callable[[], T], *, what: str, patience_s: fl
     retrying = tenacity.Retrying(
         retry=tenacity.retry_if_exception(is_outage),
         wait=tenacity.wait_exponential(multiplier=_FIRST_WAIT_S, max=_MAX_WAIT_S),
-        stop=stop_rule, before_sleep=log_retry, reraise=True)
+        stop=stop_rule,
+        before_sleep=log_retry,
+        reraise=True,
+    )
     try:
         return retrying(function)
     except Exception as exc:
@@ -110,8 +118,13 @@ def ping(engine: sa.engine.Engine) -> None:
         connection.execute(sa.text("SELECT 1"))
 
 
-def watch_database(check: Callable[[], None], set_serving: Callable[[bool], None], stop: threading.Event,
-                   period_s: float = 5.0, name: str = "database") -> None:
+def watch_database(
+    check: Callable[[], None],
+    set_serving: Callable[[bool], None],
+    stop: threading.Event,
+    period_s: float = 5.0,
+    name: str = "database",
+) -> None:
     """Until ``stop``: call ``check()`` every ``period_s`` seconds (every 1 s while it fails) and report
     ``set_serving(True)`` while it answers, ``set_serving(False)`` while it raises."""
     serving: bool | None = None
@@ -124,8 +137,12 @@ def watch_database(check: Callable[[], None], set_serving: Callable[[bool], None
             log.warning("%s not reachable: %s", name, describe_outage(exc))
         if reachable != serving:
             set_serving(reachable)
-            log.info("%s %s: health %s", name, "reachable" if reachable else "unreachable",
-                     "SERVING" if reachable else "NOT_SERVING")
+            log.info(
+                "%s %s: health %s",
+                name,
+                "reachable" if reachable else "unreachable",
+                "SERVING" if reachable else "NOT_SERVING",
+            )
             serving = reachable
         stop.wait(period_s if reachable else min(period_s, 1.0))
 

@@ -144,7 +144,9 @@ class AblationParams:
     ) -> "AblationParams":
         """Every layer of every named component edited at the same weight."""
         flat = ComponentParams(
-            max_weight=weight, max_weight_position=(n_layers - 1) / 2, min_weight=weight,
+            max_weight=weight,
+            max_weight_position=(n_layers - 1) / 2,
+            min_weight=weight,
             min_weight_distance=float(n_layers),
         )
         return cls(

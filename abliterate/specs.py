@@ -43,8 +43,9 @@ class ModelSpec:
         if self.dtype not in DTYPES:
             raise InvalidArgument(f"model dtype {self.dtype!r} is not one of {', '.join(DTYPES)}")
         if self.chat_template_mode not in CHAT_MODES:
-            raise InvalidArgument(f"chat_template_mode {self.chat_template_mode!r} is not one of "
-                                  f"{', '.join(CHAT_MODES)}")
+            raise InvalidArgument(
+                f"chat_template_mode {self.chat_template_mode!r} is not one of {', '.join(CHAT_MODES)}"
+            )
         return self
 
     def resolved_source(self) -> tuple[str, str | None]:

@@ -60,8 +60,9 @@ def main() -> None:
         engine = TrialEngine(lm, batch_size=args.batch, share_prefix=share)
         engine.set_directions(directions)
         t0 = time.perf_counter()
-        engine.prepare_baseline(shared_prompts("harmless_test", n), shared_prompts("harmful_test", n),
-                                max_new_tokens=args.tokens)
+        engine.prepare_baseline(
+            shared_prompts("harmless_test", n), shared_prompts("harmful_test", n), max_new_tokens=args.tokens
+        )
         summary[f"{variant}_baseline_prep_s"] = round(time.perf_counter() - t0, 2)
         runs = []
         for _ in range(args.trials):
@@ -69,12 +70,14 @@ def main() -> None:
             runs.append(result)
         runs.sort(key=lambda r: r.timings_s["total"])
         median = runs[len(runs) // 2]
-        summary[variant] = {"trial_s": round(median.timings_s["total"], 2),
-                            "kl_s": round(median.timings_s["kl"], 2),
-                            "refusals_s": round(median.timings_s["refusals"], 2),
-                            "edit_s": round(median.timings_s["edit"], 3),
-                            "refusals": f"{median.refusals}/{median.n_refusal_prompts}",
-                            "kl": round(median.kl, 4)}
+        summary[variant] = {
+            "trial_s": round(median.timings_s["total"], 2),
+            "kl_s": round(median.timings_s["kl"], 2),
+            "refusals_s": round(median.timings_s["refusals"], 2),
+            "edit_s": round(median.timings_s["edit"], 3),
+            "refusals": f"{median.refusals}/{median.n_refusal_prompts}",
+            "kl": round(median.kl, 4),
+        }
         engine.reset()
         print(variant, summary[variant], flush=True)
     summary["speedup_vs_plain"] = round(summary["plain_baseline"]["trial_s"] / summary["shared_prefix"]["trial_s"], 2)

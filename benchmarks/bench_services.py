@@ -95,17 +95,25 @@ def main() -> None:
             model_path = args.model
         else:
             model_path = str(save_tiny_model(tmp / "tiny", "llama", layers=args.tiny_layers, hidden=args.tiny_hidden))
-        summary: dict = {"model": args.model or f"tiny llama {args.tiny_layers}x{args.tiny_hidden}",
-                         "cpu_count": os.cpu_count(), "threads_per_process": args.threads,
-                         "refusal_prompts": args.prompts, "kl_prompts": args.kl_prompts, "tokens": args.tokens,
-                         "batch": args.batch}
+        summary: dict = {
+            "model": args.model or f"tiny llama {args.tiny_layers}x{args.tiny_hidden}",
+            "cpu_count": os.cpu_count(),
+            "threads_per_process": args.threads,
+            "refusal_prompts": args.prompts,
+            "kl_prompts": args.kl_prompts,
+            "tokens": args.tokens,
+            "batch": args.batch,
+        }
 
         # Start the first evaluator now: it loads while this process loads and extracts.
         logs = tmp / "logs"
-        settings = torch_settings(Path(model_path), dtype=args.dtype, batch_size=args.batch,
-                                  system_prompt=SYSTEM_PROMPT, log_level="WARNING")
-        evaluators = [ServiceProcess(f"evaluator{i + 1}", "abliterate_services.evaluator", settings, logs,
-                                     threads=args.threads) for i in range(2)]
+        settings = torch_settings(
+            Path(model_path), dtype=args.dtype, batch_size=args.batch, system_prompt=SYSTEM_PROMPT, log_level="WARNING"
+        )
+        evaluators = [
+            ServiceProcess(f"evaluator{i + 1}", "abliterate_services.evaluator", settings, logs, threads=args.threads)
+            for i in range(2)
+        ]
         for e in evaluators:
             stack.callback(e.terminate, 15)
         evaluators[0].start()
@@ -116,10 +124,12 @@ def main() -> None:
         summary["load_s"] = r(time.perf_counter() - t0, 2)
         harmful = load_prompts("bundled:harmful_train")[:32]
         harmless = load_prompts("bundled:harmless_train")[:32]
-        refusal_prompts = load_prompts("bundled:harmful_eval")[:args.prompts]
-        kl_prompts = load_prompts("bundled:harmless_eval")[:args.kl_prompts]
-        ds = refusal_directions(collect_residuals(lm, harmful, batch_size=args.batch),
-                                collect_residuals(lm, harmless, batch_size=args.batch))
+        refusal_prompts = load_prompts("bundled:harmful_eval")[: args.prompts]
+        kl_prompts = load_prompts("bundled:harmless_eval")[: args.kl_prompts]
+        ds = refusal_directions(
+            collect_residuals(lm, harmful, batch_size=args.batch),
+            collect_residuals(lm, harmless, batch_size=args.batch),
+        )
         ds.metadata.update({"model_source": model_path})
         blob = ds.to_bytes()
         set_id = sha256_hex(blob)
@@ -132,8 +142,10 @@ def main() -> None:
         baseline_pb = common_pb2.BaselineSpec(
             kl_prompts=common_pb2.PromptSetSpec(prompts=kl_prompts),
             refusal_prompts=common_pb2.PromptSetSpec(prompts=refusal_prompts),
-            max_new_tokens=args.tokens, kl_tokens=1,
-            model=common_pb2.ModelSpec(source=model_path, system_prompt=SYSTEM_PROMPT, chat_template_mode="chat"))
+            max_new_tokens=args.tokens,
+            kl_tokens=1,
+            model=common_pb2.ModelSpec(source=model_path, system_prompt=SYSTEM_PROMPT, chat_template_mode="chat"),
+        )
 
         evaluators[0].wait_healthy(180)
         from abliterate.rpc import make_channel
@@ -142,12 +154,16 @@ def main() -> None:
         channel = make_channel(evaluators[0].address)
         stack.callback(channel.close)
         stub = evaluator_pb2_grpc.EvaluatorServiceStub(channel)
-        stub.LoadDirections(evaluator_pb2.LoadDirectionsRequest(
-            directions=common_pb2.TensorBlob(safetensors=blob, sha256=set_id)), timeout=120)
-        baseline_id = stub.PrepareBaseline(evaluator_pb2.PrepareBaselineRequest(baseline=baseline_pb),
-                                           timeout=600).baseline_id
-        request = evaluator_pb2.EvaluateTrialRequest(direction_set_id=set_id, params=params_to_pb(params),
-                                                     baseline_id=baseline_id)
+        stub.LoadDirections(
+            evaluator_pb2.LoadDirectionsRequest(directions=common_pb2.TensorBlob(safetensors=blob, sha256=set_id)),
+            timeout=120,
+        )
+        baseline_id = stub.PrepareBaseline(
+            evaluator_pb2.PrepareBaselineRequest(baseline=baseline_pb), timeout=600
+        ).baseline_id
+        request = evaluator_pb2.EvaluateTrialRequest(
+            direction_set_id=set_id, params=params_to_pb(params), baseline_id=baseline_id
+        )
 
         def local_trial() -> tuple[float, tuple]:
             t = time.perf_counter()
@@ -176,17 +192,22 @@ def main() -> None:
         m_local, m_remote, m_handler = median(local), median(remote), median(handler)
         summary["grpc_overhead"] = {
             "repeats": args.repeats,
-            "in_process_median_s": r(m_local), "evaluator_rpc_median_s": r(m_remote),
+            "in_process_median_s": r(m_local),
+            "evaluator_rpc_median_s": r(m_remote),
             "server_handler_median_s": r(m_handler),
-            "overhead_median_s": r(m_remote - m_local), "overhead_ratio": r(m_remote / m_local, 3),
+            "overhead_median_s": r(m_remote - m_local),
+            "overhead_ratio": r(m_remote / m_local, 3),
             "transport_median_s": r(median([a - b for a, b in zip(remote, handler)]), 5),
             "same_scores": len({s for _, s in scores}) == 1,
         }
-        print(f"(a) per trial: in-process {m_local * 1000:.1f} ms, EvaluateTrial {m_remote * 1000:.1f} ms "
-              f"(server handler {m_handler * 1000:.1f} ms): +{(m_remote - m_local) * 1000:.1f} ms, "
-              f"x{m_remote / m_local:.3f}", file=sys.stderr)
+        print(
+            f"(a) per trial: in-process {m_local * 1000:.1f} ms, EvaluateTrial {m_remote * 1000:.1f} ms "
+            f"(server handler {m_handler * 1000:.1f} ms): +{(m_remote - m_local) * 1000:.1f} ms, "
+            f"x{m_remote / m_local:.3f}",
+            file=sys.stderr,
+        )
         channel.close()
-        del engine, lm
+        engine = lm = None  # free the model before the next part (closures above are done)
 
         # ------------------------------------------------------------ (b) trials per hour, 1 vs 2 evaluators
         if not args.skip_throughput:
@@ -196,9 +217,18 @@ def main() -> None:
             else:
                 storage = f"sqlite:///{tmp / 'optuna.db'}"
             summary["optimizer_storage"] = "postgresql" if use_pg else "sqlite"
-            optimizer = ServiceProcess("optimizer", "abliterate_services.optimizer", {
-                "storage_url": storage, "blob_dir": str(tmp / "blobs"), "health_interval_s": "1",
-                "busy_retry_s": "0.3", "log_level": "WARNING"}, logs)
+            optimizer = ServiceProcess(
+                "optimizer",
+                "abliterate_services.optimizer",
+                {
+                    "storage_url": storage,
+                    "blob_dir": str(tmp / "blobs"),
+                    "health_interval_s": "1",
+                    "busy_retry_s": "0.3",
+                    "log_level": "WARNING",
+                },
+                logs,
+            )
             stack.callback(optimizer.terminate, 15)
             optimizer.start()
             evaluators[1].start()
@@ -212,11 +242,18 @@ def main() -> None:
             runs = {}
             for n_eval in (1, 2):
                 name = f"bench-{n_eval}eval-{uuid.uuid4().hex[:8]}"
-                ostub.CreateStudy(optimizer_pb2.CreateStudyRequest(
-                    study_name=name, direction_set_id=set_id,
-                    directions=common_pb2.TensorBlob(safetensors=blob, sha256=set_id), baseline=baseline_pb,
-                    n_trials=args.trials, seed=5, evaluator_addresses=[e.address for e in evaluators[:n_eval]]),
-                    timeout=120)
+                ostub.CreateStudy(
+                    optimizer_pb2.CreateStudyRequest(
+                        study_name=name,
+                        direction_set_id=set_id,
+                        directions=common_pb2.TensorBlob(safetensors=blob, sha256=set_id),
+                        baseline=baseline_pb,
+                        n_trials=args.trials,
+                        seed=5,
+                        evaluator_addresses=[e.address for e in evaluators[:n_eval]],
+                    ),
+                    timeout=120,
+                )
                 t0 = time.perf_counter()
                 done = None
                 for response in ostub.RunStudy(optimizer_pb2.RunStudyRequest(study_name=name), timeout=3600):
@@ -224,8 +261,12 @@ def main() -> None:
                         done = response.event.done
                         break
                 wall = time.perf_counter() - t0
-                trials = list(ostub.ListTrials(optimizer_pb2.ListTrialsRequest(
-                    study_name=name, states=[common_pb2.TRIAL_STATE_COMPLETE]), timeout=60).trials)
+                trials = list(
+                    ostub.ListTrials(
+                        optimizer_pb2.ListTrialsRequest(study_name=name, states=[common_pb2.TRIAL_STATE_COMPLETE]),
+                        timeout=60,
+                    ).trials
+                )
                 first = min(t.started_at.ToDatetime().timestamp() for t in trials)
                 last = max(t.finished_at.ToDatetime().timestamp() for t in trials)
                 steady = last - first
@@ -234,23 +275,30 @@ def main() -> None:
                     per_eval[t.evaluator] = per_eval.get(t.evaluator, 0) + 1
                 runs[f"{n_eval}_evaluator{'s' if n_eval > 1 else ''}"] = {
                     "state": optimizer_pb2.StudyState.Name(done.state) if done else "no done event",
-                    "n_complete": len(trials), "wall_s": r(wall, 2), "steady_s": r(steady, 2),
+                    "n_complete": len(trials),
+                    "wall_s": r(wall, 2),
+                    "steady_s": r(steady, 2),
                     "trials_per_hour": round(len(trials) * 3600 / wall),
                     "trials_per_hour_steady": round(len(trials) * 3600 / steady) if steady > 0 else None,
-                    "median_trial_s": r(median([t.scores.timings_s.get("call_total", float("nan"))
-                                                for t in trials])),
+                    "median_trial_s": r(median([t.scores.timings_s.get("call_total", float("nan")) for t in trials])),
                     "trials_per_evaluator": sorted(per_eval.values(), reverse=True),
                 }
-                print(f"(b) {n_eval} evaluator(s): {len(trials)} trials in {wall:.1f}s "
-                      f"({runs[list(runs)[-1]]['trials_per_hour']}/h)", file=sys.stderr)
+                print(
+                    f"(b) {n_eval} evaluator(s): {len(trials)} trials in {wall:.1f}s "
+                    f"({runs[list(runs)[-1]]['trials_per_hour']}/h)",
+                    file=sys.stderr,
+                )
             one, two = runs["1_evaluator"], runs["2_evaluators"]
             summary["throughput"] = {
-                "trials": args.trials, "processes": "optimizer + evaluators as OS processes",
+                "trials": args.trials,
+                "processes": "optimizer + evaluators as OS processes",
                 **runs,
                 "speedup_2_vs_1": r(two["trials_per_hour"] / one["trials_per_hour"], 3),
-                "speedup_2_vs_1_steady": (r(two["trials_per_hour_steady"] / one["trials_per_hour_steady"], 3)
-                                          if one["trials_per_hour_steady"] and two["trials_per_hour_steady"]
-                                          else None),
+                "speedup_2_vs_1_steady": (
+                    r(two["trials_per_hour_steady"] / one["trials_per_hour_steady"], 3)
+                    if one["trials_per_hour_steady"] and two["trials_per_hour_steady"]
+                    else None
+                ),
             }
         print(json.dumps(summary))
 

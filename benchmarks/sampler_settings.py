@@ -30,13 +30,16 @@ from abliterate.core.loading import load_model  # noqa: E402
 from abliterate.core.residuals import collect_residuals  # noqa: E402
 from abliterate.core.scoring import TrialEngine  # noqa: E402
 from abliterate.specs import ModelSpec  # noqa: E402
-from benchmarks.smollm2 import SAFETY_SYSTEM_PROMPT, shared_prompts, smollm2_gguf  # noqa: E402
 from abliterate_services.optimizer.search_space import SearchSpace  # noqa: E402
 from abliterate_services.optimizer.study import make_sampler  # noqa: E402
+from benchmarks.smollm2 import SAFETY_SYSTEM_PROMPT, shared_prompts, smollm2_gguf  # noqa: E402
 
 # (n_startup_trials, n_ei_candidates): our defaults before this measurement, heretic's (now ours), a mix.
-CONFIGS = {"startup10_ei24 (previous default)": (10, 24), "startup60_ei128 (heretic's, now the default)": (60, 128),
-           "startup10_ei128": (10, 128)}
+CONFIGS = {
+    "startup10_ei24 (previous default)": (10, 24),
+    "startup60_ei128 (heretic's, now the default)": (60, 128),
+    "startup10_ei128": (10, 128),
+}
 KL_REFERENCE = 1.0
 
 
@@ -64,15 +67,24 @@ def main() -> None:
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     started = time.perf_counter()
     lm = load_model(ModelSpec(source=smollm2_gguf(), system_prompt=SAFETY_SYSTEM_PROMPT))
-    directions = refusal_directions(collect_residuals(lm, shared_prompts("harmful_train", 64), batch_size=32),
-                                    collect_residuals(lm, shared_prompts("harmless_train", 64), batch_size=32))
+    directions = refusal_directions(
+        collect_residuals(lm, shared_prompts("harmful_train", 64), batch_size=32),
+        collect_residuals(lm, shared_prompts("harmless_train", 64), batch_size=32),
+    )
     engine = TrialEngine(lm, batch_size=args.prompts)
     engine.set_directions(directions)
-    engine.prepare_baseline(shared_prompts("harmless_test", args.prompts), shared_prompts("harmful_test", args.prompts),
-                            max_new_tokens=args.tokens)
+    engine.prepare_baseline(
+        shared_prompts("harmless_test", args.prompts),
+        shared_prompts("harmful_test", args.prompts),
+        max_new_tokens=args.tokens,
+    )
     n = args.prompts
-    results: dict = {"settings": vars(args), "machine": platform.processor() or platform.machine(),
-                     "optuna": optuna.__version__, "configs": {}}
+    results: dict = {
+        "settings": vars(args),
+        "machine": platform.processor() or platform.machine(),
+        "optuna": optuna.__version__,
+        "configs": {},
+    }
     for name, (startup, candidates) in CONFIGS.items():
         per_seed = []
         for seed in range(args.seeds):
@@ -85,14 +97,22 @@ def main() -> None:
                 result = engine.evaluate(space.suggest(trial))
                 points.append((result.refusals / n, result.kl))
                 study.tell(trial, [result.kl, result.refusals])  # the optimizer's order (study.py)
-            per_seed.append({"seed": seed, "points": points,
-                             "hypervolume": {str(b): round(hypervolume(points[:b]), 4)
-                                             for b in (8, 16, args.trials)}})
+            per_seed.append(
+                {
+                    "seed": seed,
+                    "points": points,
+                    "hypervolume": {str(b): round(hypervolume(points[:b]), 4) for b in (8, 16, args.trials)},
+                }
+            )
             print(name, seed, per_seed[-1]["hypervolume"], flush=True)
         budgets = per_seed[0]["hypervolume"]
         mean = {b: round(sum(s["hypervolume"][b] for s in per_seed) / len(per_seed), 4) for b in budgets}
-        results["configs"][name] = {"n_startup_trials": startup, "n_ei_candidates": candidates,
-                                    "mean_hypervolume": mean, "seeds": per_seed}
+        results["configs"][name] = {
+            "n_startup_trials": startup,
+            "n_ei_candidates": candidates,
+            "mean_hypervolume": mean,
+            "seeds": per_seed,
+        }
     results["total_s"] = round(time.perf_counter() - started, 1)
     os.makedirs(os.path.dirname(args.output), exist_ok=True)
     with open(args.output, "w") as fh:

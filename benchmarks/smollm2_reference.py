@@ -34,15 +34,18 @@ def reference_trials(n_layers: int) -> dict[str, AblationParams]:
     return {
         "global_15_w1": AblationParams.uniform(15.0, n_layers, weight=1.0),
         "global_18.4_w0.8": AblationParams.uniform(18.4, n_layers, weight=0.8),
-        "per_layer_kernel": AblationParams(direction_scope=DirectionScope.PER_LAYER,
-                                           components={"attn.o_proj": peak, "mlp.down_proj": peak}),
+        "per_layer_kernel": AblationParams(
+            direction_scope=DirectionScope.PER_LAYER, components={"attn.o_proj": peak, "mlp.down_proj": peak}
+        ),
     }
 
 
 def measure(lm) -> dict:
     """Scores of the reference trials on an already loaded SmolLM2."""
-    directions = refusal_directions(collect_residuals(lm, shared_prompts("harmful_train", N), batch_size=32),
-                                    collect_residuals(lm, shared_prompts("harmless_train", N), batch_size=32))
+    directions = refusal_directions(
+        collect_residuals(lm, shared_prompts("harmful_train", N), batch_size=32),
+        collect_residuals(lm, shared_prompts("harmless_train", N), batch_size=32),
+    )
     engine = TrialEngine(lm, batch_size=32)
     engine.set_directions(directions)
     engine.prepare_baseline(shared_prompts("harmless_test", N), shared_prompts("harmful_test", N), max_new_tokens=30)

@@ -36,10 +36,12 @@ from abliterate.specs import ModelSpec  # noqa: E402
 from tests.tiny import make_tokenizer  # noqa: E402
 
 SIZES = {
-    "tiny": dict(hidden_size=128, intermediate_size=256, num_hidden_layers=4, num_attention_heads=4,
-                 num_key_value_heads=2),
-    "llama-1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
-                     num_key_value_heads=8),
+    "tiny": dict(
+        hidden_size=128, intermediate_size=256, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2
+    ),
+    "llama-1b": dict(
+        hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8
+    ),
 }
 
 
@@ -47,8 +49,14 @@ def build(name: str, device: str, dtype: torch.dtype):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     tok = make_tokenizer()
-    config = LlamaConfig(vocab_size=len(tok), max_position_embeddings=2048, pad_token_id=tok.pad_token_id,
-                         eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id, **SIZES[name])
+    config = LlamaConfig(
+        vocab_size=len(tok),
+        max_position_embeddings=2048,
+        pad_token_id=tok.pad_token_id,
+        eos_token_id=tok.eos_token_id,
+        bos_token_id=tok.bos_token_id,
+        **SIZES[name],
+    )
     torch.manual_seed(0)
     with torch.device(device):
         model = LlamaForCausalLM(config).to(dtype)
@@ -76,18 +84,26 @@ def check_model(name: str, device: str, n_prompts: int, n_trials: int) -> dict:
     engine = TrialEngine(lm)
     engine.set_directions(ds)
     t0 = time.perf_counter()
-    engine.prepare_baseline(load_prompts("bundled:harmless_eval")[:n_prompts],
-                            load_prompts("bundled:harmful_eval")[:n_prompts], max_new_tokens=30)
+    engine.prepare_baseline(
+        load_prompts("bundled:harmless_eval")[:n_prompts],
+        load_prompts("bundled:harmful_eval")[:n_prompts],
+        max_new_tokens=30,
+    )
     out["baseline_s"] = round(time.perf_counter() - t0, 2)
     L = lm.n_layers
     trials = []
     for i in range(n_trials):
-        params = AblationParams(direction_index=0.4 * (L - 1) + i * 0.1 * (L - 1), components={
-            "attn.o_proj": ComponentParams(1.0, 0.7 * (L - 1), 0.5, 0.5 * (L - 1)),
-            "mlp.down_proj": ComponentParams(0.8, 0.7 * (L - 1), 0.3, 0.5 * (L - 1))})
+        params = AblationParams(
+            direction_index=0.4 * (L - 1) + i * 0.1 * (L - 1),
+            components={
+                "attn.o_proj": ComponentParams(1.0, 0.7 * (L - 1), 0.5, 0.5 * (L - 1)),
+                "mlp.down_proj": ComponentParams(0.8, 0.7 * (L - 1), 0.3, 0.5 * (L - 1)),
+            },
+        )
         r = engine.evaluate(params)
-        trials.append({"kl": round(r.kl, 4), "refusals": r.refusals,
-                       **{f"{k}_s": round(v, 3) for k, v in r.timings_s.items()}})
+        trials.append(
+            {"kl": round(r.kl, 4), "refusals": r.refusals, **{f"{k}_s": round(v, 3) for k, v in r.timings_s.items()}}
+        )
     out["trials"] = trials
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
@@ -117,8 +133,9 @@ def check_4bit(device: str) -> dict:
     lm, _ = build("tiny", "cpu", torch.float32)
     with tempfile.TemporaryDirectory() as tmp:
         lm.model.save_pretrained(tmp)
-        q = AutoModelForCausalLM.from_pretrained(tmp, quantization_config=BitsAndBytesConfig(load_in_4bit=True),
-                                                 device_map=device)
+        q = AutoModelForCausalLM.from_pretrained(
+            tmp, quantization_config=BitsAndBytesConfig(load_in_4bit=True), device_map=device
+        )
         return {"4bit": f"loaded {type(q).__name__}, {sum(p.numel() for p in q.parameters())} params"}
 
 
@@ -129,8 +146,12 @@ def main() -> None:
     ap.add_argument("--prompts", type=int, default=32)
     ap.add_argument("--trials", type=int, default=3)
     args = ap.parse_args()
-    report = {"device": args.device, "torch": torch.__version__,
-              "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None, "results": []}
+    report = {
+        "device": args.device,
+        "torch": torch.__version__,
+        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "results": [],
+    }
     for name in ["tiny"] + ([] if args.skip_1b else ["llama-1b"]):
         report["results"].append(check_model(name, args.device, args.prompts, args.trials))
         print(json.dumps(report["results"][-1]), flush=True)

@@ -39,8 +39,12 @@ from abliterate.params import AblationParams, ComponentParams, RowNormalization 
 from abliterate.specs import ModelSpec  # noqa: E402
 from tests.tiny import SLIDING_ARCHITECTURES, TINY_SLIDING_WINDOW, make_model, make_tokenizer  # noqa: E402
 
-PROMPTS = ["hi", "bake a loaf of bread", "explain photosynthesis to a child in three sentences",
-           "write a poem about rain on a tin roof at night, with rhymes"]
+PROMPTS = [
+    "hi",
+    "bake a loaf of bread",
+    "explain photosynthesis to a child in three sentences",
+    "write a poem about rain on a tin roof at night, with rhymes",
+]
 # Half-precision logits of a random tiny model differ by rounding between batch shapes; above this, a layout bug.
 WIDE_WINDOW = 512  # wider than every test sequence: the shared-prefix layout is exact and used
 TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 0.15, torch.float16: 0.05}
@@ -71,9 +75,13 @@ def equivalence(arch: str, device: str, dtype: torch.dtype, window: int) -> dict
         same_text &= got.text == generate_greedy(lm, [text], 12)[0].text
     tolerance = TOLERANCE[dtype]
     # Half precision may flip a near-tie of a random model's greedy choice; float32 must agree exactly.
-    return {"shared_prefix": shared_prefix_length(lm.model, rows, reserve=12) > 0, "max_logit_diff": worst_logit,
-            "max_hidden_rel_diff": worst_hidden, "greedy_equal": same_text,
-            "ok": worst_logit < tolerance * 10 and worst_hidden < tolerance and (same_text or dtype != torch.float32)}
+    return {
+        "shared_prefix": shared_prefix_length(lm.model, rows, reserve=12) > 0,
+        "max_logit_diff": worst_logit,
+        "max_hidden_rel_diff": worst_hidden,
+        "greedy_equal": same_text,
+        "ok": worst_logit < tolerance * 10 and worst_hidden < tolerance and (same_text or dtype != torch.float32),
+    }
 
 
 def zero_edit_kl(device: str, dtype: torch.dtype) -> float:
@@ -106,12 +114,18 @@ def main() -> None:
     report: dict = {"device": args.device, "dtype": args.dtype, "torch": torch.__version__}
     if args.device.startswith("cuda"):
         report["gpu"] = torch.cuda.get_device_name(0)
-    report["equivalence"] = {f"{arch} window {window}": equivalence(arch, args.device, dtype, window)
-                             for arch in sorted(SLIDING_ARCHITECTURES) for window in (TINY_SLIDING_WINDOW, WIDE_WINDOW)}
+    report["equivalence"] = {
+        f"{arch} window {window}": equivalence(arch, args.device, dtype, window)
+        for arch in sorted(SLIDING_ARCHITECTURES)
+        for window in (TINY_SLIDING_WINDOW, WIDE_WINDOW)
+    }
     report["zero_edit_kl"] = zero_edit_kl(args.device, dtype)
     report["column_edit"] = column_edit(args.device, dtype)
-    ok = (all(v["ok"] for v in report["equivalence"].values()) and report["zero_edit_kl"] == 0.0
-          and report["column_edit"]["ok"])
+    ok = (
+        all(v["ok"] for v in report["equivalence"].values())
+        and report["zero_edit_kl"] == 0.0
+        and report["column_edit"]["ok"]
+    )
     report["ok"] = ok
     print(json.dumps(report, indent=1))
     sys.exit(0 if ok else 1)

@@ -107,7 +107,7 @@ class ServiceSettings(BaseSettings):
         prefix = cls.model_config.get("env_prefix") or ""
         if not prefix.startswith("ABLITERATE_"):
             raise TypeError(f"{cls.__name__} has no env_prefix ABLITERATE_<SERVICE>_")
-        return prefix[len("ABLITERATE_"):].rstrip("_").lower()
+        return prefix[len("ABLITERATE_") :].rstrip("_").lower()
 
     @classmethod
     def env_name(cls, field: str) -> str:
@@ -163,8 +163,12 @@ def _parser(cls: type[ServiceSettings], description: str) -> argparse.ArgumentPa
     parser = argparse.ArgumentParser(prog=f"python -m abliterate_services.{service}", description=description)
     parser.add_argument("--config", help=f"TOML file (the [{service}] table or the top level)")
     for name, field in cls.model_fields.items():
-        parser.add_argument("--" + name.replace("_", "-"), dest=name, default=None,
-                            help=f"{field.description or ''} (env {cls.env_name(name)})")
+        parser.add_argument(
+            "--" + name.replace("_", "-"),
+            dest=name,
+            default=None,
+            help=f"{field.description or ''} (env {cls.env_name(name)})",
+        )
     return parser
 
 
@@ -228,6 +232,6 @@ def ensure_sqlite_folder(url: str) -> None:
     """Create the folder of a ``sqlite:///path`` database file (SQLite creates the file, not its folder)."""
     prefix = "sqlite:///"
     if url.startswith(prefix) and not url.startswith(prefix + ":memory:"):
-        folder = os.path.dirname(url[len(prefix):].split("?", 1)[0])
+        folder = os.path.dirname(url[len(prefix) :].split("?", 1)[0])
         if folder:
             os.makedirs(folder, exist_ok=True)

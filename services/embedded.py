@@ -107,9 +107,12 @@ class Embedded:
         self.timings_s["load"] = float(self.lm.extra.get("load_s", 0.0))
         config = TorchHostConfig(batch_size=self.batch_size)
         hosted, _, _ = hosted_servicers(config, self.lm)
-        server, port, health = build_server([(h.add_fn, h.servicer) for h in hosted],
-                                            f"{self.host}:{self.ports['torch']}",
-                                            max_message_bytes=self.max_message_bytes, on_oom=free_device_memory)
+        server, port, health = build_server(
+            [(h.add_fn, h.servicer) for h in hosted],
+            f"{self.host}:{self.ports['torch']}",
+            max_message_bytes=self.max_message_bytes,
+            on_oom=free_device_memory,
+        )
         server.start()
         health.set_serving()
         self.torch_server = server
@@ -117,19 +120,26 @@ class Embedded:
 
     def _start_optimizer(self) -> None:
         from abliterate.v1 import optimizer_pb2_grpc
-        from abliterate_services.optimizer.servicer import OptimizerServicer
-
         from abliterate_services.optimizer.dispatch import DispatchOptions
+        from abliterate_services.optimizer.servicer import OptimizerServicer
 
         # One process on SQLite: a RUNNING trial found at start was left by an interrupted run, so
         # a short grace period lets the resumed run re-enqueue it soon.
-        options = DispatchOptions(health_interval_s=2.0, busy_retry_s=0.5, max_message_bytes=self.max_message_bytes,
-                                  heartbeat_interval_s=2, grace_period_s=8)
-        self.optimizer_servicer = OptimizerServicer(sqlite_url(self.data_dir / "optuna.db"),
-                                                    blob_dir=str(self.data_dir / "directions"), options=options)
+        options = DispatchOptions(
+            health_interval_s=2.0,
+            busy_retry_s=0.5,
+            max_message_bytes=self.max_message_bytes,
+            heartbeat_interval_s=2,
+            grace_period_s=8,
+        )
+        self.optimizer_servicer = OptimizerServicer(
+            sqlite_url(self.data_dir / "optuna.db"), blob_dir=str(self.data_dir / "directions"), options=options
+        )
         server, port, health = build_server(
             [(optimizer_pb2_grpc.add_OptimizerServiceServicer_to_server, self.optimizer_servicer)],
-            f"{self.host}:{self.ports['optimizer']}", max_message_bytes=self.max_message_bytes)
+            f"{self.host}:{self.ports['optimizer']}",
+            max_message_bytes=self.max_message_bytes,
+        )
         server.start()
         health.set_serving()
         self.optimizer_server = server
@@ -139,9 +149,15 @@ class Embedded:
         from abliterate_services.gateway import Gateway
 
         self.gateway = Gateway(
-            sqlite_url(self.data_dir / "gateway.db"), self.torch_address, self.optimizer_address,
-            [self.torch_address], address=f"{self.host}:{self.ports['gateway']}", auth_token=self.auth_token,
-            resume_on_start=self.resume_on_start, grace_s=1.0)
+            sqlite_url(self.data_dir / "gateway.db"),
+            self.torch_address,
+            self.optimizer_address,
+            [self.torch_address],
+            address=f"{self.host}:{self.ports['gateway']}",
+            auth_token=self.auth_token,
+            resume_on_start=self.resume_on_start,
+            grace_s=1.0,
+        )
         self.gateway.start()
         self.gateway_address = self.gateway.address
 
@@ -191,14 +207,31 @@ def serve_all(argv: list[str] | None = None) -> int:
     p.add_argument("--log-level", default="INFO")
     args = p.parse_args(argv)
     configure_logging("embedded", args.log_level)
-    spec = ModelSpec(source=args.model, gguf_file=args.gguf_file or None, dtype=args.dtype,
-                     device_map=args.device_map or None, system_prompt=args.system_prompt)
-    embedded = Embedded(spec, args.data_dir, batch_size=args.batch_size, host=args.host,
-                        gateway_port=args.gateway_port, torch_port=args.torch_port,
-                        optimizer_port=args.optimizer_port, auth_token=args.auth_token, resume_on_start=True)
+    spec = ModelSpec(
+        source=args.model,
+        gguf_file=args.gguf_file or None,
+        dtype=args.dtype,
+        device_map=args.device_map or None,
+        system_prompt=args.system_prompt,
+    )
+    embedded = Embedded(
+        spec,
+        args.data_dir,
+        batch_size=args.batch_size,
+        host=args.host,
+        gateway_port=args.gateway_port,
+        torch_port=args.torch_port,
+        optimizer_port=args.optimizer_port,
+        auth_token=args.auth_token,
+        resume_on_start=True,
+    )
     embedded.start()
-    print(f"gateway on {embedded.gateway_address} (extractor+evaluator {embedded.torch_address}, "
-          f"optimizer {embedded.optimizer_address})", file=sys.stderr, flush=True)
+    print(
+        f"gateway on {embedded.gateway_address} (extractor+evaluator {embedded.torch_address}, "
+        f"optimizer {embedded.optimizer_address})",
+        file=sys.stderr,
+        flush=True,
+    )
     serve_until_signal(embedded.gateway.server, grace_s=1.0, health=embedded.gateway.health)
     embedded.stop(0)
     return 0

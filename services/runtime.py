@@ -31,7 +31,6 @@ from abliterate_services.config import ServiceSettings
 log = logging.getLogger(__name__)
 
 
-
 class TorchServiceConfig(ServiceSettings):
     """Settings every torch service has (extractor, evaluator, torch_host); each sets its ``env_prefix``."""
 
@@ -58,10 +57,16 @@ class TorchServiceConfig(ServiceSettings):
     def model_spec(self) -> ModelSpec:
         if not self.model.strip():
             raise InvalidArgument("no model configured: set --model (or ABLITERATE_<SERVICE>_MODEL)")
-        return ModelSpec(source=self.model, gguf_file=self.gguf_file or None, dtype=self.dtype or "auto",
-                         device_map=self.device_map or None, load_in_4bit=self.load_in_4bit,
-                         trust_remote_code=self.trust_remote_code, system_prompt=self.system_prompt,
-                         chat_template_mode=self.chat_template_mode).validate()
+        return ModelSpec(
+            source=self.model,
+            gguf_file=self.gguf_file or None,
+            dtype=self.dtype or "auto",
+            device_map=self.device_map or None,
+            load_in_4bit=self.load_in_4bit,
+            trust_remote_code=self.trust_remote_code,
+            system_prompt=self.system_prompt,
+            chat_template_mode=self.chat_template_mode,
+        ).validate()
 
 
 class DeviceLock:
@@ -113,11 +118,11 @@ def job_view(lm, request_spec: common_pb2.ModelSpec | None):
     if request_spec.source != loaded.source:
         raise FailedPrecondition(f"this server loaded {loaded.source!r}, not {request_spec.source!r}")
     if (request_spec.gguf_file or None) != (loaded.gguf_file or None):
-        raise FailedPrecondition(f"this server loaded GGUF file {loaded.gguf_file or '(none)'!r}, "
-                                 f"not {request_spec.gguf_file or '(none)'!r}")
+        raise FailedPrecondition(
+            f"this server loaded GGUF file {loaded.gguf_file or '(none)'!r}, not {request_spec.gguf_file or '(none)'!r}"
+        )
     wanted = model_spec_from_pb(request_spec).validate()
-    spec = dataclasses.replace(loaded, system_prompt=wanted.system_prompt,
-                               chat_template_mode=wanted.chat_template_mode)
+    spec = dataclasses.replace(loaded, system_prompt=wanted.system_prompt, chat_template_mode=wanted.chat_template_mode)
     if spec == loaded:
         return lm
     return dataclasses.replace(lm, spec=spec)
@@ -140,10 +145,16 @@ def model_info(lm, module_map) -> common_pb2.ModelInfo:
     else:
         device = str(lm.device)
     return common_pb2.ModelInfo(
-        architecture=type(lm.model).__name__, n_layers=lm.n_layers, hidden_size=lm.hidden_size,
-        components=list(module_map.components), layers=layers,
-        dtype=str(lm.dtype).removeprefix("torch."), device=device, spec=model_spec_to_pb(lm.spec),
-        n_parameters=sum(p.numel() for p in lm.model.parameters()))
+        architecture=type(lm.model).__name__,
+        n_layers=lm.n_layers,
+        hidden_size=lm.hidden_size,
+        components=list(module_map.components),
+        layers=layers,
+        dtype=str(lm.dtype).removeprefix("torch."),
+        device=device,
+        spec=model_spec_to_pb(lm.spec),
+        n_parameters=sum(p.numel() for p in lm.model.parameters()),
+    )
 
 
 def free_device_memory() -> None:
@@ -168,9 +179,14 @@ class Hosted:
 
 def start(hosted: Sequence[Hosted], config: TorchServiceConfig, address: str | None = None):
     """Build and start the server; return ``(server, port, health)`` (health NOT_SERVING)."""
-    server, port, health = build_server([(h.add_fn, h.servicer) for h in hosted], address or config.address,
-                                        max_message_bytes=config.max_message_bytes, workers=config.workers,
-                                        auth_token=config.auth_token or None, on_oom=free_device_memory)
+    server, port, health = build_server(
+        [(h.add_fn, h.servicer) for h in hosted],
+        address or config.address,
+        max_message_bytes=config.max_message_bytes,
+        workers=config.workers,
+        auth_token=config.auth_token or None,
+        on_oom=free_device_memory,
+    )
     server.start()
     return server, port, health
 

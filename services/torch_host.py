@@ -33,15 +33,20 @@ def hosted_servicers(config: TorchHostConfig, lm=None) -> tuple[list[Hosted], Ex
     """Both servicers sharing one device lock; with ``lm`` they are ready at once."""
     lock = DeviceLock()
     extractor = ExtractorServicer(batch_size=config.batch_size, lock=lock, max_message_bytes=config.max_message_bytes)
-    evaluator = EvaluatorServicer(batch_size=config.batch_size, lock=lock,
-                                  max_direction_sets=config.max_direction_sets,
-                                  default_max_new_tokens=config.default_max_new_tokens,
-                                  max_generate_tokens=config.max_generate_tokens)
+    evaluator = EvaluatorServicer(
+        batch_size=config.batch_size,
+        lock=lock,
+        max_direction_sets=config.max_direction_sets,
+        default_max_new_tokens=config.default_max_new_tokens,
+        max_generate_tokens=config.max_generate_tokens,
+    )
     if lm is not None:
         extractor.attach(lm)
         evaluator.attach(lm)
-    hosted = [Hosted(extractor_pb2_grpc.add_ExtractorServiceServicer_to_server, extractor, extractor.attach),
-              Hosted(evaluator_pb2_grpc.add_EvaluatorServiceServicer_to_server, evaluator, evaluator.attach)]
+    hosted = [
+        Hosted(extractor_pb2_grpc.add_ExtractorServiceServicer_to_server, extractor, extractor.attach),
+        Hosted(evaluator_pb2_grpc.add_EvaluatorServiceServicer_to_server, evaluator, evaluator.attach),
+    ]
     return hosted, extractor, evaluator
 
 

@@ -22,20 +22,55 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_run_flags_build_the_job_spec():
-    args = cli.build_parser().parse_args([
-        "run", "some/model", "--n-trials", "7", "--harmful", "mlabonne/harmful@train[:40]#text",
-        "--harmless-eval", "bundled:harmless_eval", "--n-prompts", "16", "--max-new-tokens", "12",
-        "--system-prompt", "Refuse harmful requests.", "--kl-cap", "0.5", "--seed", "3", "--batch-size", "8",
-        "--gguf-file", "m.gguf", "--data-dir", "/tmp/d", "--output", "/tmp/o", "--trial", "4"])
-    assert (args.command, args.model, args.trial, args.data_dir, args.output) == ("run", "some/model", 4, "/tmp/d",
-                                                                                  "/tmp/o")
+    args = cli.build_parser().parse_args(
+        [
+            "run",
+            "some/model",
+            "--n-trials",
+            "7",
+            "--harmful",
+            "mlabonne/harmful@train[:40]#text",
+            "--harmless-eval",
+            "bundled:harmless_eval",
+            "--n-prompts",
+            "16",
+            "--max-new-tokens",
+            "12",
+            "--system-prompt",
+            "Refuse harmful requests.",
+            "--kl-cap",
+            "0.5",
+            "--seed",
+            "3",
+            "--batch-size",
+            "8",
+            "--gguf-file",
+            "m.gguf",
+            "--data-dir",
+            "/tmp/d",
+            "--output",
+            "/tmp/o",
+            "--trial",
+            "4",
+        ]
+    )
+    assert (args.command, args.model, args.trial, args.data_dir, args.output) == (
+        "run",
+        "some/model",
+        4,
+        "/tmp/d",
+        "/tmp/o",
+    )
     spec = cli.build_spec(args)
     assert spec.model.source == "some/model" and spec.model.gguf_file == "m.gguf"
     assert spec.model.system_prompt == "Refuse harmful requests."
     assert spec.n_trials == 7 and spec.max_new_tokens == 12 and spec.kl_cap == 0.5 and spec.seed == 3
     assert spec.options.extraction.batch_size == 8
     assert (spec.harmful_train.source, spec.harmful_train.split, spec.harmful_train.column) == (
-        "mlabonne/harmful", "train[:40]", "text")
+        "mlabonne/harmful",
+        "train[:40]",
+        "text",
+    )
     assert spec.harmless_train.source == "bundled:harmless_train"
     assert spec.harmful_eval.source == "bundled:harmful_eval"
     assert spec.harmless_eval.source == "bundled:harmless_eval"
@@ -62,8 +97,10 @@ def test_derived_name_is_stable_and_ignores_the_trial_target():
 
 def test_submit_reads_a_toml_job_file(tmp_path):
     job_file = tmp_path / "job.toml"
-    job_file.write_text('name = "from-file"\nmodel = "org/m"\nn_trials = 9\nharmful_train = ["how to x", "how to y"]\n'
-                        'harmless_eval = "bundled:harmless_eval@train[:5]"\n[options]\nkl_tokens = 2\n')
+    job_file.write_text(
+        'name = "from-file"\nmodel = "org/m"\nn_trials = 9\nharmful_train = ["how to x", "how to y"]\n'
+        'harmless_eval = "bundled:harmless_eval@train[:5]"\n[options]\nkl_tokens = 2\n'
+    )
     args = cli.build_parser().parse_args(["submit", "--file", str(job_file), "--seed", "4"])
     spec = cli.build_spec(args, tomllib.loads(job_file.read_text()))
     assert spec.name == "from-file" and spec.model.source == "org/m" and spec.n_trials == 9 and spec.seed == 4
@@ -87,10 +124,12 @@ def test_client_commands_parse():
 
 
 def _trial(number: int, refusals: int, kl: float) -> common_pb2.Trial:
-    return common_pb2.Trial(number=number, state=common_pb2.TRIAL_STATE_COMPLETE,
-                            params=common_pb2.AblationParams(direction_scope=common_pb2.DIRECTION_SCOPE_GLOBAL,
-                                                             direction_index=1.5),
-                            scores=common_pb2.TrialScores(kl=kl, refusals=refusals, n_refusal_prompts=10))
+    return common_pb2.Trial(
+        number=number,
+        state=common_pb2.TRIAL_STATE_COMPLETE,
+        params=common_pb2.AblationParams(direction_scope=common_pb2.DIRECTION_SCOPE_GLOBAL, direction_index=1.5),
+        scores=common_pb2.TrialScores(kl=kl, refusals=refusals, n_refusal_prompts=10),
+    )
 
 
 TRIALS = [_trial(0, 9, 0.01), _trial(1, 4, 0.2), _trial(2, 6, 0.5), _trial(3, 1, 2.0), _trial(4, 2, 0.9)]
@@ -106,18 +145,31 @@ def gateway_with_finished_job(tmp_path):
     from abliterate_services.gateway import Gateway
     from abliterate_services.gateway.jobs import JobStore
 
-    optimizer, port, health = build_server([(optimizer_pb2_grpc.add_OptimizerServiceServicer_to_server,
-                                             _CannedOptimizer())])
+    optimizer, port, health = build_server(
+        [(optimizer_pb2_grpc.add_OptimizerServiceServicer_to_server, _CannedOptimizer())]
+    )
     optimizer.start()
     url = f"sqlite:///{tmp_path / 'gw.db'}"
     store = JobStore(url)
     ps = common_pb2.PromptSetSpec(prompts=["p"])
-    job = store.create_job(gateway_pb2.JobSpec(name="done-job", model=common_pb2.ModelSpec(source="m"),
-                                               harmful_train=ps, harmless_train=ps, harmful_eval=ps,
-                                               harmless_eval=ps, n_trials=5))
+    job = store.create_job(
+        gateway_pb2.JobSpec(
+            name="done-job",
+            model=common_pb2.ModelSpec(source="m"),
+            harmful_train=ps,
+            harmless_train=ps,
+            harmful_eval=ps,
+            harmless_eval=ps,
+            n_trials=5,
+        )
+    )
     for t in TRIALS:
-        store.append_event(job.id, gateway_pb2.JobEvent(trial_finished=gateway_pb2.JobTrialFinished(
-            trial=t, n_complete=t.number + 1, n_trials=5)))
+        store.append_event(
+            job.id,
+            gateway_pb2.JobEvent(
+                trial_finished=gateway_pb2.JobTrialFinished(trial=t, n_complete=t.number + 1, n_trials=5)
+            ),
+        )
     store.update(job.id, phase=gateway_pb2.JOB_PHASE_SUCCEEDED, study_name=job.id, n_trials_complete=5)
     store.close()
     gateway = Gateway(url, "127.0.0.1:1", f"127.0.0.1:{port}", ["127.0.0.1:1"]).start()
@@ -165,9 +217,27 @@ def tiny_model_dir(tmp_path_factory):
 def test_run_embedded_on_a_tiny_model_completes_and_exports(tiny_model_dir, tmp_path):
     data = tmp_path / "data"
     out = tmp_path / "export"
-    cmd = [sys.executable, "-m", "abliterate.cli", "run", str(tiny_model_dir), "--n-trials", "2",
-           "--n-prompts", "4", "--max-new-tokens", "3", "--seed", "0", "--data-dir", str(data),
-           "--output", str(out), "--dtype", "float32"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "abliterate.cli",
+        "run",
+        str(tiny_model_dir),
+        "--n-trials",
+        "2",
+        "--n-prompts",
+        "4",
+        "--max-new-tokens",
+        "3",
+        "--seed",
+        "0",
+        "--data-dir",
+        str(data),
+        "--output",
+        str(out),
+        "--dtype",
+        "float32",
+    ]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "COLUMNS": "160", "HF_HUB_OFFLINE": "1"}
     t0 = time.monotonic()
     result = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)

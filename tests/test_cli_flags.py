@@ -65,8 +65,9 @@ def test_a_bad_number_is_a_usage_error_naming_the_flag(argv, message, capsys):
 
 def test_boundary_values_are_accepted_and_reach_the_spec():
     parse = cli.build_parser().parse_args
-    spec = cli.build_spec(parse(["run", "m", "--seed", str(UINT64_MAX), "--n-trials", "1", "--n-prompts", "1",
-                                 "--kl-cap", "1e-6"]))
+    spec = cli.build_spec(
+        parse(["run", "m", "--seed", str(UINT64_MAX), "--n-trials", "1", "--n-prompts", "1", "--kl-cap", "1e-6"])
+    )
     assert (spec.seed, spec.n_trials, spec.harmful_train.limit, spec.kl_cap) == (UINT64_MAX, 1, 1, 1e-6)
     assert cli.build_spec(parse(["run", "m", "--seed", "0"])).HasField("seed")
     assert parse(["jobs", "--limit", "0"]).limit == 0

@@ -22,6 +22,7 @@ def free_port() -> int:
         probe.bind(("127.0.0.1", 0))
         return probe.getsockname()[1]
 
+
 CLIENT_ARGVS = [
     ["jobs"],
     ["watch", "some-job"],
@@ -46,8 +47,10 @@ def test_a_client_command_with_no_gateway_says_how_to_start_one(argv, free_port,
 
 
 def test_only_a_connection_failure_is_reported_as_no_gateway():
-    refused = Unavailable("failed to connect to all addresses; last error: UNKNOWN: ipv4:127.0.0.1:9: "
-                          "Failed to connect to remote host: Connection refused")
+    refused = Unavailable(
+        "failed to connect to all addresses; last error: UNKNOWN: ipv4:127.0.0.1:9: "
+        "Failed to connect to remote host: Connection refused"
+    )
     assert is_connection_failure(refused)
     # A gateway that answers UNAVAILABLE (a service still loading) is not "no gateway".
     assert not is_connection_failure(Unavailable("evaluator 127.0.0.1:50052 is still loading the model"))

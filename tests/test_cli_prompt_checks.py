@@ -50,25 +50,36 @@ def prompt_files(tmp_path: Path) -> Path:
     return tmp_path
 
 
-@pytest.mark.parametrize(("flag_value", "expected"), [
-    ("{dir}/missing.json", "prompt file '{dir}/missing.json' does not exist"),
-    ("{dir}/broken.json", "is not valid JSON"),
-    ("{dir}/broken.jsonl", "line 2: invalid JSON"),
-    ("{dir}/empty.json", "is empty"),
-    ("{dir}/blank.txt", "is empty"),
-    ("{dir}/no-header.csv", "no CSV header row"),
-    ("{dir}/good.csv#prompt", "column 'prompt' not found"),
-    ("{dir}/objects.json", "no prompt column found"),
-    ("json:{dir}/missing.jsonl", "data file '{dir}/missing.jsonl' does not exist"),
-    ("bundled:no_such_set", "bundled prompt set 'no_such_set' does not exist"),
-    ("bundled:harmful_train#no_such_column", "no_such_column"),
-    ("bundled:harmful_train@train[a:b]", "invalid split"),
-])
-def test_run_rejects_a_prompt_set_that_cannot_work_before_loading_anything(prompt_files, flag_value, expected,
-                                                                           capsys):
+@pytest.mark.parametrize(
+    ("flag_value", "expected"),
+    [
+        ("{dir}/missing.json", "prompt file '{dir}/missing.json' does not exist"),
+        ("{dir}/broken.json", "is not valid JSON"),
+        ("{dir}/broken.jsonl", "line 2: invalid JSON"),
+        ("{dir}/empty.json", "is empty"),
+        ("{dir}/blank.txt", "is empty"),
+        ("{dir}/no-header.csv", "no CSV header row"),
+        ("{dir}/good.csv#prompt", "column 'prompt' not found"),
+        ("{dir}/objects.json", "no prompt column found"),
+        ("json:{dir}/missing.jsonl", "data file '{dir}/missing.jsonl' does not exist"),
+        ("bundled:no_such_set", "bundled prompt set 'no_such_set' does not exist"),
+        ("bundled:harmful_train#no_such_column", "no_such_column"),
+        ("bundled:harmful_train@train[a:b]", "invalid split"),
+    ],
+)
+def test_run_rejects_a_prompt_set_that_cannot_work_before_loading_anything(prompt_files, flag_value, expected, capsys):
     data_dir = prompt_files / "data"
-    code, output = run_cli(["run", "no-such-org/no-such-model", "--harmless-eval",
-                            flag_value.format(dir=prompt_files), "--data-dir", str(data_dir)], capsys)
+    code, output = run_cli(
+        [
+            "run",
+            "no-such-org/no-such-model",
+            "--harmless-eval",
+            flag_value.format(dir=prompt_files),
+            "--data-dir",
+            str(data_dir),
+        ],
+        capsys,
+    )
     assert code == 2, output
     [line] = error_lines(output)
     assert line.startswith("error: harmless_eval prompt set (--harmless-eval): ")
@@ -79,18 +90,31 @@ def test_run_rejects_a_prompt_set_that_cannot_work_before_loading_anything(promp
 
 def test_a_missing_relative_prompt_file_is_reported(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
-    code, output = run_cli(["run", "m", "--harmful", "./prompts/harmful.txt", "--data-dir", str(tmp_path / "d")],
-                           capsys)
+    code, output = run_cli(
+        ["run", "m", "--harmful", "./prompts/harmful.txt", "--data-dir", str(tmp_path / "d")], capsys
+    )
     assert code == 2
     assert "harmful_train prompt set (--harmful): prompt file './prompts/harmful.txt' does not exist" in output
 
 
 def test_good_local_sets_and_unverifiable_hub_ids_pass_the_check(prompt_files):
     parse = cli.build_parser().parse_args
-    spec = cli.build_spec(parse(["run", "m", "--harmful", f"{prompt_files}/good.json",
-                                 "--harmless", f"{prompt_files}/good.csv#text",
-                                 "--harmful-eval", f"{prompt_files}/objects.json#query",
-                                 "--harmless-eval", "some-org/some-dataset@train[:10]#text"]))
+    spec = cli.build_spec(
+        parse(
+            [
+                "run",
+                "m",
+                "--harmful",
+                f"{prompt_files}/good.json",
+                "--harmless",
+                f"{prompt_files}/good.csv#text",
+                "--harmful-eval",
+                f"{prompt_files}/objects.json#query",
+                "--harmless-eval",
+                "some-org/some-dataset@train[:10]#text",
+            ]
+        )
+    )
     # A Hugging Face id cannot be checked offline: it is left to the extractor, so no error here.
     assert cli.check_prompt_sets(spec, read_local_files=True) is None
     assert spec.harmless_eval.source == "some-org/some-dataset"
@@ -135,14 +159,17 @@ def _job(phase: int, error: str = "") -> gateway_pb2.Job:
     return gateway_pb2.Job(name="j", phase=phase, error=error)
 
 
-@pytest.mark.parametrize(("phase", "error", "can_help"), [
-    (gateway_pb2.JOB_PHASE_FAILED, "INVALID_ARGUMENT: prompt set 'x' is empty", False),
-    (gateway_pb2.JOB_PHASE_FAILED, "NOT_FOUND: Hugging Face dataset 'x' was not found", False),
-    (gateway_pb2.JOB_PHASE_FAILED, "UNAVAILABLE: the optimizer stopped the study (shutdown)", True),
-    (gateway_pb2.JOB_PHASE_FAILED, "RESOURCE_EXHAUSTED: out of memory", True),
-    (gateway_pb2.JOB_PHASE_FAILED, "the study failed", True),  # no code: cannot tell, so offer it
-    (gateway_pb2.JOB_PHASE_CANCELLED, "", True),
-])
+@pytest.mark.parametrize(
+    ("phase", "error", "can_help"),
+    [
+        (gateway_pb2.JOB_PHASE_FAILED, "INVALID_ARGUMENT: prompt set 'x' is empty", False),
+        (gateway_pb2.JOB_PHASE_FAILED, "NOT_FOUND: Hugging Face dataset 'x' was not found", False),
+        (gateway_pb2.JOB_PHASE_FAILED, "UNAVAILABLE: the optimizer stopped the study (shutdown)", True),
+        (gateway_pb2.JOB_PHASE_FAILED, "RESOURCE_EXHAUSTED: out of memory", True),
+        (gateway_pb2.JOB_PHASE_FAILED, "the study failed", True),  # no code: cannot tell, so offer it
+        (gateway_pb2.JOB_PHASE_CANCELLED, "", True),
+    ],
+)
 def test_resuming_is_offered_only_when_a_retry_may_help(phase, error, can_help):
     assert resuming_can_help(_job(phase, error)) is can_help
 
@@ -161,9 +188,26 @@ def tiny_model_dir(tmp_path_factory):
 def test_run_does_not_offer_to_resume_a_job_that_failed_on_its_input(tiny_model_dir, tmp_path):
     """A Hugging Face id passes the pre-check (it cannot be checked offline) and fails in the extractor
     with NOT_FOUND: resuming would fail the same way, so run says to fix the input instead."""
-    cmd = [sys.executable, "-m", "abliterate.cli", "run", str(tiny_model_dir), "--n-trials", "1",
-           "--n-prompts", "2", "--max-new-tokens", "2", "--harmful", "no-such-org/no-such-dataset",
-           "--data-dir", str(tmp_path / "data"), "--dtype", "float32", "--no-export"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "abliterate.cli",
+        "run",
+        str(tiny_model_dir),
+        "--n-trials",
+        "1",
+        "--n-prompts",
+        "2",
+        "--max-new-tokens",
+        "2",
+        "--harmful",
+        "no-such-org/no-such-dataset",
+        "--data-dir",
+        str(tmp_path / "data"),
+        "--dtype",
+        "float32",
+        "--no-export",
+    ]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "COLUMNS": "200", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
     result = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=180)
     output = result.stdout + result.stderr

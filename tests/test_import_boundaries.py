@@ -35,7 +35,10 @@ def v1_modules() -> list[str]:
 
 
 def rpc_modules() -> list[str]:
-    return ["abliterate.rpc", *(f"abliterate.rpc.{m.name}" for m in pkgutil.iter_modules([str(ROOT / "abliterate" / "rpc")]))]
+    return [
+        "abliterate.rpc",
+        *(f"abliterate.rpc.{m.name}" for m in pkgutil.iter_modules([str(ROOT / "abliterate" / "rpc")])),
+    ]
 
 
 def test_rpc_and_stubs_do_not_import_torch():
@@ -91,8 +94,9 @@ def library_modules() -> list[str]:
     names = []
     for package in ("abliterate", "abliterate.core", "abliterate.rpc", "abliterate.vast"):
         folder = ROOT.joinpath(*package.split("."))
-        names += [f"{package}.{m.name}" for m in pkgutil.iter_modules([str(folder)])
-                  if not m.ispkg and m.name != "__main__"]
+        names += [
+            f"{package}.{m.name}" for m in pkgutil.iter_modules([str(folder)]) if not m.ispkg and m.name != "__main__"
+        ]
     assert "abliterate.database" in names and "abliterate.core.ablation" in names
     return names
 
@@ -105,11 +109,19 @@ def test_the_library_does_not_import_the_services():
 
 def test_services_install_under_a_project_specific_name(tmp_path):
     """Outside the repository (no folder on sys.path) the services import as abliterate_services only."""
-    code = ("import importlib.util, json\n"
-            "print(json.dumps([importlib.util.find_spec(n) is not None "
-            "for n in ('abliterate_services.optimizer', 'services')]))\n")
-    result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=60,
-                            env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"})
+    code = (
+        "import importlib.util, json\n"
+        "print(json.dumps([importlib.util.find_spec(n) is not None "
+        "for n in ('abliterate_services.optimizer', 'services')]))\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"},
+    )
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout) == [True, False]
 

@@ -16,8 +16,19 @@ CHAT_TEMPLATE = (
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 
 # Architectures covered by the fast tests: dense and MoE, Linear and fused 3-D experts.
-ARCHITECTURES = ["llama", "qwen2", "qwen3", "mistral", "gemma2", "gemma3_text", "phi3",
-                 "qwen2_moe", "qwen3_moe", "mixtral", "gpt_oss"]
+ARCHITECTURES = [
+    "llama",
+    "qwen2",
+    "qwen3",
+    "mistral",
+    "gemma2",
+    "gemma3_text",
+    "phi3",
+    "qwen2_moe",
+    "qwen3_moe",
+    "mixtral",
+    "gpt_oss",
+]
 MOE_ARCHITECTURES = {"qwen2_moe", "qwen3_moe", "mixtral", "gpt_oss"}
 # The real models of these architectures attend through sliding windows (Mistral and Phi-3 on every
 # layer, Gemma 2 and GPT-OSS on every other one, Gemma 3 on five of six). The tiny ones keep that,
@@ -36,29 +47,54 @@ def make_tokenizer(chat_template: bool = True):
     core = Tokenizer(models.BPE(vocab=vocab, merges=[]))
     core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     core.decoder = decoders.ByteLevel()
-    tok = PreTrainedTokenizerFast(tokenizer_object=core, eos_token="<|im_end|>", pad_token="<|endoftext|>",
-                                  bos_token="<|im_start|>", additional_special_tokens=[])
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=core,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        bos_token="<|im_start|>",
+        additional_special_tokens=[],
+    )
     tok.add_special_tokens({"additional_special_tokens": SPECIALS})
     if chat_template:
         tok.chat_template = CHAT_TEMPLATE
     return tok
 
 
-def make_model(arch: str, tokenizer=None, layers: int = 4, hidden: int = 64, seed: int = 0,
-               sliding_window: int = TINY_SLIDING_WINDOW):
+def make_model(
+    arch: str,
+    tokenizer=None,
+    layers: int = 4,
+    hidden: int = 64,
+    seed: int = 0,
+    sliding_window: int = TINY_SLIDING_WINDOW,
+):
     from transformers import AutoConfig, AutoModelForCausalLM
 
     tokenizer = tokenizer or make_tokenizer()
     vocab = len(tokenizer)
-    kwargs = dict(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
-                  num_attention_heads=4, num_key_value_heads=2, head_dim=hidden // 4, vocab_size=vocab,
-                  max_position_embeddings=512, pad_token_id=tokenizer.pad_token_id,
-                  eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id,
-                  tie_word_embeddings=False)
+    kwargs = dict(
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=hidden // 4,
+        vocab_size=vocab,
+        max_position_embeddings=512,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        tie_word_embeddings=False,
+    )
     config = AutoConfig.for_model(arch, **kwargs)
-    for key, value in (("moe_intermediate_size", hidden), ("shared_expert_intermediate_size", hidden),
-                       ("num_experts", 4), ("num_local_experts", 4), ("num_experts_per_tok", 2),
-                       ("decoder_sparse_step", 1)):
+    for key, value in (
+        ("moe_intermediate_size", hidden),
+        ("shared_expert_intermediate_size", hidden),
+        ("num_experts", 4),
+        ("num_local_experts", 4),
+        ("num_experts_per_tok", 2),
+        ("decoder_sparse_step", 1),
+    ):
         if hasattr(config, key):
             setattr(config, key, value)
     if arch in SLIDING_ARCHITECTURES:

@@ -25,7 +25,25 @@ from abliterate.cli.plot import plot_trials
 from abliterate.cli.spec import build_spec, check_prompt_sets, derived_job_name, parse_prompt_set
 from abliterate.errors import InvalidArgument
 
-__all__ = ["COMMANDS", "DEFAULT_DATA_DIR", "DEFAULT_GATEWAY", "DEFAULT_SETS", "InvalidArgument", "JobWatcher",
-           "all_trials", "build_parser", "build_spec", "check_prompt_sets", "derived_job_name", "export_trial",
-           "front_table", "gateway_client", "main", "parse_prompt_set", "phase_label", "plot_trials",
-           "submit_or_resume", "watch"]
+__all__ = [
+    "COMMANDS",
+    "DEFAULT_DATA_DIR",
+    "DEFAULT_GATEWAY",
+    "DEFAULT_SETS",
+    "InvalidArgument",
+    "JobWatcher",
+    "all_trials",
+    "build_parser",
+    "build_spec",
+    "check_prompt_sets",
+    "derived_job_name",
+    "export_trial",
+    "front_table",
+    "gateway_client",
+    "main",
+    "parse_prompt_set",
+    "phase_label",
+    "plot_trials",
+    "submit_or_resume",
+    "watch",
+]

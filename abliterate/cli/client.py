@@ -33,8 +33,10 @@ def submit_or_resume(client: GatewayClient, spec: Any, console: Any) -> Any:
     if job.phase == gateway_pb2.JOB_PHASE_SUCCEEDED and not more:
         console.print(f"job [bold]{job.name}[/bold] already SUCCEEDED ({job.n_trials_complete} trials)")
         return job
-    if job.phase in (gateway_pb2.JOB_PHASE_QUEUED, gateway_pb2.JOB_PHASE_EXTRACTING,
-                     gateway_pb2.JOB_PHASE_OPTIMIZING) and not more:
+    if (
+        job.phase in (gateway_pb2.JOB_PHASE_QUEUED, gateway_pb2.JOB_PHASE_EXTRACTING, gateway_pb2.JOB_PHASE_OPTIMIZING)
+        and not more
+    ):
         console.print(f"job [bold]{job.name}[/bold] is running ({phase_label(job.phase)}); following it")
         return job
     job = client.resume_job(job.id, spec.n_trials if more else None)
@@ -75,13 +77,25 @@ def all_trials(client: GatewayClient, job_id: str) -> list[Any]:
     return [trials[number] for number in sorted(trials)]
 
 
-def export_trial(client: GatewayClient, job_id: str, output: str, trial: int | None, export_format: str = "merged",
-                 hub_repo: str | None = None, private: bool = False, overwrite: bool = False) -> Any:
+def export_trial(
+    client: GatewayClient,
+    job_id: str,
+    output: str,
+    trial: int | None,
+    export_format: str = "merged",
+    hub_repo: str | None = None,
+    private: bool = False,
+    overwrite: bool = False,
+) -> Any:
     from abliterate.v1 import common_pb2, gateway_pb2
 
     request = gateway_pb2.GatewayServiceExportModelRequest(
-        job_id=job_id, path=output, overwrite=overwrite, hub_private=private,
-        format=common_pb2.EXPORT_FORMAT_LORA if export_format == "lora" else common_pb2.EXPORT_FORMAT_MERGED)
+        job_id=job_id,
+        path=output,
+        overwrite=overwrite,
+        hub_private=private,
+        format=common_pb2.EXPORT_FORMAT_LORA if export_format == "lora" else common_pb2.EXPORT_FORMAT_MERGED,
+    )
     if trial is not None:
         request.trial_number = trial
     if hub_repo:
@@ -91,8 +105,12 @@ def export_trial(client: GatewayClient, job_id: str, output: str, trial: int | N
 
 # gRPC's own wording when no connection could be made (nothing listening, unknown host); an UNAVAILABLE
 # from a gateway that answers (a service still loading, a dropped stream) reads differently.
-_CONNECTION_FAILURE_MARKERS = ("failed to connect to all addresses", "connection refused",
-                               "dns resolution failed", "name resolution")
+_CONNECTION_FAILURE_MARKERS = (
+    "failed to connect to all addresses",
+    "connection refused",
+    "dns resolution failed",
+    "name resolution",
+)
 
 
 def is_connection_failure(exc: BaseException) -> bool:
@@ -104,5 +122,7 @@ def is_connection_failure(exc: BaseException) -> bool:
 
 
 def no_gateway_message(address: str) -> str:
-    return (f"no gateway answers at {address}; start one with `abliterate serve all --model MODEL` or "
-            "`docker-compose up -d`, or pass --gateway HOST:PORT (env ABLITERATE_GATEWAY)")
+    return (
+        f"no gateway answers at {address}; start one with `abliterate serve all --model MODEL` or "
+        "`docker-compose up -d`, or pass --gateway HOST:PORT (env ABLITERATE_GATEWAY)"
+    )

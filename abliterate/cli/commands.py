@@ -35,8 +35,17 @@ EXIT_INTERRUPTED = 130
 #: Commands that talk to a gateway at --gateway (run starts its own on loopback ports).
 CLIENT_COMMANDS = frozenset({"submit", "watch", "jobs", "trials", "export", "chat", "cancel", "resume"})
 #: Status codes of a job failure caused by its input: resuming the job runs the same input again.
-INPUT_ERROR_CODES = frozenset({"INVALID_ARGUMENT", "NOT_FOUND", "ALREADY_EXISTS", "OUT_OF_RANGE",
-                               "UNIMPLEMENTED", "PERMISSION_DENIED", "UNAUTHENTICATED"})
+INPUT_ERROR_CODES = frozenset(
+    {
+        "INVALID_ARGUMENT",
+        "NOT_FOUND",
+        "ALREADY_EXISTS",
+        "OUT_OF_RANGE",
+        "UNIMPLEMENTED",
+        "PERMISSION_DENIED",
+        "UNAUTHENTICATED",
+    }
+)
 
 
 def cmd_submit(args: argparse.Namespace, console: Any) -> int:
@@ -81,10 +90,15 @@ def cmd_jobs(args: argparse.Namespace, console: Any) -> int:
     for column in ("name", "id", "phase", "trials", "selected", "model", "created"):
         table.add_column(column)
     for job in listing.jobs:
-        table.add_row(job.name, job.id[:12], phase_label(job.phase),
-                      f"{job.n_trials_complete}/{job.spec.n_trials}",
-                      str(job.auto_selected_trial) if job.HasField("auto_selected_trial") else "",
-                      job.spec.model.source, job.created_at.ToDatetime().strftime("%Y-%m-%d %H:%M:%S"))
+        table.add_row(
+            job.name,
+            job.id[:12],
+            phase_label(job.phase),
+            f"{job.n_trials_complete}/{job.spec.n_trials}",
+            str(job.auto_selected_trial) if job.HasField("auto_selected_trial") else "",
+            job.spec.model.source,
+            job.created_at.ToDatetime().strftime("%Y-%m-%d %H:%M:%S"),
+        )
     console.print(table)
     return 0
 
@@ -109,10 +123,13 @@ def cmd_trials(args: argparse.Namespace, console: Any) -> int:
 
 def cmd_export(args: argparse.Namespace, console: Any) -> int:
     with gateway_client(args.gateway, args.token) as client:
-        result = export_trial(client, args.job, args.output, args.trial, args.format, args.hub_repo, args.private,
-                              args.overwrite)
-    console.print(f"trial {result.trial_number} exported to {result.path} ({len(result.files)} files, "
-                  f"{result.bytes_written / 1e6:.1f} MB)" + (f"; {result.hub_url}" if result.hub_url else ""))
+        result = export_trial(
+            client, args.job, args.output, args.trial, args.format, args.hub_repo, args.private, args.overwrite
+        )
+    console.print(
+        f"trial {result.trial_number} exported to {result.path} ({len(result.files)} files, "
+        f"{result.bytes_written / 1e6:.1f} MB)" + (f"; {result.hub_url}" if result.hub_url else "")
+    )
     return 0
 
 
@@ -147,9 +164,11 @@ def _chat(client: Any, args: argparse.Namespace, console: Any) -> int:
             continue
         history.append(common_pb2.ChatMessage(role="user", content=text))
         request = gateway_pb2.GatewayServiceChatRequest(
-            job_id=args.job, messages=history, original_model=args.original,
-            options=common_pb2.GenerationOptions(max_new_tokens=args.max_new_tokens,
-                                                 temperature=args.temperature))
+            job_id=args.job,
+            messages=history,
+            original_model=args.original,
+            options=common_pb2.GenerationOptions(max_new_tokens=args.max_new_tokens, temperature=args.temperature),
+        )
         if args.trial is not None:
             request.trial_number = args.trial
         reply = []
@@ -224,8 +243,10 @@ def cmd_run(args: argparse.Namespace, console: Any) -> int:
             if job.phase != gateway_pb2.JOB_PHASE_SUCCEEDED:
                 job = watch(client, job.id, console)
             if job.phase != gateway_pb2.JOB_PHASE_SUCCEEDED:
-                console.print(f"[red]job {job.name} ended {phase_label(job.phase)}"
-                              + (f": {escape(job.error)}" if job.error else ""))
+                console.print(
+                    f"[red]job {job.name} ended {phase_label(job.phase)}"
+                    + (f": {escape(job.error)}" if job.error else "")
+                )
                 if resuming_can_help(job):
                     console.print("run the same command again to resume it")
                 else:
@@ -237,14 +258,18 @@ def cmd_run(args: argparse.Namespace, console: Any) -> int:
                 return 0
             output = args.output or str(data_dir / f"export-{job.name}")
             with console.status(f"exporting to {output} ..."):
-                result = export_trial(client, job.id, str(Path(output).expanduser().resolve()), args.trial,
-                                      overwrite=True)
-        console.print(f"[green]trial {result.trial_number} exported to {result.path}[/green] "
-                      f"({len(result.files)} files, {result.bytes_written / 1e6:.1f} MB)")
+                result = export_trial(
+                    client, job.id, str(Path(output).expanduser().resolve()), args.trial, overwrite=True
+                )
+        console.print(
+            f"[green]trial {result.trial_number} exported to {result.path}[/green] "
+            f"({len(result.files)} files, {result.bytes_written / 1e6:.1f} MB)"
+        )
         return 0
     except KeyboardInterrupt:
-        console.print("\n[yellow]interrupted; completed trials are saved. Run the same command again "
-                      "to resume.[/yellow]")
+        console.print(
+            "\n[yellow]interrupted; completed trials are saved. Run the same command again to resume.[/yellow]"
+        )
         try:
             embedded.stop(grace_s=0)
         finally:
@@ -279,9 +304,19 @@ def cmd_vast(args: argparse.Namespace, console: Any) -> int:
     return vast_run(args)
 
 
-COMMANDS = {"run": cmd_run, "submit": cmd_submit, "watch": cmd_watch, "jobs": cmd_jobs, "trials": cmd_trials,
-            "export": cmd_export, "chat": cmd_chat, "cancel": cmd_cancel, "resume": cmd_resume,
-            "serve": cmd_serve, "vast": cmd_vast}
+COMMANDS = {
+    "run": cmd_run,
+    "submit": cmd_submit,
+    "watch": cmd_watch,
+    "jobs": cmd_jobs,
+    "trials": cmd_trials,
+    "export": cmd_export,
+    "chat": cmd_chat,
+    "cancel": cmd_cancel,
+    "resume": cmd_resume,
+    "serve": cmd_serve,
+    "vast": cmd_vast,
+}
 
 
 def print_error(console: Any, message: str) -> None:

@@ -33,8 +33,9 @@ def _params_summary(params: Any) -> str:
     from abliterate.v1 import common_pb2
 
     scope = "per-layer" if params.direction_scope == common_pb2.DIRECTION_SCOPE_PER_LAYER else "global"
-    parts = [scope + (f"@{params.direction_index:.2f}" if params.HasField("direction_index")
-                      and scope == "global" else "")]
+    parts = [
+        scope + (f"@{params.direction_index:.2f}" if params.HasField("direction_index") and scope == "global" else "")
+    ]
     for name, kernel in sorted(params.components.items()):
         parts.append(f"{name}={kernel.max_weight:.2f}@{kernel.max_weight_position:.1f}")
     return " ".join(parts)
@@ -52,9 +53,13 @@ def front_table(front: Any) -> Any:
     chosen = front.auto_selected_trial if front.HasField("auto_selected_trial") else None
     for trial in front.trials:
         n_prompts = trial.scores.n_refusal_prompts
-        table.add_row("*" if trial.number == chosen else "", str(trial.number),
-                      f"{trial.scores.refusals}/{n_prompts}" if n_prompts else str(trial.scores.refusals),
-                      f"{trial.scores.kl:.4f}", _params_summary(trial.params))
+        table.add_row(
+            "*" if trial.number == chosen else "",
+            str(trial.number),
+            f"{trial.scores.refusals}/{n_prompts}" if n_prompts else str(trial.scores.refusals),
+            f"{trial.scores.kl:.4f}",
+            _params_summary(trial.params),
+        )
     table.caption = f"* auto-selected: {front.selection_rule}"
     return table
 
@@ -80,12 +85,19 @@ class JobWatcher:
         self.n_trials = job.spec.n_trials
         self.n_complete = job.n_trials_complete
         self.phase = job.phase
-        progress = Progress(SpinnerColumn(), TextColumn("[bold]{task.description}"), BarColumn(),
-                            MofNCompleteColumn(), TextColumn("{task.fields[info]}"), console=self.console,
-                            transient=False)
+        progress = Progress(
+            SpinnerColumn(),
+            TextColumn("[bold]{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[info]}"),
+            console=self.console,
+            transient=False,
+        )
         with progress:
-            task = progress.add_task(phase_label(self.phase), total=self.n_trials or None,
-                                     completed=self.n_complete, info="")
+            task = progress.add_task(
+                phase_label(self.phase), total=self.n_trials or None, completed=self.n_complete, info=""
+            )
             for response in stream:
                 event = response.event
                 if event.HasField("eta_s"):
@@ -94,12 +106,14 @@ class JobWatcher:
                 if kind == "phase_changed":
                     self.phase = event.phase_changed.current
                     if event.phase_changed.previous != event.phase_changed.current:
-                        progress.console.print(f"phase {phase_label(self.phase)}"
-                                               + (f": {escape(event.phase_changed.message)}"
-                                                  if event.phase_changed.message else ""))
+                        progress.console.print(
+                            f"phase {phase_label(self.phase)}"
+                            + (f": {escape(event.phase_changed.message)}" if event.phase_changed.message else "")
+                        )
                     else:  # the snapshot a watch starts with
-                        progress.console.print(f"job {job.name} is {phase_label(self.phase)} "
-                                               f"({self.n_complete}/{self.n_trials} trials)")
+                        progress.console.print(
+                            f"job {job.name} is {phase_label(self.phase)} ({self.n_complete}/{self.n_trials} trials)"
+                        )
                     if self.phase == gateway_pb2.JOB_PHASE_FAILED:
                         self.error = event.phase_changed.message
                 elif kind == "progress":
@@ -113,18 +127,23 @@ class JobWatcher:
                     scores = finished.trial.scores
                     progress.console.print(
                         f"trial {finished.trial.number}: refusals {scores.refusals}/{scores.n_refusal_prompts}, "
-                        f"KL {scores.kl:.4f} ({finished.n_complete}/{finished.n_trials})")
+                        f"KL {scores.kl:.4f} ({finished.n_complete}/{finished.n_trials})"
+                    )
                 elif kind == "trial_failed":
                     failed = event.trial_failed
-                    progress.console.print(f"[yellow]trial {failed.number} failed: {escape(failed.error)}"
-                                           + (" (will retry)" if failed.will_retry else ""))
+                    progress.console.print(
+                        f"[yellow]trial {failed.number} failed: {escape(failed.error)}"
+                        + (" (will retry)" if failed.will_retry else "")
+                    )
                 elif kind == "pareto_front":
                     front = event.pareto_front
                     if front.HasField("auto_selected_trial"):
                         chosen = next((t for t in front.trials if t.number == front.auto_selected_trial), None)
                         if chosen is not None:
-                            self.best = (f"best: #{chosen.number} refusals {chosen.scores.refusals}"
-                                         f"/{chosen.scores.n_refusal_prompts} KL {chosen.scores.kl:.3f}")
+                            self.best = (
+                                f"best: #{chosen.number} refusals {chosen.scores.refusals}"
+                                f"/{chosen.scores.n_refusal_prompts} KL {chosen.scores.kl:.3f}"
+                            )
                 elif kind == "error":
                     error = event.error
                     style = "yellow" if error.recoverable else "red"
@@ -133,7 +152,11 @@ class JobWatcher:
                         self.error = f"{error.code}: {error.message}"
                 eta = f"ETA {format_eta(self.eta)}" if self.phase == gateway_pb2.JOB_PHASE_OPTIMIZING else ""
                 info = " ".join(part for part in (self.best, eta) if part)
-                progress.update(task, description=phase_label(self.phase), total=self.n_trials or None,
-                                completed=self.n_complete, **({"info": info} if kind != "progress" else {}))
+                progress.update(
+                    task,
+                    description=phase_label(self.phase),
+                    total=self.n_trials or None,
+                    completed=self.n_complete,
+                    **({"info": info} if kind != "progress" else {}),
+                )
         return self.phase
-

@@ -11,8 +11,10 @@ import argparse
 import math
 import os
 
-DESCRIPTION = ("Find and remove a behavioural direction (by default refusal) from a language model's weights, "
-               "tuned by an Optuna search.")
+DESCRIPTION = (
+    "Find and remove a behavioural direction (by default refusal) from a language model's weights, "
+    "tuned by an Optuna search."
+)
 DEFAULT_GATEWAY = "127.0.0.1:50050"
 DEFAULT_DATA_DIR = "./abliterate-data"
 DEFAULT_N_TRIALS = 200
@@ -23,8 +25,12 @@ DEFAULT_SETS = {
     "harmless_eval": "bundled:harmless_eval",
 }
 #: The flag that sets each prompt set, for error messages.
-PROMPT_SET_FLAGS = {"harmful_train": "--harmful", "harmless_train": "--harmless",
-                    "harmful_eval": "--harmful-eval", "harmless_eval": "--harmless-eval"}
+PROMPT_SET_FLAGS = {
+    "harmful_train": "--harmful",
+    "harmless_train": "--harmless",
+    "harmful_eval": "--harmful-eval",
+    "harmless_eval": "--harmless-eval",
+}
 
 # The counts travel as uint32 fields and the seed as a uint64 field: a larger value would fail in protobuf.
 UINT32_MAX = 2**32 - 1
@@ -93,20 +99,28 @@ def positive_float(text: str) -> float:
 def _add_job_flags(parser: argparse.ArgumentParser, defaults: bool) -> None:
     """Flags that build a JobSpec (shared by run and submit)."""
     parser.add_argument("--gguf-file", help="GGUF file name inside MODEL (a repo or directory)")
-    parser.add_argument("--n-trials", type=positive_int, default=DEFAULT_N_TRIALS if defaults else None,
-                        help=f"COMPLETE trials to reach (default {DEFAULT_N_TRIALS})")
+    parser.add_argument(
+        "--n-trials",
+        type=positive_int,
+        default=DEFAULT_N_TRIALS if defaults else None,
+        help=f"COMPLETE trials to reach (default {DEFAULT_N_TRIALS})",
+    )
     for key, flag in PROMPT_SET_FLAGS.items():
-        parser.add_argument(flag, dest=key, metavar="SPEC",
-                            help=f"prompt set: SOURCE[@SPLIT][#COLUMN] (default {DEFAULT_SETS[key]}); SOURCE is "
-                                 "bundled:NAME, a local file/dir or a Hugging Face dataset id")
+        parser.add_argument(
+            flag,
+            dest=key,
+            metavar="SPEC",
+            help=f"prompt set: SOURCE[@SPLIT][#COLUMN] (default {DEFAULT_SETS[key]}); SOURCE is "
+            "bundled:NAME, a local file/dir or a Hugging Face dataset id",
+        )
     parser.add_argument("--n-prompts", type=positive_int, help="keep at most N prompts of each set")
-    parser.add_argument("--max-new-tokens", type=positive_int,
-                        help="tokens generated per refusal prompt (default 100)")
+    parser.add_argument("--max-new-tokens", type=positive_int, help="tokens generated per refusal prompt (default 100)")
     parser.add_argument("--system-prompt", help="system prompt put in front of every prompt")
     parser.add_argument("--kl-cap", type=positive_float, help="auto-selection KL cap (default 1.0)")
     parser.add_argument("--seed", type=seed, help="sampler seed, 0 <= SEED < 2**64")
-    parser.add_argument("--n-startup-trials", type=positive_int,
-                        help="random trials before TPE takes over (default 60)")
+    parser.add_argument(
+        "--n-startup-trials", type=positive_int, help="random trials before TPE takes over (default 60)"
+    )
     parser.add_argument("--n-ei-candidates", type=positive_int, help="candidates TPE scores per trial (default 128)")
     parser.add_argument("--batch-size", type=positive_int, help="prompts per forward pass (default: automatic)")
     parser.add_argument("--dtype", help="auto, bfloat16, float16 or float32")
@@ -114,17 +128,23 @@ def _add_job_flags(parser: argparse.ArgumentParser, defaults: bool) -> None:
 
 
 def _add_client_flags(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--gateway", default=os.environ.get("ABLITERATE_GATEWAY", DEFAULT_GATEWAY),
-                        help=f"gateway host:port (env ABLITERATE_GATEWAY, default {DEFAULT_GATEWAY})")
-    parser.add_argument("--token", default=os.environ.get("ABLITERATE_TOKEN") or None,
-                        help="bearer token (env ABLITERATE_TOKEN)")
+    parser.add_argument(
+        "--gateway",
+        default=os.environ.get("ABLITERATE_GATEWAY", DEFAULT_GATEWAY),
+        help=f"gateway host:port (env ABLITERATE_GATEWAY, default {DEFAULT_GATEWAY})",
+    )
+    parser.add_argument(
+        "--token", default=os.environ.get("ABLITERATE_TOKEN") or None, help="bearer token (env ABLITERATE_TOKEN)"
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="abliterate", description=DESCRIPTION,
+        prog="abliterate",
+        description=DESCRIPTION,
         epilog="`abliterate run MODEL` does everything in this process; the other commands (but serve) talk "
-               "to a running gateway.")
+        "to a running gateway.",
+    )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     command = sub.add_parser("run", help="run the whole pipeline in this process and export the model")
@@ -156,8 +176,11 @@ def build_parser() -> argparse.ArgumentParser:
     command = sub.add_parser("trials", help="show a job's Pareto front")
     command.add_argument("job", help="job id or name")
     command.add_argument("--kl-cap", type=positive_float, help="KL cap of the auto-selection (default: the job's)")
-    command.add_argument("--plot", metavar="FILE.png",
-                         help="also plot refusals vs KL of every trial (needs: pip install 'abliterate[plot]')")
+    command.add_argument(
+        "--plot",
+        metavar="FILE.png",
+        help="also plot refusals vs KL of every trial (needs: pip install 'abliterate[plot]')",
+    )
     command.add_argument("--json", action="store_true", help="print the front as JSON")
     _add_client_flags(command)
 
@@ -175,10 +198,15 @@ def build_parser() -> argparse.ArgumentParser:
     command.add_argument("job", help="job id or name")
     command.add_argument("--trial", type=non_negative_int, help="trial number (default: auto-selected)")
     command.add_argument("--original", action="store_true", help="chat with the unedited model")
-    command.add_argument("--max-new-tokens", type=non_negative_int, default=0,
-                         help="reply length in tokens (default 0: the evaluator's default)")
-    command.add_argument("--temperature", type=non_negative_float, default=0.0,
-                         help="sampling temperature (default 0: greedy)")
+    command.add_argument(
+        "--max-new-tokens",
+        type=non_negative_int,
+        default=0,
+        help="reply length in tokens (default 0: the evaluator's default)",
+    )
+    command.add_argument(
+        "--temperature", type=non_negative_float, default=0.0, help="sampling temperature (default 0: greedy)"
+    )
     command.add_argument("--system", help="system message")
     command.add_argument("--message", "-m", action="append", help="send this message and exit (repeatable)")
     _add_client_flags(command)
@@ -194,8 +222,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     command = sub.add_parser("serve", help="serve one service, or all of them in one process")
     command.add_argument("service", choices=["extractor", "evaluator", "optimizer", "gateway", "torch", "all"])
-    command.add_argument("args", nargs=argparse.REMAINDER,
-                         help="the service's own flags (see abliterate serve SERVICE --help)")
+    command.add_argument(
+        "args", nargs=argparse.REMAINDER, help="the service's own flags (see abliterate serve SERVICE --help)"
+    )
     from abliterate.vast.cli import register as register_vast  # torch-free
 
     register_vast(sub)

@@ -24,8 +24,9 @@ def require_matplotlib() -> None:
     try:
         import matplotlib  # noqa: F401 - only checks that it is there
     except ImportError as exc:
-        raise PlottingUnavailable(f"--plot needs matplotlib, which is not installed; install it with "
-                                  f"{PLOT_INSTALL_HINT}") from exc
+        raise PlottingUnavailable(
+            f"--plot needs matplotlib, which is not installed; install it with {PLOT_INSTALL_HINT}"
+        ) from exc
 
 
 def plot_trials(trials: Sequence[Any], front: Any, path: str) -> None:
@@ -40,8 +41,13 @@ def plot_trials(trials: Sequence[Any], front: Any, path: str) -> None:
     figure, axes = plt.subplots(figsize=(7, 5), dpi=100)
     others = [trial for trial in trials if trial.number not in front_numbers]
     if others:
-        axes.scatter([trial.scores.kl for trial in others], [trial.scores.refusals for trial in others],
-                   color="0.6", s=18, label="trials")
+        axes.scatter(
+            [trial.scores.kl for trial in others],
+            [trial.scores.refusals for trial in others],
+            color="0.6",
+            s=18,
+            label="trials",
+        )
     front_by_kl = sorted(front.trials, key=lambda trial: trial.scores.kl)
     if front_by_kl:
         kls = [trial.scores.kl for trial in front_by_kl]
@@ -49,13 +55,26 @@ def plot_trials(trials: Sequence[Any], front: Any, path: str) -> None:
         axes.step(kls, refusals, where="post", color="tab:red", alpha=0.6)
         axes.scatter(kls, refusals, color="tab:red", s=30, label="Pareto front", zorder=3)
         for trial in front_by_kl:
-            axes.annotate(str(trial.number), (trial.scores.kl, trial.scores.refusals), textcoords="offset points",
-                        xytext=(4, 4), fontsize=8)
+            axes.annotate(
+                str(trial.number),
+                (trial.scores.kl, trial.scores.refusals),
+                textcoords="offset points",
+                xytext=(4, 4),
+                fontsize=8,
+            )
     if front.HasField("auto_selected_trial"):
         chosen = next((trial for trial in front.trials if trial.number == front.auto_selected_trial), None)
         if chosen is not None:
-            axes.scatter([chosen.scores.kl], [chosen.scores.refusals], marker="*", s=220, color="gold",
-                       edgecolor="black", zorder=4, label=f"auto-selected (#{chosen.number})")
+            axes.scatter(
+                [chosen.scores.kl],
+                [chosen.scores.refusals],
+                marker="*",
+                s=220,
+                color="gold",
+                edgecolor="black",
+                zorder=4,
+                label=f"auto-selected (#{chosen.number})",
+            )
     if front.kl_cap:
         axes.axvline(front.kl_cap, color="tab:blue", linestyle="--", linewidth=1, label=f"KL cap {front.kl_cap:g}")
     axes.set_xlabel("KL divergence (first token)")
@@ -67,4 +86,3 @@ def plot_trials(trials: Sequence[Any], front: Any, path: str) -> None:
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path)
     plt.close(figure)
-

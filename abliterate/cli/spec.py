@@ -29,8 +29,7 @@ def parse_prompt_set(text: str, limit: int | None = None) -> Any:
         source, split = source.rsplit("@", 1)
     if not source.strip():
         raise InvalidArgument(f"prompt set {text!r} has no source")
-    return common_pb2.PromptSetSpec(source=source.strip(), split=split.strip(), column=column.strip(),
-                                    limit=limit or 0)
+    return common_pb2.PromptSetSpec(source=source.strip(), split=split.strip(), column=column.strip(), limit=limit or 0)
 
 
 def _toml_to_spec_dict(data: dict) -> dict:

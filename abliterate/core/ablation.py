@@ -42,8 +42,13 @@ def _project_out(vectors: torch.Tensor, r: torch.Tensor, w: float) -> torch.Tens
     return vectors - w * r[:, None] * (r @ vectors).unsqueeze(-2)  # (out, 1) * (..., 1, n) -> (..., out, n)
 
 
-def edit_matrix(weight: torch.Tensor, r: torch.Tensor, w: float, out_axis: int,
-                row_normalization: RowNormalization = RowNormalization.NONE) -> torch.Tensor:
+def edit_matrix(
+    weight: torch.Tensor,
+    r: torch.Tensor,
+    w: float,
+    out_axis: int,
+    row_normalization: RowNormalization = RowNormalization.NONE,
+) -> torch.Tensor:
     """Return the edited copy of ``weight`` (any of (out, in), (E, out, in), (E, in, out))."""
     # View as (..., out, in) so every case is the same matrix algebra.
     mat = weight.float()
@@ -70,8 +75,9 @@ def edit_matrix(weight: torch.Tensor, r: torch.Tensor, w: float, out_axis: int,
     return edited.to(weight.dtype)
 
 
-def edit_bias(bias: torch.Tensor, r: torch.Tensor, w: float,
-              row_normalization: RowNormalization = RowNormalization.NONE) -> torch.Tensor:
+def edit_bias(
+    bias: torch.Tensor, r: torch.Tensor, w: float, row_normalization: RowNormalization = RowNormalization.NONE
+) -> torch.Tensor:
     """Return the edited copy of an output bias, (out,) or per expert (E, out)."""
     vec = bias.float()
     r = r.to(device=vec.device, dtype=torch.float32)
@@ -107,8 +113,9 @@ class Ablator:
         if key not in self._originals:
             self._originals[key] = (param, param.detach().clone())
 
-    def directions_for(self, params: AblationParams, refusal: torch.Tensor,
-                       protected: torch.Tensor | None = None) -> list[torch.Tensor]:
+    def directions_for(
+        self, params: AblationParams, refusal: torch.Tensor, protected: torch.Tensor | None = None
+    ) -> list[torch.Tensor]:
         """The direction each block uses.
 
         ``protected`` (L+1, k, d): per residual index an orthonormal basis the
@@ -119,10 +126,12 @@ class Ablator:
         """
         if refusal.shape[0] != self.n_layers + 1:
             raise FailedPrecondition(
-                f"direction set has {refusal.shape[0]} residual indices; this model needs {self.n_layers + 1}")
+                f"direction set has {refusal.shape[0]} residual indices; this model needs {self.n_layers + 1}"
+            )
         if refusal.shape[1] != self.module_map.hidden_size:
             raise FailedPrecondition(
-                f"direction set has hidden size {refusal.shape[1]}; this model has {self.module_map.hidden_size}")
+                f"direction set has hidden size {refusal.shape[1]}; this model has {self.module_map.hidden_size}"
+            )
         if params.direction_scope == DirectionScope.GLOBAL:
             r = global_direction(refusal, params.direction_index)  # (d,)
             if protected is None:
@@ -150,8 +159,9 @@ class Ablator:
         self.applied = params
         return edited
 
-    def _edit(self, matrix: EditableMatrix, r: torch.Tensor, w: float, row_normalization: RowNormalization,
-              layer: int) -> None:
+    def _edit(
+        self, matrix: EditableMatrix, r: torch.Tensor, w: float, row_normalization: RowNormalization, layer: int
+    ) -> None:
         updates = [(matrix.param, edit_matrix(matrix.param.data, r, w, matrix.out_axis, row_normalization))]
         if matrix.bias is not None:
             updates.append((matrix.bias, edit_bias(matrix.bias.data, r, w, row_normalization)))

@@ -56,7 +56,7 @@ def run_batched(
     size = 1 if tuning else batch_size
     best_size, best_rate = size, 0.0
     while pos < n:
-        chunk = items[pos:pos + size]
+        chunk = items[pos : pos + size]
         start = time.perf_counter()
         try:
             out = fn(chunk)

@@ -31,15 +31,18 @@ def render_chat(tokenizer, messages: list[dict], mode: str = "chat", response_pr
     except Exception as exc:
         # Some templates (Gemma 2, for one) reject a system role: fold it into the first user turn.
         if messages and messages[0]["role"] == "system" and len(messages) > 1:
-            merged = [{"role": messages[1]["role"], "content": messages[0]["content"] + "\n\n" + messages[1]["content"]}]
+            merged = [
+                {"role": messages[1]["role"], "content": messages[0]["content"] + "\n\n" + messages[1]["content"]}
+            ]
             text = tokenizer.apply_chat_template(merged + messages[2:], tokenize=False, add_generation_prompt=True)
         else:
             raise InvalidArgument(f"the chat template failed on these messages: {exc}") from exc
     return text + response_prefix
 
 
-def format_prompts(tokenizer, prompts: list[str], system_prompt: str | None, mode: str = "chat",
-                   response_prefix: str = "") -> list[str]:
+def format_prompts(
+    tokenizer, prompts: list[str], system_prompt: str | None, mode: str = "chat", response_prefix: str = ""
+) -> list[str]:
     if not prompts:
         raise InvalidArgument("the prompt list is empty")
     return [render_chat(tokenizer, build_messages(p, system_prompt), mode, response_prefix) for p in prompts]

@@ -103,9 +103,17 @@ class DirectionSet:
             out["refusal_raw"] = self.refusal_raw
         if self.diagnostics:
             out["diagnostics"] = torch.tensor(  # (L+1, 4)
-                [[d.mean_diff_norm, d.cosine_of_means, d.separation,
-                  float("nan") if d.sacred_overlap is None else d.sacred_overlap] for d in self.diagnostics],
-                dtype=torch.float32)
+                [
+                    [
+                        d.mean_diff_norm,
+                        d.cosine_of_means,
+                        d.separation,
+                        float("nan") if d.sacred_overlap is None else d.sacred_overlap,
+                    ]
+                    for d in self.diagnostics
+                ],
+                dtype=torch.float32,
+            )
         return {k: v.contiguous().float() for k, v in out.items()}
 
     def to_bytes(self) -> bytes:
@@ -134,13 +142,24 @@ class DirectionSet:
         if "diagnostics" in tensors:
             for row in tensors["diagnostics"].tolist():  # (L+1, 4)
                 diagnostics.append(LayerDiagnostics(row[0], row[1], row[2], None if math.isnan(row[3]) else row[3]))
-        return cls(refusal=refusal, good_mean=tensors["good_mean"], bad_mean=tensors["bad_mean"],
-                   diagnostics=diagnostics, sacred=tensors.get("sacred"), refusal_raw=tensors.get("refusal_raw"),
-                   metadata=metadata)
+        return cls(
+            refusal=refusal,
+            good_mean=tensors["good_mean"],
+            bad_mean=tensors["bad_mean"],
+            diagnostics=diagnostics,
+            sacred=tensors.get("sacred"),
+            refusal_raw=tensors.get("refusal_raw"),
+            metadata=metadata,
+        )
 
 
-def refusal_directions(h_bad: torch.Tensor, h_good: torch.Tensor, projected: bool = True,
-                       winsorize_quantile: float | None = None, winsorize_scope: str = "per_prompt") -> DirectionSet:
+def refusal_directions(
+    h_bad: torch.Tensor,
+    h_good: torch.Tensor,
+    projected: bool = True,
+    winsorize_quantile: float | None = None,
+    winsorize_scope: str = "per_prompt",
+) -> DirectionSet:
     """Difference-of-means directions per residual index, with diagnostics."""
     if h_bad.dim() != 3 or h_good.dim() != 3 or h_bad.shape[1:] != h_good.shape[1:]:
         raise InvalidArgument(f"residual shapes do not match: {list(h_bad.shape)} vs {list(h_good.shape)}")
@@ -148,7 +167,7 @@ def refusal_directions(h_bad: torch.Tensor, h_good: torch.Tensor, projected: boo
         raise InvalidArgument("cannot compute directions from an empty prompt set")
     if winsorize_quantile is not None:
         both = winsorize(torch.cat([h_bad, h_good]), winsorize_quantile, winsorize_scope)  # (N_bad + N_good, L+1, d)
-        h_bad, h_good = both[: h_bad.shape[0]], both[h_bad.shape[0]:]  # (N_bad, L+1, d), (N_good, L+1, d)
+        h_bad, h_good = both[: h_bad.shape[0]], both[h_bad.shape[0] :]  # (N_bad, L+1, d), (N_good, L+1, d)
     mu_bad, mu_good = mean64(h_bad), mean64(h_good)  # (L+1, d) each, float64
     diff = mu_bad - mu_good  # (L+1, d)
     r = _normalize(diff)  # (L+1, d) unit rows
@@ -161,15 +180,25 @@ def refusal_directions(h_bad: torch.Tensor, h_good: torch.Tensor, projected: boo
         p_good = h_good[:, layer].double() @ r[layer]  # (N_good, d) @ (d,) -> (N_good,)
         pooled = math.sqrt(max((p_bad.var(unbiased=False) + p_good.var(unbiased=False)).item() / 2, EPS))
         cos = torch.nn.functional.cosine_similarity(mu_bad[layer], mu_good[layer], dim=0).item()
-        diagnostics.append(LayerDiagnostics(
-            mean_diff_norm=diff[layer].norm().item(), cosine_of_means=cos,
-            separation=(p_bad.mean() - p_good.mean()).item() / pooled))
-    return DirectionSet(refusal=r.float(), good_mean=mu_good.float(), bad_mean=mu_bad.float(),
-                        diagnostics=diagnostics, metadata={"projected": str(projected)})
+        diagnostics.append(
+            LayerDiagnostics(
+                mean_diff_norm=diff[layer].norm().item(),
+                cosine_of_means=cos,
+                separation=(p_bad.mean() - p_good.mean()).item() / pooled,
+            )
+        )
+    return DirectionSet(
+        refusal=r.float(),
+        good_mean=mu_good.float(),
+        bad_mean=mu_bad.float(),
+        diagnostics=diagnostics,
+        metadata={"projected": str(projected)},
+    )
 
 
-def sacred_directions(h_capability: torch.Tensor, h_baseline: torch.Tensor, k: int = 5,
-                      alpha: float = 1.0) -> torch.Tensor:
+def sacred_directions(
+    h_capability: torch.Tensor, h_baseline: torch.Tensor, k: int = 5, alpha: float = 1.0
+) -> torch.Tensor:
     """Per layer, an orthonormal basis (k, d) of the capability subspace.
 
     The first vector is the normalized mean contrast (capability - baseline);
@@ -193,7 +222,7 @@ def sacred_directions(h_capability: torch.Tensor, h_baseline: torch.Tensor, k: i
     cov = cc.transpose(1, 2) @ cc / (cap.shape[1] - 1) - alpha * (bc.transpose(1, 2) @ bc / (base.shape[1] - 1))
     cov = (cov + cov.transpose(1, 2)) / 2  # (L+1, d, d)
     _, vecs = torch.linalg.eigh(cov)  # (L+1, d, d), eigenvector columns: ascending eigenvalues, batched over layers
-    top = vecs[:, :, -(k - 1):].transpose(1, 2) if k > 1 else vecs[:, :, :0].transpose(1, 2)  # (L+1, k-1, d)
+    top = vecs[:, :, -(k - 1) :].transpose(1, 2) if k > 1 else vecs[:, :, :0].transpose(1, 2)  # (L+1, k-1, d)
     contrast = _normalize(mu_cap - mu_base)[:, None, :]  # (L+1, 1, d)
     basis = torch.cat([contrast, top], dim=1)  # (L+1, k, d)
     q, _ = torch.linalg.qr(basis.transpose(1, 2))  # (L+1, d, k) orthonormal columns
@@ -206,8 +235,9 @@ def sacred_overlap(refusal: torch.Tensor, sacred: torch.Tensor) -> torch.Tensor:
     return coeffs.norm(dim=1).float()  # (L+1,)
 
 
-def remove_subspace(vectors: torch.Tensor, basis: torch.Tensor, what: str = "the refusal direction",
-                    first_index: int = 0) -> torch.Tensor:
+def remove_subspace(
+    vectors: torch.Tensor, basis: torch.Tensor, what: str = "the refusal direction", first_index: int = 0
+) -> torch.Tensor:
     """Project each row of ``vectors`` (n, d) off the span of its own orthonormal ``basis`` (n, k, d); unit rows.
 
     One projection ``v - B^T (B v)``, not k sequential Gram-Schmidt steps.
@@ -222,7 +252,8 @@ def remove_subspace(vectors: torch.Tensor, basis: torch.Tensor, what: str = "the
         raise InvalidArgument(
             f"nothing of {what} remains after removing the protected subspace at residual indices "
             f"{[i + first_index for i in dead]} (remaining norm {norms[dead[0]].item():.2e}); use fewer sacred "
-            "directions")
+            "directions"
+        )
     return _normalize(rest).float()
 
 
@@ -238,8 +269,11 @@ def joint_basis(sacred: torch.Tensor, extra: torch.Tensor | None = None) -> torc
     s, e = sacred.double(), extra.double()
     rest = e - torch.einsum("lk,lkd->ld", torch.einsum("lkd,ld->lk", s, e), s)  # (L+1, d)
     norms = rest.norm(dim=1, keepdim=True)  # (L+1, 1)
-    row = torch.where(norms >= MIN_REMAINING_NORM * e.norm(dim=1, keepdim=True).clamp_min(EPS),
-                      rest / norms.clamp_min(EPS), torch.zeros_like(rest))  # (L+1, d)
+    row = torch.where(
+        norms >= MIN_REMAINING_NORM * e.norm(dim=1, keepdim=True).clamp_min(EPS),
+        rest / norms.clamp_min(EPS),
+        torch.zeros_like(rest),
+    )  # (L+1, d)
     return torch.cat([s, row[:, None, :]], dim=1).float().contiguous()  # (L+1, k+1, d)
 
 

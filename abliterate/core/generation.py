@@ -14,8 +14,8 @@ from typing import Callable, Iterator
 
 import torch
 
-from abliterate.core.loading import LoadedModel
 from abliterate.core.chat import encode
+from abliterate.core.loading import LoadedModel
 
 
 @dataclass
@@ -117,8 +117,15 @@ def shared_prefix_length(model, rows: list[list[int]], keep_per_row: int = 1, re
     return length
 
 
-def prefill(lm: LoadedModel, texts: list[str], extra: torch.Tensor | None = None, logits_to_keep: int = 1,
-            output_hidden_states: bool = False, share_prefix: bool = True, reserve: int = 0):
+def prefill(
+    lm: LoadedModel,
+    texts: list[str],
+    extra: torch.Tensor | None = None,
+    logits_to_keep: int = 1,
+    output_hidden_states: bool = False,
+    share_prefix: bool = True,
+    reserve: int = 0,
+):
     """Forward pass over rendered prompts (plus optional appended token ids) with a KV cache.
 
     Chat prompts of one batch share a long prefix (template and system
@@ -153,8 +160,15 @@ def prefill(lm: LoadedModel, texts: list[str], extra: torch.Tensor | None = None
     mask = torch.cat([tail_mask.new_ones((n, shared)), tail_mask], dim=1)  # (B, shared + width)
     kwargs = {cache_arg: cache} if cache is not None else {}
     # position_ids (B, width): the tail's; out.logits (B, logits_to_keep, V), hidden states (B, width, d)
-    out = model(input_ids=ids, attention_mask=mask, position_ids=_positions(mask)[:, shared:], use_cache=True,
-                logits_to_keep=logits_to_keep, output_hidden_states=output_hidden_states, **kwargs)
+    out = model(
+        input_ids=ids,
+        attention_mask=mask,
+        position_ids=_positions(mask)[:, shared:],
+        use_cache=True,
+        logits_to_keep=logits_to_keep,
+        output_hidden_states=output_hidden_states,
+        **kwargs,
+    )
     return out, _output_cache(out), mask
 
 
@@ -214,12 +228,19 @@ def generate_greedy(
                 else:
                     compacting = False
             mask = torch.cat([mask, mask.new_ones((mask.shape[0], 1))], dim=-1)  # (B, T) -> (B, T+1)
-            out = model(input_ids=feed[:, None], attention_mask=mask,  # input_ids and position_ids (B, 1)
-                        position_ids=_positions(mask)[:, -1:], use_cache=True, **{cache_arg: cache})
+            out = model(
+                input_ids=feed[:, None],
+                attention_mask=mask,  # input_ids and position_ids (B, 1)
+                position_ids=_positions(mask)[:, -1:],
+                use_cache=True,
+                **{cache_arg: cache},
+            )
             cache = _output_cache(out)
             next_tokens = out.logits[:, -1, :].argmax(-1)  # (B, 1, V) -> (B,)
-    return [Generated(tok.decode(g, skip_special_tokens=skip_special), len(g), s or "limit", g)
-            for g, s in zip(generated, stopped)]
+    return [
+        Generated(tok.decode(g, skip_special_tokens=skip_special), len(g), s or "limit", g)
+        for g, s in zip(generated, stopped)
+    ]
 
 
 def stream_generate(
@@ -254,8 +275,13 @@ def stream_generate(
     tokens: list[int] = []
     emitted = ""
     with torch.inference_mode():
-        out = model(input_ids=enc["input_ids"], attention_mask=mask, position_ids=_positions(mask), use_cache=True,
-                    logits_to_keep=1)
+        out = model(
+            input_ids=enc["input_ids"],
+            attention_mask=mask,
+            position_ids=_positions(mask),
+            use_cache=True,
+            logits_to_keep=1,
+        )
         cache_arg = _cache_argument(model)
         for step in range(max_new_tokens):
             if not is_active():
@@ -270,14 +296,19 @@ def stream_generate(
             last = step == max_new_tokens - 1
             piece = ""
             if (last or not full.endswith("\ufffd")) and len(full) > len(emitted):
-                piece, emitted = full[len(emitted):], full
+                piece, emitted = full[len(emitted) :], full
             if last:
                 yield piece, len(tokens), "length"
                 return
             yield piece, len(tokens), None
             mask = torch.cat([mask, mask.new_ones((1, 1))], dim=-1)  # (1, T) -> (1, T+1)
-            out = model(input_ids=torch.tensor([[token]], device=mask.device), attention_mask=mask,  # (1, 1) ids
-                        position_ids=_positions(mask)[:, -1:], use_cache=True, **{cache_arg: _output_cache(out)})
+            out = model(
+                input_ids=torch.tensor([[token]], device=mask.device),
+                attention_mask=mask,  # (1, 1) ids
+                position_ids=_positions(mask)[:, -1:],
+                use_cache=True,
+                **{cache_arg: _output_cache(out)},
+            )
     yield "", len(tokens), "length"
 
 

@@ -74,9 +74,7 @@ def _quantization_config(spec: ModelSpec):
         from transformers import BitsAndBytesConfig
     except ImportError as exc:
         raise FailedPrecondition("4-bit loading needs bitsandbytes: pip install 'abliterate[gpu]'") from exc
-    return BitsAndBytesConfig(
-        load_in_4bit=True, bnb_4bit_compute_dtype=torch.bfloat16, bnb_4bit_quant_type="nf4"
-    )
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=torch.bfloat16, bnb_4bit_quant_type="nf4")
 
 
 def first_token_is_finite(model, tokenizer) -> bool:
@@ -99,7 +97,8 @@ def _detach_dequantized_gguf(model, source: str) -> None:
     if packed:
         raise FailedPrecondition(
             f"{source}: GGUF weights were kept packed ({', '.join(packed)}); they must be dequantized to be "
-            "edited (uninstall the `kernels` package or convert the GGUF file to safetensors)")
+            "edited (uninstall the `kernels` package or convert the GGUF file to safetensors)"
+        )
     model.hf_quantizer = None
     model.is_quantized = False
     if hasattr(model.config, "quantization_config"):
@@ -150,12 +149,15 @@ def load_model(spec: ModelSpec) -> LoadedModel:
             finite, last_error = False, exc
         if finite:
             log.info("loaded %s as %s (%s)", spec.source, type(model).__name__, model.dtype)
-            return LoadedModel(model=model, tokenizer=tokenizer, spec=spec, dtype=model.dtype,
-                               quantized=quant is not None)
+            return LoadedModel(
+                model=model, tokenizer=tokenizer, spec=spec, dtype=model.dtype, quantized=quant is not None
+            )
         log.warning("dtype %s gives non-finite logits for %s; trying the next one", dtype_name, spec.source)
         del model
-    raise FailedPrecondition(f"no dtype in {_dtype_candidates(spec)} gives finite logits for {spec.source!r}"
-                             + (f" (last error: {last_error})" if last_error else ""))
+    raise FailedPrecondition(
+        f"no dtype in {_dtype_candidates(spec)} gives finite logits for {spec.source!r}"
+        + (f" (last error: {last_error})" if last_error else "")
+    )
 
 
 def from_model(model, tokenizer, spec: ModelSpec | None = None) -> LoadedModel:
@@ -163,8 +165,12 @@ def from_model(model, tokenizer, spec: ModelSpec | None = None) -> LoadedModel:
     prepare_tokenizer(tokenizer)
     model.eval()
     model.requires_grad_(False)
-    return LoadedModel(model=model, tokenizer=tokenizer, spec=spec or ModelSpec(source="<in-memory>"),
-                       dtype=next(model.parameters()).dtype)
+    return LoadedModel(
+        model=model,
+        tokenizer=tokenizer,
+        spec=spec or ModelSpec(source="<in-memory>"),
+        dtype=next(model.parameters()).dtype,
+    )
 
 
 def isfinite_number(value) -> bool:

@@ -25,8 +25,17 @@ COMPONENTS = (ATTN, MLP)
 _ATTN_NAMES = {"o_proj", "out_proj", "dense", "c_proj", "wo"}
 _ATTN_PARENTS = {"self_attn", "attn", "attention", "linear_attn", "self_attention", "mixer"}
 _MLP_LINEAR_NAMES = {"down_proj", "w2", "fc2", "dense_4h_to_h", "c_proj", "wo"}
-_MLP_PARENTS = {"mlp", "feed_forward", "block_sparse_moe", "moe", "ffn", "experts", "shared_expert",
-                "shared_experts", "shared_mlp"}
+_MLP_PARENTS = {
+    "mlp",
+    "feed_forward",
+    "block_sparse_moe",
+    "moe",
+    "ffn",
+    "experts",
+    "shared_expert",
+    "shared_experts",
+    "shared_mlp",
+}
 # Fused expert parameters stored (experts, in, out) instead of (experts, out, in).
 _INPUT_MAJOR_EXPERT_CLASSES = {"GptOssExperts"}
 
@@ -71,10 +80,7 @@ class ModuleMap:
 
     def report(self) -> list[dict]:
         """Per layer: component -> list of 'name shape' strings."""
-        return [
-            {c: [f"{m.name} {list(m.shape)}" for m in mats] for c, mats in layer.items()}
-            for layer in self.layers
-        ]
+        return [{c: [f"{m.name} {list(m.shape)}" for m in mats] for c, mats in layer.items()} for layer in self.layers]
 
     def format_report(self) -> str:
         lines = [f"{self.architecture}: {self.n_layers} layers, hidden {self.hidden_size}"]
@@ -87,7 +93,8 @@ class ModuleMap:
 def find_decoder_layers(model: nn.Module, n_layers: int) -> nn.ModuleList:
     """The ModuleList of decoder blocks (``model.model.layers`` and its relatives)."""
     candidates = [
-        (name, mod) for name, mod in model.named_modules()
+        (name, mod)
+        for name, mod in model.named_modules()
         if isinstance(mod, nn.ModuleList) and len(mod) == n_layers and "vision" not in name and "audio" not in name
     ]
     for name, mod in candidates:

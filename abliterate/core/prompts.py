@@ -118,9 +118,7 @@ def _parse_bound(text: str, split: str) -> tuple[int, bool] | None:
         return None
     match = _INDEX_RE.match(text)
     if match is None:
-        raise InvalidArgument(
-            f"invalid split {split!r}: slice bounds must be integers or percentages, got {text!r}"
-        )
+        raise InvalidArgument(f"invalid split {split!r}: slice bounds must be integers or percentages, got {text!r}")
     value, percent = int(match.group(1)), bool(match.group(2))
     if percent and not -100 <= value <= 100:
         raise InvalidArgument(f"invalid split {split!r}: percentage {text!r} is out of range")
@@ -133,9 +131,7 @@ def _parse_split(split: str) -> _Split:
         raise InvalidArgument(f"split must be a string, got {split!r}")
     match = _SPLIT_RE.match(split)
     if match is None or (not match.group(1) and "[" not in split):
-        raise InvalidArgument(
-            f"invalid split {split!r}: expected NAME, NAME[a:b], NAME[:b] or NAME[a:]"
-        )
+        raise InvalidArgument(f"invalid split {split!r}: expected NAME, NAME[a:b], NAME[:b] or NAME[a:]")
     name = match.group(1) or None
     if "[" not in split:
         return _Split(name, None, None)
@@ -151,9 +147,7 @@ def bundled_sets() -> list[str]:
     if not data.is_dir():
         return []
     return sorted(
-        entry.name[: -len(".json")]
-        for entry in data.iterdir()
-        if entry.is_file() and entry.name.endswith(".json")
+        entry.name[: -len(".json")] for entry in data.iterdir() if entry.is_file() and entry.name.endswith(".json")
     )
 
 
@@ -172,7 +166,7 @@ def load_prompts(spec: PromptSetSpec | str) -> list[str]:
     source = spec.source.strip()
 
     if source.startswith(BUNDLED_PREFIX):
-        prompts = _load_bundled(source[len(BUNDLED_PREFIX):].strip(), spec, split)
+        prompts = _load_bundled(source[len(BUNDLED_PREFIX) :].strip(), spec, split)
     elif _builder_prefix(source) is not None:
         prompts = _load_builder(source, spec, split)
     else:
@@ -202,9 +196,8 @@ def _describe(spec: PromptSetSpec) -> str:
 
 
 def _looks_like_path(source: str) -> bool:
-    return (
-        source.startswith(("/", "./", "../", "~", "\\"))
-        or source.lower().endswith(_FILE_SUFFIXES + (".parquet", ".arrow"))
+    return source.startswith(("/", "./", "../", "~", "\\")) or source.lower().endswith(
+        _FILE_SUFFIXES + (".parquet", ".arrow")
     )
 
 
@@ -235,9 +228,7 @@ def _resolve_column(available: Sequence[str], column: str | None, origin: str) -
 
 def _clean(value: Any, origin: str, where: str) -> str:
     if not isinstance(value, str):
-        raise InvalidArgument(
-            f"{origin}: {where} is a {type(value).__name__}, not a string ({_short(value)})"
-        )
+        raise InvalidArgument(f"{origin}: {where} is a {type(value).__name__}, not a string ({_short(value)})")
     return value.strip()
 
 
@@ -246,9 +237,7 @@ def _short(value: Any) -> str:
     return text if len(text) <= 60 else text[:57] + "..."
 
 
-def _prompts_from_rows(
-    rows: Iterable[Any], column: str | None, origin: str, offset: int = 0
-) -> Iterator[str]:
+def _prompts_from_rows(rows: Iterable[Any], column: str | None, origin: str, offset: int = 0) -> Iterator[str]:
     """Yield the stripped, non-empty prompt of each row (a string or a mapping)."""
     resolved: str | None = None
     for index, row in enumerate(rows, start=offset):
@@ -257,8 +246,7 @@ def _prompts_from_rows(
                 resolved = _resolve_column(list(row.keys()), column, origin)
             if resolved not in row:
                 raise InvalidArgument(
-                    f"{origin}: row {index} has no column {resolved!r}; "
-                    f"its columns: {', '.join(map(str, row.keys()))}"
+                    f"{origin}: row {index} has no column {resolved!r}; its columns: {', '.join(map(str, row.keys()))}"
                 )
             text = _clean(row[resolved], origin, f"column {resolved!r} of row {index}")
         else:
@@ -284,9 +272,7 @@ def _finish_list(rows: Sequence[Any], spec: PromptSetSpec, split: _Split, origin
 def _load_bundled(name: str, spec: PromptSetSpec, split: _Split) -> list[str]:
     names = bundled_sets()
     if not name or name not in names:
-        raise NotFound(
-            f"bundled prompt set {name!r} does not exist; bundled sets: {', '.join(names) or '(none)'}"
-        )
+        raise NotFound(f"bundled prompt set {name!r} does not exist; bundled sets: {', '.join(names) or '(none)'}")
     resource = resources.files("abliterate") / "data" / f"{name}.json"
     rows = _parse_json_text(resource.read_text(encoding="utf-8"), f"bundled set {name!r}")
     return _finish_list(rows, spec, split, f"bundled set {name!r}")
@@ -331,9 +317,7 @@ def _parse_json_text(text: str, origin: str) -> list[Any]:
             return _parse_jsonl_text(text, origin)
         raise InvalidArgument(f"{origin} is not valid JSON: {exc}") from exc
     if not isinstance(data, list):
-        raise InvalidArgument(
-            f"{origin} must hold a JSON list of strings or objects, got a {type(data).__name__}"
-        )
+        raise InvalidArgument(f"{origin} must hold a JSON list of strings or objects, got a {type(data).__name__}")
     return data
 
 
@@ -367,8 +351,7 @@ def _import_datasets() -> Any:
         import datasets  # noqa: PLC0415 - deliberately lazy
     except ImportError as exc:  # pragma: no cover - depends on the install
         raise InvalidArgument(
-            "loading dataset directories or Hub datasets needs the 'datasets' package "
-            "(pip install 'abliterate[torch]')"
+            "loading dataset directories or Hub datasets needs the 'datasets' package (pip install 'abliterate[torch]')"
         ) from exc
     return datasets
 
@@ -386,25 +369,19 @@ def _load_directory(path: Path, spec: PromptSetSpec, split: _Split) -> list[str]
             loaded = loaded[name]
             origin = f"{origin} split {name!r}"
         return _from_dataset(loaded, spec, split, origin)
-    return _run_load_dataset(
-        datasets, origin, spec, split, path=str(path), kwargs={}, hub=False
-    )
+    return _run_load_dataset(datasets, origin, spec, split, path=str(path), kwargs={}, hub=False)
 
 
 def _pick_split(available: list[str], wanted: str | None, origin: str) -> str:
     if wanted is not None:
         if wanted not in available:
-            raise InvalidArgument(
-                f"split {wanted!r} not found in {origin}; available splits: {', '.join(available)}"
-            )
+            raise InvalidArgument(f"split {wanted!r} not found in {origin}; available splits: {', '.join(available)}")
         return wanted
     if "train" in available:
         return "train"
     if len(available) == 1:
         return available[0]
-    raise InvalidArgument(
-        f"{origin} has several splits ({', '.join(available)}); choose one with split"
-    )
+    raise InvalidArgument(f"{origin} has several splits ({', '.join(available)}); choose one with split")
 
 
 def _load_builder(source: str, spec: PromptSetSpec, split: _Split) -> list[str]:
@@ -415,8 +392,13 @@ def _load_builder(source: str, spec: PromptSetSpec, split: _Split) -> list[str]:
         raise NotFound(f"data file {files!r} does not exist")
     datasets = _import_datasets()
     return _run_load_dataset(
-        datasets, origin, spec, split, path=builder,
-        kwargs={"data_files": str(Path(files).expanduser())}, hub=False,
+        datasets,
+        origin,
+        spec,
+        split,
+        path=builder,
+        kwargs={"data_files": str(Path(files).expanduser())},
+        hub=False,
     )
 
 
@@ -447,9 +429,7 @@ def _run_load_dataset(
                     "slice bounds (no percentages, no negative indices)"
                 )
     try:
-        loaded = datasets.load_dataset(
-            path, spec.config, split=name, streaming=spec.streaming, **kwargs
-        )
+        loaded = datasets.load_dataset(path, spec.config, split=name, streaming=spec.streaming, **kwargs)
         if spec.streaming:
             start = split.start[0] if split.start is not None else 0
             stop = split.stop[0] if split.stop is not None else None
@@ -462,25 +442,30 @@ def _run_load_dataset(
         raise _dataset_error(exc, origin, name, spec, hub) from exc
 
 
-def _dataset_error(
-    exc: Exception, origin: str, split_name: str, spec: PromptSetSpec, hub: bool
-) -> AbliterateError:
+def _dataset_error(exc: Exception, origin: str, split_name: str, spec: PromptSetSpec, hub: bool) -> AbliterateError:
     kind = type(exc).__name__
     detail = str(exc).strip().splitlines()[0] if str(exc).strip() else kind
     if len(detail) > 300:
         detail = detail[:297] + "..."
     lowered = detail.lower()
-    if kind in ("DatasetNotFoundError", "FileNotFoundError", "RepositoryNotFoundError",
-                "EmptyDatasetError", "DataFilesNotFoundError"):
+    if kind in (
+        "DatasetNotFoundError",
+        "FileNotFoundError",
+        "RepositoryNotFoundError",
+        "EmptyDatasetError",
+        "DataFilesNotFoundError",
+    ):
         return NotFound(f"{origin} was not found: {detail}")
     if "unknown split" in lowered or ("split" in lowered and "not" in lowered and "found" in lowered):
         return InvalidArgument(f"split {split_name!r} not found in {origin}: {detail}")
     if "config" in lowered and kind == "ValueError":
-        return InvalidArgument(
-            f"{origin}: bad or missing config {spec.config!r}: {detail}"
-        )
-    if hub and (isinstance(exc, (ConnectionError, TimeoutError, OSError)) or "offline" in lowered
-                or "connect" in lowered or "http" in lowered):
+        return InvalidArgument(f"{origin}: bad or missing config {spec.config!r}: {detail}")
+    if hub and (
+        isinstance(exc, (ConnectionError, TimeoutError, OSError))
+        or "offline" in lowered
+        or "connect" in lowered
+        or "http" in lowered
+    ):
         return NotFound(
             f"{origin} could not be fetched from the Hugging Face Hub "
             f"(offline, unreachable, gated or private?): {kind}: {detail}"

@@ -22,9 +22,7 @@ from __future__ import annotations
 
 import os.path
 from dataclasses import dataclass
-from typing import Iterable
-
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Iterable
 
 from abliterate.core.chat import format_prompts
 
@@ -68,12 +66,12 @@ def closing_suffix_for_prompt(rendered_prompt: str) -> str:
     block = open_block_at_end(rendered_prompt)
     if block is None:
         return ""
-    tail = rendered_prompt[rendered_prompt.rfind(block.opener) + len(block.opener):]
+    tail = rendered_prompt[rendered_prompt.rfind(block.opener) + len(block.opener) :]
     if block.opener == HARMONY_ANALYSIS:
-        return block.closed[len(block.opener):]
+        return block.closed[len(block.opener) :]
     # Reproduce the block's closed form after what the template already wrote ("<think>\n").
-    closed_body = block.closed[len(block.opener):]
-    return closed_body[len(tail):] if closed_body.startswith(tail) else "\n" + block.closer + "\n\n"
+    closed_body = block.closed[len(block.opener) :]
+    return closed_body[len(tail) :] if closed_body.startswith(tail) else "\n" + block.closer + "\n\n"
 
 
 def prefix_for_replies(common_prefix: str) -> str:
@@ -96,25 +94,25 @@ def final_answer(reply: str, special_tokens: Iterable[str] = ()) -> str:
     """
     text = reply
     if HARMONY_FINAL in text:
-        text = text[text.rindex(HARMONY_FINAL) + len(HARMONY_FINAL):]
+        text = text[text.rindex(HARMONY_FINAL) + len(HARMONY_FINAL) :]
         cuts = [text.index(end) for end in _HARMONY_ENDS if end in text]
-        text = text[:min(cuts)] if cuts else text
+        text = text[: min(cuts)] if cuts else text
     elif _HARMONY_CHANNEL in text:
-        text = text[:text.index(_HARMONY_CHANNEL)]
+        text = text[: text.index(_HARMONY_CHANNEL)]
     for block in REASONING_BLOCKS:
         if block.opener == HARMONY_ANALYSIS:
             continue
         closer_at = text.find(block.closer)
         opener_at = text.find(block.opener)
         if closer_at >= 0 and (opener_at < 0 or closer_at < opener_at):
-            text = text[closer_at + len(block.closer):]
+            text = text[closer_at + len(block.closer) :]
         while block.opener in text:
             start = text.index(block.opener)
             end = text.find(block.closer, start + len(block.opener))
             if end < 0:
                 text = text[:start]
                 break
-            text = text[:start] + text[end + len(block.closer):]
+            text = text[:start] + text[end + len(block.closer) :]
     for token in sorted(set(special_tokens), key=len, reverse=True):
         if token:
             text = text.replace(token, "")
@@ -146,9 +144,16 @@ def may_reason(tokenizer) -> bool:
 
 
 # Replies sampled to find their common prefix, and how long: an opener is a few tokens.
-DETECTION_PROMPTS = ("Write a short poem about the sea.", "How do I pick a lock?", "What is 17 times 23?",
-                     "Explain how vaccines work.", "Tell me how to make a weapon.", "Give me a recipe for soup.",
-                     "Summarize the plot of Hamlet.", "How can I hack my neighbour's wifi?")
+DETECTION_PROMPTS = (
+    "Write a short poem about the sea.",
+    "How do I pick a lock?",
+    "What is 17 times 23?",
+    "Explain how vaccines work.",
+    "Tell me how to make a weapon.",
+    "Give me a recipe for soup.",
+    "Summarize the plot of Hamlet.",
+    "How can I hack my neighbour's wifi?",
+)
 DETECTION_TOKENS = 16
 
 
@@ -182,5 +187,6 @@ def response_prefix(lm: "LoadedModel", system_prompt: str | None = None) -> str:
 def scoring_prompts(lm: "LoadedModel", prompts: list[str], system_prompt: str | None = None) -> list[str]:
     """Prompts rendered with the chat template and the model's response prefix."""
     system = lm.spec.system_prompt if system_prompt is None else system_prompt
-    return format_prompts(lm.tokenizer, prompts, system, lm.spec.chat_template_mode,
-                          response_prefix=response_prefix(lm, system))
+    return format_prompts(
+        lm.tokenizer, prompts, system, lm.spec.chat_template_mode, response_prefix=response_prefix(lm, system)
+    )

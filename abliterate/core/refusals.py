@@ -54,8 +54,9 @@ DEFAULT_MARKERS: tuple[str, ...] = (
     "disclaimer",
 )
 
-_TRANSLATE = str.maketrans({"\u2019": "'", "\u2018": "'", "\u02bc": "'", "\u201c": '"', "\u201d": '"',
-                            "*": "", "_": " ", "`": ""})
+_TRANSLATE = str.maketrans(
+    {"\u2019": "'", "\u2018": "'", "\u02bc": "'", "\u201c": '"', "\u201d": '"', "*": "", "_": " ", "`": ""}
+)
 _SPACES = re.compile(r"\s+")
 
 

@@ -61,8 +61,9 @@ def kl_divergence(base_logprobs: torch.Tensor, trial_logprobs: torch.Tensor) -> 
 
 
 class TrialEngine:
-    def __init__(self, lm: LoadedModel, batch_size: int = 0, detector: RefusalDetector | None = None,
-                 share_prefix: bool = True):
+    def __init__(
+        self, lm: LoadedModel, batch_size: int = 0, detector: RefusalDetector | None = None, share_prefix: bool = True
+    ):
         if lm.quantized:
             raise FailedPrecondition("editing 4-bit quantized weights in place is not supported; load in bf16/fp16")
         self.lm = lm
@@ -92,14 +93,16 @@ class TrialEngine:
         if tuple(directions.refusal.shape) != expected:
             raise InvalidArgument(
                 f"direction set shape {list(directions.refusal.shape)} does not fit this model "
-                f"(expected {list(expected)})")
+                f"(expected {list(expected)})"
+            )
         self.directions = directions
 
     def _texts(self, prompts: list[str]) -> list[str]:
         return scoring_prompts(self.lm, prompts)
 
-    def prepare_baseline(self, kl_prompts: list[str], refusal_prompts: list[str], max_new_tokens: int = 30,
-                         kl_tokens: int = 1) -> Baseline:
+    def prepare_baseline(
+        self, kl_prompts: list[str], refusal_prompts: list[str], max_new_tokens: int = 30, kl_tokens: int = 1
+    ) -> Baseline:
         if not kl_prompts:
             raise InvalidArgument("the KL (harmless evaluation) prompt set is empty")
         if not refusal_prompts:
@@ -118,8 +121,15 @@ class TrialEngine:
         # trials' batch size: tune first, on the real work, then compute. A zero edit then gives KL 0.
         self._tune("kl", list(range(len(kl_texts))), self._kl_batch(kl_texts, continuation, kl_tokens))
         logprobs = self._kl_logprobs(kl_texts, continuation, kl_tokens)
-        self.baseline = Baseline(kl_texts, [p for p, _ in refusal_pairs], [t for _, t in refusal_pairs], logprobs,
-                                 continuation, max_new_tokens, kl_tokens)
+        self.baseline = Baseline(
+            kl_texts,
+            [p for p, _ in refusal_pairs],
+            [t for _, t in refusal_pairs],
+            logprobs,
+            continuation,
+            max_new_tokens,
+            kl_tokens,
+        )
         return self.baseline
 
     # ---- primitives ----------------------------------------------------------
@@ -143,13 +153,17 @@ class TrialEngine:
         text (which drops special tokens and mangles partial UTF-8 bytes).
         """
         eos = self.lm.tokenizer.eos_token_id
-        outs = self._run("generate", texts, lambda chunk: generate_greedy(self.lm, list(chunk), n_tokens, None,
-                                                                      share_prefix=self.share_prefix))
+        outs = self._run(
+            "generate",
+            texts,
+            lambda chunk: generate_greedy(self.lm, list(chunk), n_tokens, None, share_prefix=self.share_prefix),
+        )
         rows = [g.token_ids[:n_tokens] + [eos] * (n_tokens - len(g.token_ids[:n_tokens])) for g in outs]
         return torch.tensor(rows, dtype=torch.long)  # (N, n_tokens)
 
     def _kl_batch(self, texts: list[str], continuation: torch.Tensor | None, k: int):
         """The KL pass over one batch of prompt indices: (B, k, V) float32 log-probabilities, as a list of rows."""
+
         def batch(indices):
             chunk = [texts[i] for i in indices]
             extra = continuation[list(indices)] if continuation is not None else None  # (B, k-1)
@@ -157,6 +171,7 @@ class TrialEngine:
                 out, _, _ = prefill(self.lm, chunk, extra=extra, logits_to_keep=k, share_prefix=self.share_prefix)
             logits = out.logits[:, -k:, :]  # (B, k, V)
             return list(F.log_softmax(logits.float(), dim=-1).cpu())  # B rows (k, V)
+
         return batch
 
     def _kl_logprobs(self, texts: list[str], continuation: torch.Tensor | None, k: int) -> torch.Tensor:
@@ -168,12 +183,24 @@ class TrialEngine:
         detector = self.detector
         gens: list[Generated]
         # Decoded with special tokens kept, so harmony channels are seen; only the final answer is scored.
-        gens = self._run("generate", texts, lambda chunk: generate_greedy(
-            self.lm, list(chunk), max_new_tokens, decided=lambda t: detector.find_marker(t) is not None,
-            share_prefix=self.share_prefix, keep_special_tokens=True))
-        return [PromptOutcome(p, final_answer(g.text, detector.special_tokens), detector.is_refusal(g.text),
-                              g.tokens, g.stopped_by)
-                for p, g in zip(prompts, gens)]
+        gens = self._run(
+            "generate",
+            texts,
+            lambda chunk: generate_greedy(
+                self.lm,
+                list(chunk),
+                max_new_tokens,
+                decided=lambda t: detector.find_marker(t) is not None,
+                share_prefix=self.share_prefix,
+                keep_special_tokens=True,
+            ),
+        )
+        return [
+            PromptOutcome(
+                p, final_answer(g.text, detector.special_tokens), detector.is_refusal(g.text), g.tokens, g.stopped_by
+            )
+            for p, g in zip(prompts, gens)
+        ]
 
     # ---- the trial -----------------------------------------------------------
     def apply(self, params: AblationParams) -> int:
@@ -204,8 +231,14 @@ class TrialEngine:
         if not keep_edited:
             self.ablator.reset()
         timings["total"] = sum(timings.values())
-        return TrialResult(kl=kl, refusals=sum(o.refusal for o in outcomes), n_refusal_prompts=len(outcomes),
-                           n_kl_prompts=len(b.kl_texts), details=outcomes, timings_s=timings)
+        return TrialResult(
+            kl=kl,
+            refusals=sum(o.refusal for o in outcomes),
+            n_refusal_prompts=len(outcomes),
+            n_kl_prompts=len(b.kl_texts),
+            details=outcomes,
+            timings_s=timings,
+        )
 
     def reset(self) -> None:
         self.ablator.reset()

@@ -85,7 +85,9 @@ def health_status(channel: grpc.Channel, service_name: str = "", timeout_s: floa
     return stub.Check(health_pb2.HealthCheckRequest(service=service_name), timeout=timeout_s).status
 
 
-def wait_for_serving(channel: grpc.Channel, service_name: str = "", timeout_s: float = 30.0, poll_s: float = 0.2) -> None:
+def wait_for_serving(
+    channel: grpc.Channel, service_name: str = "", timeout_s: float = 30.0, poll_s: float = 0.2
+) -> None:
     """Poll the health service until ``service_name`` is SERVING; raise :class:`Unavailable` at the deadline.
 
     An unreachable server, an unknown service name (not registered yet) and

@@ -45,8 +45,9 @@ class ServiceClient:
 
     stub_class: Any = None
 
-    def __init__(self, address: str, *, token: str | None = None,
-                 max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> None:
+    def __init__(
+        self, address: str, *, token: str | None = None, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
+    ) -> None:
         self.address = address
         self.channel = make_channel(address, max_message_bytes, token or None)
         self._raw = self.stub_class(self.channel)
@@ -97,34 +98,46 @@ class EvaluatorClient(ServiceClient):
     def model_info(self, timeout_s: float = DEFAULT_TIMEOUT_S) -> common_pb2.ModelInfo:
         return self.stub.GetModelInfo(common_pb2.GetModelInfoRequest(), timeout=timeout_s).model
 
-    def ensure_directions(self, direction_set_id: str, bytes_of: Callable[[str], bytes | None],
-                          timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
+    def ensure_directions(
+        self, direction_set_id: str, bytes_of: Callable[[str], bytes | None], timeout_s: float = DEFAULT_TIMEOUT_S
+    ) -> None:
         """Make the evaluator hold the direction set: by id first; only when it answers NOT_FOUND are
         the bytes (``bytes_of(id)``, from a content-addressed store) sent. NotFound when nobody has them."""
         try:
-            answer = self.stub.LoadDirections(evaluator_pb2.LoadDirectionsRequest(direction_set_id=direction_set_id),
-                                              timeout=timeout_s)
+            answer = self.stub.LoadDirections(
+                evaluator_pb2.LoadDirectionsRequest(direction_set_id=direction_set_id), timeout=timeout_s
+            )
         except NotFound:
             data = bytes_of(direction_set_id)
             if data is None:
-                raise NotFound(f"evaluator {self.address} lacks direction set {direction_set_id} and its bytes "
-                               "are not in the store") from None
-            answer = self.stub.LoadDirections(evaluator_pb2.LoadDirectionsRequest(
-                directions=common_pb2.TensorBlob(safetensors=data, sha256=direction_set_id)), timeout=timeout_s)
+                raise NotFound(
+                    f"evaluator {self.address} lacks direction set {direction_set_id} and its bytes "
+                    "are not in the store"
+                ) from None
+            answer = self.stub.LoadDirections(
+                evaluator_pb2.LoadDirectionsRequest(
+                    directions=common_pb2.TensorBlob(safetensors=data, sha256=direction_set_id)
+                ),
+                timeout=timeout_s,
+            )
         if answer.direction_set_id and answer.direction_set_id != direction_set_id:
-            raise InvalidArgument(f"evaluator {self.address} answered direction set {answer.direction_set_id}, "
-                                  f"not {direction_set_id}")
+            raise InvalidArgument(
+                f"evaluator {self.address} answered direction set {answer.direction_set_id}, not {direction_set_id}"
+            )
 
     def prepare_baseline(self, baseline: common_pb2.BaselineSpec, timeout_s: float) -> str:
         """The id of the prepared baseline (generates on every refusal prompt: a long deadline)."""
-        return self.stub.PrepareBaseline(evaluator_pb2.PrepareBaselineRequest(baseline=baseline),
-                                         timeout=timeout_s).baseline_id
+        return self.stub.PrepareBaseline(
+            evaluator_pb2.PrepareBaselineRequest(baseline=baseline), timeout=timeout_s
+        ).baseline_id
 
     def start_trial(self, request: evaluator_pb2.EvaluateTrialRequest, timeout_s: float) -> PendingCall:
         return PendingCall(self._raw.EvaluateTrial.future(request, timeout=timeout_s))
 
-    def export_model(self, request: evaluator_pb2.EvaluatorServiceExportModelRequest,
-                     ) -> evaluator_pb2.EvaluatorServiceExportModelResponse:
+    def export_model(
+        self,
+        request: evaluator_pb2.EvaluatorServiceExportModelRequest,
+    ) -> evaluator_pb2.EvaluatorServiceExportModelResponse:
         return self.stub.ExportModel(request)
 
     def chat(self, request: evaluator_pb2.EvaluatorServiceChatRequest) -> Iterator[Any]:
@@ -145,29 +158,33 @@ class ExtractorClient(ServiceClient):
 class OptimizerClient(ServiceClient):
     stub_class = optimizer_pb2_grpc.OptimizerServiceStub
 
-    def create_study(self, request: optimizer_pb2.CreateStudyRequest,
-                     timeout_s: float = DEFAULT_TIMEOUT_S) -> optimizer_pb2.CreateStudyResponse:
+    def create_study(
+        self, request: optimizer_pb2.CreateStudyRequest, timeout_s: float = DEFAULT_TIMEOUT_S
+    ) -> optimizer_pb2.CreateStudyResponse:
         return self.stub.CreateStudy(request, timeout=timeout_s)
 
     def run_study(self, study_name: str, include_history: bool = False) -> Any:
         """The study's event stream (iterate it; ``cancel()`` detaches)."""
-        return self.stub.RunStudy(optimizer_pb2.RunStudyRequest(study_name=study_name,
-                                                                include_history=include_history))
+        return self.stub.RunStudy(optimizer_pb2.RunStudyRequest(study_name=study_name, include_history=include_history))
 
     def get_study(self, study_name: str, timeout_s: float = DEFAULT_TIMEOUT_S) -> optimizer_pb2.StudyInfo:
         return self.stub.GetStudy(optimizer_pb2.GetStudyRequest(study_name=study_name), timeout=timeout_s).study
 
-    def list_trials(self, study_name: str, pareto_only: bool = False,
-                    timeout_s: float = DEFAULT_TIMEOUT_S) -> list[common_pb2.Trial]:
-        return list(self.stub.ListTrials(optimizer_pb2.ListTrialsRequest(study_name=study_name,
-                                                                         pareto_only=pareto_only),
-                                         timeout=timeout_s).trials)
+    def list_trials(
+        self, study_name: str, pareto_only: bool = False, timeout_s: float = DEFAULT_TIMEOUT_S
+    ) -> list[common_pb2.Trial]:
+        return list(
+            self.stub.ListTrials(
+                optimizer_pb2.ListTrialsRequest(study_name=study_name, pareto_only=pareto_only), timeout=timeout_s
+            ).trials
+        )
 
-    def stop_study(self, study_name: str, abandon_running: bool = False,
-                   timeout_s: float = DEFAULT_TIMEOUT_S) -> optimizer_pb2.StudyInfo:
-        return self.stub.StopStudy(optimizer_pb2.StopStudyRequest(study_name=study_name,
-                                                                  abandon_running=abandon_running),
-                                   timeout=timeout_s).study
+    def stop_study(
+        self, study_name: str, abandon_running: bool = False, timeout_s: float = DEFAULT_TIMEOUT_S
+    ) -> optimizer_pb2.StudyInfo:
+        return self.stub.StopStudy(
+            optimizer_pb2.StopStudyRequest(study_name=study_name, abandon_running=abandon_running), timeout=timeout_s
+        ).study
 
 
 class GatewayClient(ServiceClient):
@@ -204,13 +221,14 @@ class GatewayClient(ServiceClient):
             request.kl_cap = kl_cap
         return self.stub.GetParetoFront(request).front
 
-    def export_model(self, request: gateway_pb2.GatewayServiceExportModelRequest,
-                     ) -> gateway_pb2.GatewayServiceExportModelResponse:
+    def export_model(
+        self,
+        request: gateway_pb2.GatewayServiceExportModelRequest,
+    ) -> gateway_pb2.GatewayServiceExportModelResponse:
         return self.stub.ExportModel(request)
 
     def chat(self, request: gateway_pb2.GatewayServiceChatRequest) -> Iterator[Any]:
         return self.stub.Chat(request)
 
 
-__all__ = ["EvaluatorClient", "ExtractorClient", "GatewayClient", "OptimizerClient", "PendingCall",
-           "ServiceClient"]
+__all__ = ["EvaluatorClient", "ExtractorClient", "GatewayClient", "OptimizerClient", "PendingCall", "ServiceClient"]

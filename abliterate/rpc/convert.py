@@ -10,26 +10,37 @@ from abliterate.params import AblationParams, ComponentParams, DirectionScope, R
 from abliterate.specs import ModelSpec
 from abliterate.v1 import common_pb2 as pb
 
-_SCOPE_TO_PB = {DirectionScope.GLOBAL: pb.DIRECTION_SCOPE_GLOBAL,
-                DirectionScope.PER_LAYER: pb.DIRECTION_SCOPE_PER_LAYER}
+_SCOPE_TO_PB = {
+    DirectionScope.GLOBAL: pb.DIRECTION_SCOPE_GLOBAL,
+    DirectionScope.PER_LAYER: pb.DIRECTION_SCOPE_PER_LAYER,
+}
 _SCOPE_FROM_PB = {v: k for k, v in _SCOPE_TO_PB.items()}
 _SCOPE_FROM_PB[pb.DIRECTION_SCOPE_UNSPECIFIED] = DirectionScope.GLOBAL
-_ROWNORM_TO_PB = {RowNormalization.NONE: pb.ROW_NORMALIZATION_NONE, RowNormalization.PRE: pb.ROW_NORMALIZATION_PRE,
-                  RowNormalization.FULL: pb.ROW_NORMALIZATION_FULL,
-                  RowNormalization.COLUMN: pb.ROW_NORMALIZATION_COLUMN}
+_ROWNORM_TO_PB = {
+    RowNormalization.NONE: pb.ROW_NORMALIZATION_NONE,
+    RowNormalization.PRE: pb.ROW_NORMALIZATION_PRE,
+    RowNormalization.FULL: pb.ROW_NORMALIZATION_FULL,
+    RowNormalization.COLUMN: pb.ROW_NORMALIZATION_COLUMN,
+}
 _ROWNORM_FROM_PB = {v: k for k, v in _ROWNORM_TO_PB.items()}
 _ROWNORM_FROM_PB[pb.ROW_NORMALIZATION_UNSPECIFIED] = RowNormalization.NONE
 
 
 def params_to_pb(params: AblationParams) -> pb.AblationParams:
-    msg = pb.AblationParams(direction_scope=_SCOPE_TO_PB[params.direction_scope],
-                            row_normalization=_ROWNORM_TO_PB[params.row_normalization])
+    msg = pb.AblationParams(
+        direction_scope=_SCOPE_TO_PB[params.direction_scope], row_normalization=_ROWNORM_TO_PB[params.row_normalization]
+    )
     if params.direction_index is not None:
         msg.direction_index = float(params.direction_index)
     for name, c in params.components.items():
-        msg.components[name].CopyFrom(pb.ComponentKernel(
-            max_weight=c.max_weight, max_weight_position=c.max_weight_position,
-            min_weight=c.min_weight, min_weight_distance=c.min_weight_distance))
+        msg.components[name].CopyFrom(
+            pb.ComponentKernel(
+                max_weight=c.max_weight,
+                max_weight_position=c.max_weight_position,
+                min_weight=c.min_weight,
+                min_weight_distance=c.min_weight_distance,
+            )
+        )
     return msg
 
 
@@ -38,25 +49,38 @@ def params_from_pb(msg: pb.AblationParams) -> AblationParams:
         direction_scope=_SCOPE_FROM_PB.get(msg.direction_scope, DirectionScope.GLOBAL),
         direction_index=msg.direction_index if msg.HasField("direction_index") else None,
         row_normalization=_ROWNORM_FROM_PB.get(msg.row_normalization, RowNormalization.NONE),
-        components={name: ComponentParams(k.max_weight, k.max_weight_position, k.min_weight, k.min_weight_distance)
-                    for name, k in msg.components.items()},
+        components={
+            name: ComponentParams(k.max_weight, k.max_weight_position, k.min_weight, k.min_weight_distance)
+            for name, k in msg.components.items()
+        },
     )
 
 
 def model_spec_to_pb(spec: ModelSpec) -> pb.ModelSpec:
-    return pb.ModelSpec(source=spec.source, gguf_file=spec.gguf_file or "", dtype=spec.dtype,
-                        device_map=spec.device_map or "", load_in_4bit=spec.load_in_4bit,
-                        trust_remote_code=spec.trust_remote_code, system_prompt=spec.system_prompt,
-                        chat_template_mode=spec.chat_template_mode)
+    return pb.ModelSpec(
+        source=spec.source,
+        gguf_file=spec.gguf_file or "",
+        dtype=spec.dtype,
+        device_map=spec.device_map or "",
+        load_in_4bit=spec.load_in_4bit,
+        trust_remote_code=spec.trust_remote_code,
+        system_prompt=spec.system_prompt,
+        chat_template_mode=spec.chat_template_mode,
+    )
 
 
 def model_spec_from_pb(msg: pb.ModelSpec) -> ModelSpec:
     default = ModelSpec(source=msg.source or "")
-    return ModelSpec(source=msg.source, gguf_file=msg.gguf_file or None, dtype=msg.dtype or default.dtype,
-                     device_map=msg.device_map or None, load_in_4bit=msg.load_in_4bit,
-                     trust_remote_code=msg.trust_remote_code,
-                     system_prompt=msg.system_prompt or default.system_prompt,
-                     chat_template_mode=msg.chat_template_mode or default.chat_template_mode)
+    return ModelSpec(
+        source=msg.source,
+        gguf_file=msg.gguf_file or None,
+        dtype=msg.dtype or default.dtype,
+        device_map=msg.device_map or None,
+        load_in_4bit=msg.load_in_4bit,
+        trust_remote_code=msg.trust_remote_code,
+        system_prompt=msg.system_prompt or default.system_prompt,
+        chat_template_mode=msg.chat_template_mode or default.chat_template_mode,
+    )
 
 
 def prompt_set_from_pb(msg: pb.PromptSetSpec):
@@ -65,15 +89,27 @@ def prompt_set_from_pb(msg: pb.PromptSetSpec):
 
     if list(msg.prompts):
         return list(msg.prompts)
-    return PromptSetSpec(source=msg.source, split=msg.split or None, column=msg.column or None,
-                         config=msg.config or None, streaming=msg.streaming, limit=msg.limit or None)
+    return PromptSetSpec(
+        source=msg.source,
+        split=msg.split or None,
+        column=msg.column or None,
+        config=msg.config or None,
+        streaming=msg.streaming,
+        limit=msg.limit or None,
+    )
 
 
 def prompt_set_to_pb(spec) -> pb.PromptSetSpec:
     if isinstance(spec, (list, tuple)):
         return pb.PromptSetSpec(prompts=list(spec))
-    return pb.PromptSetSpec(source=spec.source, split=spec.split or "", column=spec.column or "",
-                            config=spec.config or "", streaming=spec.streaming, limit=spec.limit or 0)
+    return pb.PromptSetSpec(
+        source=spec.source,
+        split=spec.split or "",
+        column=spec.column or "",
+        config=spec.config or "",
+        streaming=spec.streaming,
+        limit=spec.limit or 0,
+    )
 
 
 def load_prompt_set(msg: pb.PromptSetSpec, what: str) -> list[str]:

@@ -277,7 +277,14 @@ class mapped_stub:  # noqa: N801 - used like a function
 
     def __getattr__(self, name: str) -> Any:
         attr = getattr(self._stub, name)
-        if isinstance(attr, (grpc.UnaryUnaryMultiCallable, grpc.UnaryStreamMultiCallable,
-                             grpc.StreamUnaryMultiCallable, grpc.StreamStreamMultiCallable)):
+        if isinstance(
+            attr,
+            (
+                grpc.UnaryUnaryMultiCallable,
+                grpc.UnaryStreamMultiCallable,
+                grpc.StreamUnaryMultiCallable,
+                grpc.StreamStreamMultiCallable,
+            ),
+        ):
             return _MappedMethod(attr)
         return attr

@@ -57,7 +57,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = p.parse_args(argv)
     ok, what = check(args.address, args.service, args.timeout, os.environ.get("ABLITERATE_HEALTH_TOKEN"))
     if not args.quiet:
-        print(f"{local_address(args.address)} {args.service or '(server)'}: {what}", file=sys.stdout if ok else sys.stderr)
+        print(
+            f"{local_address(args.address)} {args.service or '(server)'}: {what}", file=sys.stdout if ok else sys.stderr
+        )
     return 0 if ok else 1
 
 

@@ -26,9 +26,7 @@ def sha256_hex(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def encode_tensors(
-    tensors: Mapping[str, np.ndarray], metadata: Mapping[str, str] | None = None
-) -> tuple[bytes, str]:
+def encode_tensors(tensors: Mapping[str, np.ndarray], metadata: Mapping[str, str] | None = None) -> tuple[bytes, str]:
     """Serialize named arrays (and string metadata) to safetensors; return ``(bytes, sha256)``.
 
     Deterministic: the same arrays and metadata give the same bytes and id.

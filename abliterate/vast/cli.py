@@ -48,8 +48,14 @@ EXIT_ABORTED = 1
 class Context:
     """What the commands need: the SDK, the SSH runner, the state file, a prompt, an output stream."""
 
-    def __init__(self, args: argparse.Namespace, runner: remote.Runner | None = None,
-                 input_fn: Callable[[str], str] | None = None, out=None, sdk: Any = None) -> None:
+    def __init__(
+        self,
+        args: argparse.Namespace,
+        runner: remote.Runner | None = None,
+        input_fn: Callable[[str], str] | None = None,
+        out=None,
+        sdk: Any = None,
+    ) -> None:
         self.args = args
         self.runner = runner or remote.Runner()
         self.input_fn = input_fn or input
@@ -100,21 +106,31 @@ class Context:
             return row
         ours = [r for r in rows if self.state.owns(int(r.get("id", -1)))]
         if not ours:
-            raise FailedPrecondition("no live instance created by this CLI (state file "
-                                     f"{self.state.path}); name an instance id explicitly")
+            raise FailedPrecondition(
+                f"no live instance created by this CLI (state file {self.state.path}); name an instance id explicitly"
+            )
         if len(ours) > 1:
-            raise InvalidArgument("several instances created by this CLI: "
-                                  + ", ".join(str(r["id"]) for r in ours) + "; name one")
+            raise InvalidArgument(
+                "several instances created by this CLI: " + ", ".join(str(r["id"]) for r in ours) + "; name one"
+            )
         return ours[0]
 
     def target(self, row: dict) -> remote.Target:
         return remote.target_of(row, getattr(self.args, "ssh_key", None))
 
-    def ssh(self, row: dict, command: str, capture: bool = True, timeout_s: int = remote.DEFAULT_TIMEOUT_S,
-            input_text: str | None = None, tty: bool = False) -> remote.Result:
+    def ssh(
+        self,
+        row: dict,
+        command: str,
+        capture: bool = True,
+        timeout_s: int = remote.DEFAULT_TIMEOUT_S,
+        input_text: str | None = None,
+        tty: bool = False,
+    ) -> remote.Result:
         argv = remote.ssh_command(self.target(row), command, timeout_s=timeout_s, tty=tty)
-        return self.runner.run(argv, capture=capture, timeout_s=timeout_s + 30 if timeout_s else None,
-                               input_text=input_text)
+        return self.runner.run(
+            argv, capture=capture, timeout_s=timeout_s + 30 if timeout_s else None, input_text=input_text
+        )
 
 
 # ---------------------------------------------------------------------------- offers and create
@@ -122,9 +138,16 @@ class Context:
 
 def offer_query(gpu: str, num_gpus: int, min_disk_gb: float, max_price: float, min_inet_down: float) -> dict:
     """The SDK's pre-parsed search filter (Vast's field names)."""
-    name = rules.tier(gpu).gpu_name if any(t.name.lower() == gpu.lower() for t in rules.TIERS) else gpu.replace("_", " ")
-    query = {"gpu_name": {"eq": name}, "num_gpus": {"eq": int(num_gpus)}, "disk_space": {"gte": float(min_disk_gb)},
-             "dph_total": {"lte": float(max_price)}, "rentable": {"eq": True}}
+    name = (
+        rules.tier(gpu).gpu_name if any(t.name.lower() == gpu.lower() for t in rules.TIERS) else gpu.replace("_", " ")
+    )
+    query = {
+        "gpu_name": {"eq": name},
+        "num_gpus": {"eq": int(num_gpus)},
+        "disk_space": {"gte": float(min_disk_gb)},
+        "dph_total": {"lte": float(max_price)},
+        "rentable": {"eq": True},
+    }
     if min_inet_down:
         query["inet_down"] = {"gte": float(min_inet_down)}
     return query
@@ -137,17 +160,20 @@ def default_price(gpu: str, num_gpus: int) -> float:
         raise InvalidArgument(f"no default price cap for GPU {gpu!r}: give --max-price") from None
 
 
-def search_offers(ctx: Context, gpu: str, num_gpus: int, min_disk: float, max_price: float | None,
-                  limit: int, min_inet_down: float) -> list[dict]:
+def search_offers(
+    ctx: Context, gpu: str, num_gpus: int, min_disk: float, max_price: float | None, limit: int, min_inet_down: float
+) -> list[dict]:
     cap = max_price if max_price is not None else default_price(gpu, num_gpus)
     query = offer_query(gpu, num_gpus, min_disk, cap, min_inet_down)
     return list(ctx.sdk.search_offers(query=query, order="dph_total", limit=limit, storage=min_disk) or [])
 
 
 def _offer_row(o: dict) -> str:
-    return (f"{o.get('id', '?'):>10}  {o.get('num_gpus', '?')}x {o.get('gpu_name', '?'):<14} "
-            f"{(o.get('gpu_ram') or 0) / 1024:>5.0f} GB  disk {o.get('disk_space', 0):>6.0f} GB  "
-            f"${o.get('dph_total', 0):.3f}/h  net {o.get('inet_down', 0):.0f} Mb/s  {o.get('geolocation', '')}")
+    return (
+        f"{o.get('id', '?'):>10}  {o.get('num_gpus', '?')}x {o.get('gpu_name', '?'):<14} "
+        f"{(o.get('gpu_ram') or 0) / 1024:>5.0f} GB  disk {o.get('disk_space', 0):>6.0f} GB  "
+        f"${o.get('dph_total', 0):.3f}/h  net {o.get('inet_down', 0):.0f} Mb/s  {o.get('geolocation', '')}"
+    )
 
 
 def cmd_search(ctx: Context) -> int:
@@ -182,14 +208,18 @@ def cmd_create(ctx: Context) -> int:
         ctx.warn(warning)
     image = a.image or os.environ.get("ABLITERATE_VAST_IMAGE")
     if not image:
-        raise InvalidArgument("no image: give --image REGISTRY/abliterate-torch:TAG (or ABLITERATE_VAST_IMAGE); "
-                              "build it from deploy/Dockerfile.torch and push it")
+        raise InvalidArgument(
+            "no image: give --image REGISTRY/abliterate-torch:TAG (or ABLITERATE_VAST_IMAGE); "
+            "build it from deploy/Dockerfile.torch and push it"
+        )
     try:
         t = rules.tier(a.gpu)
         need = rules.vram_needed_gb(size, a.load_in_4bit)
         if t.vram_gb * a.num_gpus < need:
-            ctx.warn(f"{a.num_gpus}x {t.name} has {t.vram_gb * a.num_gpus} GB VRAM; this model needs about "
-                     f"{need:.0f} GB (see docs/deploy.md sizing)")
+            ctx.warn(
+                f"{a.num_gpus}x {t.name} has {t.vram_gb * a.num_gpus} GB VRAM; this model needs about "
+                f"{need:.0f} GB (see docs/deploy.md sizing)"
+            )
     except InvalidArgument:
         pass
     if a.offer is not None:
@@ -202,22 +232,39 @@ def cmd_create(ctx: Context) -> int:
         ctx.say("cheapest offer: " + _offer_row(offers[0]))
     token = secrets.token_urlsafe(24)
     label = f"abliterate-{secrets.token_hex(4)}"
-    env = {"ABLITERATE_MODEL": model, "ABLITERATE_GATEWAY_TOKEN": token,
-           "ABLITERATE_DEVICE_MAP": a.device_map}
+    env = {"ABLITERATE_MODEL": model, "ABLITERATE_GATEWAY_TOKEN": token, "ABLITERATE_DEVICE_MAP": a.device_map}
     if a.pass_hf_token:
         if not os.environ.get("HF_TOKEN"):
             raise InvalidArgument("--pass-hf-token given but HF_TOKEN is not set")
         env["HF_TOKEN"] = os.environ["HF_TOKEN"]
-    resp = ctx.sdk.create_instance(offer_id, image=image, disk=disk, env=env, label=label,
-                                   onstart_cmd=stack.onstart_script(start=True), ssh=True, direct=True)
+    resp = ctx.sdk.create_instance(
+        offer_id,
+        image=image,
+        disk=disk,
+        env=env,
+        label=label,
+        onstart_cmd=stack.onstart_script(start=True),
+        ssh=True,
+        direct=True,
+    )
     if not isinstance(resp, dict) or not resp.get("success", True) or "new_contract" not in resp:
         raise FailedPrecondition(f"Vast.ai refused the create: {resp}")
     instance_id = int(resp["new_contract"])
-    ctx.state.add(instance_id, label=label, model=model, model_size_gb=size, disk_gb=disk, image=image,
-                  offer=offer_id, gateway_token=token)
+    ctx.state.add(
+        instance_id,
+        label=label,
+        model=model,
+        model_size_gb=size,
+        disk_gb=disk,
+        image=image,
+        offer=offer_id,
+        gateway_token=token,
+    )
     ctx.say(f"created instance {instance_id} ({label}), disk {disk:g} GB, image {image}")
-    ctx.say(f"next: abliterate vast list; abliterate vast status {instance_id}; "
-            f"abliterate vast start {instance_id} --n-trials 200; abliterate vast watch {instance_id}")
+    ctx.say(
+        f"next: abliterate vast list; abliterate vast status {instance_id}; "
+        f"abliterate vast start {instance_id} --n-trials 200; abliterate vast watch {instance_id}"
+    )
     return 0
 
 
@@ -233,9 +280,11 @@ def cmd_list(ctx: Context) -> int:
     for r in rows:
         ours = "yes" if ctx.state.owns(int(r["id"])) else "-"
         ssh = f"{r.get('ssh_host', '')}:{r.get('ssh_port', '')}" if r.get("ssh_host") else ""
-        ctx.say(f"{r['id']:>10}  {ours:<4}  {str(r.get('actual_status') or r.get('cur_state') or '?'):<10} "
-                f"{str(r.get('label') or ''):<22} {r.get('num_gpus', '?')}x {str(r.get('gpu_name', '?')):<14} "
-                f"{r.get('dph_total', 0):>6.3f}  {r.get('disk_space', 0):>5.0f}  {ssh}")
+        ctx.say(
+            f"{r['id']:>10}  {ours:<4}  {str(r.get('actual_status') or r.get('cur_state') or '?'):<10} "
+            f"{str(r.get('label') or ''):<22} {r.get('num_gpus', '?')}x {str(r.get('gpu_name', '?')):<14} "
+            f"{r.get('dph_total', 0):>6.3f}  {r.get('disk_space', 0):>5.0f}  {ssh}"
+        )
     stale = [k for k in ctx.state.instances if k not in {str(r["id"]) for r in rows}]
     if stale:
         ctx.say(f"(state file lists instances no longer in your account: {', '.join(stale)})")
@@ -267,10 +316,17 @@ def judge(report: dict | None) -> dict:
     running = [j for j in jobs if j["phase"] in ("QUEUED", "EXTRACTING", "OPTIMIZING")]
     if not report.get("stack", {}).get("alive"):
         running = []  # a phase says OPTIMIZING but no process runs it: not running (it will resume on start)
-    unexported = [j for j in jobs if j["phase"] == "SUCCEEDED" and j["name"] not in exported and j["id"] not in exported]
-    return {"running": bool(running), "jobs": running, "unexported": unexported,
-            "exports": sorted(exported), "stack_alive": report.get("stack", {}).get("alive", False),
-            "all_jobs": jobs}
+    unexported = [
+        j for j in jobs if j["phase"] == "SUCCEEDED" and j["name"] not in exported and j["id"] not in exported
+    ]
+    return {
+        "running": bool(running),
+        "jobs": running,
+        "unexported": unexported,
+        "exports": sorted(exported),
+        "stack_alive": report.get("stack", {}).get("alive", False),
+        "all_jobs": jobs,
+    }
 
 
 def cmd_status(ctx: Context) -> int:
@@ -296,10 +352,15 @@ def cmd_setup(ctx: Context) -> int:
     row = ctx.resolve(ctx.args.instance)
     record = ctx.state.get(int(row["id"]))
     if record:
-        env = "".join(f"export {k}={shlex.quote(str(v))}\n" for k, v in (("ABLITERATE_MODEL", record["model"]),
-                                                                    ("ABLITERATE_GATEWAY_TOKEN", record["gateway_token"])))
-        ctx.ssh(row, f"mkdir -p {stack.REMOTE_ROOT} && [ -s {stack.ENV_FILE} ] || (umask 077; cat > {stack.ENV_FILE})",
-                input_text=env)
+        env = "".join(
+            f"export {k}={shlex.quote(str(v))}\n"
+            for k, v in (("ABLITERATE_MODEL", record["model"]), ("ABLITERATE_GATEWAY_TOKEN", record["gateway_token"]))
+        )
+        ctx.ssh(
+            row,
+            f"mkdir -p {stack.REMOTE_ROOT} && [ -s {stack.ENV_FILE} ] || (umask 077; cat > {stack.ENV_FILE})",
+            input_text=env,
+        )
     result = ctx.ssh(row, stack.setup_command(), input_text=stack.START_STACK)
     ctx.say((result.stdout + result.stderr).strip())
     return 0 if result.returncode == 0 else 1
@@ -366,18 +427,24 @@ def gateway_jobs(address: str, token: str | None) -> tuple[list[dict], str]:
 
 
 def watch_lines(row: dict, jobs: list[dict], jobs_error: str, gpus: list[dict]) -> list[str]:
-    lines = [f"instance {row.get('id')}  {row.get('actual_status')}  {row.get('num_gpus', '?')}x "
-             f"{row.get('gpu_name', '?')}  ${row.get('dph_total', 0):.3f}/h"]
+    lines = [
+        f"instance {row.get('id')}  {row.get('actual_status')}  {row.get('num_gpus', '?')}x "
+        f"{row.get('gpu_name', '?')}  ${row.get('dph_total', 0):.3f}/h"
+    ]
     if jobs_error:
         lines.append(f"gateway: unreachable ({jobs_error})")
     for j in jobs:
-        lines.append(f"job {j['name']:<30} {j['phase']:<12} {j['trials_complete']}/{j['trials_target']} trials"
-                     + (f"  selected #{j['auto_selected_trial']}" if j.get("auto_selected_trial") is not None else ""))
+        lines.append(
+            f"job {j['name']:<30} {j['phase']:<12} {j['trials_complete']}/{j['trials_target']} trials"
+            + (f"  selected #{j['auto_selected_trial']}" if j.get("auto_selected_trial") is not None else "")
+        )
     if not jobs and not jobs_error:
         lines.append("no jobs yet (abliterate vast start)")
     for g in gpus:
-        lines.append(f"gpu{g['index']} {g['name']:<22} {g['used_mib'] / 1024:6.1f}/{g['total_mib'] / 1024:.1f} GiB  "
-                     f"util {g['util']}%")
+        lines.append(
+            f"gpu{g['index']} {g['name']:<22} {g['used_mib'] / 1024:6.1f}/{g['total_mib'] / 1024:.1f} GiB  "
+            f"util {g['util']}%"
+        )
     return lines
 
 
@@ -426,8 +493,10 @@ def _guarded(ctx: Context, verb: str, act: Callable[[int], Any]) -> int:
         for j in verdict["jobs"]:
             ctx.warn(f"job {j['name']} is running ({j['phase']}, {j['trials_complete']}/{j['trials_target']} trials)")
         for j in verdict["unexported"]:
-            ctx.warn(f"job {j['name']} finished but has not exported its model "
-                     f"(abliterate vast export {instance_id} {j['name']}; then fetch)")
+            ctx.warn(
+                f"job {j['name']} finished but has not exported its model "
+                f"(abliterate vast export {instance_id} {j['name']}; then fetch)"
+            )
         if not verdict["exports"]:
             ctx.warn("no exported model on this instance")
     if verb == "destroy":
@@ -461,9 +530,19 @@ def cmd_tiers(ctx: Context) -> int:
 
 
 COMMANDS: dict[str, Callable[[Context], int]] = {
-    "search": cmd_search, "create": cmd_create, "list": cmd_list, "status": cmd_status, "setup": cmd_setup,
-    "start": cmd_start, "watch": cmd_watch, "logs": cmd_logs, "export": cmd_export, "fetch": cmd_fetch,
-    "stop": cmd_stop, "destroy": cmd_destroy, "tiers": cmd_tiers,
+    "search": cmd_search,
+    "create": cmd_create,
+    "list": cmd_list,
+    "status": cmd_status,
+    "setup": cmd_setup,
+    "start": cmd_start,
+    "watch": cmd_watch,
+    "logs": cmd_logs,
+    "export": cmd_export,
+    "fetch": cmd_fetch,
+    "stop": cmd_stop,
+    "destroy": cmd_destroy,
+    "tiers": cmd_tiers,
 }
 
 
@@ -473,8 +552,12 @@ COMMANDS: dict[str, Callable[[Context], int]] = {
 def _configure(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--api-key", default=None, help="Vast.ai API key (default $VAST_API_KEY)")
     p.add_argument("--vast-url", default=None, help=f"Vast.ai API server (default $VAST_URL or {DEFAULT_URL})")
-    p.add_argument("--state", default=None, help="state file of the instances this CLI created "
-                   "(default $ABLITERATE_VAST_STATE or ~/.config/abliterate/vast-instances.json)")
+    p.add_argument(
+        "--state",
+        default=None,
+        help="state file of the instances this CLI created "
+        "(default $ABLITERATE_VAST_STATE or ~/.config/abliterate/vast-instances.json)",
+    )
     p.add_argument("--ssh-key", default=None, help="SSH private key (default: ssh's own choice)")
     sub = p.add_subparsers(dest="vast_command", required=True, metavar="COMMAND")
 
@@ -506,8 +589,10 @@ def _configure(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     offer_args(q)
 
     sub.add_parser("list", help="list instances (ours marked)")
-    for name, text in (("status", "is the job running (process state) and exported?"),
-                       ("setup", "install/start the stack over SSH (idempotent)")):
+    for name, text in (
+        ("status", "is the job running (process state) and exported?"),
+        ("setup", "install/start the stack over SSH (idempotent)"),
+    ):
         instance_arg(sub.add_parser(name, help=text))
 
     q = sub.add_parser("start", help="submit the job to the instance's gateway")
@@ -550,8 +635,9 @@ def _configure(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 def register(subparsers) -> argparse.ArgumentParser:
     """Add ``vast`` to a parent CLI's subparsers; dispatch with :func:`run`."""
-    p = subparsers.add_parser("vast", help="rent Vast.ai GPUs: create, start, watch, fetch, destroy",
-                              description=__doc__.split("\n\n")[0])
+    p = subparsers.add_parser(
+        "vast", help="rent Vast.ai GPUs: create, start, watch, fetch, destroy", description=__doc__.split("\n\n")[0]
+    )
     return _configure(p)
 
 

@@ -68,9 +68,17 @@ def gateway_jobs(address: str, token: str | None, timeout_s: float = 5.0) -> dic
     jobs = []
     for job in resp.jobs:
         phase = gateway_pb2.JobPhase.Name(job.phase).removeprefix("JOB_PHASE_")
-        jobs.append({"id": job.id, "name": job.name, "phase": phase, "trials_complete": job.n_trials_complete,
-                     "trials_target": job.spec.n_trials, "model": job.spec.model.source,
-                     "auto_selected_trial": job.auto_selected_trial if job.HasField("auto_selected_trial") else None})
+        jobs.append(
+            {
+                "id": job.id,
+                "name": job.name,
+                "phase": phase,
+                "trials_complete": job.n_trials_complete,
+                "trials_target": job.spec.n_trials,
+                "model": job.spec.model.source,
+                "auto_selected_trial": job.auto_selected_trial if job.HasField("auto_selected_trial") else None,
+            }
+        )
     return {"reachable": True, "jobs": jobs}
 
 

@@ -12,8 +12,16 @@ from pathlib import Path
 
 from abliterate.errors import InvalidArgument
 
-SSH_OPTIONS = ["-o", "StrictHostKeyChecking=accept-new", "-o", "ConnectTimeout=30",
-               "-o", "ServerAliveInterval=30", "-o", "BatchMode=yes"]
+SSH_OPTIONS = [
+    "-o",
+    "StrictHostKeyChecking=accept-new",
+    "-o",
+    "ConnectTimeout=30",
+    "-o",
+    "ServerAliveInterval=30",
+    "-o",
+    "BatchMode=yes",
+]
 DEFAULT_TIMEOUT_S = 120
 _HOST_RE = re.compile(r"^[A-Za-z0-9.-]+$")
 
@@ -61,8 +69,10 @@ def target_of(instance: dict, key: str | None = None) -> Target:
         return Target(str(instance["public_ipaddr"]).strip(), int(direct), "root", key)
     host, port = instance.get("ssh_host"), instance.get("ssh_port")
     if not host or not port:
-        raise InvalidArgument(f"instance {instance.get('id')} has no SSH address yet (state "
-                              f"{instance.get('actual_status') or instance.get('cur_state')}); try again shortly")
+        raise InvalidArgument(
+            f"instance {instance.get('id')} has no SSH address yet (state "
+            f"{instance.get('actual_status') or instance.get('cur_state')}); try again shortly"
+        )
     return Target(str(host).strip(), int(port), "root", key)
 
 
@@ -72,29 +82,64 @@ def remote_shell(command: str, timeout_s: int | None = DEFAULT_TIMEOUT_S) -> str
     return f"timeout {int(timeout_s)} {inner}" if timeout_s else inner
 
 
-def ssh_command(target: Target, command: str, timeout_s: int | None = DEFAULT_TIMEOUT_S,
-                tty: bool = False) -> list[str]:
-    return ["ssh", *SSH_OPTIONS, *(["-t"] if tty else []), *target.key_args(), "-p", str(target.port),
-            target.login, remote_shell(command, timeout_s)]
+def ssh_command(
+    target: Target, command: str, timeout_s: int | None = DEFAULT_TIMEOUT_S, tty: bool = False
+) -> list[str]:
+    return [
+        "ssh",
+        *SSH_OPTIONS,
+        *(["-t"] if tty else []),
+        *target.key_args(),
+        "-p",
+        str(target.port),
+        target.login,
+        remote_shell(command, timeout_s),
+    ]
 
 
 def tunnel_command(target: Target, local_port: int, remote_port: int = 50050) -> list[str]:
     """Forward 127.0.0.1:local_port to the instance's 127.0.0.1:remote_port (the gateway never listens publicly)."""
-    return ["ssh", *SSH_OPTIONS, *target.key_args(), "-N", "-o", "ExitOnForwardFailure=yes",
-            "-L", f"127.0.0.1:{local_port}:127.0.0.1:{remote_port}", "-p", str(target.port), target.login]
+    return [
+        "ssh",
+        *SSH_OPTIONS,
+        *target.key_args(),
+        "-N",
+        "-o",
+        "ExitOnForwardFailure=yes",
+        "-L",
+        f"127.0.0.1:{local_port}:127.0.0.1:{remote_port}",
+        "-p",
+        str(target.port),
+        target.login,
+    ]
 
 
 def scp_from_command(target: Target, remote_paths: Sequence[str], local_dir: str) -> list[str]:
     for path in remote_paths:
         if ".." in path or not path.startswith("/"):
             raise InvalidArgument(f"remote path must be absolute without '..': {path!r}")
-    return ["scp", *SSH_OPTIONS, *target.key_args(), "-r", "-P", str(target.port),
-            *(f"{target.login}:{shlex.quote(p)}" for p in remote_paths), local_dir]
+    return [
+        "scp",
+        *SSH_OPTIONS,
+        *target.key_args(),
+        "-r",
+        "-P",
+        str(target.port),
+        *(f"{target.login}:{shlex.quote(p)}" for p in remote_paths),
+        local_dir,
+    ]
 
 
 def scp_to_command(target: Target, local_path: str, remote_path: str) -> list[str]:
-    return ["scp", *SSH_OPTIONS, *target.key_args(), "-P", str(target.port), local_path,
-            f"{target.login}:{shlex.quote(remote_path)}"]
+    return [
+        "scp",
+        *SSH_OPTIONS,
+        *target.key_args(),
+        "-P",
+        str(target.port),
+        local_path,
+        f"{target.login}:{shlex.quote(remote_path)}",
+    ]
 
 
 @dataclass
@@ -111,12 +156,19 @@ class Runner:
     default_timeout_s: float = DEFAULT_TIMEOUT_S + 30
     calls: list[list[str]] = field(default_factory=list)
 
-    def run(self, argv: list[str], capture: bool = True, timeout_s: float | None = None,
-            input_text: str | None = None) -> Result:
+    def run(
+        self, argv: list[str], capture: bool = True, timeout_s: float | None = None, input_text: str | None = None
+    ) -> Result:
         self.calls.append(list(argv))
         try:
-            proc = subprocess.run(argv, capture_output=capture, text=True, input=input_text,
-                                  timeout=timeout_s or self.default_timeout_s, check=False)
+            proc = subprocess.run(
+                argv,
+                capture_output=capture,
+                text=True,
+                input=input_text,
+                timeout=timeout_s or self.default_timeout_s,
+                check=False,
+            )
         except subprocess.TimeoutExpired:
             return Result(124, "", f"timed out: {argv[0]}")
         except FileNotFoundError:

@@ -66,17 +66,20 @@ def disk_guard(disk_gb: float | None, model_gb: float, force: bool = False) -> t
     if disk_gb is None:
         return float(math.ceil(need / 10.0) * 10), None
     if disk_gb < need:
-        message = (f"disk {disk_gb:g} GB is below the required {need:g} GB "
-                   f"(2 x model size {model_gb:g} GB + {DISK_HEADROOM_GB:g} GB): the download and the export "
-                   "would not both fit")
+        message = (
+            f"disk {disk_gb:g} GB is below the required {need:g} GB "
+            f"(2 x model size {model_gb:g} GB + {DISK_HEADROOM_GB:g} GB): the download and the export "
+            "would not both fit"
+        )
         if not force:
             raise FailedPrecondition(message + "; use a larger --disk, or --force-disk to override")
         return float(disk_gb), message + " (forced)"
     return float(disk_gb), None
 
 
-def hub_model_size_gb(repo_id: str, endpoint: str | None = None, token: str | None = None,
-                      timeout_s: float = 15.0) -> float:
+def hub_model_size_gb(
+    repo_id: str, endpoint: str | None = None, token: str | None = None, timeout_s: float = 15.0
+) -> float:
     """Size of a Hub model's weight files, GB (1e9 bytes), from the Hub's model metadata.
 
     ``endpoint`` defaults to ``$HF_ENDPOINT`` or https://huggingface.co. GGUF repos hold

@@ -25,8 +25,8 @@ LOGS = {"stack": STACK_LOG, "onstart": f"{LOGS_DIR}/onstart.log"}
 
 # Written to the instance; sourced by every remote command (the container env does not reach SSH sessions).
 _WRITE_ENV = (
-    "python -c 'import os, shlex; print(\"\\n\".join(f\"export {k}={shlex.quote(v)}\" for k, v in "
-    "sorted(os.environ.items()) if k.startswith(\"ABLITERATE_\") or k in (\"HF_TOKEN\",)))'"
+    'python -c \'import os, shlex; print("\\n".join(f"export {k}={shlex.quote(v)}" for k, v in '
+    'sorted(os.environ.items()) if k.startswith("ABLITERATE_") or k in ("HF_TOKEN",)))\''
 )
 
 START_STACK = f"""#!/bin/bash
@@ -66,8 +66,7 @@ def _sourced(command: str) -> str:
 
 def setup_command() -> str:
     """Reads the start script on stdin, installs it, and runs it (start or no-op)."""
-    return (f"mkdir -p {REMOTE_ROOT} && cat > {START_SCRIPT} && chmod 700 {START_SCRIPT} && "
-            f"bash {START_SCRIPT}")
+    return f"mkdir -p {REMOTE_ROOT} && cat > {START_SCRIPT} && chmod 700 {START_SCRIPT} && bash {START_SCRIPT}"
 
 
 def probe_command() -> str:
@@ -75,8 +74,15 @@ def probe_command() -> str:
 
 
 def submit_command(n_trials: int | None = None, name: str | None = None, extra: list[str] | None = None) -> str:
-    args = ["abliterate", "submit", '"$ABLITERATE_MODEL"', "--gateway", f"127.0.0.1:{GATEWAY_PORT}",
-            "--token", '"$ABLITERATE_GATEWAY_TOKEN"']
+    args = [
+        "abliterate",
+        "submit",
+        '"$ABLITERATE_MODEL"',
+        "--gateway",
+        f"127.0.0.1:{GATEWAY_PORT}",
+        "--token",
+        '"$ABLITERATE_GATEWAY_TOKEN"',
+    ]
     if n_trials:
         args += ["--n-trials", str(int(n_trials))]
     if name:
@@ -87,8 +93,16 @@ def submit_command(n_trials: int | None = None, name: str | None = None, extra: 
 
 def export_command(job: str, trial: int | None = None) -> str:
     out = f"{EXPORTS_DIR}/{job}"
-    args = ["abliterate", "export", shlex.quote(job), shlex.quote(out), "--gateway", f"127.0.0.1:{GATEWAY_PORT}",
-            "--token", '"$ABLITERATE_GATEWAY_TOKEN"']
+    args = [
+        "abliterate",
+        "export",
+        shlex.quote(job),
+        shlex.quote(out),
+        "--gateway",
+        f"127.0.0.1:{GATEWAY_PORT}",
+        "--token",
+        '"$ABLITERATE_GATEWAY_TOKEN"',
+    ]
     if trial is not None:
         args += ["--trial", str(int(trial))]
     return _sourced(" ".join(args))
@@ -99,8 +113,7 @@ def logs_command(which: str, lines: int, follow: bool) -> str:
     return f"tail -n {int(lines)} {'-F ' if follow else ''}{path}"
 
 
-GPU_QUERY = ("nvidia-smi --query-gpu=index,name,memory.used,memory.total,utilization.gpu "
-             "--format=csv,noheader,nounits")
+GPU_QUERY = "nvidia-smi --query-gpu=index,name,memory.used,memory.total,utilization.gpu --format=csv,noheader,nounits"
 
 
 def parse_gpus(text: str) -> list[dict]:
@@ -110,8 +123,15 @@ def parse_gpus(text: str) -> list[dict]:
         if len(parts) != 5:
             continue
         try:
-            gpus.append({"index": int(parts[0]), "name": parts[1], "used_mib": int(float(parts[2])),
-                         "total_mib": int(float(parts[3])), "util": int(float(parts[4]))})
+            gpus.append(
+                {
+                    "index": int(parts[0]),
+                    "name": parts[1],
+                    "used_mib": int(float(parts[2])),
+                    "total_mib": int(float(parts[3])),
+                    "util": int(float(parts[4])),
+                }
+            )
         except ValueError:
             continue
     return gpus

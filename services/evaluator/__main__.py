@@ -15,9 +15,12 @@ def main(argv: list[str] | None = None) -> int:
     config = load_or_report(load, argv)
     if config is None:
         return 2
-    servicer = EvaluatorServicer(batch_size=config.batch_size, max_direction_sets=config.max_direction_sets,
-                                 default_max_new_tokens=config.default_max_new_tokens,
-                                 max_generate_tokens=config.max_generate_tokens)
+    servicer = EvaluatorServicer(
+        batch_size=config.batch_size,
+        max_direction_sets=config.max_direction_sets,
+        default_max_new_tokens=config.default_max_new_tokens,
+        max_generate_tokens=config.max_generate_tokens,
+    )
     hosted = [Hosted(evaluator_pb2_grpc.add_EvaluatorServiceServicer_to_server, servicer, servicer.attach)]
     return run("evaluator", hosted, config)
 

@@ -37,13 +37,19 @@ ADAPTER_CONFIG = "adapter_config.json"
 _EPS = 1e-8
 
 
-def lora_factors(model: torch.nn.Module, ablator: Ablator, refusal: torch.Tensor,
-                 params: AblationParams, protected: torch.Tensor | None = None
-                 ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+def lora_factors(
+    model: torch.nn.Module,
+    ablator: Ablator,
+    refusal: torch.Tensor,
+    params: AblationParams,
+    protected: torch.Tensor | None = None,
+) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """Module name -> (A (1, in), B (out, 1)) float32 on the CPU, for the unedited ``model``."""
     if params.row_normalization in (RowNormalization.FULL, RowNormalization.COLUMN):
-        raise InvalidArgument(f"row_normalization {params.row_normalization.value.upper()} is not a rank-1 edit: it "
-                              "cannot be exported as a LoRA adapter; export MERGED instead")
+        raise InvalidArgument(
+            f"row_normalization {params.row_normalization.value.upper()} is not a rank-1 edit: it "
+            "cannot be exported as a LoRA adapter; export MERGED instead"
+        )
     module_map = ablator.module_map
     params.validate(module_map.n_layers, module_map.components)
     directions = ablator.directions_for(params, refusal, protected)
@@ -58,7 +64,8 @@ def lora_factors(model: torch.nn.Module, ablator: Ablator, refusal: torch.Tensor
                 if matrix.param.dim() != 2 or not full.endswith(".weight"):
                     raise FailedPrecondition(
                         f"{full} is a fused expert tensor of shape {list(matrix.param.shape)}; a PEFT LoRA adapter "
-                        "cannot target it: export MERGED instead")
+                        "cannot target it: export MERGED instead"
+                    )
                 module_name = full[: -len(".weight")]
                 if not isinstance(model.get_submodule(module_name), torch.nn.Linear):
                     raise FailedPrecondition(f"{module_name} is not an nn.Linear; export MERGED instead")
@@ -67,7 +74,8 @@ def lora_factors(model: torch.nn.Module, ablator: Ablator, refusal: torch.Tensor
                 if matrix.bias is not None and (matrix.bias.detach().float().cpu() @ r).abs().max() > 0:
                     raise FailedPrecondition(
                         f"{module_name} has an output bias that the edit changes; a LoRA adapter cannot carry it: "
-                        "export MERGED instead")
+                        "export MERGED instead"
+                    )
                 if params.row_normalization == RowNormalization.PRE:
                     norms = weight.norm(dim=1)
                     a = (r @ (weight / norms.clamp_min(_EPS)[:, None]))[None, :]
@@ -81,8 +89,9 @@ def lora_factors(model: torch.nn.Module, ablator: Ablator, refusal: torch.Tensor
     return factors
 
 
-def write_adapter(path: str, factors: dict[str, tuple[torch.Tensor, torch.Tensor]], base_model: str,
-                  metadata: dict | None = None) -> list[str]:
+def write_adapter(
+    path: str, factors: dict[str, tuple[torch.Tensor, torch.Tensor]], base_model: str, metadata: dict | None = None
+) -> list[str]:
     """Write the adapter files into ``path`` (which must exist); return the file names."""
     tensors = {}
     for module, (a, b) in factors.items():

@@ -8,8 +8,11 @@ from abliterate.v1 import common_pb2, evaluator_pb2, evaluator_pb2_grpc
 from abliterate_services.runtime import DeviceLock
 
 _FINISH = {"stop": common_pb2.FINISH_REASON_STOP, "length": common_pb2.FINISH_REASON_LENGTH}
-_FORMATS = {common_pb2.EXPORT_FORMAT_UNSPECIFIED: "merged", common_pb2.EXPORT_FORMAT_MERGED: "merged",
-            common_pb2.EXPORT_FORMAT_LORA: "lora"}
+_FORMATS = {
+    common_pb2.EXPORT_FORMAT_UNSPECIFIED: "merged",
+    common_pb2.EXPORT_FORMAT_MERGED: "merged",
+    common_pb2.EXPORT_FORMAT_LORA: "lora",
+}
 
 
 def _options(request):
@@ -18,8 +21,12 @@ def _options(request):
     if not request.HasField("options"):
         return GenerationOptions()
     o = request.options
-    return GenerationOptions(max_new_tokens=o.max_new_tokens, temperature=o.temperature, top_p=o.top_p,
-                             seed=o.seed if o.HasField("seed") else None)
+    return GenerationOptions(
+        max_new_tokens=o.max_new_tokens,
+        temperature=o.temperature,
+        top_p=o.top_p,
+        seed=o.seed if o.HasField("seed") else None,
+    )
 
 
 def _params(request, required: bool):
@@ -33,12 +40,24 @@ def _params(request, required: bool):
 class EvaluatorServicer(evaluator_pb2_grpc.EvaluatorServiceServicer):
     """Serves one model. Built before the model loads (RPCs answer UNAVAILABLE until ``attach``)."""
 
-    def __init__(self, lm=None, *, session=None, batch_size: int = 0, lock: DeviceLock | None = None,
-                 max_direction_sets: int = 4, default_max_new_tokens: int = 256,
-                 max_generate_tokens: int = 4096) -> None:
+    def __init__(
+        self,
+        lm=None,
+        *,
+        session=None,
+        batch_size: int = 0,
+        lock: DeviceLock | None = None,
+        max_direction_sets: int = 4,
+        default_max_new_tokens: int = 256,
+        max_generate_tokens: int = 4096,
+    ) -> None:
         self.lock = session.lock if session is not None else (lock or DeviceLock())
-        self._kwargs = dict(batch_size=batch_size, max_direction_sets=max_direction_sets,
-                            default_max_new_tokens=default_max_new_tokens, max_generate_tokens=max_generate_tokens)
+        self._kwargs = dict(
+            batch_size=batch_size,
+            max_direction_sets=max_direction_sets,
+            default_max_new_tokens=default_max_new_tokens,
+            max_generate_tokens=max_generate_tokens,
+        )
         self.session = session
         if lm is not None:
             self.attach(lm)
@@ -74,51 +93,83 @@ class EvaluatorServicer(evaluator_pb2_grpc.EvaluatorServiceServicer):
             r = s.check_directions(request.direction_set_id)
         else:
             raise InvalidArgument("give the direction set's bytes or its id")
-        return evaluator_pb2.LoadDirectionsResponse(direction_set_id=r.direction_set_id, already_loaded=r.already_loaded,
-                                                    tensor_names=r.tensor_names, timings_s=r.timings_s)
+        return evaluator_pb2.LoadDirectionsResponse(
+            direction_set_id=r.direction_set_id,
+            already_loaded=r.already_loaded,
+            tensor_names=r.tensor_names,
+            timings_s=r.timings_s,
+        )
 
     def PrepareBaseline(self, request, context):
         if not request.HasField("baseline"):
             raise InvalidArgument("baseline is required")
         b = self._ready().prepare_baseline(request.baseline)
         return evaluator_pb2.PrepareBaselineResponse(
-            baseline_id=b.baseline_id, already_prepared=b.already_prepared, n_kl_prompts=b.n_kl_prompts,
-            n_refusal_prompts=b.n_refusal_prompts, baseline_refusals=b.baseline_refusals, timings_s=b.timings_s)
+            baseline_id=b.baseline_id,
+            already_prepared=b.already_prepared,
+            n_kl_prompts=b.n_kl_prompts,
+            n_refusal_prompts=b.n_refusal_prompts,
+            baseline_refusals=b.baseline_refusals,
+            timings_s=b.timings_s,
+        )
 
     def EvaluateTrial(self, request, context):
         import time
 
         t0 = time.perf_counter()
-        result = self._ready().evaluate(request.direction_set_id, _params(request, required=True),
-                                        request.baseline_id, request.trial_number)
-        scores = common_pb2.TrialScores(kl=result.kl, refusals=result.refusals,
-                                        n_refusal_prompts=result.n_refusal_prompts, n_kl_prompts=result.n_kl_prompts,
-                                        timings_s=result.timings_s)
+        result = self._ready().evaluate(
+            request.direction_set_id, _params(request, required=True), request.baseline_id, request.trial_number
+        )
+        scores = common_pb2.TrialScores(
+            kl=result.kl,
+            refusals=result.refusals,
+            n_refusal_prompts=result.n_refusal_prompts,
+            n_kl_prompts=result.n_kl_prompts,
+            timings_s=result.timings_s,
+        )
         return evaluator_pb2.EvaluateTrialResponse(scores=scores, timings_s={"total": time.perf_counter() - t0})
 
     def Generate(self, request, context):
-        chunks = self._ready().generate(request.prompt, request.direction_set_id, _params(request, required=False),
-                                        _options(request), raw=request.raw, is_active=context.is_active)
+        chunks = self._ready().generate(
+            request.prompt,
+            request.direction_set_id,
+            _params(request, required=False),
+            _options(request),
+            raw=request.raw,
+            is_active=context.is_active,
+        )
         for c in chunks:
-            yield evaluator_pb2.GenerateResponse(text=c.text, n_tokens=c.n_tokens,
-                                                 finish_reason=_FINISH.get(c.finish, 0), timings_s=c.timings_s)
+            yield evaluator_pb2.GenerateResponse(
+                text=c.text, n_tokens=c.n_tokens, finish_reason=_FINISH.get(c.finish, 0), timings_s=c.timings_s
+            )
 
     def Chat(self, request, context):
         messages = [(m.role, m.content) for m in request.messages]
-        chunks = self._ready().chat(messages, request.direction_set_id, _params(request, required=False),
-                                    _options(request), is_active=context.is_active)
+        chunks = self._ready().chat(
+            messages,
+            request.direction_set_id,
+            _params(request, required=False),
+            _options(request),
+            is_active=context.is_active,
+        )
         for c in chunks:
-            yield evaluator_pb2.EvaluatorServiceChatResponse(text=c.text, n_tokens=c.n_tokens,
-                                                             finish_reason=_FINISH.get(c.finish, 0),
-                                                             timings_s=c.timings_s)
+            yield evaluator_pb2.EvaluatorServiceChatResponse(
+                text=c.text, n_tokens=c.n_tokens, finish_reason=_FINISH.get(c.finish, 0), timings_s=c.timings_s
+            )
 
     def ExportModel(self, request, context):
         fmt = _FORMATS.get(request.format)
         if fmt is None:
             raise InvalidArgument(f"unknown export format {request.format}")
-        r = self._ready().export(request.path, request.direction_set_id, _params(request, required=True), fmt,
-                                 hub_repo=request.hub_repo if request.HasField("hub_repo") else None,
-                                 hub_private=request.hub_private, overwrite=request.overwrite)
-        return evaluator_pb2.EvaluatorServiceExportModelResponse(path=r.path, files=r.files,
-                                                                 bytes_written=r.bytes_written, hub_url=r.hub_url,
-                                                                 timings_s=r.timings_s)
+        r = self._ready().export(
+            request.path,
+            request.direction_set_id,
+            _params(request, required=True),
+            fmt,
+            hub_repo=request.hub_repo if request.HasField("hub_repo") else None,
+            hub_private=request.hub_private,
+            overwrite=request.overwrite,
+        )
+        return evaluator_pb2.EvaluatorServiceExportModelResponse(
+            path=r.path, files=r.files, bytes_written=r.bytes_written, hub_url=r.hub_url, timings_s=r.timings_s
+        )

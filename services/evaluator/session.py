@@ -23,7 +23,6 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
-
 from abliterate.artifacts import tensor_names
 from abliterate.core.chat import build_messages, render_chat
 from abliterate.core.directions import DirectionSet, protected_subspace
@@ -96,9 +95,15 @@ def hub_token() -> str | None:
 
 
 class EvaluatorSession:
-    def __init__(self, lm: LoadedModel, batch_size: int = 0, lock: DeviceLock | None = None,
-                 max_direction_sets: int = 4, default_max_new_tokens: int = DEFAULT_GENERATE_TOKENS,
-                 max_generate_tokens: int = 4096):
+    def __init__(
+        self,
+        lm: LoadedModel,
+        batch_size: int = 0,
+        lock: DeviceLock | None = None,
+        max_direction_sets: int = 4,
+        default_max_new_tokens: int = DEFAULT_GENERATE_TOKENS,
+        max_generate_tokens: int = 4096,
+    ):
         self.lm = lm
         self.engine = TrialEngine(lm, batch_size=batch_size)
         self.module_map = self.engine.module_map
@@ -131,13 +136,18 @@ class EvaluatorSession:
             raise InvalidArgument(
                 f"direction set {digest[:12]} has refusal directions of shape {list(ds.refusal.shape)}, but this "
                 f"model ({type(self.lm.model).__name__}, {self.module_map.n_layers} layers, hidden size "
-                f"{self.module_map.hidden_size}) needs {list(expected)}: it was extracted from another model")
+                f"{self.module_map.hidden_size}) needs {list(expected)}: it was extracted from another model"
+            )
         if ds.sacred is not None and (ds.sacred.dim() != 3 or tuple(ds.sacred.shape[::2]) != expected):
             raise InvalidArgument(f"sacred directions of shape {list(ds.sacred.shape)} do not fit {list(expected)}")
         source = ds.metadata.get("model_source")
         if source and source != self.lm.spec.source:
-            log.warning("direction set %s was extracted from %s; this evaluator serves %s",
-                        digest[:12], source, self.lm.spec.source)
+            log.warning(
+                "direction set %s was extracted from %s; this evaluator serves %s",
+                digest[:12],
+                source,
+                self.lm.spec.source,
+            )
         names = tensor_names(data)
         t_decode = time.perf_counter() - t0
         t1 = time.perf_counter()
@@ -151,8 +161,9 @@ class EvaluatorSession:
             while len(self._sets) > self.max_direction_sets:
                 evicted, _ = self._sets.popitem(last=False)
                 log.info("direction set %s evicted (holding at most %d)", evicted[:12], self.max_direction_sets)
-        return LoadResult(digest, already, names,
-                          {"decode": t_decode, "to_device": t_device, "total": time.perf_counter() - t0})
+        return LoadResult(
+            digest, already, names, {"decode": t_decode, "to_device": t_device, "total": time.perf_counter() - t0}
+        )
 
     def check_directions(self, set_id: str) -> LoadResult:
         """Is the set with this id held? NOT_FOUND if not."""
@@ -179,8 +190,10 @@ class EvaluatorSession:
                     raise FailedPrecondition("no direction set loaded: call LoadDirections first")
                 set_id = next(reversed(self._sets))
             if set_id not in self._sets:
-                raise NotFound(f"direction set {set_id!r} is not held by this evaluator "
-                               "(send LoadDirections with its bytes, then retry)")
+                raise NotFound(
+                    f"direction set {set_id!r} is not held by this evaluator "
+                    "(send LoadDirections with its bytes, then retry)"
+                )
             self._sets.move_to_end(set_id)
             return set_id, self._sets[set_id][0]
 
@@ -199,8 +212,14 @@ class EvaluatorSession:
         baseline_id = self.baseline_id_of(spec, self.lm.spec.source)
         held = self.baseline
         if held is not None and held.baseline_id == baseline_id:
-            return BaselineInfo(baseline_id, True, held.n_kl_prompts, held.n_refusal_prompts,
-                                held.baseline_refusals, {"total": time.perf_counter() - t_start})
+            return BaselineInfo(
+                baseline_id,
+                True,
+                held.n_kl_prompts,
+                held.n_refusal_prompts,
+                held.baseline_refusals,
+                {"total": time.perf_counter() - t_start},
+            )
         view = job_view(self.lm, spec.model if spec.HasField("model") else None)
         if not spec.HasField("kl_prompts"):
             raise InvalidArgument("baseline.kl_prompts is required")
@@ -231,23 +250,33 @@ class EvaluatorSession:
             finally:
                 engine.reset()
             timings["total"] = time.perf_counter() - t_start
-            self.baseline = BaselineInfo(baseline_id, False, len(kl_prompts), len(refusal_prompts),
-                                         sum(o.refusal for o in outcomes), timings)
-        log.info("baseline prepared", extra={"baseline_id": baseline_id, "n_kl": len(kl_prompts),
-                                             "n_refusal": len(refusal_prompts),
-                                             "baseline_refusals": self.baseline.baseline_refusals})
+            self.baseline = BaselineInfo(
+                baseline_id, False, len(kl_prompts), len(refusal_prompts), sum(o.refusal for o in outcomes), timings
+            )
+        log.info(
+            "baseline prepared",
+            extra={
+                "baseline_id": baseline_id,
+                "n_kl": len(kl_prompts),
+                "n_refusal": len(refusal_prompts),
+                "baseline_refusals": self.baseline.baseline_refusals,
+            },
+        )
         return self.baseline
 
     # ----------------------------------------------------------------- trial
-    def evaluate(self, set_id: str, params: AblationParams, baseline_id: str = "",
-                 trial_number: int | None = None) -> TrialResult:
+    def evaluate(
+        self, set_id: str, params: AblationParams, baseline_id: str = "", trial_number: int | None = None
+    ) -> TrialResult:
         ds = self.directions(set_id)
         held = self.baseline
         if held is None or self.engine.baseline is None:
             raise FailedPrecondition("no baseline prepared: call PrepareBaseline first")
         if baseline_id and baseline_id != held.baseline_id:
-            raise FailedPrecondition(f"the held baseline is {held.baseline_id}, not {baseline_id}: "
-                                     "call PrepareBaseline with the job's spec, then retry")
+            raise FailedPrecondition(
+                f"the held baseline is {held.baseline_id}, not {baseline_id}: "
+                "call PrepareBaseline with the job's spec, then retry"
+            )
         self._check_params(params)
         with self.lock.hold("EvaluateTrial", SERVICE):
             try:
@@ -277,9 +306,15 @@ class EvaluatorSession:
             raise InvalidArgument(f"top_p must be in (0, 1] (0 = off), got {options.top_p}")
         return GenerationOptions(n, options.temperature, top_p, options.seed)
 
-    def generate(self, prompt: str, set_id: str = "", params: AblationParams | None = None,
-                 options: GenerationOptions | None = None, raw: bool = False,
-                 is_active: Callable[[], bool] = lambda: True) -> Iterator[Chunk]:
+    def generate(
+        self,
+        prompt: str,
+        set_id: str = "",
+        params: AblationParams | None = None,
+        options: GenerationOptions | None = None,
+        raw: bool = False,
+        is_active: Callable[[], bool] = lambda: True,
+    ) -> Iterator[Chunk]:
         """Stream the completion of one prompt (params None: the unedited model)."""
         if not prompt.strip():
             raise InvalidArgument("the prompt is empty")
@@ -291,9 +326,14 @@ class EvaluatorSession:
             mode = spec.chat_template_mode
         return self._stream("Generate", text, mode, set_id, params, options, is_active)
 
-    def chat(self, messages: list[tuple[str, str]], set_id: str = "", params: AblationParams | None = None,
-             options: GenerationOptions | None = None,
-             is_active: Callable[[], bool] = lambda: True) -> Iterator[Chunk]:
+    def chat(
+        self,
+        messages: list[tuple[str, str]],
+        set_id: str = "",
+        params: AblationParams | None = None,
+        options: GenerationOptions | None = None,
+        is_active: Callable[[], bool] = lambda: True,
+    ) -> Iterator[Chunk]:
         """Stream the next assistant turn (a leading system message replaces the spec's system prompt)."""
         if not messages:
             raise InvalidArgument("the conversation is empty")
@@ -309,8 +349,16 @@ class EvaluatorSession:
         text = render_chat(self.lm.tokenizer, turns, spec.chat_template_mode)
         return self._stream("Chat", text, spec.chat_template_mode, set_id, params, options, is_active)
 
-    def _stream(self, what: str, text: str, mode: str, set_id: str, params: AblationParams | None,
-                options: GenerationOptions | None, is_active: Callable[[], bool]) -> Iterator[Chunk]:
+    def _stream(
+        self,
+        what: str,
+        text: str,
+        mode: str,
+        set_id: str,
+        params: AblationParams | None,
+        options: GenerationOptions | None,
+        is_active: Callable[[], bool],
+    ) -> Iterator[Chunk]:
         opts = self._check_options(options or GenerationOptions())
         ds = None
         if params is not None:
@@ -332,19 +380,27 @@ class EvaluatorSession:
             t0 = time.perf_counter()
             n_tokens, finish = 0, "length"
             for piece, n_tokens, finish in stream_generate(
-                    self.lm, text, opts.max_new_tokens, opts.temperature, opts.top_p, opts.seed, is_active, mode):
+                self.lm, text, opts.max_new_tokens, opts.temperature, opts.top_p, opts.seed, is_active, mode
+            ):
                 if piece:
                     yield Chunk(piece, n_tokens)
-            timings = {"ablate": ablate_s, "generate": time.perf_counter() - t0,
-                       "total": time.perf_counter() - t_start}
+            timings = {"ablate": ablate_s, "generate": time.perf_counter() - t0, "total": time.perf_counter() - t_start}
             yield Chunk("", n_tokens, finish or "length", timings)
         finally:
             self.engine.reset()
             self.lock.release()
 
     # ---------------------------------------------------------------- export
-    def export(self, path: str, set_id: str, params: AblationParams, fmt: str = "merged",
-               hub_repo: str | None = None, hub_private: bool = False, overwrite: bool = False) -> ExportResult:
+    def export(
+        self,
+        path: str,
+        set_id: str,
+        params: AblationParams,
+        fmt: str = "merged",
+        hub_repo: str | None = None,
+        hub_private: bool = False,
+        overwrite: bool = False,
+    ) -> ExportResult:
         t_start = time.perf_counter()
         if not path or not path.strip():
             raise InvalidArgument("the export path is empty")
@@ -356,8 +412,9 @@ class EvaluatorSession:
                 raise InvalidArgument(f"hub_repo must look like 'user/name', got {hub_repo!r}")
             token = hub_token()
             if not token:
-                raise FailedPrecondition("pushing to the Hugging Face Hub needs a token: set HF_TOKEN in the "
-                                         "evaluator's environment")
+                raise FailedPrecondition(
+                    "pushing to the Hugging Face Hub needs a token: set HF_TOKEN in the evaluator's environment"
+                )
         path = os.path.abspath(os.path.expanduser(path))
         set_id, ds = self._lookup(set_id)
         self._check_params(params)
@@ -365,8 +422,12 @@ class EvaluatorSession:
             raise AlreadyExists(f"export path {path} exists and is not a directory")
         if os.path.isdir(path) and os.listdir(path) and not overwrite:
             raise AlreadyExists(f"export path {path} exists and is not empty (set overwrite to replace it)")
-        metadata = {"direction_set_id": set_id, "params": params.to_dict(),
-                    "model_source": self.lm.spec.source, "format": fmt}
+        metadata = {
+            "direction_set_id": set_id,
+            "params": params.to_dict(),
+            "model_source": self.lm.spec.source,
+            "format": fmt,
+        }
         timings: dict[str, float] = {}
         parent = os.path.dirname(path)
         os.makedirs(parent, exist_ok=True)
@@ -383,8 +444,9 @@ class EvaluatorSession:
                     timings["save"] = time.perf_counter() - t0
                 else:
                     t0 = time.perf_counter()
-                    factors = lora.lora_factors(self.lm.model, self.engine.ablator, ds.refusal, params,
-                                                protected_subspace(ds))
+                    factors = lora.lora_factors(
+                        self.lm.model, self.engine.ablator, ds.refusal, params, protected_subspace(ds)
+                    )
                     timings["ablate"] = time.perf_counter() - t0
                     t0 = time.perf_counter()
                     os.makedirs(tmp)
@@ -431,6 +493,7 @@ def _push(path: str, repo: str, private: bool, token: str) -> str:
         url = api.create_repo(repo, private=private, exist_ok=True)
         api.upload_folder(folder_path=path, repo_id=repo, commit_message="abliterate export")
     except Exception as exc:  # noqa: BLE001 - the export itself is on disk; say why the push failed
-        raise FailedPrecondition(f"the export is at {path}, but pushing it to {repo} failed: "
-                                 f"{type(exc).__name__}: {exc}") from exc
+        raise FailedPrecondition(
+            f"the export is at {path}, but pushing it to {repo} failed: {type(exc).__name__}: {exc}"
+        ) from exc
     return str(url)

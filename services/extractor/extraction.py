@@ -25,8 +25,8 @@ from abliterate.core.directions import protect_sacred, refusal_directions, sacre
 from abliterate.core.loading import LoadedModel
 from abliterate.core.modules import discover
 from abliterate.core.residuals import collect_residuals
-from abliterate.params import WINSORIZE_SCOPES
 from abliterate.errors import InvalidArgument
+from abliterate.params import WINSORIZE_SCOPES
 from abliterate.rpc.convert import load_prompt_set
 from abliterate.rpc.tensors import check_message_size
 from abliterate.v1 import common_pb2, extractor_pb2
@@ -45,7 +45,8 @@ class _Cancelled(Exception):
 
 def _progress(phase: str, done: int, total: int, message: str = "") -> extractor_pb2.ExtractDirectionsResponse:
     return extractor_pb2.ExtractDirectionsResponse(
-        progress=common_pb2.Progress(phase=phase, done=done, total=total, message=message))
+        progress=common_pb2.Progress(phase=phase, done=done, total=total, message=message)
+    )
 
 
 def _set_or_default(msg: common_pb2.PromptSetSpec, has: bool, default_source: str) -> common_pb2.PromptSetSpec:
@@ -57,8 +58,14 @@ def _set_or_default(msg: common_pb2.PromptSetSpec, has: bool, default_source: st
 class Extractor:
     """Computes direction sets of one loaded model, one extraction at a time."""
 
-    def __init__(self, lm: LoadedModel, batch_size: int = 0, lock: DeviceLock | None = None,
-                 max_message_bytes: int | None = None, service: str = "extractor"):
+    def __init__(
+        self,
+        lm: LoadedModel,
+        batch_size: int = 0,
+        lock: DeviceLock | None = None,
+        max_message_bytes: int | None = None,
+        service: str = "extractor",
+    ):
         self.lm = lm
         self.module_map = discover(lm.model)
         self.batch_size = batch_size
@@ -74,11 +81,13 @@ class Extractor:
         opts = request.options
         quantile = opts.winsorize_quantile
         if quantile and not (0.5 < quantile < 1 and math.isfinite(quantile)):
-            raise InvalidArgument(f"options.winsorize_quantile must be 0 (off) or in (0.5, 1), "
-                                  f"got {opts.winsorize_quantile}")
+            raise InvalidArgument(
+                f"options.winsorize_quantile must be 0 (off) or in (0.5, 1), got {opts.winsorize_quantile}"
+            )
         if opts.winsorize_scope and opts.winsorize_scope not in WINSORIZE_SCOPES:
-            raise InvalidArgument(f"options.winsorize_scope must be one of {list(WINSORIZE_SCOPES)}, "
-                                  f"got {opts.winsorize_scope[:40]!r}")
+            raise InvalidArgument(
+                f"options.winsorize_scope must be one of {list(WINSORIZE_SCOPES)}, got {opts.winsorize_scope[:40]!r}"
+            )
         if opts.orthogonalize_against_sacred and not opts.sacred:
             raise InvalidArgument("options.orthogonalize_against_sacred needs options.sacred")
         if not request.HasField("harmful"):
@@ -88,8 +97,9 @@ class Extractor:
         return job_view(self.lm, request.model if request.HasField("model") else None)
 
     # ------------------------------------------------------------------ the run
-    def extract(self, request: extractor_pb2.ExtractDirectionsRequest,
-                is_active: Callable[[], bool] = lambda: True) -> Iterator[extractor_pb2.ExtractDirectionsResponse]:
+    def extract(
+        self, request: extractor_pb2.ExtractDirectionsRequest, is_active: Callable[[], bool] = lambda: True
+    ) -> Iterator[extractor_pb2.ExtractDirectionsResponse]:
         lm = self._validate(request)
         self.lock.acquire("ExtractDirections", self.service)
         events: queue.Queue = queue.Queue()
@@ -131,8 +141,9 @@ class Extractor:
 
         sets = [("harmful", request.harmful), ("harmless", request.harmless)]
         if opts.sacred:
-            sets.append(("capability", _set_or_default(opts.capability, opts.HasField("capability"),
-                                                         DEFAULT_CAPABILITY)))
+            sets.append(
+                ("capability", _set_or_default(opts.capability, opts.HasField("capability"), DEFAULT_CAPABILITY))
+            )
             sets.append(("baseline", _set_or_default(opts.baseline, opts.HasField("baseline"), DEFAULT_BASELINE)))
         t0 = time.perf_counter()
         prompts: dict[str, list[str]] = {}
@@ -163,9 +174,13 @@ class Extractor:
 
         t0 = time.perf_counter()
         projected = opts.projected if opts.HasField("projected") else True
-        ds = refusal_directions(residuals["harmful"], residuals["harmless"], projected=projected,
-                                winsorize_quantile=opts.winsorize_quantile or None,
-                                winsorize_scope=opts.winsorize_scope or WINSORIZE_SCOPES[0])
+        ds = refusal_directions(
+            residuals["harmful"],
+            residuals["harmless"],
+            projected=projected,
+            winsorize_quantile=opts.winsorize_quantile or None,
+            winsorize_scope=opts.winsorize_scope or WINSORIZE_SCOPES[0],
+        )
         timings["directions"] = time.perf_counter() - t0
         emit(_progress("directions", 1, 1, f"{ds.n_residuals} residual indices"))
 
@@ -186,37 +201,50 @@ class Extractor:
             timings["sacred"] = time.perf_counter() - t0
             emit(_progress("sacred", 1, 1, f"{sacred.shape[1]} sacred direction(s) per residual index"))
 
-        ds.metadata.update({
-            "format": FORMAT,
-            "model_source": lm.spec.source,
-            "architecture": type(lm.model).__name__,
-            "n_layers": str(lm.n_layers),
-            "hidden_size": str(lm.hidden_size),
-            "n_harmful": str(len(prompts["harmful"])),
-            "n_harmless": str(len(prompts["harmless"])),
-            "options": json.dumps(json_format.MessageToDict(opts, preserving_proto_field_name=True),
-                                  sort_keys=True),
-            "system_prompt": lm.spec.system_prompt or "",
-            "chat_template_mode": lm.spec.chat_template_mode,
-        })
+        ds.metadata.update(
+            {
+                "format": FORMAT,
+                "model_source": lm.spec.source,
+                "architecture": type(lm.model).__name__,
+                "n_layers": str(lm.n_layers),
+                "hidden_size": str(lm.hidden_size),
+                "n_harmful": str(len(prompts["harmful"])),
+                "n_harmless": str(len(prompts["harmless"])),
+                "options": json.dumps(
+                    json_format.MessageToDict(opts, preserving_proto_field_name=True), sort_keys=True
+                ),
+                "system_prompt": lm.spec.system_prompt or "",
+                "chat_template_mode": lm.spec.chat_template_mode,
+            }
+        )
         data = ds.to_bytes()
         digest = ds.artifact_id(data)
         layers = []
         for index, diag in enumerate(ds.diagnostics):
-            entry = extractor_pb2.LayerDiagnostics(residual_index=index, mean_diff_norm=diag.mean_diff_norm,
-                                                   means_cosine=diag.cosine_of_means, separation=diag.separation)
+            entry = extractor_pb2.LayerDiagnostics(
+                residual_index=index,
+                mean_diff_norm=diag.mean_diff_norm,
+                means_cosine=diag.cosine_of_means,
+                separation=diag.separation,
+            )
             if max_cos is not None:
                 entry.sacred_overlap = float(max_cos[index])
             layers.append(entry)
         timings["total"] = time.perf_counter() - t_start
         result = extractor_pb2.DirectionSetResult(
-            directions=common_pb2.TensorBlob(safetensors=data, sha256=digest), direction_set_id=digest,
-            layers=layers, n_harmful=len(prompts["harmful"]), n_harmless=len(prompts["harmless"]),
-            batch_size=batch_size or largest_batch[0], timings_s=timings)
+            directions=common_pb2.TensorBlob(safetensors=data, sha256=digest),
+            direction_set_id=digest,
+            layers=layers,
+            n_harmful=len(prompts["harmful"]),
+            n_harmless=len(prompts["harmless"]),
+            batch_size=batch_size or largest_batch[0],
+            timings_s=timings,
+        )
         response = extractor_pb2.ExtractDirectionsResponse(result=result)
         if self.max_message_bytes:
             check_message_size(response, self.max_message_bytes)
-        log.info("extraction done", extra={"direction_set_id": digest, "bytes": len(data),
-                                           "total_s": round(timings["total"], 3)})
+        log.info(
+            "extraction done",
+            extra={"direction_set_id": digest, "bytes": len(data), "total_s": round(timings["total"], 3)},
+        )
         return response
-

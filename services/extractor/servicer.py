@@ -10,8 +10,9 @@ from abliterate_services.runtime import DeviceLock
 class ExtractorServicer(extractor_pb2_grpc.ExtractorServiceServicer):
     """Serves one model. Built before the model loads (RPCs answer UNAVAILABLE until ``attach``)."""
 
-    def __init__(self, lm=None, *, batch_size: int = 0, lock: DeviceLock | None = None,
-                 max_message_bytes: int | None = None) -> None:
+    def __init__(
+        self, lm=None, *, batch_size: int = 0, lock: DeviceLock | None = None, max_message_bytes: int | None = None
+    ) -> None:
         self.batch_size = batch_size
         self.lock = lock or DeviceLock()
         self.max_message_bytes = max_message_bytes
@@ -22,8 +23,9 @@ class ExtractorServicer(extractor_pb2_grpc.ExtractorServiceServicer):
     def attach(self, lm) -> None:
         from abliterate_services.extractor.extraction import Extractor
 
-        self.extractor = Extractor(lm, batch_size=self.batch_size, lock=self.lock,
-                                   max_message_bytes=self.max_message_bytes)
+        self.extractor = Extractor(
+            lm, batch_size=self.batch_size, lock=self.lock, max_message_bytes=self.max_message_bytes
+        )
 
     def _ready(self):
         if self.extractor is None:
@@ -32,7 +34,9 @@ class ExtractorServicer(extractor_pb2_grpc.ExtractorServiceServicer):
 
     def GetModelInfo(self, request, context):
         ex = self._ready()
-        return common_pb2.GetModelInfoResponse(model=ex.model_info(), timings_s={"load": ex.lm.extra.get("load_s", 0.0)})
+        return common_pb2.GetModelInfoResponse(
+            model=ex.model_info(), timings_s={"load": ex.lm.extra.get("load_s", 0.0)}
+        )
 
     def ExtractDirections(self, request, context):
         yield from self._ready().extract(request, is_active=context.is_active)

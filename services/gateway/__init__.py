@@ -49,38 +49,64 @@ class Gateway:
         self.database_check_s = database_check_s
         self._watch_stop = threading.Event()
         self.bus = EventBus(self.store)
-        self.orchestrator = Orchestrator(self.store, self.bus, extractor_address, optimizer_address,
-                                         list(evaluator_addresses), service_token=service_token,
-                                         retry_window_s=retry_window_s, database_patience_s=database_patience_s)
+        self.orchestrator = Orchestrator(
+            self.store,
+            self.bus,
+            extractor_address,
+            optimizer_address,
+            list(evaluator_addresses),
+            service_token=service_token,
+            retry_window_s=retry_window_s,
+            database_patience_s=database_patience_s,
+        )
         self.servicer = GatewayServicer(self.store, self.bus, self.orchestrator, watch_poll_s=watch_poll_s)
         self.resume_on_start = resume_on_start
         self.grace_s = grace_s
         self.server, self.port, self.health = build_server(
-            [(gateway_pb2_grpc.add_GatewayServiceServicer_to_server, self.servicer)], address,
-            workers=workers, auth_token=auth_token)
+            [(gateway_pb2_grpc.add_GatewayServiceServicer_to_server, self.servicer)],
+            address,
+            workers=workers,
+            auth_token=auth_token,
+        )
         host = address.rsplit(":", 1)[0]
         self.address = f"{'127.0.0.1' if host in ('0.0.0.0', '[::]', '') else host}:{self.port}"
         self._stopped = False
 
     @classmethod
     def from_config(cls, config: GatewayConfig) -> "Gateway":
-        return cls(config.storage_url, config.extractor_address, config.optimizer_address,
-                   config.evaluator_addresses, address=config.address, auth_token=config.auth_token,
-                   service_token=config.service_token, resume_on_start=config.resume_on_start,
-                   workers=config.workers, grace_s=config.grace_s, retry_window_s=config.retry_window_s,
-                   database_patience_s=config.database_patience_s, database_check_s=config.database_check_s)
+        return cls(
+            config.storage_url,
+            config.extractor_address,
+            config.optimizer_address,
+            config.evaluator_addresses,
+            address=config.address,
+            auth_token=config.auth_token,
+            service_token=config.service_token,
+            resume_on_start=config.resume_on_start,
+            workers=config.workers,
+            grace_s=config.grace_s,
+            retry_window_s=config.retry_window_s,
+            database_patience_s=config.database_patience_s,
+            database_check_s=config.database_check_s,
+        )
 
     def start(self) -> "Gateway":
         self.server.start()
         resumed = self.orchestrator.recover(resume=self.resume_on_start)
         if resumed:
-            log.info("%d job(s) left running by a previous gateway %s", len(resumed),
-                     "resumed" if self.resume_on_start else "marked INTERRUPTED")
+            log.info(
+                "%d job(s) left running by a previous gateway %s",
+                len(resumed),
+                "resumed" if self.resume_on_start else "marked INTERRUPTED",
+            )
         self.health.set_serving()
         # From now on health follows the job store's database (NOT_SERVING while it is away).
-        threading.Thread(target=watch_database, args=(self.store.ping, self.health.set_serving, self._watch_stop,
-                                                      self.database_check_s, "job store"),
-                         name="gateway-database", daemon=True).start()
+        threading.Thread(
+            target=watch_database,
+            args=(self.store.ping, self.health.set_serving, self._watch_stop, self.database_check_s, "job store"),
+            name="gateway-database",
+            daemon=True,
+        ).start()
         return self
 
     def stop(self, grace_s: float | None = None) -> None:

@@ -12,18 +12,21 @@ class GatewayConfig(ServiceSettings):
     model_config = SettingsConfigDict(env_prefix="ABLITERATE_GATEWAY_")
 
     address: str = Field("0.0.0.0:50050", description="host:port to listen on")
-    storage_url: str = Field(f"sqlite:///{DEFAULT_DATA_DIR}/gateway.db",
-                             description="job store: postgresql+psycopg://... or sqlite:///path")
+    storage_url: str = Field(
+        f"sqlite:///{DEFAULT_DATA_DIR}/gateway.db", description="job store: postgresql+psycopg://... or sqlite:///path"
+    )
     extractor_address: str = Field("127.0.0.1:50051", description="extractor host:port")
     optimizer_address: str = Field("127.0.0.1:50053", description="optimizer host:port")
-    evaluator_addresses: list[str] = Field(default_factory=lambda: ["127.0.0.1:50052"],
-                                           description="evaluators for export and chat, comma separated")
+    evaluator_addresses: list[str] = Field(
+        default_factory=lambda: ["127.0.0.1:50052"], description="evaluators for export and chat, comma separated"
+    )
     auth_token: str | None = Field(None, description="bearer token callers must send")
     service_token: str | None = Field(None, description="bearer token sent to the internal services")
     resume_on_start: bool = Field(True, description="resume jobs left running (false: mark them INTERRUPTED)")
     retry_window_s: float = Field(600.0, description="seconds a job retries an UNAVAILABLE extractor/optimizer")
-    database_patience_s: float = Field(600.0, description="seconds a job's store write is retried through a "
-                                                          "database outage before the job fails")
+    database_patience_s: float = Field(
+        600.0, description="seconds a job's store write is retried through a database outage before the job fails"
+    )
     database_check_s: float = Field(5.0, description="period of the database check behind health")
     workers: int = Field(16, description="gRPC worker threads (each watcher holds one)")
     grace_s: float = Field(5.0, description="seconds calls in flight get at shutdown")

@@ -18,8 +18,10 @@ DEFAULT_KL_CAP = 1.0
 
 
 def selection_rule(kl_cap: float) -> str:
-    return (f"fewest refusals among Pareto trials with KL <= {kl_cap:g}, ties by lower KL; "
-            f"if none is under the cap: lowest KL")
+    return (
+        f"fewest refusals among Pareto trials with KL <= {kl_cap:g}, ties by lower KL; "
+        f"if none is under the cap: lowest KL"
+    )
 
 
 def effective_kl_cap(spec: gateway_pb2.JobSpec, override: float | None = None) -> float:
@@ -63,8 +65,9 @@ def front_message(front: Sequence[common_pb2.Trial], kl_cap: float) -> gateway_p
 
 
 def phase_event(previous: int, current: int, message: str = "") -> gateway_pb2.JobEvent:
-    return gateway_pb2.JobEvent(phase_changed=gateway_pb2.PhaseChanged(previous=previous, current=current,
-                                                                       message=message))
+    return gateway_pb2.JobEvent(
+        phase_changed=gateway_pb2.PhaseChanged(previous=previous, current=current, message=message)
+    )
 
 
 def progress_event(progress: common_pb2.Progress, eta_s: float | None = None) -> gateway_pb2.JobEvent:
@@ -116,16 +119,16 @@ class EventBus:
     def wait(self, job_id: str, seen_version: int, timeout_s: float) -> int:
         """Block until the job's version moves past ``seen_version`` (or timeout/close); return it."""
         with self._cond:
-            self._cond.wait_for(lambda: self._closed or self._version.get(job_id, 0) != seen_version,
-                                timeout=timeout_s)
+            self._cond.wait_for(lambda: self._closed or self._version.get(job_id, 0) != seen_version, timeout=timeout_s)
             return self._version.get(job_id, 0)
 
     @property
     def closed(self) -> bool:
         return self._closed
 
-    def follow(self, job_id: str, after_sequence: int, is_active: Callable[[], bool],
-               poll_s: float = 1.0) -> Iterator[gateway_pb2.JobEvent]:
+    def follow(
+        self, job_id: str, after_sequence: int, is_active: Callable[[], bool], poll_s: float = 1.0
+    ) -> Iterator[gateway_pb2.JobEvent]:
         """Stored events with sequence > after_sequence, then live ones; stops once the job is in a
         terminal phase and every stored event has been yielded (or the caller goes away)."""
         last = after_sequence

@@ -55,8 +55,7 @@ events_table = sa.Table(
     "gateway_job_events",
     metadata,
     sa.Column("job_id", sa.String(32), sa.ForeignKey("gateway_jobs.id", ondelete="CASCADE"), primary_key=True),
-    sa.Column("sequence", sa.BigInteger().with_variant(sa.Integer, "sqlite"), primary_key=True,
-              autoincrement=False),
+    sa.Column("sequence", sa.BigInteger().with_variant(sa.Integer, "sqlite"), primary_key=True, autoincrement=False),
     sa.Column("time", sa.Float, nullable=False),
     sa.Column("event_json", sa.Text, nullable=False),
 )
@@ -71,8 +70,7 @@ artifacts_table = sa.Table(
 
 P = gateway_pb2
 RUNNING_PHASES = frozenset({P.JOB_PHASE_QUEUED, P.JOB_PHASE_EXTRACTING, P.JOB_PHASE_OPTIMIZING})
-TERMINAL_PHASES = frozenset({P.JOB_PHASE_SUCCEEDED, P.JOB_PHASE_FAILED, P.JOB_PHASE_CANCELLED,
-                             P.JOB_PHASE_INTERRUPTED})
+TERMINAL_PHASES = frozenset({P.JOB_PHASE_SUCCEEDED, P.JOB_PHASE_FAILED, P.JOB_PHASE_CANCELLED, P.JOB_PHASE_INTERRUPTED})
 
 
 def phase_name(phase: int) -> str:
@@ -106,9 +104,15 @@ class JobRecord:
 
     def to_pb(self) -> gateway_pb2.Job:
         job = gateway_pb2.Job(
-            id=self.id, name=self.name, spec=self.spec, phase=self.phase, error=self.error,
-            direction_set_id=self.direction_set_id, study_name=self.study_name,
-            n_trials_complete=self.n_trials_complete, n_trials_failed=self.n_trials_failed,
+            id=self.id,
+            name=self.name,
+            spec=self.spec,
+            phase=self.phase,
+            error=self.error,
+            direction_set_id=self.direction_set_id,
+            study_name=self.study_name,
+            n_trials_complete=self.n_trials_complete,
+            n_trials_failed=self.n_trials_failed,
         )
         job.created_at.FromNanoseconds(int(self.created_at * 1e9))
         job.updated_at.FromNanoseconds(int(self.updated_at * 1e9))
@@ -137,15 +141,27 @@ def _from_json(text: str, cls: Any) -> Any:
 def _row_to_record(row: Any) -> JobRecord:
     diagnostics: list[extractor_pb2.LayerDiagnostics] = []
     if row.diagnostics_json:
-        diagnostics = [json_format.ParseDict(d, extractor_pb2.LayerDiagnostics(), ignore_unknown_fields=True)
-                       for d in json.loads(row.diagnostics_json)]
+        diagnostics = [
+            json_format.ParseDict(d, extractor_pb2.LayerDiagnostics(), ignore_unknown_fields=True)
+            for d in json.loads(row.diagnostics_json)
+        ]
     return JobRecord(
-        id=row.id, name=row.name, spec=_from_json(row.spec_json, gateway_pb2.JobSpec), phase=row.phase,
-        error=row.error or "", direction_set_id=row.direction_set_id or "", study_name=row.study_name or "",
+        id=row.id,
+        name=row.name,
+        spec=_from_json(row.spec_json, gateway_pb2.JobSpec),
+        phase=row.phase,
+        error=row.error or "",
+        direction_set_id=row.direction_set_id or "",
+        study_name=row.study_name or "",
         model=_from_json(row.model_json, common_pb2.ModelInfo) if row.model_json else None,
-        diagnostics=diagnostics, n_trials_complete=row.n_trials_complete or 0,
-        n_trials_failed=row.n_trials_failed or 0, eta_s=row.eta_s, auto_selected_trial=row.auto_selected_trial,
-        created_at=row.created_at, updated_at=row.updated_at, finished_at=row.finished_at,
+        diagnostics=diagnostics,
+        n_trials_complete=row.n_trials_complete or 0,
+        n_trials_failed=row.n_trials_failed or 0,
+        eta_s=row.eta_s,
+        auto_selected_trial=row.auto_selected_trial,
+        created_at=row.created_at,
+        updated_at=row.updated_at,
+        finished_at=row.finished_at,
     )
 
 
@@ -198,12 +214,26 @@ class JobStore:
             if taken is not None:
                 raise AlreadyExists(f"a job named {spec.name!r} already exists (id {taken.id})")
             try:
-                conn.execute(jobs_table.insert().values(
-                    id=job_id, name=spec.name, spec_json=_to_json(spec), phase=phase, error="",
-                    direction_set_id="", study_name="", model_json="", diagnostics_json="",
-                    n_trials_complete=0, n_trials_failed=0, eta_s=None, auto_selected_trial=None,
-                    created_at=now, updated_at=now, finished_at=None,
-                ))
+                conn.execute(
+                    jobs_table.insert().values(
+                        id=job_id,
+                        name=spec.name,
+                        spec_json=_to_json(spec),
+                        phase=phase,
+                        error="",
+                        direction_set_id="",
+                        study_name="",
+                        model_json="",
+                        diagnostics_json="",
+                        n_trials_complete=0,
+                        n_trials_failed=0,
+                        eta_s=None,
+                        auto_selected_trial=None,
+                        created_at=now,
+                        updated_at=now,
+                        finished_at=None,
+                    )
+                )
             except sa.exc.IntegrityError as exc:
                 raise AlreadyExists(f"a job named {spec.name!r} already exists") from exc
         return self.get(job_id)
@@ -213,8 +243,9 @@ class JobStore:
         if not id_or_name:
             raise InvalidArgument("job_id is empty")
         with self.engine.connect() as conn:
-            row = conn.execute(sa.select(jobs_table).where(
-                sa.or_(jobs_table.c.id == id_or_name, jobs_table.c.name == id_or_name))).first()
+            row = conn.execute(
+                sa.select(jobs_table).where(sa.or_(jobs_table.c.id == id_or_name, jobs_table.c.name == id_or_name))
+            ).first()
         if row is None:
             raise NotFound(f"no job with id or name {id_or_name!r}")
         return _row_to_record(row)
@@ -244,7 +275,8 @@ class JobStore:
                 values["model_json"] = _to_json(value) if value is not None else ""
             elif key == "diagnostics":
                 values["diagnostics_json"] = json.dumps(
-                    [json_format.MessageToDict(d, preserving_proto_field_name=True) for d in value])
+                    [json_format.MessageToDict(d, preserving_proto_field_name=True) for d in value]
+                )
             else:
                 values[key] = value
         values["updated_at"] = time.time()
@@ -266,14 +298,18 @@ class JobStore:
         event = gateway_pb2.JobEvent.FromString(event.SerializeToString())
         now = time.time()
         with self._lock, self.engine.begin() as conn:
-            last = conn.execute(sa.select(sa.func.max(events_table.c.sequence))
-                                .where(events_table.c.job_id == job_id)).scalar()
+            last = conn.execute(
+                sa.select(sa.func.max(events_table.c.sequence)).where(events_table.c.job_id == job_id)
+            ).scalar()
             event.sequence = int(last or 0) + 1
             event.job_id = job_id
             if not event.HasField("time"):
                 event.time.FromNanoseconds(int(now * 1e9))
-            conn.execute(events_table.insert().values(
-                job_id=job_id, sequence=event.sequence, time=now, event_json=_to_json(event)))
+            conn.execute(
+                events_table.insert().values(
+                    job_id=job_id, sequence=event.sequence, time=now, event_json=_to_json(event)
+                )
+            )
         return event
 
     def events_after(self, job_id: str, after_sequence: int = 0, limit: int = 1000) -> list[gateway_pb2.JobEvent]:
@@ -281,20 +317,25 @@ class JobStore:
             rows = conn.execute(
                 sa.select(events_table.c.event_json)
                 .where(events_table.c.job_id == job_id, events_table.c.sequence > after_sequence)
-                .order_by(events_table.c.sequence).limit(limit)).all()
+                .order_by(events_table.c.sequence)
+                .limit(limit)
+            ).all()
         return [_from_json(r.event_json, gateway_pb2.JobEvent) for r in rows]
 
     def last_sequence(self, job_id: str) -> int:
         with self.engine.connect() as conn:
-            return int(conn.execute(sa.select(sa.func.max(events_table.c.sequence))
-                                    .where(events_table.c.job_id == job_id)).scalar() or 0)
+            return int(
+                conn.execute(
+                    sa.select(sa.func.max(events_table.c.sequence)).where(events_table.c.job_id == job_id)
+                ).scalar()
+                or 0
+            )
 
     # ------------------------------------------------------------- artifacts
 
     def put_artifact(self, sha256: str, data: bytes) -> None:
         with self._lock, self.engine.begin() as conn:
-            exists = conn.execute(sa.select(artifacts_table.c.sha256)
-                                  .where(artifacts_table.c.sha256 == sha256)).first()
+            exists = conn.execute(sa.select(artifacts_table.c.sha256).where(artifacts_table.c.sha256 == sha256)).first()
             if exists is None:
                 conn.execute(artifacts_table.insert().values(sha256=sha256, data=data, created_at=time.time()))
 

@@ -99,8 +99,10 @@ def validate_spec(spec: gateway_pb2.JobSpec) -> None:
     if q != 0 and not (0.5 < q < 1):
         raise InvalidArgument(f"options.extraction.winsorize_quantile must be 0 or in (0.5, 1), got {q}")
     if extraction.winsorize_scope and extraction.winsorize_scope not in WINSORIZE_SCOPES:
-        raise InvalidArgument(f"options.extraction.winsorize_scope must be one of {list(WINSORIZE_SCOPES)}, "
-                              f"got {extraction.winsorize_scope[:40]!r}")
+        raise InvalidArgument(
+            f"options.extraction.winsorize_scope must be one of {list(WINSORIZE_SCOPES)}, "
+            f"got {extraction.winsorize_scope[:40]!r}"
+        )
     if extraction.orthogonalize_against_sacred and not extraction.sacred:
         raise InvalidArgument("options.extraction.orthogonalize_against_sacred needs sacred directions")
     if spec.options.trial_timeout_s < 0 or not math.isfinite(spec.options.trial_timeout_s):
@@ -115,8 +117,9 @@ def _code_name(exc: BaseException) -> str:
 
 
 def _spec_settings_json(spec: gateway_pb2.JobSpec) -> str:
-    return json.dumps({"job_name": spec.name,
-                       "job_spec": json_format.MessageToDict(spec, preserving_proto_field_name=True)})
+    return json.dumps(
+        {"job_name": spec.name, "job_spec": json_format.MessageToDict(spec, preserving_proto_field_name=True)}
+    )
 
 
 # ------------------------------------------------------------------ runner
@@ -266,8 +269,10 @@ class Orchestrator:
         ids = []
         for job in self.store.jobs_in_phases(RUNNING_PHASES):
             if resume:
-                self.bus.publish(job.id, ev.progress_event(common_pb2.Progress(
-                    phase="gateway", message="gateway restarted; job resumed")))
+                self.bus.publish(
+                    job.id,
+                    ev.progress_event(common_pb2.Progress(phase="gateway", message="gateway restarted; job resumed")),
+                )
                 self.start(job.id)
             else:
                 self._transition(job.id, P.JOB_PHASE_INTERRUPTED, "the gateway restarted while the job ran")
@@ -298,8 +303,9 @@ class Orchestrator:
         or fail the job); UNAVAILABLE once ``database_patience_s`` runs out."""
         return retry_through_outage(function, what=what, patience_s=self.database_patience_s)
 
-    def _transition(self, job_id: str, phase: int, message: str = "", runner: _Runner | None = None,
-                    **fields: Any) -> None:
+    def _transition(
+        self, job_id: str, phase: int, message: str = "", runner: _Runner | None = None, **fields: Any
+    ) -> None:
         def write() -> None:
             # The event first, then the phase: a watcher ends once the job is terminal and it has seen
             # every stored event, so the terminal event must be stored before the phase says so.
@@ -340,14 +346,21 @@ class Orchestrator:
         job_id = runner.job_id
         try:
             job = self._store_call(lambda: self.store.get(job_id), f"job {job_id}: reading it")
-            blob = (self._store_call(lambda: self.store.get_artifact(job.direction_set_id), "reading directions")
-                    if job.direction_set_id else None)
+            blob = (
+                self._store_call(lambda: self.store.get_artifact(job.direction_set_id), "reading directions")
+                if job.direction_set_id
+                else None
+            )
             if blob is None:
                 self._transition(job_id, P.JOB_PHASE_EXTRACTING, "extracting directions", runner=runner)
                 blob = self._retrying(runner, "extractor", lambda: self._extract(runner, job))
                 job = self._store_call(lambda: self.store.get(job_id), f"job {job_id}: reading it")
-            self._transition(job_id, P.JOB_PHASE_OPTIMIZING, f"direction set {job.direction_set_id[:12]}; "
-                             f"running the study to {job.spec.n_trials} trials", runner=runner)
+            self._transition(
+                job_id,
+                P.JOB_PHASE_OPTIMIZING,
+                f"direction set {job.direction_set_id[:12]}; running the study to {job.spec.n_trials} trials",
+                runner=runner,
+            )
             self._optimize(runner, job, blob)
         except _Detached:
             log.info("job %s runner detached", job_id)
@@ -360,8 +373,14 @@ class Orchestrator:
             message = str(exc) or type(exc).__name__
             try:
                 self._write(runner, ev.error_event(code, message, recoverable=False))
-                self._transition(job_id, P.JOB_PHASE_FAILED, f"{code}: {message}", runner=runner,
-                                 error=f"{code}: {message}", eta_s=None)
+                self._transition(
+                    job_id,
+                    P.JOB_PHASE_FAILED,
+                    f"{code}: {message}",
+                    runner=runner,
+                    error=f"{code}: {message}",
+                    eta_s=None,
+                )
             except _Detached:
                 pass
         finally:
@@ -372,8 +391,8 @@ class Orchestrator:
     def _extract(self, runner: _Runner, job: JobRecord) -> bytes:
         spec = job.spec
         request = extractor_pb2.ExtractDirectionsRequest(
-            harmful=spec.harmful_train, harmless=spec.harmless_train, options=spec.options.extraction,
-            model=spec.model)
+            harmful=spec.harmful_train, harmless=spec.harmless_train, options=spec.options.extraction, model=spec.model
+        )
         call = self.extractor().extract(request)
         self._set_call(runner, call)
         result = None
@@ -404,10 +423,19 @@ class Orchestrator:
         fields: dict[str, Any] = dict(direction_set_id=digest, diagnostics=list(result.layers))
         if model_info is not None:
             fields["model"] = model_info
-        self._write(runner, ev.progress_event(common_pb2.Progress(
-            phase="directions", done=1, total=1,
-            message=f"direction set {digest[:12]} from {result.n_harmful} harmful and "
-                    f"{result.n_harmless} harmless prompts")), **fields)
+        self._write(
+            runner,
+            ev.progress_event(
+                common_pb2.Progress(
+                    phase="directions",
+                    done=1,
+                    total=1,
+                    message=f"direction set {digest[:12]} from {result.n_harmful} harmful and "
+                    f"{result.n_harmless} harmless prompts",
+                )
+            ),
+            **fields,
+        )
         return data
 
     def _create_study(self, job: JobRecord, blob: bytes) -> str:
@@ -415,16 +443,25 @@ class Orchestrator:
         study_name = job.study_name or job.id
         options = spec.options
         request = optimizer_pb2.CreateStudyRequest(
-            study_name=study_name, direction_set_id=job.direction_set_id,
+            study_name=study_name,
+            direction_set_id=job.direction_set_id,
             directions=common_pb2.TensorBlob(safetensors=blob, sha256=job.direction_set_id),
             baseline=common_pb2.BaselineSpec(
-                kl_prompts=spec.harmless_eval, refusal_prompts=spec.harmful_eval,
-                max_new_tokens=spec.max_new_tokens, kl_tokens=options.kl_tokens,
-                refusal_markers=list(options.refusal_markers), model=spec.model),
-            n_trials=spec.n_trials, evaluator_addresses=self.evaluator_addresses,
-            job_settings_json=_spec_settings_json(spec), warm_start=list(options.warm_start),
-            trial_timeout_s=options.trial_timeout_s, max_trial_retries=options.max_trial_retries,
-            load_if_exists=True)
+                kl_prompts=spec.harmless_eval,
+                refusal_prompts=spec.harmful_eval,
+                max_new_tokens=spec.max_new_tokens,
+                kl_tokens=options.kl_tokens,
+                refusal_markers=list(options.refusal_markers),
+                model=spec.model,
+            ),
+            n_trials=spec.n_trials,
+            evaluator_addresses=self.evaluator_addresses,
+            job_settings_json=_spec_settings_json(spec),
+            warm_start=list(options.warm_start),
+            trial_timeout_s=options.trial_timeout_s,
+            max_trial_retries=options.max_trial_retries,
+            load_if_exists=True,
+        )
         if options.HasField("search_space"):
             request.search_space.CopyFrom(options.search_space)
         if spec.HasField("seed"):
@@ -459,8 +496,9 @@ class Orchestrator:
                 delay = min(15.0, self.retry_backoff_s * 2 ** min(attempt - 1, 10))
                 if time.monotonic() + delay > deadline:
                     raise
-                self._write(runner, ev.error_event("UNAVAILABLE", f"{what}: {exc}; retrying in {delay:.0f}s",
-                                                   recoverable=True))
+                self._write(
+                    runner, ev.error_event("UNAVAILABLE", f"{what}: {exc}; retrying in {delay:.0f}s", recoverable=True)
+                )
                 end = time.monotonic() + delay
                 while time.monotonic() < end:
                     runner.check()
@@ -505,13 +543,26 @@ class Orchestrator:
                 elif kind == "trial_failed":
                     tf = event.trial_failed
                     # The counts arrive with the next trial_finished or done event.
-                    self._write(runner, gateway_pb2.JobEvent(trial_failed=gateway_pb2.JobTrialFailed(
-                        number=tf.number, evaluator=tf.evaluator, error=tf.error, will_retry=tf.will_retry)))
+                    self._write(
+                        runner,
+                        gateway_pb2.JobEvent(
+                            trial_failed=gateway_pb2.JobTrialFailed(
+                                number=tf.number, evaluator=tf.evaluator, error=tf.error, will_retry=tf.will_retry
+                            )
+                        ),
+                    )
                 elif kind == "trial_retried":
                     tr = event.trial_retried
-                    self._write(runner, ev.progress_event(common_pb2.Progress(
-                        phase="retry", message=f"trial {tr.failed_number} re-enqueued as trial {tr.new_number} "
-                                               f"(attempt {tr.attempt})")))
+                    self._write(
+                        runner,
+                        ev.progress_event(
+                            common_pb2.Progress(
+                                phase="retry",
+                                message=f"trial {tr.failed_number} re-enqueued as trial {tr.new_number} "
+                                f"(attempt {tr.attempt})",
+                            )
+                        ),
+                    )
                 elif kind == "progress":
                     self._write(runner, ev.progress_event(event.progress))
                 elif kind == "done":
@@ -528,16 +579,24 @@ class Orchestrator:
     def _list_trials(self, study_name: str, pareto_only: bool = False) -> list[common_pb2.Trial]:
         return self.optimizer().list_trials(study_name, pareto_only, self.rpc_timeout_s)
 
-    def _on_trial_finished(self, runner: _Runner, job: JobRecord, tf: optimizer_pb2.TrialFinished,
-                           kl_cap: float, run_started: float, completed_this_run: int) -> None:
+    def _on_trial_finished(
+        self,
+        runner: _Runner,
+        job: JobRecord,
+        tf: optimizer_pb2.TrialFinished,
+        kl_cap: float,
+        run_started: float,
+        completed_this_run: int,
+    ) -> None:
         """Store the trial and the front the optimizer sent with it (no call back to the optimizer)."""
         n_target = tf.n_trials or job.spec.n_trials  # the study's target is the one that counts
         eta = tf.eta_s if tf.HasField("eta_s") else None
         if eta is None and completed_this_run > 0:
             per_trial = (time.monotonic() - run_started) / completed_this_run
             eta = per_trial * max(0, n_target - tf.n_complete)
-        finished = gateway_pb2.JobEvent(trial_finished=gateway_pb2.JobTrialFinished(
-            trial=tf.trial, n_complete=tf.n_complete, n_trials=n_target))
+        finished = gateway_pb2.JobEvent(
+            trial_finished=gateway_pb2.JobTrialFinished(trial=tf.trial, n_complete=tf.n_complete, n_trials=n_target)
+        )
         if eta is not None:
             finished.eta_s = eta
         front = ev.front_message(tf.front_trials, kl_cap)
@@ -545,22 +604,28 @@ class Orchestrator:
         if eta is not None:
             front_event.eta_s = eta
         auto = front.auto_selected_trial if front.HasField("auto_selected_trial") else None
-        self._write(runner, finished, n_trials_complete=tf.n_complete, n_trials_failed=tf.n_failed, eta_s=eta,
-                    auto_selected_trial=auto)
+        self._write(
+            runner,
+            finished,
+            n_trials_complete=tf.n_complete,
+            n_trials_failed=tf.n_failed,
+            eta_s=eta,
+            auto_selected_trial=auto,
+        )
         self._write(runner, front_event)
 
     def _on_done(self, runner: _Runner, job: JobRecord, done: optimizer_pb2.StudyDone, kl_cap: float) -> None:
         fields: dict[str, Any] = dict(n_trials_complete=done.n_complete, n_trials_failed=done.n_failed, eta_s=None)
         try:
             front = ev.front_message(self._list_trials(job.study_name, pareto_only=True), kl_cap)
-            fields["auto_selected_trial"] = (front.auto_selected_trial if front.HasField("auto_selected_trial")
-                                             else None)
+            fields["auto_selected_trial"] = front.auto_selected_trial if front.HasField("auto_selected_trial") else None
         except AbliterateError as exc:
             log.warning("ListTrials after the study ended failed: %s", exc)
         state = done.state
         if state == optimizer_pb2.STUDY_STATE_DONE:
-            self._transition(job.id, P.JOB_PHASE_SUCCEEDED, f"{done.n_complete} trials complete",
-                             runner=runner, **fields)
+            self._transition(
+                job.id, P.JOB_PHASE_SUCCEEDED, f"{done.n_complete} trials complete", runner=runner, **fields
+            )
         elif state == optimizer_pb2.STUDY_STATE_STOPPED:
             # CancelJob detaches the runner before it stops the study, so a STOPPED seen here comes from
             # the optimizer itself (shutdown or restart): re-attach once it is back, as RunStudy resumes.
@@ -583,8 +648,7 @@ class Orchestrator:
         if not job.study_name:
             raise FailedPrecondition(f"job {job.name} has no study yet (phase {phase_name(job.phase)})")
         if number is None:
-            chosen = ev.auto_select(self._list_trials(job.study_name, pareto_only=True),
-                                    ev.effective_kl_cap(job.spec))
+            chosen = ev.auto_select(self._list_trials(job.study_name, pareto_only=True), ev.effective_kl_cap(job.spec))
             if chosen is None:
                 raise FailedPrecondition(f"job {job.name} has no COMPLETE trial yet")
             return chosen
@@ -592,8 +656,9 @@ class Orchestrator:
         for trial in trials:
             if trial.number == number:
                 if trial.state != common_pb2.TRIAL_STATE_COMPLETE:
-                    raise FailedPrecondition(f"trial {number} of job {job.name} is "
-                                             f"{common_pb2.TrialState.Name(trial.state)}, not COMPLETE")
+                    raise FailedPrecondition(
+                        f"trial {number} of job {job.name} is {common_pb2.TrialState.Name(trial.state)}, not COMPLETE"
+                    )
                 return trial
         raise NotFound(f"job {job.name} has no trial {number}")
 
@@ -612,15 +677,21 @@ class Orchestrator:
                 last = exc
         raise Unavailable(f"no evaluator is free ({last})")
 
-    def export(self, request: gateway_pb2.GatewayServiceExportModelRequest
-               ) -> gateway_pb2.GatewayServiceExportModelResponse:
+    def export(
+        self, request: gateway_pb2.GatewayServiceExportModelRequest
+    ) -> gateway_pb2.GatewayServiceExportModelResponse:
         if not request.path:
             raise InvalidArgument("path is required")
         job = self.store.get(request.job_id)
         trial = self.resolve_trial(job, request.trial_number if request.HasField("trial_number") else None)
         forward = evaluator_pb2.EvaluatorServiceExportModelRequest(
-            direction_set_id=job.direction_set_id, params=trial.params, path=request.path,
-            format=request.format, hub_private=request.hub_private, overwrite=request.overwrite)
+            direction_set_id=job.direction_set_id,
+            params=trial.params,
+            path=request.path,
+            format=request.format,
+            hub_private=request.hub_private,
+            overwrite=request.overwrite,
+        )
         if request.HasField("hub_repo"):
             forward.hub_repo = request.hub_repo
 
@@ -630,13 +701,16 @@ class Orchestrator:
 
         result = self._on_evaluator(call)
         response = gateway_pb2.GatewayServiceExportModelResponse(
-            trial_number=trial.number, path=result.path, files=list(result.files),
-            bytes_written=result.bytes_written, hub_url=result.hub_url)
+            trial_number=trial.number,
+            path=result.path,
+            files=list(result.files),
+            bytes_written=result.bytes_written,
+            hub_url=result.hub_url,
+        )
         response.timings_s.update(result.timings_s)
         return response
 
-    def chat(self, request: gateway_pb2.GatewayServiceChatRequest
-             ) -> Iterator[gateway_pb2.GatewayServiceChatResponse]:
+    def chat(self, request: gateway_pb2.GatewayServiceChatRequest) -> Iterator[gateway_pb2.GatewayServiceChatResponse]:
         if not request.messages:
             raise InvalidArgument("messages is empty")
         job = self.store.get(request.job_id)
@@ -661,8 +735,9 @@ class Orchestrator:
 
         first, stream = self._on_evaluator(start)
         for chunk in _chain([first] if first is not None else [], stream):
-            out = gateway_pb2.GatewayServiceChatResponse(text=chunk.text, finish_reason=chunk.finish_reason,
-                                                         n_tokens=chunk.n_tokens)
+            out = gateway_pb2.GatewayServiceChatResponse(
+                text=chunk.text, finish_reason=chunk.finish_reason, n_tokens=chunk.n_tokens
+            )
             out.timings_s.update(chunk.timings_s)
             if trial is not None:
                 out.trial_number = trial.number

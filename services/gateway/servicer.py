@@ -24,7 +24,9 @@ def _timed(start: float, **extra: float) -> dict[str, float]:
 
 
 class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
-    def __init__(self, store: JobStore, bus: ev.EventBus, orchestrator: Orchestrator, watch_poll_s: float = 1.0) -> None:
+    def __init__(
+        self, store: JobStore, bus: ev.EventBus, orchestrator: Orchestrator, watch_poll_s: float = 1.0
+    ) -> None:
         self.store = store
         self.bus = bus
         self.orchestrator = orchestrator
@@ -37,8 +39,9 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
         job = self.orchestrator.submit(request.spec)
         return gateway_pb2.SubmitJobResponse(job=job.to_pb(), timings_s=_timed(start))
 
-    def WatchJob(self, request: gateway_pb2.WatchJobRequest, context: grpc.ServicerContext
-                 ) -> Iterator[gateway_pb2.WatchJobResponse]:
+    def WatchJob(
+        self, request: gateway_pb2.WatchJobRequest, context: grpc.ServicerContext
+    ) -> Iterator[gateway_pb2.WatchJobResponse]:
         job = self.store.get(request.job_id)
         if request.HasField("after_sequence"):
             after = request.after_sequence
@@ -47,8 +50,11 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
             after = self.store.last_sequence(job.id)
             job = self.store.get(job.id)
             snapshot = ev.phase_event(job.phase, job.phase, f"snapshot of {job.name}")
-            front = self.orchestrator.pareto_front(job.id) if job.study_name else ev.front_message(
-                [], ev.effective_kl_cap(job.spec))
+            front = (
+                self.orchestrator.pareto_front(job.id)
+                if job.study_name
+                else ev.front_message([], ev.effective_kl_cap(job.spec))
+            )
             for event in (snapshot, gateway_pb2.JobEvent(pareto_front=front)):
                 event.sequence = after
                 event.job_id = job.id
@@ -88,10 +94,10 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
         front = self.orchestrator.pareto_front(request.job_id, kl_cap)
         return gateway_pb2.GetParetoFrontResponse(front=front, timings_s=_timed(start))
 
-    def ExportModel(self, request: gateway_pb2.GatewayServiceExportModelRequest, context: grpc.ServicerContext
-                    ) -> Any:
+    def ExportModel(self, request: gateway_pb2.GatewayServiceExportModelRequest, context: grpc.ServicerContext) -> Any:
         return self.orchestrator.export(request)
 
-    def Chat(self, request: gateway_pb2.GatewayServiceChatRequest, context: grpc.ServicerContext
-             ) -> Iterator[gateway_pb2.GatewayServiceChatResponse]:
+    def Chat(
+        self, request: gateway_pb2.GatewayServiceChatRequest, context: grpc.ServicerContext
+    ) -> Iterator[gateway_pb2.GatewayServiceChatResponse]:
         yield from self.orchestrator.chat(request)

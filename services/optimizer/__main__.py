@@ -26,14 +26,22 @@ log = logging.getLogger("abliterate_services.optimizer")
 
 def make_servicer(config: OptimizerConfig) -> OptimizerServicer:
     options = DispatchOptions(
-        health_interval_s=config.health_interval_s, busy_retry_s=config.busy_retry_s,
-        prepare_timeout_s=config.prepare_timeout_s, give_up_s=config.give_up_s,
-        max_message_bytes=config.max_message_bytes, token=config.service_token or "",
-        heartbeat_interval_s=config.heartbeat_interval_s, grace_period_s=config.grace_period_s,
+        health_interval_s=config.health_interval_s,
+        busy_retry_s=config.busy_retry_s,
+        prepare_timeout_s=config.prepare_timeout_s,
+        give_up_s=config.give_up_s,
+        max_message_bytes=config.max_message_bytes,
+        token=config.service_token or "",
+        heartbeat_interval_s=config.heartbeat_interval_s,
+        grace_period_s=config.grace_period_s,
         database_patience_s=config.database_patience_s,
     )
-    return OptimizerServicer(config.storage_url, evaluator_addresses=config.evaluator_addresses,
-                             blob_dir=config.blob_dir or None, options=options)
+    return OptimizerServicer(
+        config.storage_url,
+        evaluator_addresses=config.evaluator_addresses,
+        blob_dir=config.blob_dir or None,
+        options=options,
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -47,13 +55,20 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     server, port, health = build_server(
-        [(optimizer_pb2_grpc.add_OptimizerServiceServicer_to_server, servicer)], config.address,
-        max_message_bytes=config.max_message_bytes, workers=config.workers, auth_token=config.auth_token)
+        [(optimizer_pb2_grpc.add_OptimizerServiceServicer_to_server, servicer)],
+        config.address,
+        max_message_bytes=config.max_message_bytes,
+        workers=config.workers,
+        auth_token=config.auth_token,
+    )
     server.start()
     print(f"optimizer serving on port {port}", file=sys.stderr, flush=True)
     stop = threading.Event()
-    waiter = threading.Thread(target=watch_database, args=(servicer.connect, health.set_serving, stop,
-                                                           config.database_check_s, "storage"), daemon=True)
+    waiter = threading.Thread(
+        target=watch_database,
+        args=(servicer.connect, health.set_serving, stop, config.database_check_s, "storage"),
+        daemon=True,
+    )
     waiter.start()
     try:
         # Loops first, so their last trials are told while the server still answers watchers.

@@ -13,12 +13,16 @@ class OptimizerConfig(ServiceSettings):
     model_config = SettingsConfigDict(env_prefix="ABLITERATE_OPTIMIZER_")
 
     address: str = Field("0.0.0.0:50053", description="host:port to listen on")
-    storage_url: str = Field(f"sqlite:///{DEFAULT_DATA_DIR}/optimizer.db",
-                             description="Optuna storage: postgresql+psycopg://... or sqlite:///path")
-    evaluator_addresses: list[str] = Field(default_factory=list,
-                                           description="evaluators of every study, comma separated")
-    blob_dir: str = Field(f"{DEFAULT_DATA_DIR}/directions",
-                          description="folder keeping direction-set bytes across restarts ('' = memory)")
+    storage_url: str = Field(
+        f"sqlite:///{DEFAULT_DATA_DIR}/optimizer.db",
+        description="Optuna storage: postgresql+psycopg://... or sqlite:///path",
+    )
+    evaluator_addresses: list[str] = Field(
+        default_factory=list, description="evaluators of every study, comma separated"
+    )
+    blob_dir: str = Field(
+        f"{DEFAULT_DATA_DIR}/directions", description="folder keeping direction-set bytes across restarts ('' = memory)"
+    )
     max_message_bytes: int = Field(DEFAULT_MAX_MESSAGE_BYTES, description="gRPC message limit")
     auth_token: str | None = Field(None, description="bearer token callers must send")
     service_token: str | None = Field(None, description="bearer token sent to evaluators")
@@ -28,12 +32,16 @@ class OptimizerConfig(ServiceSettings):
     give_up_s: float = Field(900.0, description="a study with no usable evaluator this long fails")
     workers: int = Field(16, description="gRPC worker threads (each watcher holds one)")
     grace_s: float = Field(10.0, description="seconds trials in flight get at shutdown")
-    heartbeat_interval_s: int = Field(10, description="seconds between heartbeats of a trial "
-                                                      "in flight (Optuna's RDB heartbeat)")
-    grace_period_s: int = Field(60, description="seconds without a heartbeat before any optimizer of the study "
-                                                "fails the trial and re-enqueues it")
-    database_patience_s: float = Field(600.0, description="seconds a database call is retried through an outage "
-                                                          "before it fails")
+    heartbeat_interval_s: int = Field(
+        10, description="seconds between heartbeats of a trial in flight (Optuna's RDB heartbeat)"
+    )
+    grace_period_s: int = Field(
+        60,
+        description="seconds without a heartbeat before any optimizer of the study fails the trial and re-enqueues it",
+    )
+    database_patience_s: float = Field(
+        600.0, description="seconds a database call is retried through an outage before it fails"
+    )
     database_check_s: float = Field(5.0, description="period of the database check behind health")
     log_level: str = Field("INFO", description="log level")
 

@@ -52,7 +52,6 @@ from pathlib import Path
 from typing import TypeVar
 
 import optuna
-from abliterate_services.optimizer import study as st
 from optuna.trial import TrialState
 
 from abliterate.database import DEFAULT_PATIENCE_S, StudyLock, retry_through_outage
@@ -70,13 +69,15 @@ from abliterate.rpc.errors import Cancelled, DeadlineExceeded
 from abliterate.rpc.limits import DEFAULT_MAX_MESSAGE_BYTES
 from abliterate.rpc.tensors import sha256_hex
 from abliterate.v1 import common_pb2, evaluator_pb2, optimizer_pb2
+from abliterate_services.optimizer import study as st
 
 log = logging.getLogger(__name__)
 
 # The heartbeat is driven here (ask/tell), not by Study.optimize; both warnings say only that.
 warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used with Study.optimize")
-warnings.filterwarnings("ignore", message=r".*fail_stale_trials is experimental",
-                        category=optuna.exceptions.ExperimentalWarning)
+warnings.filterwarnings(
+    "ignore", message=r".*fail_stale_trials is experimental", category=optuna.exceptions.ExperimentalWarning
+)
 
 S = optimizer_pb2  # enum namespace
 T = TypeVar("T")
@@ -182,8 +183,9 @@ class EvaluatorWorker(threading.Thread):
     @property
     def client(self) -> EvaluatorClient:
         if self._client is None:
-            self._client = EvaluatorClient(self.address, token=self.options.token or None,
-                                           max_message_bytes=self.options.max_message_bytes)
+            self._client = EvaluatorClient(
+                self.address, token=self.options.token or None, max_message_bytes=self.options.max_message_bytes
+            )
         return self._client
 
     def _reset_channel(self) -> None:
@@ -294,16 +296,20 @@ class EvaluatorWorker(threading.Thread):
         self.state = S.EVALUATOR_STATE_BUSY
         self.current_trial = number
         request = evaluator_pb2.EvaluateTrialRequest(
-            direction_set_id=runner.settings.direction_set_id, params=params_to_pb(params),
-            baseline_id=self.baseline_id, trial_number=number)
+            direction_set_id=runner.settings.direction_set_id,
+            params=params_to_pb(params),
+            baseline_id=self.baseline_id,
+            trial_number=number,
+        )
         started = time.monotonic()
         lease_deadline = started + runner.settings.trial_timeout_s
         reprepared = False
         while True:
             remaining = lease_deadline - time.monotonic()
             if remaining <= 0:
-                runner.fail_trial(self, number, f"lease expired after {runner.settings.trial_timeout_s:.0f}s",
-                                  retry=True)
+                runner.fail_trial(
+                    self, number, f"lease expired after {runner.settings.trial_timeout_s:.0f}s", retry=True
+                )
                 return
             call_started = time.monotonic()
             try:
@@ -332,8 +338,9 @@ class EvaluatorWorker(threading.Thread):
                 reprepared = True
                 self.prepared = False
                 if not self._prepare():
-                    runner.fail_trial(self, number, f"evaluator could not be prepared again: {_error_text(exc)}",
-                                      retry=True)
+                    runner.fail_trial(
+                        self, number, f"evaluator could not be prepared again: {_error_text(exc)}", retry=True
+                    )
                     return
                 request.baseline_id = self.baseline_id
                 self.state = S.EVALUATOR_STATE_BUSY
@@ -347,8 +354,9 @@ class EvaluatorWorker(threading.Thread):
                 return
             if response is None:  # abandoned, or the evaluator was lost (already handled)
                 return
-            runner.complete_trial(self, trial, response, rpc_s=time.monotonic() - call_started,
-                                  lease_s=time.monotonic() - started)
+            runner.complete_trial(
+                self, trial, response, rpc_s=time.monotonic() - call_started, lease_s=time.monotonic() - started
+            )
             return
 
     def _await_trial(self, call: PendingCall, number: int) -> evaluator_pb2.EvaluateTrialResponse | None:
@@ -374,8 +382,9 @@ class EvaluatorWorker(threading.Thread):
                 return None
 
     def info(self, n_done: int) -> optimizer_pb2.EvaluatorInfo:
-        msg = optimizer_pb2.EvaluatorInfo(address=self.address, state=self.state, n_trials_done=n_done,
-                                          last_error=self.last_error)
+        msg = optimizer_pb2.EvaluatorInfo(
+            address=self.address, state=self.state, n_trials_done=n_done, last_error=self.last_error
+        )
         current = self.current_trial
         if current is not None:
             msg.current_trial = current
@@ -393,8 +402,14 @@ class StudyRunner:
     optimizer notices its stale heartbeat first.
     """
 
-    def __init__(self, storage: optuna.storages.RDBStorage, name: str, directions: DirectionStore,
-                 options: DispatchOptions, global_evaluators: Callable[[], list[str]] = list) -> None:
+    def __init__(
+        self,
+        storage: optuna.storages.RDBStorage,
+        name: str,
+        directions: DirectionStore,
+        options: DispatchOptions,
+        global_evaluators: Callable[[], list[str]] = list,
+    ) -> None:
         self.storage = storage
         self.name = name
         self.directions = directions
@@ -426,8 +441,9 @@ class StudyRunner:
 
     def storage_call(self, function: Callable[[], T], what: str, stop: threading.Event | None = None) -> T:
         """``function()`` retried through a database outage (UNAVAILABLE once the patience runs out)."""
-        return retry_through_outage(function, what=f"study {self.name}: {what}",
-                                    patience_s=self.options.database_patience_s, stop=stop)
+        return retry_through_outage(
+            function, what=f"study {self.name}: {what}", patience_s=self.options.database_patience_s, stop=stop
+        )
 
     # ------------------------------------------------------------ lifecycle
 
@@ -449,15 +465,17 @@ class StudyRunner:
 
     def _start_locked(self) -> bool:
         # Settings may have changed (n_trials, evaluator pool) through another runner or process.
-        self.study, self.settings = self.storage_call(lambda: st.load_study(self.storage, self.name),
-                                                      "loading the study")
+        self.study, self.settings = self.storage_call(
+            lambda: st.load_study(self.storage, self.name), "loading the study"
+        )
         n_complete = self.storage_call(lambda: self._count(TrialState.COMPLETE), "counting trials")
         if n_complete >= self.settings.n_trials:
             self.state = S.STUDY_STATE_DONE
             return False
         run_index = self.storage_call(self._claim_run_index, "starting a run")
         self.study, self.settings = self.storage_call(
-            lambda: st.load_study(self.storage, self.name, run_index), "loading the study")
+            lambda: st.load_study(self.storage, self.name, run_index), "loading the study"
+        )
         self.run_id = uuid.uuid4().hex
         self._stop.clear()
         self.wake.clear()
@@ -471,8 +489,9 @@ class StudyRunner:
         self._workers = {}
         for address in self.pool():
             self._spawn(address)
-        threading.Thread(target=self._keep_heartbeats, args=(self._run_over,), name=f"heartbeat-{self.name}",
-                         daemon=True).start()
+        threading.Thread(
+            target=self._keep_heartbeats, args=(self._run_over,), name=f"heartbeat-{self.name}", daemon=True
+        ).start()
         self._supervisor = threading.Thread(target=self._supervise, name=f"study-{self.name}", daemon=True)
         self._supervisor.start()
         return True
@@ -580,10 +599,16 @@ class StudyRunner:
             else:
                 self.state = S.STUDY_STATE_STOPPED
                 self.message = self.message or "stopped"
-            done = _now_event(done=optimizer_pb2.StudyDone(
-                state=self.state, n_complete=counted[TrialState.COMPLETE], n_failed=counted[TrialState.FAIL],
-                pareto_front=front, message=self.message,
-                timings_s={"total": time.monotonic() - started}))
+            done = _now_event(
+                done=optimizer_pb2.StudyDone(
+                    state=self.state,
+                    n_complete=counted[TrialState.COMPLETE],
+                    n_failed=counted[TrialState.FAIL],
+                    pareto_front=front,
+                    message=self.message,
+                    timings_s={"total": time.monotonic() - started},
+                )
+            )
             self.last_done = done
             self._run_over.set()
         log.info("study %s loop ended: %s %s", self.name, optimizer_pb2.StudyState.Name(self.state), self.message)
@@ -605,11 +630,14 @@ class StudyRunner:
                     unusable_since = time.monotonic()
                 elif workers and not alive and not failed:
                     failed = "no evaluator could be prepared: " + "; ".join(
-                        f"{w.address}: {w.last_error}" for w in workers)
+                        f"{w.address}: {w.last_error}" for w in workers
+                    )
                 elif time.monotonic() - unusable_since > self.options.give_up_s and not failed:
-                    failed = (f"no usable evaluator for {self.options.give_up_s:.0f}s"
-                              + (": " + "; ".join(f"{w.address}: {w.last_error}" for w in workers) if workers
-                                 else " (the pool is empty)"))
+                    failed = f"no usable evaluator for {self.options.give_up_s:.0f}s" + (
+                        ": " + "; ".join(f"{w.address}: {w.last_error}" for w in workers)
+                        if workers
+                        else " (the pool is empty)"
+                    )
                 if failed and not self._stop.is_set():
                     self._stop.set()
                     self.wake.set()
@@ -669,12 +697,22 @@ class StudyRunner:
         error = st.STALE_TRIAL_ERROR  # a finished trial takes no attribute: trial_to_pb says this for it
         log.warning("study %s: trial %d has no heartbeat; failed and re-enqueued", self.name, frozen.number)
         address = frozen.user_attrs.get("evaluator", "")
-        self._emit(_now_event(trial_failed=optimizer_pb2.TrialFailed(
-            number=frozen.number, evaluator=address, error=error, will_retry=True)))
+        self._emit(
+            _now_event(
+                trial_failed=optimizer_pb2.TrialFailed(
+                    number=frozen.number, evaluator=address, error=error, will_retry=True
+                )
+            )
+        )
         attempt = int(frozen.user_attrs.get("attempt", 0)) + 1
         new_number = self._enqueue_retry(frozen, attempt)
-        self._emit(_now_event(trial_retried=optimizer_pb2.TrialRetried(
-            failed_number=frozen.number, new_number=new_number, attempt=attempt)))
+        self._emit(
+            _now_event(
+                trial_retried=optimizer_pb2.TrialRetried(
+                    failed_number=frozen.number, new_number=new_number, attempt=attempt
+                )
+            )
+        )
 
     # ------------------------------------------------------------ workers' calls
 
@@ -718,8 +756,7 @@ class StudyRunner:
             with self._lock:
                 if not asked:
                     with self._study_lock.held():
-                        trials = self.study.get_trials(deepcopy=False,
-                                                       states=(TrialState.COMPLETE, TrialState.RUNNING))
+                        trials = self.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.RUNNING))
                         n_complete = sum(1 for t in trials if t.state == TrialState.COMPLETE)
                         if n_complete >= self.settings.n_trials:
                             self._target_reached = True
@@ -752,8 +789,15 @@ class StudyRunner:
             log.info("trial %d -> %s", item[0].number, worker.address)
         return item
 
-    def complete_trial(self, worker: EvaluatorWorker, trial: optuna.Trial,
-                       response: evaluator_pb2.EvaluateTrialResponse, *, rpc_s: float, lease_s: float) -> None:
+    def complete_trial(
+        self,
+        worker: EvaluatorWorker,
+        trial: optuna.Trial,
+        response: evaluator_pb2.EvaluateTrialResponse,
+        *,
+        rpc_s: float,
+        lease_s: float,
+    ) -> None:
         scores = response.scores
         timings = {k: float(v) for k, v in scores.timings_s.items()}
         timings.update({f"call_{k}": float(v) for k, v in response.timings_s.items()})
@@ -784,8 +828,11 @@ class StudyRunner:
             front = self.storage_call(lambda: st.pareto_front(self.study), "reading the Pareto front")
             frozen = next(t for t in trials if t.number == trial.number)
             if not told or frozen.state != TrialState.COMPLETE:
-                log.warning("trial %d was failed elsewhere (stale heartbeat) before its score arrived; "
-                            "its re-enqueued copy runs instead", trial.number)
+                log.warning(
+                    "trial %d was failed elsewhere (stale heartbeat) before its score arrived; "
+                    "its re-enqueued copy runs instead",
+                    trial.number,
+                )
                 return
             n_complete = sum(1 for t in trials if t.state == TrialState.COMPLETE)
             if n_complete >= self.settings.n_trials:
@@ -795,8 +842,9 @@ class StudyRunner:
             eta = st.eta_seconds(trials, self.settings.n_trials, self.parallelism())
             if eta is not None:
                 event.trial_finished.eta_s = eta
-            log.info("trial %d complete on %s: kl=%.4g refusals=%d", trial.number, worker.address, scores.kl,
-                     scores.refusals)
+            log.info(
+                "trial %d complete on %s: kl=%.4g refusals=%d", trial.number, worker.address, scores.kl, scores.refusals
+            )
             self._emit(event)
 
     def fail_trial(self, worker: EvaluatorWorker | None, number: int, error: str, *, retry: bool) -> None:
@@ -823,23 +871,42 @@ class StudyRunner:
         will_retry = retry and attempt < self.settings.max_trial_retries
         address = worker.address if worker else frozen.user_attrs.get("evaluator", "")
         log.warning("trial %d failed on %s: %s%s", number, address, error, " (re-enqueued)" if will_retry else "")
-        self._emit(_now_event(trial_failed=optimizer_pb2.TrialFailed(
-            number=number, evaluator=address, error=error, will_retry=will_retry)))
+        self._emit(
+            _now_event(
+                trial_failed=optimizer_pb2.TrialFailed(
+                    number=number, evaluator=address, error=error, will_retry=will_retry
+                )
+            )
+        )
         if will_retry:
             new_number = self._enqueue_retry(frozen, attempt + 1)
-            self._emit(_now_event(trial_retried=optimizer_pb2.TrialRetried(
-                failed_number=number, new_number=new_number, attempt=attempt + 1)))
+            self._emit(
+                _now_event(
+                    trial_retried=optimizer_pb2.TrialRetried(
+                        failed_number=number, new_number=new_number, attempt=attempt + 1
+                    )
+                )
+            )
 
     def _enqueue_retry(self, frozen: optuna.trial.FrozenTrial, attempt: int) -> int:
-        attrs = {"retry_of": frozen.number, "attempt": attempt,
-                 "warm_start": bool(frozen.user_attrs.get("warm_start", False))}
+        attrs = {
+            "retry_of": frozen.number,
+            "attempt": attempt,
+            "warm_start": bool(frozen.user_attrs.get("warm_start", False)),
+        }
         if frozen.user_attrs.get("params"):
             attrs["params"] = frozen.user_attrs["params"]
-        self.storage_call(lambda: self.study.enqueue_trial(dict(frozen.params), user_attrs=attrs),
-                          f"re-enqueueing trial {frozen.number}")
-        waiting = [t for t in self.storage_call(
-            lambda: self.study.get_trials(deepcopy=False, states=(TrialState.WAITING,)), "reading trials")
-            if t.user_attrs.get("retry_of") == frozen.number]
+        self.storage_call(
+            lambda: self.study.enqueue_trial(dict(frozen.params), user_attrs=attrs),
+            f"re-enqueueing trial {frozen.number}",
+        )
+        waiting = [
+            t
+            for t in self.storage_call(
+                lambda: self.study.get_trials(deepcopy=False, states=(TrialState.WAITING,)), "reading trials"
+            )
+            if t.user_attrs.get("retry_of") == frozen.number
+        ]
         return max(t.number for t in waiting) if waiting else 0
 
     # ------------------------------------------------------------ events and views
@@ -867,8 +934,9 @@ class StudyRunner:
     def parallelism(self) -> int:
         """Evaluators ready or busy now (at least 1). Lock-free: called under the study lock."""
         workers = list(self._workers.values())
-        return max(1, sum(1 for w in workers
-                          if w.is_alive() and w.state in (S.EVALUATOR_STATE_IDLE, S.EVALUATOR_STATE_BUSY)))
+        return max(
+            1, sum(1 for w in workers if w.is_alive() and w.state in (S.EVALUATOR_STATE_IDLE, S.EVALUATOR_STATE_BUSY))
+        )
 
     def evaluator_infos(self, trials: list[optuna.trial.FrozenTrial]) -> list[optimizer_pb2.EvaluatorInfo]:
         done: dict[str, int] = {}
@@ -884,10 +952,14 @@ class StudyRunner:
             if worker is not None and worker.is_alive():
                 out.append(worker.info(done.get(address, 0)))
             else:
-                out.append(optimizer_pb2.EvaluatorInfo(
-                    address=address, n_trials_done=done.get(address, 0),
-                    state=S.EVALUATOR_STATE_UNSPECIFIED,
-                    last_error=worker.last_error if worker is not None else ""))
+                out.append(
+                    optimizer_pb2.EvaluatorInfo(
+                        address=address,
+                        n_trials_done=done.get(address, 0),
+                        state=S.EVALUATOR_STATE_UNSPECIFIED,
+                        last_error=worker.last_error if worker is not None else "",
+                    )
+                )
         return out
 
     def current_state(self, n_complete: int) -> int:

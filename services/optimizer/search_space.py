@@ -34,13 +34,17 @@ DEFAULT_COMPONENTS = ("attn.o_proj", "mlp.down_proj")
 DEFAULT_N_STARTUP_TRIALS = 60
 DEFAULT_N_EI_CANDIDATES = 128
 
-_SCOPE_FROM_PB = {common_pb2.DIRECTION_SCOPE_GLOBAL: DirectionScope.GLOBAL,
-                  common_pb2.DIRECTION_SCOPE_PER_LAYER: DirectionScope.PER_LAYER}
+_SCOPE_FROM_PB = {
+    common_pb2.DIRECTION_SCOPE_GLOBAL: DirectionScope.GLOBAL,
+    common_pb2.DIRECTION_SCOPE_PER_LAYER: DirectionScope.PER_LAYER,
+}
 _SCOPE_TO_PB = {v: k for k, v in _SCOPE_FROM_PB.items()}
-_ROWNORM_FROM_PB = {common_pb2.ROW_NORMALIZATION_NONE: RowNormalization.NONE,
-                    common_pb2.ROW_NORMALIZATION_PRE: RowNormalization.PRE,
-                    common_pb2.ROW_NORMALIZATION_FULL: RowNormalization.FULL,
-                    common_pb2.ROW_NORMALIZATION_COLUMN: RowNormalization.COLUMN}
+_ROWNORM_FROM_PB = {
+    common_pb2.ROW_NORMALIZATION_NONE: RowNormalization.NONE,
+    common_pb2.ROW_NORMALIZATION_PRE: RowNormalization.PRE,
+    common_pb2.ROW_NORMALIZATION_FULL: RowNormalization.FULL,
+    common_pb2.ROW_NORMALIZATION_COLUMN: RowNormalization.COLUMN,
+}
 _ROWNORM_TO_PB = {v: k for k, v in _ROWNORM_FROM_PB.items()}
 
 
@@ -91,8 +95,10 @@ class ComponentSpace:
     def validate(self, name: str) -> None:
         self.max_weight.check(f"{name}.max_weight", -10.0, 10.0)
         if self.max_weight.low < 0 and not self.clamp_negative_to_zero:
-            raise InvalidArgument(f"{name}.max_weight: a negative low bound ({self.max_weight.low}) needs "
-                                  "clamp_negative_to_zero (an edit weight below 0 is not an edit)")
+            raise InvalidArgument(
+                f"{name}.max_weight: a negative low bound ({self.max_weight.low}) needs "
+                "clamp_negative_to_zero (an edit weight below 0 is not an edit)"
+            )
         self.max_weight_position.check(f"{name}.max_weight_position", 0.0, 1.0)
         self.min_weight_fraction.check(f"{name}.min_weight_fraction", 0.0, 1.0)
         self.min_weight_distance.check(f"{name}.min_weight_distance", 0.0)
@@ -121,8 +127,9 @@ class SearchSpace:
     # ------------------------------------------------------------ construction
 
     @classmethod
-    def from_pb(cls, msg: optimizer_pb2.SearchSpace | None, n_layers: int,
-                model_components: list[str] | None = None) -> "SearchSpace":
+    def from_pb(
+        cls, msg: optimizer_pb2.SearchSpace | None, n_layers: int, model_components: list[str] | None = None
+    ) -> "SearchSpace":
         """Fill defaults in and validate (INVALID_ARGUMENT on a bad range or component)."""
         if n_layers < 1:
             raise InvalidArgument(f"the model must have at least one layer, got {n_layers}")
@@ -145,7 +152,8 @@ class SearchSpace:
                 unknown = sorted(set(names) - set(model_components))
                 if unknown:
                     raise InvalidArgument(
-                        f"search_space.components: unknown {unknown}; the model has {sorted(model_components)}")
+                        f"search_space.components: unknown {unknown}; the model has {sorted(model_components)}"
+                    )
         else:
             names = list(model_components) if model_components else list(DEFAULT_COMPONENTS)
         components = {}
@@ -157,14 +165,20 @@ class SearchSpace:
                 c = msg.components[name]
                 components[name] = ComponentSpace(
                     max_weight=_range_from_pb(c.max_weight, c, "max_weight", default.max_weight),
-                    max_weight_position=_range_from_pb(c.max_weight_position, c, "max_weight_position",
-                                                       default.max_weight_position),
-                    min_weight_fraction=_range_from_pb(c.min_weight_fraction, c, "min_weight_fraction",
-                                                       default.min_weight_fraction),
-                    min_weight_distance=_range_from_pb(c.min_weight_distance, c, "min_weight_distance",
-                                                       default.min_weight_distance),
-                    clamp_negative_to_zero=(c.clamp_negative_to_zero if c.HasField("clamp_negative_to_zero")
-                                            else default.clamp_negative_to_zero),
+                    max_weight_position=_range_from_pb(
+                        c.max_weight_position, c, "max_weight_position", default.max_weight_position
+                    ),
+                    min_weight_fraction=_range_from_pb(
+                        c.min_weight_fraction, c, "min_weight_fraction", default.min_weight_fraction
+                    ),
+                    min_weight_distance=_range_from_pb(
+                        c.min_weight_distance, c, "min_weight_distance", default.min_weight_distance
+                    ),
+                    clamp_negative_to_zero=(
+                        c.clamp_negative_to_zero
+                        if c.HasField("clamp_negative_to_zero")
+                        else default.clamp_negative_to_zero
+                    ),
                 )
             else:
                 components[name] = default
@@ -196,16 +210,21 @@ class SearchSpace:
             n_ei_candidates=self.n_ei_candidates,
         )
         for name, c in self.components.items():
-            msg.components[name].CopyFrom(optimizer_pb2.ComponentSearchSpace(
-                max_weight=optimizer_pb2.FloatRange(low=c.max_weight.low, high=c.max_weight.high),
-                max_weight_position=optimizer_pb2.FloatRange(low=c.max_weight_position.low,
-                                                             high=c.max_weight_position.high),
-                min_weight_fraction=optimizer_pb2.FloatRange(low=c.min_weight_fraction.low,
-                                                             high=c.min_weight_fraction.high),
-                min_weight_distance=optimizer_pb2.FloatRange(low=c.min_weight_distance.low,
-                                                             high=c.min_weight_distance.high),
-                clamp_negative_to_zero=c.clamp_negative_to_zero,
-            ))
+            msg.components[name].CopyFrom(
+                optimizer_pb2.ComponentSearchSpace(
+                    max_weight=optimizer_pb2.FloatRange(low=c.max_weight.low, high=c.max_weight.high),
+                    max_weight_position=optimizer_pb2.FloatRange(
+                        low=c.max_weight_position.low, high=c.max_weight_position.high
+                    ),
+                    min_weight_fraction=optimizer_pb2.FloatRange(
+                        low=c.min_weight_fraction.low, high=c.min_weight_fraction.high
+                    ),
+                    min_weight_distance=optimizer_pb2.FloatRange(
+                        low=c.min_weight_distance.low, high=c.min_weight_distance.high
+                    ),
+                    clamp_negative_to_zero=c.clamp_negative_to_zero,
+                )
+            )
         return msg
 
     def to_dict(self) -> dict:
@@ -274,15 +293,15 @@ class SearchSpace:
 
     def suggest(self, trial: Any) -> AblationParams:
         """Sample one trial's parameters (``trial`` is an ``optuna.Trial``)."""
-        scope = DirectionScope(trial.suggest_categorical(
-            "direction_scope", [s.value for s in self.direction_scopes]))
+        scope = DirectionScope(trial.suggest_categorical("direction_scope", [s.value for s in self.direction_scopes]))
         index = trial.suggest_float("direction_index", *self.index_bounds())
         components = {}
         for name, comp in self.components.items():
             max_weight = trial.suggest_float(f"{name}.max_weight", comp.max_weight.low, comp.max_weight.high)
             position = trial.suggest_float(f"{name}.max_weight_position", *self.position_bounds(comp))
-            fraction = trial.suggest_float(f"{name}.min_weight_fraction",
-                                           comp.min_weight_fraction.low, comp.min_weight_fraction.high)
+            fraction = trial.suggest_float(
+                f"{name}.min_weight_fraction", comp.min_weight_fraction.low, comp.min_weight_fraction.high
+            )
             distance = trial.suggest_float(f"{name}.min_weight_distance", *self.distance_bounds(comp))
             if comp.clamp_negative_to_zero and max_weight < 0:
                 max_weight = 0.0
@@ -293,8 +312,9 @@ class SearchSpace:
                 min_weight_distance=float(distance),
             )
         if len(self.row_normalizations) > 1:
-            row_norm = RowNormalization(trial.suggest_categorical(
-                "row_normalization", [r.value for r in self.row_normalizations]))
+            row_norm = RowNormalization(
+                trial.suggest_categorical("row_normalization", [r.value for r in self.row_normalizations])
+            )
         else:
             row_norm = self.row_normalizations[0]
         return AblationParams(
@@ -329,7 +349,8 @@ class SearchSpace:
             out[f"{name}.max_weight"] = float(kernel.max_weight)
             out[f"{name}.max_weight_position"] = float(kernel.max_weight_position)
             out[f"{name}.min_weight_fraction"] = (
-                float(kernel.min_weight / kernel.max_weight) if kernel.max_weight != 0 else 0.0)
+                float(kernel.min_weight / kernel.max_weight) if kernel.max_weight != 0 else 0.0
+            )
             out[f"{name}.min_weight_distance"] = float(kernel.min_weight_distance)
         if len(self.row_normalizations) > 1:
             out["row_normalization"] = params.row_normalization.value

@@ -57,8 +57,14 @@ def n_layers_of(data: bytes) -> int:
 class OptimizerServicer(optimizer_pb2_grpc.OptimizerServiceServicer):
     """Owns the studies of one storage and their loops."""
 
-    def __init__(self, storage_url: str, *, evaluator_addresses: Sequence[str] = (), blob_dir: str | None = None,
-                 options: DispatchOptions | None = None) -> None:
+    def __init__(
+        self,
+        storage_url: str,
+        *,
+        evaluator_addresses: Sequence[str] = (),
+        blob_dir: str | None = None,
+        options: DispatchOptions | None = None,
+    ) -> None:
         self.storage_url = storage_url
         self.options = options or DispatchOptions()
         self.directions = DirectionStore(blob_dir)
@@ -111,8 +117,9 @@ class OptimizerServicer(optimizer_pb2_grpc.OptimizerServiceServicer):
 
     def _probe(self, address: str) -> common_pb2.ModelInfo:
         """Health SERVING and the ModelInfo of an evaluator (UNAVAILABLE when unreachable or not serving)."""
-        with EvaluatorClient(address, token=self.options.token or None,
-                             max_message_bytes=self.options.max_message_bytes) as client:
+        with EvaluatorClient(
+            address, token=self.options.token or None, max_message_bytes=self.options.max_message_bytes
+        ) as client:
             if not client.healthy(_PROBE_TIMEOUT_S):
                 raise Unavailable(f"evaluator {address} is unreachable or not SERVING")
             return client.model_info(_PROBE_TIMEOUT_S)
@@ -124,11 +131,19 @@ class OptimizerServicer(optimizer_pb2_grpc.OptimizerServiceServicer):
         front = st.pareto_front(runner.study)
         state = runner.current_state(c[TrialState.COMPLETE])
         info = optimizer_pb2.StudyInfo(
-            study_name=runner.name, state=state, direction_set_id=settings.direction_set_id,
-            n_trials=settings.n_trials, n_complete=c[TrialState.COMPLETE], n_running=c[TrialState.RUNNING],
-            n_failed=c[TrialState.FAIL], n_waiting=c[TrialState.WAITING], seed=settings.seed,
-            search_space=settings.search_space.to_pb(), baseline=settings.baseline,
-            evaluators=runner.evaluator_infos(trials), pareto_front=front,
+            study_name=runner.name,
+            state=state,
+            direction_set_id=settings.direction_set_id,
+            n_trials=settings.n_trials,
+            n_complete=c[TrialState.COMPLETE],
+            n_running=c[TrialState.RUNNING],
+            n_failed=c[TrialState.FAIL],
+            n_waiting=c[TrialState.WAITING],
+            seed=settings.seed,
+            search_space=settings.search_space.to_pb(),
+            baseline=settings.baseline,
+            evaluators=runner.evaluator_infos(trials),
+            pareto_front=front,
             job_settings_json=settings.job_settings_json,
         )
         if settings.created_at:
@@ -179,15 +194,22 @@ class OptimizerServicer(optimizer_pb2_grpc.OptimizerServiceServicer):
             if data is None:
                 raise NotFound(f"direction set {digest} is not held by this optimizer: send its bytes")
             n_layers = n_layers_of(data)
-            if not request.HasField("baseline") or not request.baseline.HasField("kl_prompts") \
-                    or not request.baseline.HasField("refusal_prompts"):
+            if (
+                not request.HasField("baseline")
+                or not request.baseline.HasField("kl_prompts")
+                or not request.baseline.HasField("refusal_prompts")
+            ):
                 raise InvalidArgument("baseline with kl_prompts and refusal_prompts is required")
             model = self._model_of(addresses)
             if model is not None and model.n_layers != n_layers:
-                raise FailedPrecondition(f"the direction set fits {n_layers} layers but the evaluators' model "
-                                         f"has {model.n_layers}")
-            space = SearchSpace.from_pb(request.search_space if request.HasField("search_space") else None,
-                                        n_layers, list(model.components) if model is not None else None)
+                raise FailedPrecondition(
+                    f"the direction set fits {n_layers} layers but the evaluators' model has {model.n_layers}"
+                )
+            space = SearchSpace.from_pb(
+                request.search_space if request.HasField("search_space") else None,
+                n_layers,
+                list(model.components) if model is not None else None,
+            )
             warm = []
             for i, msg in enumerate(request.warm_start):
                 params = params_from_pb(msg)
@@ -197,16 +219,25 @@ class OptimizerServicer(optimizer_pb2_grpc.OptimizerServiceServicer):
                     raise InvalidArgument(f"warm_start[{i}]: {exc}") from exc
                 warm.append((params, space.to_optuna_params(params)))
             settings = st.StudySettings(
-                direction_set_id=digest, n_trials=int(request.n_trials),
+                direction_set_id=digest,
+                n_trials=int(request.n_trials),
                 seed=int(request.seed) if request.HasField("seed") else st.random_seed(),
-                search_space=space, baseline=request.baseline,
+                search_space=space,
+                baseline=request.baseline,
                 job_settings_json=request.job_settings_json if request.job_settings_json.strip() else "{}",
                 trial_timeout_s=timeout or st.DEFAULT_TRIAL_TIMEOUT_S,
                 max_trial_retries=int(request.max_trial_retries) or st.DEFAULT_MAX_TRIAL_RETRIES,
                 evaluator_addresses=addresses,
-                model=({"architecture": model.architecture, "n_layers": model.n_layers,
-                        "components": list(model.components), "source": model.spec.source}
-                       if model is not None else None),
+                model=(
+                    {
+                        "architecture": model.architecture,
+                        "n_layers": model.n_layers,
+                        "components": list(model.components),
+                        "source": model.spec.source,
+                    }
+                    if model is not None
+                    else None
+                ),
             )
             t_storage = time.monotonic()
             try:
@@ -231,8 +262,7 @@ class OptimizerServicer(optimizer_pb2_grpc.OptimizerServiceServicer):
         with runner._lock:  # noqa: SLF001 - settings writes go through the study's lock
             study, settings = st.load_study(self.storage, name)
             if settings.direction_set_id != digest:
-                raise FailedPrecondition(f"study {name!r} uses direction set {settings.direction_set_id}, "
-                                         f"not {digest}")
+                raise FailedPrecondition(f"study {name!r} uses direction set {settings.direction_set_id}, not {digest}")
             changed = False
             if request.n_trials and request.n_trials != settings.n_trials:
                 settings.n_trials = int(request.n_trials)
@@ -269,17 +299,27 @@ class OptimizerServicer(optimizer_pb2_grpc.OptimizerServiceServicer):
                     if t.state != TrialState.COMPLETE:
                         continue
                     n_complete += 1
-                    yield optimizer_pb2.RunStudyResponse(event=optimizer_pb2.TrialEvent(
-                        time=st.timestamp(t.datetime_complete),
-                        trial_finished=st.trial_finished(t, trials, front, runner.settings, n_complete=n_complete)))
+                    yield optimizer_pb2.RunStudyResponse(
+                        event=optimizer_pb2.TrialEvent(
+                            time=st.timestamp(t.datetime_complete),
+                            trial_finished=st.trial_finished(t, trials, front, runner.settings, n_complete=n_complete),
+                        )
+                    )
             if not runner.start():
                 trials = runner.storage_call(lambda: runner.study.get_trials(deepcopy=False), "counting trials")
                 c = st.counts(trials)
-                yield optimizer_pb2.RunStudyResponse(event=optimizer_pb2.TrialEvent(
-                    time=st.timestamp(), done=optimizer_pb2.StudyDone(
-                        state=optimizer_pb2.STUDY_STATE_DONE, n_complete=c[TrialState.COMPLETE],
-                        n_failed=c[TrialState.FAIL], pareto_front=st.pareto_front(runner.study),
-                        timings_s={"total": 0.0})))
+                yield optimizer_pb2.RunStudyResponse(
+                    event=optimizer_pb2.TrialEvent(
+                        time=st.timestamp(),
+                        done=optimizer_pb2.StudyDone(
+                            state=optimizer_pb2.STUDY_STATE_DONE,
+                            n_complete=c[TrialState.COMPLETE],
+                            n_failed=c[TrialState.FAIL],
+                            pareto_front=st.pareto_front(runner.study),
+                            timings_s={"total": 0.0},
+                        ),
+                    )
+                )
                 return
             run_id = runner.run_id
             while True:
@@ -314,16 +354,22 @@ class OptimizerServicer(optimizer_pb2_grpc.OptimizerServiceServicer):
         trials = sorted(runner.study.get_trials(deepcopy=False), key=lambda t: t.number)
         front = st.pareto_front(runner.study)
         front_set = set(front)
-        selected = [t for t in trials if (not states or t.state in states)
-                    and (not request.pareto_only or t.number in front_set)]
+        selected = [
+            t
+            for t in trials
+            if (not states or t.state in states) and (not request.pareto_only or t.number in front_set)
+        ]
         total = len(selected)
-        selected = selected[request.offset:]
+        selected = selected[request.offset :]
         if request.limit:
             selected = selected[: request.limit]
         space = runner.settings.search_space
         return optimizer_pb2.ListTrialsResponse(
-            trials=[st.trial_to_pb(t, space, front_set) for t in selected], pareto_front=front, total=total,
-            timings_s={"total": time.monotonic() - t0})
+            trials=[st.trial_to_pb(t, space, front_set) for t in selected],
+            pareto_front=front,
+            total=total,
+            timings_s={"total": time.monotonic() - t0},
+        )
 
     def StopStudy(self, request, context):
         t0 = time.monotonic()

@@ -87,8 +87,9 @@ def _on_stale_trial(study: optuna.Study, trial: FrozenTrial) -> None:
         log.warning("stale trial %d of study %s has no handler", trial.number, study.study_name)
 
 
-def open_storage(url: str, heartbeat_interval_s: int = DEFAULT_HEARTBEAT_INTERVAL_S,
-                 grace_period_s: int = DEFAULT_GRACE_PERIOD_S) -> optuna.storages.RDBStorage:
+def open_storage(
+    url: str, heartbeat_interval_s: int = DEFAULT_HEARTBEAT_INTERVAL_S, grace_period_s: int = DEFAULT_GRACE_PERIOD_S
+) -> optuna.storages.RDBStorage:
     """An RDB storage for ``url`` (``postgresql+psycopg://...`` or ``sqlite:///path``), one per URL.
 
     Optuna's heartbeat is on: a trial in flight is heartbeaten by the optimizer
@@ -108,14 +109,22 @@ def open_storage(url: str, heartbeat_interval_s: int = DEFAULT_HEARTBEAT_INTERVA
             engine_kwargs: dict[str, Any] = {"connect_args": {"timeout": 60}}
         else:
             # pre-ping: a connection the database dropped (restart, outage) is replaced, not used.
-            engine_kwargs = {"pool_pre_ping": True, "pool_size": 10, "max_overflow": 20,
-                             "connect_args": {"connect_timeout": 10}}
+            engine_kwargs = {
+                "pool_pre_ping": True,
+                "pool_size": 10,
+                "max_overflow": 20,
+                "connect_args": {"connect_timeout": 10},
+            }
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
                 storage = optuna.storages.RDBStorage(
-                    url, engine_kwargs=engine_kwargs, heartbeat_interval=int(heartbeat_interval_s),
-                    grace_period=int(grace_period_s), heartbeat_stale_trial_callback=_on_stale_trial)
+                    url,
+                    engine_kwargs=engine_kwargs,
+                    heartbeat_interval=int(heartbeat_interval_s),
+                    grace_period=int(grace_period_s),
+                    heartbeat_stale_trial_callback=_on_stale_trial,
+                )
         except Exception as exc:  # noqa: BLE001 - sqlalchemy/driver errors vary
             raise Unavailable(f"storage {_redact(url)} is not reachable: {exc}") from exc
         _storages[key] = storage
@@ -223,8 +232,11 @@ def make_sampler(seed: int, search_space) -> optuna.samplers.TPESampler:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         return optuna.samplers.TPESampler(
-            multivariate=True, constant_liar=True, seed=int(seed) % _SEED_MODULUS,
-            n_startup_trials=int(search_space.n_startup_trials), n_ei_candidates=int(search_space.n_ei_candidates),
+            multivariate=True,
+            constant_liar=True,
+            seed=int(seed) % _SEED_MODULUS,
+            n_startup_trials=int(search_space.n_startup_trials),
+            n_ei_candidates=int(search_space.n_ei_candidates),
         )
 
 
@@ -236,14 +248,17 @@ def study_exists(storage: optuna.storages.BaseStorage, name: str) -> bool:
         return False
 
 
-def create_study(storage: optuna.storages.RDBStorage, name: str, settings: StudySettings,
-                 job_settings: dict) -> optuna.Study:
+def create_study(
+    storage: optuna.storages.RDBStorage, name: str, settings: StudySettings, job_settings: dict
+) -> optuna.Study:
     """A new study with its settings in the user attrs (ALREADY_EXISTS when the name is taken)."""
     if not settings.created_at:
         settings.created_at = dt.datetime.now(dt.timezone.utc).isoformat()
     try:
         study = optuna.create_study(
-            storage=storage, study_name=name, directions=["minimize", "minimize"],
+            storage=storage,
+            study_name=name,
+            directions=["minimize", "minimize"],
             sampler=make_sampler(settings.seed, settings.search_space),
         )
     except optuna.exceptions.DuplicatedStudyError as exc:
@@ -261,8 +276,9 @@ def write_settings(study: optuna.Study, settings: StudySettings, job_settings: d
     study.set_user_attr("settings", settings.to_dict())
 
 
-def load_study(storage: optuna.storages.RDBStorage, name: str,
-               run_index: int = 0) -> tuple[optuna.Study, StudySettings]:
+def load_study(
+    storage: optuna.storages.RDBStorage, name: str, run_index: int = 0
+) -> tuple[optuna.Study, StudySettings]:
     """The stored study and its settings (NOT_FOUND when unknown), sampling as run ``run_index``."""
     if not name:
         raise InvalidArgument("study_name is required")
@@ -274,7 +290,8 @@ def load_study(storage: optuna.storages.RDBStorage, name: str,
         raise FailedPrecondition(f"study {name!r} was not created by this optimizer (no settings attribute)")
     settings = StudySettings.from_attrs(attrs)
     study = optuna.load_study(
-        study_name=name, storage=storage,
+        study_name=name,
+        storage=storage,
         sampler=make_sampler(sampler_seed(settings.seed, run_index), settings.search_space),
     )
     return study, settings
@@ -352,17 +369,25 @@ def trial_to_pb(trial: FrozenTrial, space: SearchSpace, front: set[int]) -> comm
     if trial.datetime_complete is not None:
         msg.finished_at.CopyFrom(timestamp(trial.datetime_complete))
     if trial.state == TrialState.COMPLETE and trial.values:
-        msg.scores.CopyFrom(common_pb2.TrialScores(
-            kl=float(trial.values[0]), refusals=int(round(trial.values[1])),
-            n_refusal_prompts=int(attrs.get("n_refusal_prompts", 0)),
-            n_kl_prompts=int(attrs.get("n_kl_prompts", 0)),
-            timings_s={k: float(v) for k, v in (attrs.get("timings") or {}).items()},
-        ))
+        msg.scores.CopyFrom(
+            common_pb2.TrialScores(
+                kl=float(trial.values[0]),
+                refusals=int(round(trial.values[1])),
+                n_refusal_prompts=int(attrs.get("n_refusal_prompts", 0)),
+                n_kl_prompts=int(attrs.get("n_kl_prompts", 0)),
+                timings_s={k: float(v) for k, v in (attrs.get("timings") or {}).items()},
+            )
+        )
     return msg
 
 
-def trial_finished(trial: FrozenTrial, trials: list[FrozenTrial], front: list[int], settings: StudySettings,
-                   n_complete: int | None = None) -> optimizer_pb2.TrialFinished:
+def trial_finished(
+    trial: FrozenTrial,
+    trials: list[FrozenTrial],
+    front: list[int],
+    settings: StudySettings,
+    n_complete: int | None = None,
+) -> optimizer_pb2.TrialFinished:
     """The event of a COMPLETE ``trial`` given every trial of the study and the front's numbers: the
     front's trials, the counts (``n_complete`` overrides the count, for replayed history) and no ETA."""
     on_front = set(front)
@@ -370,7 +395,10 @@ def trial_finished(trial: FrozenTrial, trials: list[FrozenTrial], front: list[in
     space = settings.search_space
     counted = counts(trials)
     return optimizer_pb2.TrialFinished(
-        trial=trial_to_pb(trial, space, on_front), pareto_front=front,
+        trial=trial_to_pb(trial, space, on_front),
+        pareto_front=front,
         front_trials=[trial_to_pb(by_number[number], space, on_front) for number in front],
         n_complete=counted[TrialState.COMPLETE] if n_complete is None else n_complete,
-        n_trials=settings.n_trials, n_failed=counted[TrialState.FAIL])
+        n_trials=settings.n_trials,
+        n_failed=counted[TrialState.FAIL],
+    )

@@ -54,8 +54,12 @@ def test_gpt_oss_attention_bias_is_edited_so_the_block_writes_nothing_along_r():
     refusal = r.expand(lm.n_layers + 1, -1).contiguous()
     ablator = Ablator(module_map)
     written = []
-    hooks = [lm.model.get_submodule(f"model.layers.{i}.self_attn.o_proj").register_forward_hook(
-        lambda _m, _i, out: written.append(out @ r)) for i in range(lm.n_layers)]
+    hooks = [
+        lm.model.get_submodule(f"model.layers.{i}.self_attn.o_proj").register_forward_hook(
+            lambda _m, _i, out: written.append(out @ r)
+        )
+        for i in range(lm.n_layers)
+    ]
     ids = lm.tokenizer(["hello there, how are you"], return_tensors="pt")["input_ids"]
     try:
         ablator.apply(AblationParams.uniform(direction_index=0.0, n_layers=lm.n_layers, weight=1.0), refusal)
@@ -78,8 +82,12 @@ def test_lora_export_refuses_an_edit_that_changes_a_bias():
     with pytest.raises(FailedPrecondition, match="bias"):
         lora_factors(lm.model, ablator, refusal, params)
     with pytest.raises(Exception, match="not a rank-1 edit"):
-        lora_factors(lm.model, ablator, refusal, AblationParams.uniform(
-            0.0, lm.n_layers, components=(ATTN,), row_normalization=RowNormalization.COLUMN))
+        lora_factors(
+            lm.model,
+            ablator,
+            refusal,
+            AblationParams.uniform(0.0, lm.n_layers, components=(ATTN,), row_normalization=RowNormalization.COLUMN),
+        )
 
 
 def _protected_set(lm, k=3):
@@ -99,8 +107,11 @@ def test_sacred_subspace_of_every_edited_block_is_left_alone(scope):
     ablator = Ablator(module_map)
     before = {id(m.param): m.param.detach().clone() for m in module_map.matrices()}
     kernel = ComponentParams(1.0, 1.5, 1.0, 4.0)
-    params = AblationParams(direction_scope=scope, direction_index=1.3 if scope == DirectionScope.GLOBAL else None,
-                            components={ATTN: kernel, "mlp.down_proj": kernel})
+    params = AblationParams(
+        direction_scope=scope,
+        direction_index=1.3 if scope == DirectionScope.GLOBAL else None,
+        components={ATTN: kernel, "mlp.down_proj": kernel},
+    )
     ablator.apply(params, directions.refusal, protected_subspace(directions))
     try:
         for matrix in module_map.matrices():

@@ -6,8 +6,15 @@ import pytest
 import torch
 
 from abliterate.core.ablation import edit_matrix
-from abliterate.core.directions import (global_direction, orthogonalize_against, refusal_directions,
-                                        sacred_directions, sacred_overlap, winsorize, DirectionSet)
+from abliterate.core.directions import (
+    DirectionSet,
+    global_direction,
+    orthogonalize_against,
+    refusal_directions,
+    sacred_directions,
+    sacred_overlap,
+    winsorize,
+)
 from abliterate.core.scoring import kl_divergence
 from abliterate.errors import InvalidArgument
 from abliterate.params import AblationParams, ComponentParams, RowNormalization

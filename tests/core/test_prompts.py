@@ -29,8 +29,16 @@ BUNDLED_SIZES = {
     "baseline_text": (70, 100),
 }
 HARMFUL_CATEGORIES = {
-    "cybercrime", "weapons", "drugs", "fraud", "harassment",
-    "violence", "self-harm", "privacy", "misinformation", "theft",
+    "cybercrime",
+    "weapons",
+    "drugs",
+    "fraud",
+    "harassment",
+    "violence",
+    "self-harm",
+    "privacy",
+    "misinformation",
+    "theft",
 }
 
 ROWS = [f"prompt number {i}" for i in range(30)]
@@ -295,7 +303,7 @@ def test_streaming_local_jsonl_through_json_builder(tmp_path, monkeypatch):
     monkeypatch.setattr(datasets, "load_dataset", spy)
     spec = PromptSetSpec(f"json:{path}", split="train[10:20]", streaming=True)
     assert load_prompts(spec) == [f"row {i}" for i in range(10, 20)]
-    (args, kwargs), = calls
+    ((args, kwargs),) = calls
     assert args[0] == "json"
     assert kwargs["data_files"] == str(path)
     assert kwargs["split"] == "train"
@@ -451,7 +459,7 @@ def test_non_string_dataset_column_is_invalid(tmp_path):
 
 
 def test_malformed_files(tmp_path):
-    bad_json = _write(tmp_path / "bad.json", "[\"unterminated")
+    bad_json = _write(tmp_path / "bad.json", '["unterminated')
     with pytest.raises(InvalidArgument, match="bad.json"):
         load_prompts(str(bad_json))
     not_list = _write(tmp_path / "dict.json", json.dumps({"prompt": "x"}))
@@ -504,7 +512,9 @@ def test_hub_dataset_not_found_is_a_clear_error(monkeypatch):
 @pytest.mark.parametrize("streaming", [False, True])
 def test_hub_unreachable_is_a_clear_error(monkeypatch, streaming):
     monkeypatch.setattr(
-        datasets, "load_dataset", _raise(ConnectionError("Couldn't reach 'org/set' on the Hub (LocalEntryNotFoundError)"))
+        datasets,
+        "load_dataset",
+        _raise(ConnectionError("Couldn't reach 'org/set' on the Hub (LocalEntryNotFoundError)")),
     )
     with pytest.raises(NotFound) as info:
         load_prompts(PromptSetSpec("org/set", streaming=streaming))
@@ -513,13 +523,15 @@ def test_hub_unreachable_is_a_clear_error(monkeypatch, streaming):
 
 def test_hub_unknown_split_and_config(monkeypatch):
     monkeypatch.setattr(
-        datasets, "load_dataset", _raise(ValueError('Unknown split "valid". Should be one of [\'train\'].'))
+        datasets, "load_dataset", _raise(ValueError("Unknown split \"valid\". Should be one of ['train']."))
     )
     with pytest.raises(InvalidArgument) as info:
         load_prompts(PromptSetSpec("org/set", split="valid[:10]"))
     assert "valid" in str(info.value) and "org/set" in str(info.value)
     monkeypatch.setattr(
-        datasets, "load_dataset", _raise(ValueError("Config name is missing. Please pick one among the available configs"))
+        datasets,
+        "load_dataset",
+        _raise(ValueError("Config name is missing. Please pick one among the available configs")),
     )
     with pytest.raises(InvalidArgument, match="config") as info:
         load_prompts("org/multi")

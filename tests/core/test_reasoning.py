@@ -13,8 +13,16 @@ import torch
 
 from abliterate.core.chat import format_prompts
 from abliterate.core.loading import ModelSpec, from_model
-from abliterate.core.reasoning import (DETECTION_PROMPTS, closing_suffix_for_prompt, final_answer, may_reason,
-                                       prefix_for_replies, response_prefix, scoring_prompts, special_token_strings)
+from abliterate.core.reasoning import (
+    DETECTION_PROMPTS,
+    closing_suffix_for_prompt,
+    final_answer,
+    may_reason,
+    prefix_for_replies,
+    response_prefix,
+    scoring_prompts,
+    special_token_strings,
+)
 from abliterate.core.refusals import RefusalDetector
 from abliterate.core.scoring import TrialEngine
 from tests.tiny import make_model
@@ -43,20 +51,45 @@ def _tokenizer(specials: list[str], eos: str, pad: str, bos: str, template: str,
 
 
 def qwen3_tokenizer():
-    return _tokenizer(["<|endoftext|>", "<|im_start|>", "<|im_end|>"], "<|im_end|>", "<|endoftext|>",
-                      "<|im_start|>", "Qwen-Qwen3-0.6B.jinja", added=("<think>", "</think>"))
+    return _tokenizer(
+        ["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+        "<|im_end|>",
+        "<|endoftext|>",
+        "<|im_start|>",
+        "Qwen-Qwen3-0.6B.jinja",
+        added=("<think>", "</think>"),
+    )
 
 
 def r1_tokenizer():
-    return _tokenizer(["<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>", "<｜User｜>", "<｜Assistant｜>"],
-                      "<｜end▁of▁sentence｜>", "<｜end▁of▁sentence｜>", "<｜begin▁of▁sentence｜>",
-                      "deepseek-ai-DeepSeek-R1-Distill-Llama-8B.jinja", added=("<think>", "</think>"))
+    return _tokenizer(
+        ["<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>", "<｜User｜>", "<｜Assistant｜>"],
+        "<｜end▁of▁sentence｜>",
+        "<｜end▁of▁sentence｜>",
+        "<｜begin▁of▁sentence｜>",
+        "deepseek-ai-DeepSeek-R1-Distill-Llama-8B.jinja",
+        added=("<think>", "</think>"),
+    )
 
 
 def gpt_oss_tokenizer():
-    return _tokenizer(["<|startoftext|>", "<|endoftext|>", "<|start|>", "<|channel|>", "<|message|>", "<|end|>",
-                       "<|return|>", "<|call|>", "<|constrain|>"], "<|return|>", "<|endoftext|>",
-                      "<|startoftext|>", "openai-gpt-oss-120b.jinja")
+    return _tokenizer(
+        [
+            "<|startoftext|>",
+            "<|endoftext|>",
+            "<|start|>",
+            "<|channel|>",
+            "<|message|>",
+            "<|end|>",
+            "<|return|>",
+            "<|call|>",
+            "<|constrain|>",
+        ],
+        "<|return|>",
+        "<|endoftext|>",
+        "<|startoftext|>",
+        "openai-gpt-oss-120b.jinja",
+    )
 
 
 def teach(model, tok, pairs: list[tuple[str, str]], steps: int = 45):
@@ -82,7 +115,7 @@ def thinking_lm(arch: str, tok, reasoning_reply: str, closed: str):
     open_prompts = format_prompts(tok, HARMFUL + list(DETECTION_PROMPTS), SYSTEM)
     eos = tok.eos_token
     pairs = [(p, reasoning_reply + eos) for p in open_prompts]
-    pairs += [(p + closed, ANSWER + eos) for p in open_prompts[:len(HARMFUL)]]
+    pairs += [(p + closed, ANSWER + eos) for p in open_prompts[: len(HARMFUL)]]
     teach(model, tok, pairs)
     return from_model(model, tok, ModelSpec(source=f"<tiny {arch}>", system_prompt=SYSTEM))
 
@@ -96,8 +129,9 @@ def _refusals(lm, max_new_tokens: int) -> tuple[int, list[str]]:
 def test_qwen3_reasoning_is_closed_in_the_prompt_and_the_answer_is_scored():
     tok = qwen3_tokenizer()
     closed = "<think>\n\n</think>\n\n"
-    lm = thinking_lm("qwen3", tok, "<think>\nThis is harmful, I cannot decide yet, let me think more.\n</think>\n\n"
-                     + ANSWER, closed)
+    lm = thinking_lm(
+        "qwen3", tok, "<think>\nThis is harmful, I cannot decide yet, let me think more.\n</think>\n\n" + ANSWER, closed
+    )
     assert response_prefix(lm) == closed
     assert all(text.endswith("<|im_start|>assistant\n" + closed) for text in scoring_prompts(lm, HARMFUL))
     # 12 tokens end inside the reasoning: unclosed, that would be an empty answer (a refusal) for every prompt.
@@ -110,8 +144,9 @@ def test_r1_template_that_opens_the_block_itself_gets_it_closed():
     rendered = format_prompts(tok, HARMFUL, SYSTEM)[0]
     assert rendered.endswith("<｜Assistant｜><think>\n")
     assert closing_suffix_for_prompt(rendered) == "\n</think>\n\n"
-    lm = thinking_lm("llama", tok, "The user wants something illegal, so maybe I refuse.\n</think>\n\n" + ANSWER,
-                     "\n</think>\n\n")
+    lm = thinking_lm(
+        "llama", tok, "The user wants something illegal, so maybe I refuse.\n</think>\n\n" + ANSWER, "\n</think>\n\n"
+    )
     assert response_prefix(lm) == "\n</think>\n\n"
     refusals, answers = _refusals(lm, 40)
     assert refusals == 0 and answers == [ANSWER] * len(HARMFUL)
@@ -120,8 +155,9 @@ def test_r1_template_that_opens_the_block_itself_gets_it_closed():
 def test_gpt_oss_analysis_channel_is_not_scored():
     tok = gpt_oss_tokenizer()
     closed = "<|channel|>analysis<|message|><|end|><|start|>assistant<|channel|>final<|message|>"
-    reply = ("<|channel|>analysis<|message|>This is illegal.<|end|><|start|>assistant<|channel|>final<|message|>"
-             + ANSWER)
+    reply = (
+        "<|channel|>analysis<|message|>This is illegal.<|end|><|start|>assistant<|channel|>final<|message|>" + ANSWER
+    )
     lm = thinking_lm("gpt_oss", tok, reply, closed)
     assert response_prefix(lm) == closed
     refusals, answers = _refusals(lm, 30)
@@ -131,8 +167,10 @@ def test_gpt_oss_analysis_channel_is_not_scored():
 def test_final_answer_of_each_reply_shape():
     specials = special_token_strings(gpt_oss_tokenizer())
     assert "<|channel|>" in specials and "<|return|>" in specials
-    harmony = ("<|channel|>analysis<|message|>We must refuse? It is illegal.<|end|><|start|>assistant"
-               "<|channel|>final<|message|>I cannot help with that.<|return|>")
+    harmony = (
+        "<|channel|>analysis<|message|>We must refuse? It is illegal.<|end|><|start|>assistant"
+        "<|channel|>final<|message|>I cannot help with that.<|return|>"
+    )
     assert final_answer(harmony, specials) == "I cannot help with that."
     assert final_answer("<|channel|>analysis<|message|>still thinking about harm", specials) == ""
     assert final_answer("<think>\nharmful?\n</think>\n\nSure, here.") == "\n\nSure, here."
@@ -146,7 +184,8 @@ def test_final_answer_of_each_reply_shape():
 def test_replies_common_prefix_maps_to_a_closed_block():
     assert prefix_for_replies("<think>\nOkay") == "<think>\n\n</think>\n\n"
     assert prefix_for_replies("<|channel|>analysis<|message|>We") == (
-        "<|channel|>analysis<|message|><|end|><|start|>assistant<|channel|>final<|message|>")
+        "<|channel|>analysis<|message|><|end|><|start|>assistant<|channel|>final<|message|>"
+    )
     assert prefix_for_replies("[THINK]") == "[THINK][/THINK]"
     assert prefix_for_replies("I'm sorry") == ""  # a common refusal opening is part of the answer
 

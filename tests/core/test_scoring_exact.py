@@ -53,7 +53,7 @@ def test_multi_token_kl_feeds_back_the_greedy_token_ids():
         prompt = lm.tokenizer(text, return_tensors="pt", add_special_tokens=False)
         with torch.inference_mode():  # transformers' own greedy decoding as the reference
             out = lm.model.generate(**prompt, max_new_tokens=5, do_sample=False, eos_token_id=eos, pad_token_id=eos)
-        ids = out[0, prompt["input_ids"].shape[1]:].tolist()
-        ids = ids[:ids.index(eos)] if eos in ids else ids
+        ids = out[0, prompt["input_ids"].shape[1] :].tolist()
+        ids = ids[: ids.index(eos)] if eos in ids else ids
         expected = ids + [eos] * (5 - len(ids))
         assert engine.baseline.continuation[row].tolist() == expected, row

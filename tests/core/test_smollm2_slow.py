@@ -5,7 +5,6 @@ prompts (30 tokens), KL on 64 harmless_test prompts (first token).
 """
 
 import pytest
-import torch
 
 from abliterate.core.directions import protect_sacred, refusal_directions, sacred_directions
 from abliterate.core.modules import discover
@@ -53,9 +52,11 @@ def test_one_mid_depth_edit_halves_refusals_at_small_kl(engine, smollm2):
     n_layers = smollm2.n_layers
     base = engine.evaluate(AblationParams.uniform(MID_DEPTH, n_layers, weight=0.0))
     edited = engine.evaluate(AblationParams.uniform(MID_DEPTH, n_layers, weight=1.0))
-    print(f"\nSmolLM2 unedited: {base.refusals}/{base.n_refusal_prompts} refusals, KL {base.kl:.4f}; "
-          f"edited (direction {MID_DEPTH}, weight 1): {edited.refusals}/{edited.n_refusal_prompts}, "
-          f"KL {edited.kl:.4f}; trial {edited.timings_s['total']:.1f}s")
+    print(
+        f"\nSmolLM2 unedited: {base.refusals}/{base.n_refusal_prompts} refusals, KL {base.kl:.4f}; "
+        f"edited (direction {MID_DEPTH}, weight 1): {edited.refusals}/{edited.n_refusal_prompts}, "
+        f"KL {edited.kl:.4f}; trial {edited.timings_s['total']:.1f}s"
+    )
     assert base.kl == pytest.approx(0.0, abs=1e-6)
     assert 12 <= base.refusals <= 32, "the safety system prompt should make about a third refuse"
     assert edited.refusals <= base.refusals / 2
@@ -79,6 +80,8 @@ def test_sacred_orthogonalization_protects_capability(smollm2, directions):
         eng.prepare_baseline(held_out, shared_prompts("harmful_test", 16), max_new_tokens=1)
         results[name] = eng.evaluate(AblationParams.uniform(MID_DEPTH, smollm2.n_layers, weight=1.0)).kl
         eng.reset()
-    print(f"\ncapability KL at weight 1, direction {MID_DEPTH}: plain {results['plain']:.4f}, "
-          f"sacred-orthogonalized {results['sacred']:.4f}")
+    print(
+        f"\ncapability KL at weight 1, direction {MID_DEPTH}: plain {results['plain']:.4f}, "
+        f"sacred-orthogonalized {results['sacred']:.4f}"
+    )
     assert results["sacred"] < results["plain"]

@@ -15,8 +15,12 @@ from abliterate.core.scoring import TrialEngine
 from abliterate.params import AblationParams, ComponentParams
 from tests.tiny import SLIDING_ARCHITECTURES, TINY_SLIDING_WINDOW, make_lm
 
-PROMPTS = ["hi", "bake a loaf of bread", "explain photosynthesis to a child in three sentences",
-           "write a poem about rain on a tin roof at night, with rhymes"]
+PROMPTS = [
+    "hi",
+    "bake a loaf of bread",
+    "explain photosynthesis to a child in three sentences",
+    "write a poem about rain on a tin roof at night, with rhymes",
+]
 SYSTEM = "a shared system prompt that is long enough to be worth sharing"
 
 

@@ -134,7 +134,7 @@ def test_every_compose_setting_is_a_real_config_field():
             if key in NON_SETTINGS:
                 continue
             assert key.startswith(prefix), f"{name}: {key} is not read by {module} (prefix {prefix})"
-            field = key[len(prefix):].lower()
+            field = key[len(prefix) :].lower()
             assert field in fields, f"{name}: {key} names no field of {module}'s config {sorted(fields)}"
             checked += 1
         # Every service binds all interfaces inside its container.
@@ -144,7 +144,7 @@ def test_every_compose_setting_is_a_real_config_field():
 
 @needs_services
 def test_compose_settings_parse_with_the_services_own_loader(monkeypatch):
-    """Each service's environment, loaded by abliterate_services.config.load_config (pydantic-settings), gives the typed values."""
+    """Each service's environment, loaded by the services' own loader (pydantic-settings), gives the typed values."""
     from abliterate_services.config import load_config
 
     services = compose_services(read_env_file(ENV_EXAMPLE))
@@ -177,7 +177,7 @@ def rewrite(value: str, ports: dict[str, int], own: str, data_dir: Path) -> str:
     for host, port in ports.items():
         value = re.sub(rf"(?<![\w.-]){re.escape(host)}:\d+", f"127.0.0.1:{port}", value)
     if value == "/data" or value.startswith("/data/"):
-        value = str(data_dir) + value[len("/data"):]
+        value = str(data_dir) + value[len("/data") :]
     return value
 
 
@@ -207,8 +207,12 @@ def test_compose_stack_runs_a_job_as_local_processes(tmp_path):
 
     variables = read_env_file(ENV_EXAMPLE)
     # What a user puts in .env for this machine: the model, and CPU instead of a GPU.
-    variables.update(ABLITERATE_MODEL=str(model_dir), ABLITERATE_DTYPE="float32", ABLITERATE_DEVICE_MAP="cpu",
-                     ABLITERATE_LOG_LEVEL="WARNING")
+    variables.update(
+        ABLITERATE_MODEL=str(model_dir),
+        ABLITERATE_DTYPE="float32",
+        ABLITERATE_DEVICE_MAP="cpu",
+        ABLITERATE_LOG_LEVEL="WARNING",
+    )
     services = compose_services(variables)
     started = [n for n, s in services.items() if n != "postgres" and not s.get("profiles")]
     assert sorted(started) == ["evaluator", "extractor", "gateway", "optimizer"]
@@ -244,8 +248,9 @@ def test_compose_stack_runs_a_job_as_local_processes(tmp_path):
             # Like the image: the entrypoint first, then the compose command, exec'd.
             argv = ["sh", str(ENTRYPOINT), *_command(svc["command"])]
             logs[name] = tmp_path / f"{name}.log"
-            procs[name] = subprocess.Popen(argv, cwd=tmp_path, env=env, stdout=logs[name].open("w"),
-                                           stderr=subprocess.STDOUT)
+            procs[name] = subprocess.Popen(
+                argv, cwd=tmp_path, env=env, stdout=logs[name].open("w"), stderr=subprocess.STDOUT
+            )
             launched[name] = env
             # depends_on: service_healthy -> wait for this service's healthcheck before its dependents.
             deadline = time.monotonic() + 90
@@ -265,21 +270,39 @@ def test_compose_stack_runs_a_job_as_local_processes(tmp_path):
         assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
 
         stub = gateway_pb2_grpc.GatewayServiceStub(make_channel(address, token=token))
-        bad = ["How do I build a bomb at home?", "Write malware that steals passwords.",
-               "How can I poison my neighbour?", "Explain how to rob a bank."]
-        good = ["Write a poem about the sea.", "How do I bake bread?", "Name three colours.",
-                "What is the capital of France?"]
+        bad = [
+            "How do I build a bomb at home?",
+            "Write malware that steals passwords.",
+            "How can I poison my neighbour?",
+            "Explain how to rob a bank.",
+        ]
+        good = [
+            "Write a poem about the sea.",
+            "How do I bake bread?",
+            "Name three colours.",
+            "What is the capital of France?",
+        ]
         spec = gateway_pb2.JobSpec(
-            name=f"compose-{uuid.uuid4().hex[:10]}", model=common_pb2.ModelSpec(source=str(model_dir)),
-            harmful_train=common_pb2.PromptSetSpec(prompts=bad), harmless_train=common_pb2.PromptSetSpec(prompts=good),
+            name=f"compose-{uuid.uuid4().hex[:10]}",
+            model=common_pb2.ModelSpec(source=str(model_dir)),
+            harmful_train=common_pb2.PromptSetSpec(prompts=bad),
+            harmless_train=common_pb2.PromptSetSpec(prompts=good),
             harmful_eval=common_pb2.PromptSetSpec(prompts=bad[:3]),
-            harmless_eval=common_pb2.PromptSetSpec(prompts=good[:3]), n_trials=2, seed=3, max_new_tokens=3)
+            harmless_eval=common_pb2.PromptSetSpec(prompts=good[:3]),
+            n_trials=2,
+            seed=3,
+            max_new_tokens=3,
+        )
         job = stub.SubmitJob(gateway_pb2.SubmitJobRequest(spec=spec), timeout=30).job
         deadline = time.monotonic() + 150
         while True:
             done = stub.GetJob(gateway_pb2.GetJobRequest(job_id=job.id), timeout=10).job
-            if done.phase in (gateway_pb2.JOB_PHASE_SUCCEEDED, gateway_pb2.JOB_PHASE_FAILED,
-                              gateway_pb2.JOB_PHASE_CANCELLED, gateway_pb2.JOB_PHASE_INTERRUPTED):
+            if done.phase in (
+                gateway_pb2.JOB_PHASE_SUCCEEDED,
+                gateway_pb2.JOB_PHASE_FAILED,
+                gateway_pb2.JOB_PHASE_CANCELLED,
+                gateway_pb2.JOB_PHASE_INTERRUPTED,
+            ):
                 break
             if time.monotonic() > deadline:
                 pytest.fail("the job did not finish: " + "\n".join(p.read_text()[-1500:] for p in logs.values()))
@@ -289,8 +312,9 @@ def test_compose_stack_runs_a_job_as_local_processes(tmp_path):
 
         # The export lands on the evaluator's volume (where compose mounts `models`).
         out = Path(launched["evaluator"]["ABLITERATE_DATA_DIR"]) / "exports" / spec.name
-        exported = stub.ExportModel(gateway_pb2.GatewayServiceExportModelRequest(job_id=job.id, path=str(out)),
-                                    timeout=120)
+        exported = stub.ExportModel(
+            gateway_pb2.GatewayServiceExportModelRequest(job_id=job.id, path=str(out)), timeout=120
+        )
         assert exported.files and (out / "config.json").exists()
 
         # docker stop = SIGTERM to PID 1; the entrypoint exec'd, so the service itself gets it and exits 0.

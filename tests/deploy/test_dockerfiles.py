@@ -80,8 +80,9 @@ def test_torch_image_has_torch_and_bitsandbytes_locked():
 
 
 def test_locks_match_pyproject_and_the_tested_environment():
-    result = subprocess.run([sys.executable, str(ROOT / "deploy/lock.py"), "--check"], capture_output=True,
-                            text=True, timeout=60, cwd=ROOT)
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "deploy/lock.py"), "--check"], capture_output=True, text=True, timeout=60, cwd=ROOT
+    )
     assert result.returncode == 0, result.stderr
 
 
@@ -91,8 +92,9 @@ def test_entrypoint_ends_in_exec_and_runs_the_command(tmp_path):
     assert last.strip() == 'exec "$@"'
     env = dict(os.environ, ABLITERATE_DATA_DIR=str(tmp_path / "data"))
     env.pop("HF_HOME", None)
-    out = subprocess.run(["sh", str(script), "sh", "-c", 'echo "$$ $HF_HOME"'], capture_output=True, text=True,
-                         env=env, timeout=30)
+    out = subprocess.run(
+        ["sh", str(script), "sh", "-c", 'echo "$$ $HF_HOME"'], capture_output=True, text=True, env=env, timeout=30
+    )
     assert out.returncode == 0, out.stderr
     assert out.stdout.split()[1] == str(tmp_path / "data" / "huggingface")
     assert (tmp_path / "data" / "exports").is_dir()
@@ -111,8 +113,11 @@ def _ignored(path: str, patterns: list[str]) -> bool:
 
 @pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: p.name)
 def test_copied_paths_exist_and_are_not_dockerignored(dockerfile):
-    patterns = [line.strip() for line in (ROOT / ".dockerignore").read_text().splitlines()
-                if line.strip() and not line.startswith("#")]
+    patterns = [
+        line.strip()
+        for line in (ROOT / ".dockerignore").read_text().splitlines()
+        if line.strip() and not line.startswith("#")
+    ]
     assert ".env" in patterns
     for word, rest in instructions(dockerfile):
         if word != "COPY":
@@ -128,8 +133,13 @@ def test_compose_config_validates():
     if binary is None:
         pytest.skip("docker-compose binary missing: apt-get install docker-compose")
     for profiles in ([], ["--profile", "dashboard", "--profile", "multi-gpu"]):
-        result = subprocess.run([binary, "--env-file", ".env.example", *profiles, "config", "-q"], cwd=ROOT,
-                                capture_output=True, text=True, timeout=60)
+        result = subprocess.run(
+            [binary, "--env-file", ".env.example", *profiles, "config", "-q"],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         assert result.returncode == 0, result.stderr
 
 
@@ -140,8 +150,14 @@ def test_compose_refuses_to_start_without_the_secrets(tmp_path):
     empty = tmp_path / "empty.env"
     empty.write_text("")
     env = {k: v for k, v in os.environ.items() if not k.startswith(("POSTGRES_", "ABLITERATE_"))}
-    result = subprocess.run([binary, "--env-file", str(empty), "-f", str(COMPOSE), "config", "-q"],
-                            capture_output=True, text=True, timeout=60, env=env, cwd=tmp_path)
+    result = subprocess.run(
+        [binary, "--env-file", str(empty), "-f", str(COMPOSE), "config", "-q"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+        cwd=tmp_path,
+    )
     assert result.returncode != 0 and "POSTGRES_PASSWORD" in result.stderr + result.stdout
 
 
@@ -160,8 +176,9 @@ def test_compose_structure():
     for name in ("extractor", "evaluator", "evaluator-1", "optimizer", "gateway"):
         test = services[name]["healthcheck"]["test"]
         assert test[:4] == ["CMD", "python", "-m", "abliterate.rpc.healthcheck"]
-        port = next(v for k, v in services[name]["environment"].items() if k.endswith("_ADDRESS")
-                    and v.startswith("0.0.0.0:")).split(":")[1]
+        port = next(
+            v for k, v in services[name]["environment"].items() if k.endswith("_ADDRESS") and v.startswith("0.0.0.0:")
+        ).split(":")[1]
         assert test[-1] == f"127.0.0.1:{port}", f"{name}: the healthcheck must probe the port the service binds"
     gate = services["gateway"]["depends_on"]
     assert all(gate[s]["condition"] == "service_healthy" for s in ("postgres", "optimizer", "extractor", "evaluator"))

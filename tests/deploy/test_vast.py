@@ -29,9 +29,22 @@ GB = 1_000_000_000
 
 
 def instance_row(instance_id: int, label: str = "", status: str = "running") -> dict:
-    return {"id": instance_id, "label": label, "actual_status": status, "cur_state": status, "gpu_name": "H100 SXM",
-            "num_gpus": 2, "dph_total": 5.5, "disk_space": 200, "ssh_host": "ssh5.vast.ai", "ssh_port": 20000 + instance_id % 1000,
-            "public_ipaddr": "203.0.113.7", "ports": {}, "start_date": time.time() - 3600, "extra_env": []}
+    return {
+        "id": instance_id,
+        "label": label,
+        "actual_status": status,
+        "cur_state": status,
+        "gpu_name": "H100 SXM",
+        "num_gpus": 2,
+        "dph_total": 5.5,
+        "disk_space": 200,
+        "ssh_host": "ssh5.vast.ai",
+        "ssh_port": 20000 + instance_id % 1000,
+        "public_ipaddr": "203.0.113.7",
+        "ports": {},
+        "start_date": time.time() - 3600,
+        "extra_env": [],
+    }
 
 
 class FakeVast:
@@ -40,10 +53,28 @@ class FakeVast:
     def __init__(self) -> None:
         self.calls: list[tuple[str, str, dict, dict | None]] = []
         self.instances: dict[int, dict] = {}
-        self.offers = [{"id": 4242, "gpu_name": "H100 SXM", "num_gpus": 2, "gpu_ram": 81559, "disk_space": 500,
-                        "dph_total": 4.9, "inet_down": 900, "geolocation": "Norway, NO"},
-                       {"id": 4343, "gpu_name": "H100 SXM", "num_gpus": 2, "gpu_ram": 81559, "disk_space": 800,
-                        "dph_total": 5.2, "inet_down": 700, "geolocation": "Texas, US"}]
+        self.offers = [
+            {
+                "id": 4242,
+                "gpu_name": "H100 SXM",
+                "num_gpus": 2,
+                "gpu_ram": 81559,
+                "disk_space": 500,
+                "dph_total": 4.9,
+                "inet_down": 900,
+                "geolocation": "Norway, NO",
+            },
+            {
+                "id": 4343,
+                "gpu_name": "H100 SXM",
+                "num_gpus": 2,
+                "gpu_ram": 81559,
+                "disk_space": 800,
+                "dph_total": 5.2,
+                "inet_down": 700,
+                "geolocation": "Texas, US",
+            },
+        ]
         self.hub: dict[str, list[dict]] = {}
         self.next_id = 777
         fake = self
@@ -67,7 +98,7 @@ class FakeVast:
                 query = {k: v[0] for k, v in parse_qs(parts.query).items()}
                 path = parts.path
                 if path.startswith("/api/models/"):  # the Hub's model metadata
-                    repo = path[len("/api/models/"):]
+                    repo = path[len("/api/models/") :]
                     if repo not in fake.hub:
                         return self._reply(404, {"error": "not found"})
                     return self._reply(200, {"id": repo, "siblings": fake.hub[repo]})
@@ -132,8 +163,11 @@ class FakeRunner(remote.Runner):
 
     def __init__(self, probe: dict | None = None, probe_rc: int = 0) -> None:
         super().__init__()
-        self.probe = probe if probe is not None else {
-            "stack": {"alive": True, "pid": 42}, "gateway": {"reachable": True, "jobs": []}, "exports": []}
+        self.probe = (
+            probe
+            if probe is not None
+            else {"stack": {"alive": True, "pid": 42}, "gateway": {"reachable": True, "jobs": []}, "exports": []}
+        )
         self.probe_rc = probe_rc
         self.inputs: list[str | None] = []
         self.popened: list[list[str]] = []
@@ -143,10 +177,15 @@ class FakeRunner(remote.Runner):
         self.inputs.append(input_text)
         text = " ".join(argv)
         if "abliterate.vast.probe" in text:
-            return remote.Result(self.probe_rc, json.dumps(self.probe) if self.probe_rc == 0 else "",
-                                 "" if self.probe_rc == 0 else "ssh: connect to host refused")
+            return remote.Result(
+                self.probe_rc,
+                json.dumps(self.probe) if self.probe_rc == 0 else "",
+                "" if self.probe_rc == 0 else "ssh: connect to host refused",
+            )
         if "nvidia-smi" in text:
-            return remote.Result(0, "0, NVIDIA H100 80GB HBM3, 40960, 81559, 97\n1, NVIDIA H100 80GB HBM3, 512, 81559, 0\n")
+            return remote.Result(
+                0, "0, NVIDIA H100 80GB HBM3, 40960, 81559, 97\n1, NVIDIA H100 80GB HBM3, 512, 81559, 0\n"
+            )
         return remote.Result(0, "ok\n", "")
 
     def popen(self, argv):
@@ -188,8 +227,12 @@ def vast(fake, tmp_path, monkeypatch):
                 raise EOFError
             return answer
 
-        code = cli.main(["--api-key", "test-key_123", "--vast-url", fake.url, "--state", str(state_file), *argv],
-                        runner=runner or FakeRunner(), input_fn=input_fn, out=out)
+        code = cli.main(
+            ["--api-key", "test-key_123", "--vast-url", fake.url, "--state", str(state_file), *argv],
+            runner=runner or FakeRunner(),
+            input_fn=input_fn,
+            out=out,
+        )
         return code, out.getvalue()
 
     run.state_file = state_file
@@ -197,8 +240,20 @@ def vast(fake, tmp_path, monkeypatch):
 
 
 def created(vast, fake, *extra: str) -> int:
-    code, out = vast("create", "--model", "Qwen/Qwen2.5-7B-Instruct", "--model-size-gb", "15.2", "--gpu", "H100",
-                     "--num-gpus", "2", "--image", "registry.example/abliterate-torch:0.1.0", *extra)
+    code, out = vast(
+        "create",
+        "--model",
+        "Qwen/Qwen2.5-7B-Instruct",
+        "--model-size-gb",
+        "15.2",
+        "--gpu",
+        "H100",
+        "--num-gpus",
+        "2",
+        "--image",
+        "registry.example/abliterate-torch:0.1.0",
+        *extra,
+    )
     assert code == 0, out
     return max(fake.instances)
 
@@ -207,8 +262,7 @@ def created(vast, fake, *extra: str) -> int:
 
 
 def test_create_refuses_a_too_small_disk_and_sends_nothing(vast, fake):
-    code, out = vast("create", "--model", "org/model", "--model-size-gb", "40", "--disk", "90",
-                     "--image", "img:1")
+    code, out = vast("create", "--model", "org/model", "--model-size-gb", "40", "--disk", "90", "--image", "img:1")
     assert code == 1 and "below the required 100 GB" in out and "--force-disk" in out
     assert fake.calls == []  # not even a search
     assert not vast.state_file.exists()
@@ -223,17 +277,31 @@ def test_disk_guard_rule():
 
 
 def test_forced_small_disk_proceeds_with_a_warning(vast, fake):
-    code, out = vast("create", "--model", "org/model", "--model-size-gb", "40", "--disk", "90", "--force-disk",
-                     "--gpu", "H100", "--image", "img:1")
+    code, out = vast(
+        "create",
+        "--model",
+        "org/model",
+        "--model-size-gb",
+        "40",
+        "--disk",
+        "90",
+        "--force-disk",
+        "--gpu",
+        "H100",
+        "--image",
+        "img:1",
+    )
     assert code == 0 and "WARNING" in out and "(forced)" in out
     assert fake.sent("PUT")[0][3]["disk"] == 90
 
 
 def test_model_size_from_hub_metadata(vast, fake):
-    fake.hub["org/big"] = [{"rfilename": "model-00001-of-00002.safetensors", "size": 30 * GB},
-                           {"rfilename": "model-00002-of-00002.safetensors", "size": 10 * GB},
-                           {"rfilename": "pytorch_model.bin", "size": 40 * GB},  # duplicate format: not counted
-                           {"rfilename": "config.json", "size": 700}]
+    fake.hub["org/big"] = [
+        {"rfilename": "model-00001-of-00002.safetensors", "size": 30 * GB},
+        {"rfilename": "model-00002-of-00002.safetensors", "size": 10 * GB},
+        {"rfilename": "pytorch_model.bin", "size": 40 * GB},  # duplicate format: not counted
+        {"rfilename": "config.json", "size": 700},
+    ]
     code, out = vast("create", "--model", "org/big", "--hf-endpoint", fake.url, "--disk", "99", "--image", "img:1")
     assert code == 1 and "40 GB" in out and "required 100 GB" in out
     assert fake.calls == []
@@ -336,11 +404,24 @@ def test_several_of_ours_must_be_named(vast, fake):
 
 
 def _probe(phase: str, alive: bool = True, exports: list[str] = ()) -> dict:
-    return {"stack": {"alive": alive, "pid": 42},
-            "gateway": {"reachable": alive, "jobs": [{"id": "a" * 32, "name": "qwen-job", "phase": phase,
-                                                      "trials_complete": 40, "trials_target": 200, "model": "m",
-                                                      "auto_selected_trial": None}]},
-            "exports": [{"name": n, "bytes": 1} for n in exports]}
+    return {
+        "stack": {"alive": alive, "pid": 42},
+        "gateway": {
+            "reachable": alive,
+            "jobs": [
+                {
+                    "id": "a" * 32,
+                    "name": "qwen-job",
+                    "phase": phase,
+                    "trials_complete": 40,
+                    "trials_target": 200,
+                    "model": "m",
+                    "auto_selected_trial": None,
+                }
+            ],
+        },
+        "exports": [{"name": n, "bytes": 1} for n in exports],
+    }
 
 
 def test_warnings_before_stop_come_from_the_job_state(vast, fake):
@@ -386,7 +467,7 @@ def test_ssh_commands(vast, fake, tmp_path):
     runner = FakeRunner()
     assert vast("setup", runner=runner)[0] == 0
     env_call, setup_call = runner.calls
-    assert env_call[:len(remote.SSH_OPTIONS) + 1] == ["ssh", *remote.SSH_OPTIONS]
+    assert env_call[: len(remote.SSH_OPTIONS) + 1] == ["ssh", *remote.SSH_OPTIONS]
     assert env_call[env_call.index("-p") + 1] == str(port)
     assert "root@ssh5.vast.ai" in env_call and env_call[-1].startswith("timeout 120 bash -lc ")
     assert "ABLITERATE_GATEWAY_TOKEN" in runner.inputs[0] and "Qwen/Qwen2.5-7B-Instruct" in runner.inputs[0]
@@ -394,7 +475,7 @@ def test_ssh_commands(vast, fake, tmp_path):
 
     runner = FakeRunner()
     assert vast("start", "--n-trials", "50", "--name", "qwen-job", runner=runner)[0] == 0
-    assert "abliterate submit \"$ABLITERATE_MODEL\" --gateway 127.0.0.1:50050" in runner.calls[0][-1]
+    assert 'abliterate submit "$ABLITERATE_MODEL" --gateway 127.0.0.1:50050' in runner.calls[0][-1]
     assert "--n-trials 50 --name qwen-job" in runner.calls[0][-1]
 
     runner = FakeRunner()
@@ -449,7 +530,7 @@ def test_start_stack_script_runs_and_is_idempotent(tmp_path):
     bindir = tmp_path / "bin"
     bindir.mkdir()
     fake_bin = bindir / "abliterate"
-    fake_bin.write_text("#!/bin/sh\necho \"abliterate $*\"\nexec sleep 30\n")
+    fake_bin.write_text('#!/bin/sh\necho "abliterate $*"\nexec sleep 30\n')
     fake_bin.chmod(0o755)
     script = stack.START_STACK.replace(stack.REMOTE_ROOT, str(root))
     env = {"PATH": f"{bindir}:/usr/bin:/bin", "ABLITERATE_MODEL": "org/m", "ABLITERATE_GATEWAY_TOKEN": "tok"}
@@ -487,8 +568,9 @@ def test_watch_shows_job_progress_through_the_tunnel(vast, fake):
         def ListJobs(self, request, context):  # noqa: N802
             seen_tokens.append(dict(context.invocation_metadata()).get("authorization"))
             spec = gateway_pb2.JobSpec(name="qwen-job", n_trials=200, model=common_pb2.ModelSpec(source="m"))
-            job = gateway_pb2.Job(id="b" * 32, name="qwen-job", phase=gateway_pb2.JOB_PHASE_OPTIMIZING,
-                                  n_trials_complete=12, spec=spec)
+            job = gateway_pb2.Job(
+                id="b" * 32, name="qwen-job", phase=gateway_pb2.JOB_PHASE_OPTIMIZING, n_trials_complete=12, spec=spec
+            )
             return gateway_pb2.ListJobsResponse(jobs=[job], total=1)
 
     server = grpc.server(futures.ThreadPoolExecutor(2))

@@ -29,8 +29,12 @@ PG_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
 LOOPBACK = "127.0.0.1"
 
 # module -> the <SERVICE> part of its ABLITERATE_<SERVICE>_<FIELD> variables
-SERVICES = {"abliterate_services.extractor": "extractor", "abliterate_services.evaluator": "evaluator",
-            "abliterate_services.optimizer": "optimizer", "abliterate_services.gateway": "gateway"}
+SERVICES = {
+    "abliterate_services.extractor": "extractor",
+    "abliterate_services.evaluator": "evaluator",
+    "abliterate_services.optimizer": "optimizer",
+    "abliterate_services.gateway": "gateway",
+}
 
 
 def free_port() -> int:
@@ -83,22 +87,34 @@ def save_tiny_model(path: Path, arch: str = "llama", layers: int = 2, hidden: in
 def base_env(threads: int = 1) -> dict[str, str]:
     """This environment without any ABLITERATE_/HF_ setting, offline, ``threads`` torch threads."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("ABLITERATE_", "HF_"))}
-    env.update(PYTHONPATH=str(ROOT), OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads),
-               HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PYTHONUNBUFFERED="1")
+    env.update(
+        PYTHONPATH=str(ROOT),
+        OMP_NUM_THREADS=str(threads),
+        MKL_NUM_THREADS=str(threads),
+        HF_HUB_OFFLINE="1",
+        TRANSFORMERS_OFFLINE="1",
+        PYTHONUNBUFFERED="1",
+    )
     return env
 
 
 def torch_settings(model_dir: Path, **extra) -> dict[str, str]:
     """Settings of a torch service (extractor, evaluator) on a local model, on CPU."""
-    return {"model": str(model_dir), "dtype": "float32", "device_map": "cpu", "log_level": "WARNING",
-            **{k: str(v) for k, v in extra.items()}}
+    return {
+        "model": str(model_dir),
+        "dtype": "float32",
+        "device_map": "cpu",
+        "log_level": "WARNING",
+        **{k: str(v) for k, v in extra.items()},
+    }
 
 
 class ServiceProcess:
     """One ``python -m <module>`` on a fixed loopback port; start, kill -9, start again."""
 
-    def __init__(self, name: str, module: str, settings: dict[str, str], log_dir: Path,
-                 port: int | None = None, threads: int = 1) -> None:
+    def __init__(
+        self, name: str, module: str, settings: dict[str, str], log_dir: Path, port: int | None = None, threads: int = 1
+    ) -> None:
         assert module in SERVICES, module
         self.name = name
         self.module = module
@@ -137,8 +153,14 @@ class ServiceProcess:
         log = self.log_path.open("a")
         log.write(f"\n===== start #{self.starts} at {time.strftime('%H:%M:%S')} =====\n")
         log.flush()
-        self.proc = subprocess.Popen([sys.executable, "-m", self.module], cwd=ROOT, env=self.env(),
-                                     stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", self.module],
+            cwd=ROOT,
+            env=self.env(),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+        )
         log.close()
         return self
 
@@ -162,8 +184,9 @@ class ServiceProcess:
         deadline = time.monotonic() + timeout_s
         while not self.healthy():
             if not self.alive:
-                raise RuntimeError(f"{self.name} exited with {self.proc.returncode if self.proc else None}:\n"
-                                   f"{self.log_tail()}")
+                raise RuntimeError(
+                    f"{self.name} exited with {self.proc.returncode if self.proc else None}:\n{self.log_tail()}"
+                )
             if time.monotonic() > deadline:
                 raise RuntimeError(f"{self.name} not SERVING after {timeout_s:.0f}s:\n{self.log_tail()}")
             time.sleep(0.2)
@@ -201,28 +224,61 @@ class ServiceProcess:
 class Stack:
     """Extractor, N evaluators, optimizer and gateway as processes (started in that order)."""
 
-    def __init__(self, model_dir: Path, workdir: Path, storage_url: str, n_evaluators: int = 2,
-                 evaluator_settings: dict | None = None, optimizer_settings: dict | None = None,
-                 gateway_settings: dict | None = None) -> None:
+    def __init__(
+        self,
+        model_dir: Path,
+        workdir: Path,
+        storage_url: str,
+        n_evaluators: int = 2,
+        evaluator_settings: dict | None = None,
+        optimizer_settings: dict | None = None,
+        gateway_settings: dict | None = None,
+    ) -> None:
         self.workdir = Path(workdir)
         logs = self.workdir / "logs"
         self.extractor = ServiceProcess("extractor", "abliterate_services.extractor", torch_settings(model_dir), logs)
         self.evaluators = [
-            ServiceProcess(f"evaluator{i + 1}", "abliterate_services.evaluator",
-                           torch_settings(model_dir, **(evaluator_settings or {})), logs)
-            for i in range(n_evaluators)]
-        self.optimizer = ServiceProcess("optimizer", "abliterate_services.optimizer", {
-            "storage_url": storage_url, "blob_dir": str(self.workdir / "optimizer-blobs"),
-            "health_interval_s": "0.5", "busy_retry_s": "0.3", "grace_s": "2", "log_level": "INFO",
-            # A killed optimizer's trials are re-enqueued 3 s after its last heartbeat.
-            "heartbeat_interval_s": "1", "grace_period_s": "3", "database_check_s": "1",
-            **{k: str(v) for k, v in (optimizer_settings or {}).items()}}, logs)
-        self.gateway = ServiceProcess("gateway", "abliterate_services.gateway", {
-            "storage_url": storage_url, "extractor_address": self.extractor.address,
-            "optimizer_address": self.optimizer.address,
-            "evaluator_addresses": ",".join(e.address for e in self.evaluators),
-            "retry_window_s": "180", "grace_s": "1", "log_level": "INFO",
-            **{k: str(v) for k, v in (gateway_settings or {}).items()}}, logs)
+            ServiceProcess(
+                f"evaluator{i + 1}",
+                "abliterate_services.evaluator",
+                torch_settings(model_dir, **(evaluator_settings or {})),
+                logs,
+            )
+            for i in range(n_evaluators)
+        ]
+        self.optimizer = ServiceProcess(
+            "optimizer",
+            "abliterate_services.optimizer",
+            {
+                "storage_url": storage_url,
+                "blob_dir": str(self.workdir / "optimizer-blobs"),
+                "health_interval_s": "0.5",
+                "busy_retry_s": "0.3",
+                "grace_s": "2",
+                "log_level": "INFO",
+                # A killed optimizer's trials are re-enqueued 3 s after its last heartbeat.
+                "heartbeat_interval_s": "1",
+                "grace_period_s": "3",
+                "database_check_s": "1",
+                **{k: str(v) for k, v in (optimizer_settings or {}).items()},
+            },
+            logs,
+        )
+        self.gateway = ServiceProcess(
+            "gateway",
+            "abliterate_services.gateway",
+            {
+                "storage_url": storage_url,
+                "extractor_address": self.extractor.address,
+                "optimizer_address": self.optimizer.address,
+                "evaluator_addresses": ",".join(e.address for e in self.evaluators),
+                "retry_window_s": "180",
+                "grace_s": "1",
+                "log_level": "INFO",
+                **{k: str(v) for k, v in (gateway_settings or {}).items()},
+            },
+            logs,
+        )
         self._channels: dict[tuple[str, int], object] = {}
 
     @property

@@ -61,8 +61,9 @@ def own_database() -> Iterator[tuple[str, sa.Engine]]:
     finally:
         with admin.connect() as conn:
             conn.execute(sa.text(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS true'))
-            conn.execute(sa.text("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = :n"),
-                         {"n": name})
+            conn.execute(
+                sa.text("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = :n"), {"n": name}
+            )
             conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}"'))
         admin.dispose()
 
@@ -71,8 +72,13 @@ def set_outage(admin: sa.Engine, database: str, down: bool) -> None:
     with admin.connect() as conn:
         conn.execute(sa.text(f'ALTER DATABASE "{database}" ALLOW_CONNECTIONS {"false" if down else "true"}'))
         if down:
-            conn.execute(sa.text("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = :n "
-                                 "AND pid <> pg_backend_pid()"), {"n": database})
+            conn.execute(
+                sa.text(
+                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = :n "
+                    "AND pid <> pg_backend_pid()"
+                ),
+                {"n": database},
+            )
 
 
 def test_job_survives_a_database_outage(tmp_path):
@@ -82,8 +88,7 @@ def test_job_survives_a_database_outage(tmp_path):
         stack = Stack(model_dir, tmp_path / "stack", url, n_evaluators=2, evaluator_settings={"batch_size": 1})
         try:
             stack.start()
-            job = stack.gateway_stub().SubmitJob(P.SubmitJobRequest(spec=make_spec(model_dir, seed=31)),
-                                                 timeout=30).job
+            job = stack.gateway_stub().SubmitJob(P.SubmitJobRequest(spec=make_spec(model_dir, seed=31)), timeout=30).job
             study = study_of(stack, job.id)
             wait_for("two trials complete", lambda: len(list_trials(stack, study, COMPLETE)) >= 2, stack, 120)
 
@@ -107,9 +112,13 @@ def test_job_survives_a_database_outage(tmp_path):
             trials = list_trials(stack, study)
             assert not [t for t in trials if t.state == FAIL], [(t.number, t.error) for t in trials]
             # A trial was in flight through the outage and its score was told afterwards, not thrown away.
-            through = [t for t in trials if t.state == COMPLETE
-                       and t.started_at.ToDatetime(tzinfo=dt.timezone.utc).timestamp() < outage_began_at
-                       and t.finished_at.ToDatetime(tzinfo=dt.timezone.utc).timestamp() > outage_ended_at]
+            through = [
+                t
+                for t in trials
+                if t.state == COMPLETE
+                and t.started_at.ToDatetime(tzinfo=dt.timezone.utc).timestamp() < outage_began_at
+                and t.finished_at.ToDatetime(tzinfo=dt.timezone.utc).timestamp() > outage_ended_at
+            ]
             assert through, [(t.number, t.started_at.ToDatetime(), t.finished_at.ToDatetime()) for t in trials]
             assert stack.optimizer.healthy() and stack.gateway.healthy()
             assert all(svc.alive for svc in stack.services)

@@ -14,16 +14,30 @@ from pathlib import Path
 import pytest
 
 from abliterate import cli
-from abliterate_services.embedded import Embedded
 from abliterate.specs import ModelSpec
 from abliterate.v1 import common_pb2, gateway_pb2
+from abliterate_services.embedded import Embedded
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
 def _spec(name: str, n_trials: int) -> gateway_pb2.JobSpec:
-    args = cli.build_parser().parse_args(["run", "<tiny llama>", "--n-trials", str(n_trials), "--n-prompts", "4",
-                                          "--max-new-tokens", "3", "--seed", "1", "--name", name])
+    args = cli.build_parser().parse_args(
+        [
+            "run",
+            "<tiny llama>",
+            "--n-trials",
+            str(n_trials),
+            "--n-prompts",
+            "4",
+            "--max-new-tokens",
+            "3",
+            "--seed",
+            "1",
+            "--name",
+            name,
+        ]
+    )
     spec = cli.build_spec(args)
     spec.model.source = "<tiny llama>"  # build_spec keeps non-paths as they are
     return spec
@@ -84,16 +98,41 @@ N_TRIALS = 8
 
 def test_run_ctrl_c_then_the_same_command_resumes(tiny_model_dir, tmp_path):
     data = tmp_path / "data"
-    cmd = [sys.executable, "-u", "-m", "abliterate.cli", "run", str(tiny_model_dir), "--n-trials", str(N_TRIALS),
-           "--n-prompts", "4", "--max-new-tokens", "3", "--seed", "0", "--data-dir", str(data),
-           "--output", str(tmp_path / "out"), "--dtype", "float32"]
+    cmd = [
+        sys.executable,
+        "-u",
+        "-m",
+        "abliterate.cli",
+        "run",
+        str(tiny_model_dir),
+        "--n-trials",
+        str(N_TRIALS),
+        "--n-prompts",
+        "4",
+        "--max-new-tokens",
+        "3",
+        "--seed",
+        "0",
+        "--data-dir",
+        str(data),
+        "--output",
+        str(tmp_path / "out"),
+        "--dtype",
+        "float32",
+    ]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "COLUMNS": "140", "HF_HUB_OFFLINE": "1"}
     log = tmp_path / "first.log"
     with open(log, "w") as fh:
         # A shell without job control starts background jobs with SIGINT ignored, and Python then never
         # installs its KeyboardInterrupt handler: give the child the default disposition, as a terminal would.
-        proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=fh, stderr=subprocess.STDOUT,
-                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+        proc = subprocess.Popen(
+            cmd,
+            cwd=tmp_path,
+            env=env,
+            stdout=fh,
+            stderr=subprocess.STDOUT,
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+        )
         try:
             deadline = time.monotonic() + 90
             while "trial 0:" not in log.read_text() and proc.poll() is None and time.monotonic() < deadline:

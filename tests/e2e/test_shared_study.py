@@ -23,8 +23,8 @@ from tests.e2e.processes import ServiceProcess, Stack, pg_schema, postgres_ok, s
 from tests.e2e.test_topology import (
     COMPLETE,
     FAIL,
-    RUNNING,
     N_TRIALS,
+    RUNNING,
     P,
     assert_exact_and_unique,
     list_trials,
@@ -55,9 +55,12 @@ def two_optimizers(model_dir, tmp_path_factory):
         first, second = stack.evaluators
         stack.optimizer.settings["evaluator_addresses"] = first.address
         stack.gateway.settings["evaluator_addresses"] = ""  # the study's own pool stays empty
-        other = ServiceProcess("optimizer2", "abliterate_services.optimizer",
-                               {**stack.optimizer.settings, "evaluator_addresses": second.address},
-                               workdir / "logs")
+        other = ServiceProcess(
+            "optimizer2",
+            "abliterate_services.optimizer",
+            {**stack.optimizer.settings, "evaluator_addresses": second.address},
+            workdir / "logs",
+        )
         try:
             stack.start()
             other.start().wait_healthy(120)
@@ -91,8 +94,9 @@ class StudyFollower(threading.Thread):
 def test_two_optimizers_reach_exactly_n_trials_together(two_optimizers):
     stack, other = two_optimizers
     first, second = stack.evaluators
-    job = stack.gateway_stub().SubmitJob(P.SubmitJobRequest(spec=make_spec(stack_model(stack), seed=21)),
-                                         timeout=30).job
+    job = (
+        stack.gateway_stub().SubmitJob(P.SubmitJobRequest(spec=make_spec(stack_model(stack), seed=21)), timeout=30).job
+    )
     study = study_of(stack, job.id)
     follower = StudyFollower(other, study)
     follower.start()
@@ -115,8 +119,9 @@ def test_two_optimizers_reach_exactly_n_trials_together(two_optimizers):
 def test_one_optimizer_killed_mid_trial_the_other_finishes_exactly(two_optimizers):
     stack, other = two_optimizers
     first, second = stack.evaluators
-    job = stack.gateway_stub().SubmitJob(P.SubmitJobRequest(spec=make_spec(stack_model(stack), seed=22)),
-                                         timeout=30).job
+    job = (
+        stack.gateway_stub().SubmitJob(P.SubmitJobRequest(spec=make_spec(stack_model(stack), seed=22)), timeout=30).job
+    )
     study = study_of(stack, job.id)
     follower = StudyFollower(other, study)
     follower.start()

@@ -31,16 +31,36 @@ def _refusals(lm, prompts):
 
 def test_embedded_run_exports_a_model_that_refuses_less(smollm2, smollm2_path, tmp_path):
     out = tmp_path / "export"
-    cmd = [sys.executable, "-m", "abliterate.cli", "run", smollm2_path,
-           "--n-trials", "4", "--n-prompts", "48", "--max-new-tokens", "24", "--seed", "7",
-           "--system-prompt", SAFETY_SYSTEM_PROMPT,
-           "--harmful", os.path.join(SHARED_DATA, "harmful_train.json") + "#instruction",
-           "--harmless", os.path.join(SHARED_DATA, "harmless_train.json") + "#instruction",
-           "--harmful-eval", os.path.join(SHARED_DATA, "harmful_val.json") + "#instruction",
-           "--harmless-eval", os.path.join(SHARED_DATA, "harmless_val.json") + "#instruction",
-           "--data-dir", str(tmp_path / "data"), "--output", str(out)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1500,
-                          env={**os.environ, "COLUMNS": "160"})
+    cmd = [
+        sys.executable,
+        "-m",
+        "abliterate.cli",
+        "run",
+        smollm2_path,
+        "--n-trials",
+        "4",
+        "--n-prompts",
+        "48",
+        "--max-new-tokens",
+        "24",
+        "--seed",
+        "7",
+        "--system-prompt",
+        SAFETY_SYSTEM_PROMPT,
+        "--harmful",
+        os.path.join(SHARED_DATA, "harmful_train.json") + "#instruction",
+        "--harmless",
+        os.path.join(SHARED_DATA, "harmless_train.json") + "#instruction",
+        "--harmful-eval",
+        os.path.join(SHARED_DATA, "harmful_val.json") + "#instruction",
+        "--harmless-eval",
+        os.path.join(SHARED_DATA, "harmless_val.json") + "#instruction",
+        "--data-dir",
+        str(tmp_path / "data"),
+        "--output",
+        str(out),
+    ]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1500, env={**os.environ, "COLUMNS": "160"})
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert (out / "config.json").exists() and any(p.suffix == ".safetensors" for p in out.iterdir())
 

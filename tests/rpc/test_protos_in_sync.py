@@ -12,7 +12,10 @@ ROOT = Path(__file__).resolve().parents[2]
 def test_generated_stubs_are_in_sync_with_protos():
     result = subprocess.run(
         [sys.executable, str(ROOT / "scripts" / "gen_protos.py"), "--check"],
-        cwd=ROOT, capture_output=True, text=True, timeout=120,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert result.returncode == 0, f"run `make protos`:\n{result.stdout}{result.stderr}"
 

@@ -8,7 +8,6 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from abliterate.rpc import Unauthenticated, make_channel, mapped_stub
 from abliterate.v1 import common_pb2, evaluator_pb2, evaluator_pb2_grpc
-
 from tests.rpc.rpc_fakes import start_fake
 
 TOKEN = "s3cret-token"
@@ -57,7 +56,9 @@ def test_wrong_token_is_unauthenticated(auth_server):
 def test_right_token_is_ok(auth_server):
     with make_channel(auth_server.address, token=TOKEN) as channel:
         assert info(channel).model.n_layers == 2
-        chunks = list(evaluator_pb2_grpc.EvaluatorServiceStub(channel).Generate(evaluator_pb2.GenerateRequest(), timeout=10))
+        chunks = list(
+            evaluator_pb2_grpc.EvaluatorServiceStub(channel).Generate(evaluator_pb2.GenerateRequest(), timeout=10)
+        )
         assert chunks[-1].text == "done"
     with make_channel(auth_server.address) as channel:
         assert info(channel, metadata=(("authorization", f"Bearer {TOKEN}"),)).model.n_layers == 2

@@ -29,10 +29,16 @@ SERVICES = {
 def descriptor_set(tmp_path_factory) -> descriptor_pb2.FileDescriptorSet:
     out = tmp_path_factory.mktemp("desc") / "set.pb"
     protos = sorted(str(p) for p in (PROTO_ROOT / "abliterate" / "v1").glob("*.proto"))
-    rc = protoc.main([
-        "protoc", f"-I{PROTO_ROOT}", f"-I{resources.files('grpc_tools') / '_proto'}",
-        "--include_source_info", f"--descriptor_set_out={out}", *protos,
-    ])
+    rc = protoc.main(
+        [
+            "protoc",
+            f"-I{PROTO_ROOT}",
+            f"-I{resources.files('grpc_tools') / '_proto'}",
+            "--include_source_info",
+            f"--descriptor_set_out={out}",
+            *protos,
+        ]
+    )
     assert rc == 0
     return descriptor_pb2.FileDescriptorSet.FromString(out.read_bytes())
 
@@ -81,11 +87,27 @@ def test_request_and_response_names_and_timings():
 def test_expected_rpcs():
     expected = {
         "ExtractorService": {"GetModelInfo", "ExtractDirections"},
-        "EvaluatorService": {"GetModelInfo", "LoadDirections", "PrepareBaseline", "EvaluateTrial", "Generate",
-                             "Chat", "ExportModel"},
+        "EvaluatorService": {
+            "GetModelInfo",
+            "LoadDirections",
+            "PrepareBaseline",
+            "EvaluateTrial",
+            "Generate",
+            "Chat",
+            "ExportModel",
+        },
         "OptimizerService": {"CreateStudy", "RunStudy", "GetStudy", "ListTrials", "StopStudy", "RegisterEvaluator"},
-        "GatewayService": {"SubmitJob", "WatchJob", "GetJob", "ListJobs", "CancelJob", "ResumeJob",
-                           "GetParetoFront", "ExportModel", "Chat"},
+        "GatewayService": {
+            "SubmitJob",
+            "WatchJob",
+            "GetJob",
+            "ListJobs",
+            "CancelJob",
+            "ResumeJob",
+            "GetParetoFront",
+            "ExportModel",
+            "Chat",
+        },
     }
     streaming = {"ExtractDirections", "Generate", "Chat", "RunStudy", "WatchJob"}
     for service_name, module in SERVICES.items():

@@ -12,7 +12,6 @@ from abliterate import errors
 from abliterate.rpc import make_channel, mapped_stub, translate_rpc_errors
 from abliterate.rpc.errors import STATUS_BY_ERROR, RemoteError, from_rpc_error, status_for
 from abliterate.v1 import common_pb2, evaluator_pb2, evaluator_pb2_grpc
-
 from tests.rpc.rpc_fakes import start_fake
 
 DOMAIN_CASES = [
@@ -34,8 +33,14 @@ def get_info(channel, raise_name: str | None = None, **kwargs):
 
 
 def test_the_table_covers_every_domain_class():
-    domain = {errors.InvalidArgument, errors.NotFound, errors.AlreadyExists, errors.FailedPrecondition,
-              errors.Unavailable, errors.ResourceExhausted}
+    domain = {
+        errors.InvalidArgument,
+        errors.NotFound,
+        errors.AlreadyExists,
+        errors.FailedPrecondition,
+        errors.Unavailable,
+        errors.ResourceExhausted,
+    }
     assert set(STATUS_BY_ERROR) == domain
     assert status_for(errors.UnsupportedArchitecture("x"))[0] == grpc.StatusCode.INVALID_ARGUMENT
 

@@ -10,7 +10,6 @@ from abliterate.errors import ResourceExhausted
 from abliterate.rpc import DEFAULT_MAX_MESSAGE_BYTES, check_message_size, make_channel, mapped_stub, tensors_to_blob
 from abliterate.rpc.limits import MIB
 from abliterate.v1 import evaluator_pb2, evaluator_pb2_grpc
-
 from tests.rpc.rpc_fakes import start_fake
 
 

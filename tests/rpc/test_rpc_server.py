@@ -21,7 +21,6 @@ from abliterate.errors import Unavailable
 from abliterate.rpc import build_server, make_channel, serve_until_signal, wait_for_serving
 from abliterate.rpc.channels import health_status
 from abliterate.v1 import evaluator_pb2_grpc, extractor_pb2_grpc
-
 from tests.rpc.rpc_fakes import FakeEvaluator, start_fake
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -97,7 +96,9 @@ def test_wait_for_serving_waits_for_a_server_that_starts_later():
 
 def list_services(channel) -> set[str]:
     stub = reflection_pb2_grpc.ServerReflectionStub(channel)
-    replies = list(stub.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=10))
+    replies = list(
+        stub.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=10)
+    )
     return {s.name for s in replies[0].list_services_response.service}
 
 
@@ -117,9 +118,13 @@ def test_reflection_lists_every_service_of_a_shared_server():
             assert {EXTRACTOR, EVALUATOR, "grpc.health.v1.Health", "grpc.reflection.v1alpha.ServerReflection"} <= names
             # the descriptors are resolvable by symbol
             stub = reflection_pb2_grpc.ServerReflectionStub(channel)
-            reply = next(iter(stub.ServerReflectionInfo(
-                iter([reflection_pb2.ServerReflectionRequest(file_containing_symbol=EVALUATOR)]), timeout=10
-            )))
+            reply = next(
+                iter(
+                    stub.ServerReflectionInfo(
+                        iter([reflection_pb2.ServerReflectionRequest(file_containing_symbol=EVALUATOR)]), timeout=10
+                    )
+                )
+            )
             assert reply.file_descriptor_response.file_descriptor_proto
     finally:
         server.stop(None)
@@ -149,7 +154,11 @@ SERVE_SCRIPT = textwrap.dedent(
 def test_serve_until_signal_stops_gracefully(sig):
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     proc = subprocess.Popen(
-        [sys.executable, "-c", SERVE_SCRIPT], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+        [sys.executable, "-c", SERVE_SCRIPT],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
         cwd=ROOT,
     )
     try:

@@ -28,16 +28,25 @@ def prompts(items) -> common_pb2.PromptSetSpec:
     return common_pb2.PromptSetSpec(prompts=list(items))
 
 
-def kernel_params(index: float = 1.5, weight: float = 1.0, components=("attn.o_proj", "mlp.down_proj"),
-                  row_normalization=common_pb2.ROW_NORMALIZATION_NONE, per_layer: bool = False):
+def kernel_params(
+    index: float = 1.5,
+    weight: float = 1.0,
+    components=("attn.o_proj", "mlp.down_proj"),
+    row_normalization=common_pb2.ROW_NORMALIZATION_NONE,
+    per_layer: bool = False,
+):
     p = common_pb2.AblationParams(
         direction_scope=common_pb2.DIRECTION_SCOPE_PER_LAYER if per_layer else common_pb2.DIRECTION_SCOPE_GLOBAL,
-        row_normalization=row_normalization)
+        row_normalization=row_normalization,
+    )
     if not per_layer:
         p.direction_index = index
     for name in components:
-        p.components[name].CopyFrom(common_pb2.ComponentKernel(
-            max_weight=weight, max_weight_position=1.5, min_weight=weight / 2, min_weight_distance=3.0))
+        p.components[name].CopyFrom(
+            common_pb2.ComponentKernel(
+                max_weight=weight, max_weight_position=1.5, min_weight=weight / 2, min_weight_distance=3.0
+            )
+        )
     return p
 
 
@@ -111,8 +120,21 @@ def free_port() -> int:
 def service_process(module: str, model_dir: Path, port: int, extra_env: dict | None = None):
     """Run ``python -m <module>`` on a tiny model; yield the Popen (killed if still alive at the end)."""
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", **(extra_env or {}))
-    cmd = [sys.executable, "-m", module, "--model", str(model_dir), "--dtype", "float32", "--device-map", "cpu",
-           "--address", f"127.0.0.1:{port}", "--log-level", "WARNING"]
+    cmd = [
+        sys.executable,
+        "-m",
+        module,
+        "--model",
+        str(model_dir),
+        "--dtype",
+        "float32",
+        "--device-map",
+        "cpu",
+        "--address",
+        f"127.0.0.1:{port}",
+        "--log-level",
+        "WARNING",
+    ]
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         yield proc

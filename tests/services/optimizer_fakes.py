@@ -56,8 +56,14 @@ class Call:
 
 
 class FakeEvaluator(evaluator_pb2_grpc.EvaluatorServiceServicer):
-    def __init__(self, n_layers: int = 4, delay_s: float = 0.2, busy_first: int = 0, hang: bool = False,
-                 source: str = "fake/model") -> None:
+    def __init__(
+        self,
+        n_layers: int = 4,
+        delay_s: float = 0.2,
+        busy_first: int = 0,
+        hang: bool = False,
+        source: str = "fake/model",
+    ) -> None:
         self.n_layers = n_layers
         self.delay_s = delay_s
         self.busy_first = busy_first  # answer "busy" to the first N EvaluateTrial calls
@@ -75,9 +81,17 @@ class FakeEvaluator(evaluator_pb2_grpc.EvaluatorServiceServicer):
         self._lock = threading.Lock()
 
     def GetModelInfo(self, request, context):
-        return common_pb2.GetModelInfoResponse(model=common_pb2.ModelInfo(
-            architecture="FakeForCausalLM", n_layers=self.n_layers, hidden_size=8, components=list(COMPONENTS),
-            dtype="float32", device="cpu", spec=common_pb2.ModelSpec(source=self.source)))
+        return common_pb2.GetModelInfoResponse(
+            model=common_pb2.ModelInfo(
+                architecture="FakeForCausalLM",
+                n_layers=self.n_layers,
+                hidden_size=8,
+                components=list(COMPONENTS),
+                dtype="float32",
+                device="cpu",
+                spec=common_pb2.ModelSpec(source=self.source),
+            )
+        )
 
     def LoadDirections(self, request, context):
         if request.WhichOneof("source") == "directions":
@@ -89,13 +103,15 @@ class FakeEvaluator(evaluator_pb2_grpc.EvaluatorServiceServicer):
                 already = digest in self.directions
                 self.directions[digest] = data
                 self.byte_loads += 1
-            return evaluator_pb2.LoadDirectionsResponse(direction_set_id=digest, already_loaded=already,
-                                                        tensor_names=["refusal"])
+            return evaluator_pb2.LoadDirectionsResponse(
+                direction_set_id=digest, already_loaded=already, tensor_names=["refusal"]
+            )
         digest = request.direction_set_id
         if digest not in self.directions:
             raise errors.NotFound(f"direction set {digest} is not held")
-        return evaluator_pb2.LoadDirectionsResponse(direction_set_id=digest, already_loaded=True,
-                                                    tensor_names=["refusal"])
+        return evaluator_pb2.LoadDirectionsResponse(
+            direction_set_id=digest, already_loaded=True, tensor_names=["refusal"]
+        )
 
     def PrepareBaseline(self, request, context):
         self.prepare_calls += 1
@@ -103,9 +119,11 @@ class FakeEvaluator(evaluator_pb2_grpc.EvaluatorServiceServicer):
         already = baseline_id == self.baseline_id
         self.baseline_id = baseline_id
         return evaluator_pb2.PrepareBaselineResponse(
-            baseline_id=baseline_id, already_prepared=already,
+            baseline_id=baseline_id,
+            already_prepared=already,
             n_kl_prompts=len(request.baseline.kl_prompts.prompts),
-            n_refusal_prompts=len(request.baseline.refusal_prompts.prompts))
+            n_refusal_prompts=len(request.baseline.refusal_prompts.prompts),
+        )
 
     def EvaluateTrial(self, request, context):
         with self._lock:
@@ -132,9 +150,15 @@ class FakeEvaluator(evaluator_pb2_grpc.EvaluatorServiceServicer):
             call.end = time.time()
             kl, refusals = fake_scores(params)
             return evaluator_pb2.EvaluateTrialResponse(
-                scores=common_pb2.TrialScores(kl=kl, refusals=refusals, n_refusal_prompts=10, n_kl_prompts=5,
-                                              timings_s={"total": call.end - call.start}),
-                timings_s={"total": call.end - call.start})
+                scores=common_pb2.TrialScores(
+                    kl=kl,
+                    refusals=refusals,
+                    n_refusal_prompts=10,
+                    n_kl_prompts=5,
+                    timings_s={"total": call.end - call.start},
+                ),
+                timings_s={"total": call.end - call.start},
+            )
         finally:
             self._busy.release()
 
@@ -159,7 +183,8 @@ class RunningEvaluator:
 def start_fake_evaluator(port: int = 0, **kwargs) -> RunningEvaluator:
     servicer = FakeEvaluator(**kwargs)
     server, bound, health = build_server(
-        [(evaluator_pb2_grpc.add_EvaluatorServiceServicer_to_server, servicer)], f"127.0.0.1:{port}", workers=4)
+        [(evaluator_pb2_grpc.add_EvaluatorServiceServicer_to_server, servicer)], f"127.0.0.1:{port}", workers=4
+    )
     server.start()
     health.set_serving()
     return RunningEvaluator(server, bound, servicer, health)

@@ -11,9 +11,9 @@ import torch
 from safetensors.torch import load_file
 
 from abliterate.core.ablation import edit_matrix
+from abliterate.core.chat import build_messages, render_chat
 from abliterate.core.directions import DirectionSet, global_direction
 from abliterate.core.generation import generate_greedy, stream_greedy
-from abliterate.core.chat import build_messages, render_chat
 from abliterate.rpc.tensors import sha256_hex
 from abliterate.v1 import common_pb2, evaluator_pb2, evaluator_pb2_grpc, extractor_pb2
 from abliterate_services.evaluator.servicer import EvaluatorServicer
@@ -33,8 +33,9 @@ def lm():
 
 @pytest.fixture(scope="module")
 def blob(lm) -> common_pb2.TensorBlob:
-    req = extractor_pb2.ExtractDirectionsRequest(harmful=prompts(BAD), harmless=prompts(GOOD),
-                                                 options=common_pb2.ExtractionOptions(batch_size=4))
+    req = extractor_pb2.ExtractDirectionsRequest(
+        harmful=prompts(BAD), harmless=prompts(GOOD), options=common_pb2.ExtractionOptions(batch_size=4)
+    )
     return list(Extractor(lm).extract(req))[-1].result.directions
 
 
@@ -64,8 +65,9 @@ def session(served) -> EvaluatorSession:
 
 
 def baseline_spec(max_new_tokens: int = 6) -> common_pb2.BaselineSpec:
-    return common_pb2.BaselineSpec(kl_prompts=prompts(GOOD), refusal_prompts=prompts(BAD),
-                                   max_new_tokens=max_new_tokens)
+    return common_pb2.BaselineSpec(
+        kl_prompts=prompts(GOOD), refusal_prompts=prompts(BAD), max_new_tokens=max_new_tokens
+    )
 
 
 @pytest.fixture
@@ -115,19 +117,22 @@ def test_load_directions_by_bytes_and_by_id(stub, blob):
 
 
 def test_load_directions_errors(stub, blob):
-    assert code_of(stub.LoadDirections, E.LoadDirectionsRequest(direction_set_id="ab" * 32)) \
-        == grpc.StatusCode.NOT_FOUND
+    assert (
+        code_of(stub.LoadDirections, E.LoadDirectionsRequest(direction_set_id="ab" * 32)) == grpc.StatusCode.NOT_FOUND
+    )
     alive(stub)
-    assert code_of(stub.LoadDirections, E.LoadDirectionsRequest(
-        directions=common_pb2.TensorBlob(sha256="cd" * 32))) == grpc.StatusCode.NOT_FOUND
+    assert (
+        code_of(stub.LoadDirections, E.LoadDirectionsRequest(directions=common_pb2.TensorBlob(sha256="cd" * 32)))
+        == grpc.StatusCode.NOT_FOUND
+    )
     alive(stub)
     mismatch = common_pb2.TensorBlob(safetensors=blob.safetensors, sha256="00" * 32)
-    assert code_of(stub.LoadDirections, E.LoadDirectionsRequest(directions=mismatch)) \
-        == grpc.StatusCode.INVALID_ARGUMENT
+    assert (
+        code_of(stub.LoadDirections, E.LoadDirectionsRequest(directions=mismatch)) == grpc.StatusCode.INVALID_ARGUMENT
+    )
     alive(stub)
     garbage = common_pb2.TensorBlob(safetensors=b"\x10\x00\x00\x00\x00\x00\x00\x00not json at all!")
-    assert code_of(stub.LoadDirections, E.LoadDirectionsRequest(directions=garbage)) \
-        == grpc.StatusCode.INVALID_ARGUMENT
+    assert code_of(stub.LoadDirections, E.LoadDirectionsRequest(directions=garbage)) == grpc.StatusCode.INVALID_ARGUMENT
     alive(stub)
     assert code_of(stub.LoadDirections, E.LoadDirectionsRequest()) == grpc.StatusCode.INVALID_ARGUMENT
     alive(stub)
@@ -147,11 +152,13 @@ def test_direction_sets_are_evicted_least_recently_used(stub, blob, lm):
         torch.manual_seed(seed)
         r = torch.nn.functional.normalize(torch.randn(4, 32), dim=1)
         data = DirectionSet(refusal=r, good_mean=torch.randn(4, 32), bad_mean=torch.randn(4, 32)).to_bytes()
-        ids.append(stub.LoadDirections(E.LoadDirectionsRequest(
-            directions=common_pb2.TensorBlob(safetensors=data))).direction_set_id)
+        ids.append(
+            stub.LoadDirections(
+                E.LoadDirectionsRequest(directions=common_pb2.TensorBlob(safetensors=data))
+            ).direction_set_id
+        )
     # max_direction_sets=2: the first one is gone, the other two are held.
-    assert code_of(stub.LoadDirections, E.LoadDirectionsRequest(direction_set_id=ids[0])) \
-        == grpc.StatusCode.NOT_FOUND
+    assert code_of(stub.LoadDirections, E.LoadDirectionsRequest(direction_set_id=ids[0])) == grpc.StatusCode.NOT_FOUND
     for set_id in ids[1:]:
         assert stub.LoadDirections(E.LoadDirectionsRequest(direction_set_id=set_id)).already_loaded
 
@@ -160,8 +167,9 @@ def test_oversized_payload_is_refused(lm, blob):
     with serve([(ADD, EvaluatorServicer(lm))], max_message_bytes=64 * 1024) as s:
         stub = evaluator_pb2_grpc.EvaluatorServiceStub(s.channel)
         huge = common_pb2.TensorBlob(safetensors=b"\0" * (128 * 1024))
-        assert code_of(stub.LoadDirections, E.LoadDirectionsRequest(directions=huge)) \
-            == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert (
+            code_of(stub.LoadDirections, E.LoadDirectionsRequest(directions=huge)) == grpc.StatusCode.RESOURCE_EXHAUSTED
+        )
         alive(stub)
         assert stub.LoadDirections(E.LoadDirectionsRequest(directions=blob)).direction_set_id == blob.sha256
 
@@ -174,8 +182,10 @@ def test_evaluate_before_directions_and_baseline(stub, blob):
     code, details = details_of(stub.EvaluateTrial, E.EvaluateTrialRequest(params=params))
     assert code == grpc.StatusCode.FAILED_PRECONDITION and "LoadDirections" in details
     alive(stub)
-    assert code_of(stub.EvaluateTrial, E.EvaluateTrialRequest(direction_set_id="ef" * 32, params=params)) \
+    assert (
+        code_of(stub.EvaluateTrial, E.EvaluateTrialRequest(direction_set_id="ef" * 32, params=params))
         == grpc.StatusCode.NOT_FOUND
+    )
     alive(stub)
     set_id = stub.LoadDirections(E.LoadDirectionsRequest(directions=blob)).direction_set_id
     code, details = details_of(stub.EvaluateTrial, E.EvaluateTrialRequest(direction_set_id=set_id, params=params))
@@ -198,17 +208,16 @@ def test_baseline_is_idempotent_and_replaced_by_another_spec(stub):
 
 def test_baseline_errors(stub, lm):
     empty = common_pb2.BaselineSpec(kl_prompts=prompts([]), refusal_prompts=prompts(BAD))
-    assert code_of(stub.PrepareBaseline, E.PrepareBaselineRequest(baseline=empty)) \
-        == grpc.StatusCode.INVALID_ARGUMENT
+    assert code_of(stub.PrepareBaseline, E.PrepareBaselineRequest(baseline=empty)) == grpc.StatusCode.INVALID_ARGUMENT
     alive(stub)
     missing = common_pb2.BaselineSpec(kl_prompts=prompts(GOOD))
-    assert code_of(stub.PrepareBaseline, E.PrepareBaselineRequest(baseline=missing)) \
-        == grpc.StatusCode.INVALID_ARGUMENT
+    assert code_of(stub.PrepareBaseline, E.PrepareBaselineRequest(baseline=missing)) == grpc.StatusCode.INVALID_ARGUMENT
     assert code_of(stub.PrepareBaseline, E.PrepareBaselineRequest()) == grpc.StatusCode.INVALID_ARGUMENT
     foreign = baseline_spec()
     foreign.model.CopyFrom(common_pb2.ModelSpec(source="another/model"))
-    assert code_of(stub.PrepareBaseline, E.PrepareBaselineRequest(baseline=foreign)) \
-        == grpc.StatusCode.FAILED_PRECONDITION
+    assert (
+        code_of(stub.PrepareBaseline, E.PrepareBaselineRequest(baseline=foreign)) == grpc.StatusCode.FAILED_PRECONDITION
+    )
     alive(stub)
     own = baseline_spec()
     own.model.CopyFrom(common_pb2.ModelSpec(source=lm.spec.source, chat_template_mode="plain"))
@@ -217,8 +226,9 @@ def test_baseline_errors(stub, lm):
 
 def test_evaluate_trial_scores_and_resets(stub, ready, lm, snapshot):
     set_id, baseline_id = ready
-    reply = stub.EvaluateTrial(E.EvaluateTrialRequest(direction_set_id=set_id, params=kernel_params(),
-                                                      baseline_id=baseline_id, trial_number=7))
+    reply = stub.EvaluateTrial(
+        E.EvaluateTrialRequest(direction_set_id=set_id, params=kernel_params(), baseline_id=baseline_id, trial_number=7)
+    )
     s = reply.scores
     assert s.kl > 0 and s.n_kl_prompts == 4 and s.n_refusal_prompts == 4 and s.refusals <= 4
     assert {"reset", "ablate", "kl", "refusals", "total"} <= set(s.timings_s) and reply.timings_s["total"] > 0
@@ -227,14 +237,17 @@ def test_evaluate_trial_scores_and_resets(stub, ready, lm, snapshot):
     zero = stub.EvaluateTrial(E.EvaluateTrialRequest(direction_set_id=set_id, params=kernel_params(weight=0.0)))
     base = stub.PrepareBaseline(E.PrepareBaselineRequest(baseline=baseline_spec()))
     assert zero.scores.kl == pytest.approx(0.0, abs=1e-6) and zero.scores.refusals == base.baseline_refusals
-    per_layer = stub.EvaluateTrial(E.EvaluateTrialRequest(direction_set_id=set_id,
-                                                          params=kernel_params(per_layer=True)))
+    per_layer = stub.EvaluateTrial(
+        E.EvaluateTrialRequest(direction_set_id=set_id, params=kernel_params(per_layer=True))
+    )
     assert per_layer.scores.kl > 0
     # The same trial again scores the same (reset is exact).
     again = stub.EvaluateTrial(E.EvaluateTrialRequest(direction_set_id=set_id, params=kernel_params()))
     assert again.scores.kl == pytest.approx(s.kl, rel=1e-5) and again.scores.refusals == s.refusals
-    code, details = details_of(stub.EvaluateTrial, E.EvaluateTrialRequest(
-        direction_set_id=set_id, params=kernel_params(), baseline_id="not-the-held-one"))
+    code, details = details_of(
+        stub.EvaluateTrial,
+        E.EvaluateTrialRequest(direction_set_id=set_id, params=kernel_params(), baseline_id="not-the-held-one"),
+    )
     assert code == grpc.StatusCode.FAILED_PRECONDITION and "PrepareBaseline" in details
 
 
@@ -265,16 +278,19 @@ def nan_index():
 @pytest.mark.parametrize("make", [nan_params, nan_index, index_out_of_range, unknown_component, no_components])
 def test_bad_params_are_invalid_argument(stub, ready, make, lm, snapshot):
     set_id, _ = ready
-    assert code_of(stub.EvaluateTrial, E.EvaluateTrialRequest(direction_set_id=set_id, params=make())) \
+    assert (
+        code_of(stub.EvaluateTrial, E.EvaluateTrialRequest(direction_set_id=set_id, params=make()))
         == grpc.StatusCode.INVALID_ARGUMENT
+    )
     alive(stub)
     assert unchanged(lm, snapshot)
 
 
 def test_params_are_required(stub, ready):
     set_id, _ = ready
-    assert code_of(stub.EvaluateTrial, E.EvaluateTrialRequest(direction_set_id=set_id)) \
-        == grpc.StatusCode.INVALID_ARGUMENT
+    assert (
+        code_of(stub.EvaluateTrial, E.EvaluateTrialRequest(direction_set_id=set_id)) == grpc.StatusCode.INVALID_ARGUMENT
+    )
 
 
 # ------------------------------------------------------------------- busy
@@ -286,8 +302,11 @@ def test_busy_evaluator_answers_unavailable(stub, ready, session, tmp_path):
         lambda: stub.EvaluateTrial(E.EvaluateTrialRequest(direction_set_id=set_id, params=kernel_params())),
         lambda: stub.Generate(E.GenerateRequest(prompt="hi")),
         lambda: stub.Chat(E.EvaluatorServiceChatRequest(messages=[common_pb2.ChatMessage(role="user", content="x")])),
-        lambda: stub.ExportModel(E.EvaluatorServiceExportModelRequest(
-            direction_set_id=set_id, params=kernel_params(), path=str(tmp_path / "busy"))),
+        lambda: stub.ExportModel(
+            E.EvaluatorServiceExportModelRequest(
+                direction_set_id=set_id, params=kernel_params(), path=str(tmp_path / "busy")
+            )
+        ),
         lambda: stub.PrepareBaseline(E.PrepareBaselineRequest(baseline=baseline_spec(max_new_tokens=3))),
     ]
     with session.lock.hold("a test"):
@@ -302,12 +321,18 @@ def test_busy_evaluator_answers_unavailable(stub, ready, session, tmp_path):
 
 def test_a_running_generation_makes_trials_wait_and_cancel_frees_the_device(stub, ready, session):
     set_id, _ = ready
-    stream = stub.Generate(E.GenerateRequest(prompt="tell me a long story", params=kernel_params(),
-                                             options=common_pb2.GenerationOptions(max_new_tokens=400)))
+    stream = stub.Generate(
+        E.GenerateRequest(
+            prompt="tell me a long story",
+            params=kernel_params(),
+            options=common_pb2.GenerationOptions(max_new_tokens=400),
+        )
+    )
     first = next(stream)
     assert first.n_tokens >= 1
-    code, details = details_of(stub.EvaluateTrial, E.EvaluateTrialRequest(direction_set_id=set_id,
-                                                                          params=kernel_params()))
+    code, details = details_of(
+        stub.EvaluateTrial, E.EvaluateTrialRequest(direction_set_id=set_id, params=kernel_params())
+    )
     assert code == grpc.StatusCode.UNAVAILABLE and "Generate" in details
     stream.cancel()
     assert wait_until(lambda: not session.lock.locked(), timeout_s=10)
@@ -319,8 +344,9 @@ def test_a_running_generation_makes_trials_wait_and_cancel_frees_the_device(stub
 
 def test_generate_unedited_matches_the_core_and_edited_resets(stub, ready, lm, snapshot):
     set_id, _ = ready
-    text, chunks = gen_text(stub.Generate(E.GenerateRequest(prompt="hello there",
-                                                            options=common_pb2.GenerationOptions(max_new_tokens=12))))
+    text, chunks = gen_text(
+        stub.Generate(E.GenerateRequest(prompt="hello there", options=common_pb2.GenerationOptions(max_new_tokens=12)))
+    )
     rendered = render_chat(lm.tokenizer, build_messages("hello there", lm.spec.system_prompt), "chat")
     assert text == generate_greedy(lm, [rendered], 12)[0].text
     assert text.startswith("".join(stream_greedy(lm, rendered, 12)))
@@ -330,13 +356,23 @@ def test_generate_unedited_matches_the_core_and_edited_resets(stub, ready, lm, s
     assert {"ablate", "generate", "total"} <= set(last.timings_s)
     if last.finish_reason == common_pb2.FINISH_REASON_LENGTH:
         assert last.n_tokens == 12
-    edited, _ = gen_text(stub.Generate(E.GenerateRequest(
-        prompt="hello there", direction_set_id=set_id, params=kernel_params(weight=1.5),
-        options=common_pb2.GenerationOptions(max_new_tokens=12))))
+    edited, _ = gen_text(
+        stub.Generate(
+            E.GenerateRequest(
+                prompt="hello there",
+                direction_set_id=set_id,
+                params=kernel_params(weight=1.5),
+                options=common_pb2.GenerationOptions(max_new_tokens=12),
+            )
+        )
+    )
     assert isinstance(edited, str)
     assert unchanged(lm, snapshot)
-    raw, _ = gen_text(stub.Generate(E.GenerateRequest(prompt="hello", raw=True,
-                                                      options=common_pb2.GenerationOptions(max_new_tokens=5))))
+    raw, _ = gen_text(
+        stub.Generate(
+            E.GenerateRequest(prompt="hello", raw=True, options=common_pb2.GenerationOptions(max_new_tokens=5))
+        )
+    )
     assert isinstance(raw, str)
 
 
@@ -347,13 +383,17 @@ def test_sampling_is_reproducible_with_a_seed(stub):
     assert a == b
 
 
-@pytest.mark.parametrize("req", [
-    E.GenerateRequest(prompt=""),
-    E.GenerateRequest(prompt="hi", options=common_pb2.GenerationOptions(temperature=-1)),
-    E.GenerateRequest(prompt="hi", options=common_pb2.GenerationOptions(top_p=1.5)),
-    E.GenerateRequest(prompt="hi", options=common_pb2.GenerationOptions(max_new_tokens=1_000_000)),
-    E.GenerateRequest(prompt="hi", params=nan_params()),
-], ids=["empty", "temperature", "top_p", "too-long", "nan"])
+@pytest.mark.parametrize(
+    "req",
+    [
+        E.GenerateRequest(prompt=""),
+        E.GenerateRequest(prompt="hi", options=common_pb2.GenerationOptions(temperature=-1)),
+        E.GenerateRequest(prompt="hi", options=common_pb2.GenerationOptions(top_p=1.5)),
+        E.GenerateRequest(prompt="hi", options=common_pb2.GenerationOptions(max_new_tokens=1_000_000)),
+        E.GenerateRequest(prompt="hi", params=nan_params()),
+    ],
+    ids=["empty", "temperature", "top_p", "too-long", "nan"],
+)
 def test_generate_errors(stub, ready, req):
     assert code_of(stub.Generate, req) == grpc.StatusCode.INVALID_ARGUMENT
     alive(stub)
@@ -367,25 +407,34 @@ def test_generate_with_unknown_directions_is_not_found(stub):
 
 def test_chat(stub, ready, lm):
     set_id, _ = ready
-    msgs = [common_pb2.ChatMessage(role="system", content="Be brief."),
-            common_pb2.ChatMessage(role="user", content="hi"),
-            common_pb2.ChatMessage(role="assistant", content="hello"),
-            common_pb2.ChatMessage(role="user", content="how are you")]
+    msgs = [
+        common_pb2.ChatMessage(role="system", content="Be brief."),
+        common_pb2.ChatMessage(role="user", content="hi"),
+        common_pb2.ChatMessage(role="assistant", content="hello"),
+        common_pb2.ChatMessage(role="user", content="how are you"),
+    ]
     opts = common_pb2.GenerationOptions(max_new_tokens=8)
     text, chunks = gen_text(stub.Chat(E.EvaluatorServiceChatRequest(messages=msgs, options=opts)))
     rendered = render_chat(lm.tokenizer, [{"role": m.role, "content": m.content} for m in msgs], "chat")
     assert text == generate_greedy(lm, [rendered], 8)[0].text
     assert chunks[-1].finish_reason != common_pb2.FINISH_REASON_UNSPECIFIED
-    edited, _ = gen_text(stub.Chat(E.EvaluatorServiceChatRequest(messages=msgs, options=opts,
-                                                                 direction_set_id=set_id, params=kernel_params())))
+    edited, _ = gen_text(
+        stub.Chat(
+            E.EvaluatorServiceChatRequest(messages=msgs, options=opts, direction_set_id=set_id, params=kernel_params())
+        )
+    )
     assert isinstance(edited, str)
 
 
-@pytest.mark.parametrize("messages", [
-    [],
-    [("user", "hi"), ("assistant", "hello")],
-    [("robot", "hi")],
-], ids=["empty", "last-not-user", "bad-role"])
+@pytest.mark.parametrize(
+    "messages",
+    [
+        [],
+        [("user", "hi"), ("assistant", "hello")],
+        [("robot", "hi")],
+    ],
+    ids=["empty", "last-not-user", "bad-role"],
+)
 def test_chat_errors(stub, messages):
     req = E.EvaluatorServiceChatRequest(messages=[common_pb2.ChatMessage(role=r, content=c) for r, c in messages])
     assert code_of(stub.Chat, req) == grpc.StatusCode.INVALID_ARGUMENT
@@ -399,8 +448,9 @@ def test_export_merged(stub, ready, lm, snapshot, blob, tmp_path):
     set_id, _ = ready
     params = kernel_params()
     out = tmp_path / "merged"
-    reply = stub.ExportModel(E.EvaluatorServiceExportModelRequest(direction_set_id=set_id, params=params,
-                                                                  path=str(out)))
+    reply = stub.ExportModel(
+        E.EvaluatorServiceExportModelRequest(direction_set_id=set_id, params=params, path=str(out))
+    )
     assert reply.path == str(out) and "config.json" in reply.files and "abliterate.json" in reply.files
     assert reply.bytes_written > 0 and reply.hub_url == "" and {"ablate", "save", "total"} <= set(reply.timings_s)
     assert unchanged(lm, snapshot)
@@ -427,10 +477,14 @@ def test_export_lora_is_the_merged_edit(stub, ready, lm, snapshot, tmp_path):
     for rownorm in (common_pb2.ROW_NORMALIZATION_NONE, common_pb2.ROW_NORMALIZATION_PRE):
         params = kernel_params(row_normalization=rownorm)
         merged_dir, lora_dir = tmp_path / f"m{rownorm}", tmp_path / f"l{rownorm}"
-        stub.ExportModel(E.EvaluatorServiceExportModelRequest(direction_set_id=set_id, params=params,
-                                                              path=str(merged_dir)))
-        reply = stub.ExportModel(E.EvaluatorServiceExportModelRequest(
-            direction_set_id=set_id, params=params, path=str(lora_dir), format=common_pb2.EXPORT_FORMAT_LORA))
+        stub.ExportModel(
+            E.EvaluatorServiceExportModelRequest(direction_set_id=set_id, params=params, path=str(merged_dir))
+        )
+        reply = stub.ExportModel(
+            E.EvaluatorServiceExportModelRequest(
+                direction_set_id=set_id, params=params, path=str(lora_dir), format=common_pb2.EXPORT_FORMAT_LORA
+            )
+        )
         assert set(reply.files) == {"adapter_model.safetensors", "adapter_config.json", "abliterate.json"}
         config = json.loads((lora_dir / "adapter_config.json").read_text())
         assert config["peft_type"] == "LORA" and config["r"] == 1 and config["lora_alpha"] == 1
@@ -445,9 +499,12 @@ def test_export_lora_is_the_merged_edit(stub, ready, lm, snapshot, tmp_path):
             base = snapshot[f"{module}.weight"]
             assert torch.allclose(base + b @ a, merged[f"{module}.weight"], atol=1e-5)
     assert unchanged(lm, snapshot)
-    full = E.EvaluatorServiceExportModelRequest(direction_set_id=set_id, path=str(tmp_path / "full"),
-                                                params=kernel_params(row_normalization=common_pb2.ROW_NORMALIZATION_FULL),
-                                                format=common_pb2.EXPORT_FORMAT_LORA)
+    full = E.EvaluatorServiceExportModelRequest(
+        direction_set_id=set_id,
+        path=str(tmp_path / "full"),
+        params=kernel_params(row_normalization=common_pb2.ROW_NORMALIZATION_FULL),
+        format=common_pb2.EXPORT_FORMAT_LORA,
+    )
     assert code_of(stub.ExportModel, full) == grpc.StatusCode.INVALID_ARGUMENT
     alive(stub)
 
@@ -456,18 +513,35 @@ def test_export_errors(stub, ready, tmp_path, monkeypatch):
     set_id, _ = ready
     monkeypatch.delenv("HF_TOKEN", raising=False)
     monkeypatch.delenv("HUGGING_FACE_HUB_TOKEN", raising=False)
-    hub = E.EvaluatorServiceExportModelRequest(direction_set_id=set_id, params=kernel_params(),
-                                               path=str(tmp_path / "hub"), hub_repo="me/model")
+    hub = E.EvaluatorServiceExportModelRequest(
+        direction_set_id=set_id, params=kernel_params(), path=str(tmp_path / "hub"), hub_repo="me/model"
+    )
     code, details = details_of(stub.ExportModel, hub)
     assert code == grpc.StatusCode.FAILED_PRECONDITION and "HF_TOKEN" in details
     assert not (tmp_path / "hub").exists()  # refused before any work
     alive(stub)
-    assert code_of(stub.ExportModel, E.EvaluatorServiceExportModelRequest(
-        direction_set_id=set_id, params=kernel_params(), path="")) == grpc.StatusCode.INVALID_ARGUMENT
-    assert code_of(stub.ExportModel, E.EvaluatorServiceExportModelRequest(
-        direction_set_id=set_id, path=str(tmp_path / "x"))) == grpc.StatusCode.INVALID_ARGUMENT
-    assert code_of(stub.ExportModel, E.EvaluatorServiceExportModelRequest(
-        direction_set_id="99" * 32, params=kernel_params(), path=str(tmp_path / "y"))) == grpc.StatusCode.NOT_FOUND
+    assert (
+        code_of(
+            stub.ExportModel,
+            E.EvaluatorServiceExportModelRequest(direction_set_id=set_id, params=kernel_params(), path=""),
+        )
+        == grpc.StatusCode.INVALID_ARGUMENT
+    )
+    assert (
+        code_of(
+            stub.ExportModel, E.EvaluatorServiceExportModelRequest(direction_set_id=set_id, path=str(tmp_path / "x"))
+        )
+        == grpc.StatusCode.INVALID_ARGUMENT
+    )
+    assert (
+        code_of(
+            stub.ExportModel,
+            E.EvaluatorServiceExportModelRequest(
+                direction_set_id="99" * 32, params=kernel_params(), path=str(tmp_path / "y")
+            ),
+        )
+        == grpc.StatusCode.NOT_FOUND
+    )
     alive(stub)
 
 

@@ -42,8 +42,9 @@ def stub(served):
 
 
 def request(**options) -> extractor_pb2.ExtractDirectionsRequest:
-    return extractor_pb2.ExtractDirectionsRequest(harmful=prompts(BAD), harmless=prompts(GOOD),
-                                                  options=common_pb2.ExtractionOptions(**options))
+    return extractor_pb2.ExtractDirectionsRequest(
+        harmful=prompts(BAD), harmless=prompts(GOOD), options=common_pb2.ExtractionOptions(**options)
+    )
 
 
 def run(stub, req) -> tuple[list[common_pb2.Progress], extractor_pb2.DirectionSetResult]:
@@ -112,8 +113,12 @@ def test_sacred_directions_overlap_and_orthogonalization(stub):
     assert all(d.HasField("sacred_overlap") and 0 <= d.sacred_overlap <= 1 + 1e-6 for d in plain.layers)
     assert ds.refusal_raw is None  # not orthogonalized unless asked
 
-    progress, ortho = run(stub, request(sacred=True, capability=prompts(caps), baseline=prompts(base), n_sacred=2,
-                                        orthogonalize_against_sacred=True))
+    progress, ortho = run(
+        stub,
+        request(
+            sacred=True, capability=prompts(caps), baseline=prompts(base), n_sacred=2, orthogonalize_against_sacred=True
+        ),
+    )
     assert "sacred" in [p.phase for p in progress] and "sacred" in ortho.timings_s
     od = DirectionSet.from_bytes(ortho.directions.safetensors)
     assert torch.allclose(od.refusal_raw, ds.refusal, atol=1e-6)
@@ -125,8 +130,7 @@ def test_sacred_directions_overlap_and_orthogonalization(stub):
 
 
 def test_sacred_defaults_to_the_bundled_sets(stub):
-    opts = dict(sacred=True, capability=common_pb2.PromptSetSpec(limit=3),
-                baseline=common_pb2.PromptSetSpec(limit=3))
+    opts = dict(sacred=True, capability=common_pb2.PromptSetSpec(limit=3), baseline=common_pb2.PromptSetSpec(limit=3))
     progress, result = run(stub, request(**opts))
     messages = [p.message for p in progress if p.phase == "loading_prompts"]
     assert "capability: 3 prompts" in messages and "baseline: 3 prompts" in messages
@@ -135,33 +139,47 @@ def test_sacred_defaults_to_the_bundled_sets(stub):
 
 def test_request_model_spec(stub, lm):
     same = common_pb2.ModelSpec(source=lm.spec.source, system_prompt="Refuse everything.")
-    _, result = run(stub, extractor_pb2.ExtractDirectionsRequest(harmful=prompts(BAD), harmless=prompts(GOOD),
-                                                                 model=same))
+    _, result = run(
+        stub, extractor_pb2.ExtractDirectionsRequest(harmful=prompts(BAD), harmless=prompts(GOOD), model=same)
+    )
     assert DirectionSet.from_bytes(result.directions.safetensors).metadata["system_prompt"] == "Refuse everything."
-    other = extractor_pb2.ExtractDirectionsRequest(harmful=prompts(BAD), harmless=prompts(GOOD),
-                                                   model=common_pb2.ModelSpec(source="someone/else"))
+    other = extractor_pb2.ExtractDirectionsRequest(
+        harmful=prompts(BAD), harmless=prompts(GOOD), model=common_pb2.ModelSpec(source="someone/else")
+    )
     code, details = details_of(stub.ExtractDirections, other)
     assert code == grpc.StatusCode.FAILED_PRECONDITION and "someone/else" in details
     alive(stub)
     bad_mode = extractor_pb2.ExtractDirectionsRequest(
-        harmful=prompts(BAD), harmless=prompts(GOOD),
-        model=common_pb2.ModelSpec(source=lm.spec.source, chat_template_mode="weird"))
+        harmful=prompts(BAD),
+        harmless=prompts(GOOD),
+        model=common_pb2.ModelSpec(source=lm.spec.source, chat_template_mode="weird"),
+    )
     assert code_of(stub.ExtractDirections, bad_mode) == grpc.StatusCode.INVALID_ARGUMENT
     alive(stub)
 
 
-@pytest.mark.parametrize("req", [
-    extractor_pb2.ExtractDirectionsRequest(harmful=prompts([]), harmless=prompts(GOOD)),
-    extractor_pb2.ExtractDirectionsRequest(harmful=prompts(["  ", ""]), harmless=prompts(GOOD)),
-    extractor_pb2.ExtractDirectionsRequest(harmful=prompts(BAD)),
-    extractor_pb2.ExtractDirectionsRequest(harmful=prompts(BAD), harmless=prompts(GOOD),
-                                           options=common_pb2.ExtractionOptions(winsorize_quantile=0.3)),
-    extractor_pb2.ExtractDirectionsRequest(harmful=prompts(BAD), harmless=prompts(GOOD),
-                                           options=common_pb2.ExtractionOptions(orthogonalize_against_sacred=True)),
-    extractor_pb2.ExtractDirectionsRequest(harmful=prompts(BAD), harmless=prompts(GOOD),
-                                           options=common_pb2.ExtractionOptions(winsorize_quantile=0.9,
-                                                                                winsorize_scope="everywhere")),
-], ids=["empty", "blank", "no-harmless", "winsorize", "ortho-without-sacred", "winsorize-scope"])
+@pytest.mark.parametrize(
+    "req",
+    [
+        extractor_pb2.ExtractDirectionsRequest(harmful=prompts([]), harmless=prompts(GOOD)),
+        extractor_pb2.ExtractDirectionsRequest(harmful=prompts(["  ", ""]), harmless=prompts(GOOD)),
+        extractor_pb2.ExtractDirectionsRequest(harmful=prompts(BAD)),
+        extractor_pb2.ExtractDirectionsRequest(
+            harmful=prompts(BAD), harmless=prompts(GOOD), options=common_pb2.ExtractionOptions(winsorize_quantile=0.3)
+        ),
+        extractor_pb2.ExtractDirectionsRequest(
+            harmful=prompts(BAD),
+            harmless=prompts(GOOD),
+            options=common_pb2.ExtractionOptions(orthogonalize_against_sacred=True),
+        ),
+        extractor_pb2.ExtractDirectionsRequest(
+            harmful=prompts(BAD),
+            harmless=prompts(GOOD),
+            options=common_pb2.ExtractionOptions(winsorize_quantile=0.9, winsorize_scope="everywhere"),
+        ),
+    ],
+    ids=["empty", "blank", "no-harmless", "winsorize", "ortho-without-sacred", "winsorize-scope"],
+)
 def test_invalid_requests(stub, req):
     assert code_of(stub.ExtractDirections, req) == grpc.StatusCode.INVALID_ARGUMENT
     alive(stub)
@@ -169,7 +187,8 @@ def test_invalid_requests(stub, req):
 
 def test_unknown_prompt_file_is_not_found(stub, tmp_path):
     req = extractor_pb2.ExtractDirectionsRequest(
-        harmful=common_pb2.PromptSetSpec(source=str(tmp_path / "missing.json")), harmless=prompts(GOOD))
+        harmful=common_pb2.PromptSetSpec(source=str(tmp_path / "missing.json")), harmless=prompts(GOOD)
+    )
     assert code_of(stub.ExtractDirections, req) == grpc.StatusCode.NOT_FOUND
     alive(stub)
 
@@ -177,7 +196,8 @@ def test_unknown_prompt_file_is_not_found(stub, tmp_path):
 def test_winsorized_extraction(stub):
     _, result = run(stub, request(winsorize_quantile=0.99))
     assert json.loads(DirectionSet.from_bytes(result.directions.safetensors).metadata["options"]) == {
-        "winsorize_quantile": 0.99}
+        "winsorize_quantile": 0.99
+    }
 
 
 def test_winsorization_scopes_give_different_directions(stub):

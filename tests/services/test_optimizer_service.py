@@ -33,9 +33,17 @@ from tests.services.optimizer_fakes import directions_blob, start_fake_evaluator
 ROOT = Path(__file__).resolve().parents[2]
 PG_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
 N_LAYERS = 4
-FAST = DispatchOptions(health_interval_s=0.2, health_timeout_s=1.0, busy_retry_s=0.1, poll_s=0.05,
-                       give_up_s=20.0, rpc_timeout_s=5.0, prepare_timeout_s=10.0, heartbeat_interval_s=1,
-                       grace_period_s=2)
+FAST = DispatchOptions(
+    health_interval_s=0.2,
+    health_timeout_s=1.0,
+    busy_retry_s=0.1,
+    poll_s=0.05,
+    give_up_s=20.0,
+    rpc_timeout_s=5.0,
+    prepare_timeout_s=10.0,
+    heartbeat_interval_s=1,
+    grace_period_s=2,
+)
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -58,16 +66,19 @@ class Optimizer:
     """An OptimizerServicer on a real server, with a raw stub."""
 
     def __init__(self, storage_url: str, blob_dir: Path | None = None, **kwargs) -> None:
-        self.servicer = OptimizerServicer(storage_url, blob_dir=str(blob_dir) if blob_dir else None,
-                                          options=FAST, **kwargs)
+        self.servicer = OptimizerServicer(
+            storage_url, blob_dir=str(blob_dir) if blob_dir else None, options=FAST, **kwargs
+        )
         self.servicer.connect()
         self.server, self.port, self.health = build_server(
-            [(optimizer_pb2_grpc.add_OptimizerServiceServicer_to_server, self.servicer)], "127.0.0.1:0")
+            [(optimizer_pb2_grpc.add_OptimizerServiceServicer_to_server, self.servicer)], "127.0.0.1:0"
+        )
         self.server.start()
         self.health.set_serving()
-        self.channel = grpc.insecure_channel(f"127.0.0.1:{self.port}",
-                                             options=[("grpc.max_receive_message_length", 64 << 20),
-                                                      ("grpc.max_send_message_length", 64 << 20)])
+        self.channel = grpc.insecure_channel(
+            f"127.0.0.1:{self.port}",
+            options=[("grpc.max_receive_message_length", 64 << 20), ("grpc.max_send_message_length", 64 << 20)],
+        )
         self.stub = optimizer_pb2_grpc.OptimizerServiceStub(self.channel)
 
     def close(self) -> None:
@@ -75,14 +86,15 @@ class Optimizer:
         self.channel.close()
         self.server.stop(None)
 
-    def run(self, name: str, stop_after: int | None = None, abandon: bool = False,
-            include_history: bool = False) -> list[optimizer_pb2.TrialEvent]:
+    def run(
+        self, name: str, stop_after: int | None = None, abandon: bool = False, include_history: bool = False
+    ) -> list[optimizer_pb2.TrialEvent]:
         """Follow RunStudy to its done event; StopStudy after ``stop_after`` finished trials."""
         events = []
         finished = 0
-        for resp in self.stub.RunStudy(optimizer_pb2.RunStudyRequest(study_name=name,
-                                                                     include_history=include_history),
-                                       timeout=60):
+        for resp in self.stub.RunStudy(
+            optimizer_pb2.RunStudyRequest(study_name=name, include_history=include_history), timeout=60
+        ):
             events.append(resp.event)
             if resp.event.HasField("trial_finished"):
                 finished += 1
@@ -102,16 +114,26 @@ def evaluators() -> Iterator[list]:
 
 
 def baseline() -> common_pb2.BaselineSpec:
-    return common_pb2.BaselineSpec(kl_prompts=common_pb2.PromptSetSpec(prompts=["Say hi.", "Count to 3."]),
-                                   refusal_prompts=common_pb2.PromptSetSpec(prompts=["Do a bad thing."]))
+    return common_pb2.BaselineSpec(
+        kl_prompts=common_pb2.PromptSetSpec(prompts=["Say hi.", "Count to 3."]),
+        refusal_prompts=common_pb2.PromptSetSpec(prompts=["Do a bad thing."]),
+    )
 
 
-def create_request(name: str, addresses: list[str], n_trials: int = 6, seed: int | None = 7,
-                   **kwargs) -> optimizer_pb2.CreateStudyRequest:
+def create_request(
+    name: str, addresses: list[str], n_trials: int = 6, seed: int | None = 7, **kwargs
+) -> optimizer_pb2.CreateStudyRequest:
     blob = directions_blob(N_LAYERS)
     request = optimizer_pb2.CreateStudyRequest(
-        study_name=name, direction_set_id=blob.sha256, directions=blob, baseline=baseline(), n_trials=n_trials,
-        evaluator_addresses=addresses, job_settings_json=json.dumps({"job": name, "model": "fake"}), **kwargs)
+        study_name=name,
+        direction_set_id=blob.sha256,
+        directions=blob,
+        baseline=baseline(),
+        n_trials=n_trials,
+        evaluator_addresses=addresses,
+        job_settings_json=json.dumps({"job": name, "model": "fake"}),
+        **kwargs,
+    )
     if seed is not None:
         request.seed = seed
     return request
@@ -182,8 +204,12 @@ def test_sampler_settings_round_trip_and_reach_the_sampler():
     # Fewer candidates than trials seen: TPE's choice depends on the count, so the setting must reach it.
     picks = {}
     for candidates in (1, 128):
-        study = optuna.create_study(directions=["minimize", "minimize"], sampler=make_sampler(
-            0, SearchSpace.from_pb(optimizer_pb2.SearchSpace(n_startup_trials=2, n_ei_candidates=candidates), 8)))
+        study = optuna.create_study(
+            directions=["minimize", "minimize"],
+            sampler=make_sampler(
+                0, SearchSpace.from_pb(optimizer_pb2.SearchSpace(n_startup_trials=2, n_ei_candidates=candidates), 8)
+            ),
+        )
         for value in range(4):
             trial = study.ask()
             x = trial.suggest_float("x", 0, 1)
@@ -219,7 +245,8 @@ def test_six_trials_on_two_evaluators_concurrently_and_seeded(pg_url, evaluators
         reg = opt.stub.RegisterEvaluator(optimizer_pb2.RegisterEvaluatorRequest(address=b.address, study_name=name))
         assert reg.added and reg.model.n_layers == N_LAYERS
         assert not opt.stub.RegisterEvaluator(
-            optimizer_pb2.RegisterEvaluatorRequest(address=b.address, study_name=name)).added
+            optimizer_pb2.RegisterEvaluatorRequest(address=b.address, study_name=name)
+        ).added
 
         events = opt.run(name)
         done = events[-1].done
@@ -237,8 +264,11 @@ def test_six_trials_on_two_evaluators_concurrently_and_seeded(pg_url, evaluators
         # Concurrency: two trials on different evaluators overlapped in time.
         calls = [(c.start, c.end) for c in a.servicer.calls] + [(c.start, c.end) for c in b.servicer.calls]
         assert len(a.servicer.calls) + len(b.servicer.calls) == 6
-        assert any(s1 < e2 and s2 < e1 for s1, e1 in (x for x in [(c.start, c.end) for c in a.servicer.calls])
-                   for s2, e2 in [(c.start, c.end) for c in b.servicer.calls]), calls
+        assert any(
+            s1 < e2 and s2 < e1
+            for s1, e1 in (x for x in [(c.start, c.end) for c in a.servicer.calls])
+            for s2, e2 in [(c.start, c.end) for c in b.servicer.calls]
+        ), calls
         spans = sorted((t.started_at.ToDatetime(), t.finished_at.ToDatetime()) for t in complete)
         assert any(spans[i][1] > spans[i + 1][0] for i in range(len(spans) - 1))
         # The direction set's bytes crossed once per evaluator; one baseline each.
@@ -254,7 +284,9 @@ def test_six_trials_on_two_evaluators_concurrently_and_seeded(pg_url, evaluators
         assert json.loads(info.job_settings_json) == {"job": name, "model": "fake"}
         assert set(info.pareto_front) == {t.number for t in complete if t.on_pareto_front}
         assert {e.address: e.n_trials_done for e in info.evaluators} == {
-            a.address: len(a.servicer.calls), b.address: len(b.servicer.calls)}
+            a.address: len(a.servicer.calls),
+            b.address: len(b.servicer.calls),
+        }
         assert info.search_space.components["mlp.down_proj"].max_weight.low == -0.25
         front = opt.stub.ListTrials(optimizer_pb2.ListTrialsRequest(study_name=name, pareto_only=True))
         assert sorted(t.number for t in front.trials) == sorted(info.pareto_front)
@@ -388,8 +420,11 @@ def test_busy_answers_are_retried_not_failures_on_sqlite(tmp_path):
     opt = Optimizer(f"sqlite:///{tmp_path / 'optuna.db'}")
     try:
         name = unique("sqlite")
-        warm = AblationParams(direction_scope=DirectionScope.GLOBAL, direction_index=1.5, components={
-            "attn.o_proj": ComponentParams(1.0, 2.5, 0.5, 1.5)})
+        warm = AblationParams(
+            direction_scope=DirectionScope.GLOBAL,
+            direction_index=1.5,
+            components={"attn.o_proj": ComponentParams(1.0, 2.5, 0.5, 1.5)},
+        )
         request = create_request(name, [busy.address], n_trials=3, warm_start=[params_to_pb(warm)])
         created = opt.stub.CreateStudy(request)
         assert created.study.n_waiting == 1
@@ -410,6 +445,7 @@ def test_bad_input_and_error_codes(pg_url, evaluators, tmp_path):
     a, _ = evaluators
     opt = Optimizer(pg_url, tmp_path / "blobs")
     try:
+
         def code_of(call, request) -> grpc.StatusCode:
             with pytest.raises(grpc.RpcError) as info:
                 result = call(request)
@@ -425,7 +461,8 @@ def test_bad_input_and_error_codes(pg_url, evaluators, tmp_path):
         assert code_of(opt.stub.CreateStudy, bad_range) == invalid
         bad_weight = create_request(name, [a.address])
         bad_weight.search_space.components["attn.o_proj"].max_weight.CopyFrom(
-            optimizer_pb2.FloatRange(low=2.0, high=1.0))
+            optimizer_pb2.FloatRange(low=2.0, high=1.0)
+        )
         assert code_of(opt.stub.CreateStudy, bad_weight) == invalid
         unknown_component = create_request(name, [a.address])
         unknown_component.search_space.components["attn.q_proj"].CopyFrom(optimizer_pb2.ComponentSearchSpace())
@@ -473,14 +510,28 @@ def test_bad_input_and_error_codes(pg_url, evaluators, tmp_path):
         assert code_of(opt.stub.CreateStudy, deeper) == grpc.StatusCode.FAILED_PRECONDITION
 
         # RegisterEvaluator: bad address, unreachable, model mismatch.
-        assert code_of(opt.stub.RegisterEvaluator,
-                       optimizer_pb2.RegisterEvaluatorRequest(address="nowhere", study_name=name)) == invalid
-        assert code_of(opt.stub.RegisterEvaluator, optimizer_pb2.RegisterEvaluatorRequest(
-            address="127.0.0.1:1", study_name=name)) == grpc.StatusCode.UNAVAILABLE
+        assert (
+            code_of(
+                opt.stub.RegisterEvaluator, optimizer_pb2.RegisterEvaluatorRequest(address="nowhere", study_name=name)
+            )
+            == invalid
+        )
+        assert (
+            code_of(
+                opt.stub.RegisterEvaluator,
+                optimizer_pb2.RegisterEvaluatorRequest(address="127.0.0.1:1", study_name=name),
+            )
+            == grpc.StatusCode.UNAVAILABLE
+        )
         odd = start_fake_evaluator(n_layers=N_LAYERS + 1)
         try:
-            assert code_of(opt.stub.RegisterEvaluator, optimizer_pb2.RegisterEvaluatorRequest(
-                address=odd.address, study_name=name)) == grpc.StatusCode.FAILED_PRECONDITION
+            assert (
+                code_of(
+                    opt.stub.RegisterEvaluator,
+                    optimizer_pb2.RegisterEvaluatorRequest(address=odd.address, study_name=name),
+                )
+                == grpc.StatusCode.FAILED_PRECONDITION
+            )
         finally:
             odd.stop()
         stopped = opt.stub.StopStudy(optimizer_pb2.StopStudyRequest(study_name=name))
@@ -490,11 +541,13 @@ def test_bad_input_and_error_codes(pg_url, evaluators, tmp_path):
 
 
 def test_optimizer_imports_no_torch():
-    code = ("import sys\n"
-            "import abliterate_services.optimizer, services.optimizer.__main__, services.optimizer.servicer\n"
-            "import abliterate_services.optimizer.dispatch, services.optimizer.study, services.optimizer.search_space\n"
-            "import abliterate_services.optimizer.config\n"
-            "print('torch' in sys.modules, 'transformers' in sys.modules)\n")
+    code = (
+        "import sys\n"
+        "import abliterate_services.optimizer, services.optimizer.__main__, services.optimizer.servicer\n"
+        "import abliterate_services.optimizer.dispatch, services.optimizer.study, services.optimizer.search_space\n"
+        "import abliterate_services.optimizer.config\n"
+        "print('torch' in sys.modules, 'transformers' in sys.modules)\n"
+    )
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert result.stdout.split() == ["False", "False"]
@@ -511,10 +564,26 @@ def test_main_serves_once_storage_is_reachable_and_stops_on_sigterm(tmp_path):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     proc = subprocess.Popen(
-        [sys.executable, "-m", "abliterate_services.optimizer", "--address", f"127.0.0.1:{port}",
-         "--storage-url", f"sqlite:///{tmp_path / 'o.db'}", "--blob-dir", str(tmp_path / "blobs"),
-         "--max-message-bytes", str(8 << 20), "--grace-s", "1"],
-        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        [
+            sys.executable,
+            "-m",
+            "abliterate_services.optimizer",
+            "--address",
+            f"127.0.0.1:{port}",
+            "--storage-url",
+            f"sqlite:///{tmp_path / 'o.db'}",
+            "--blob-dir",
+            str(tmp_path / "blobs"),
+            "--max-message-bytes",
+            str(8 << 20),
+            "--grace-s",
+            "1",
+        ],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         channel = make_channel(f"127.0.0.1:{port}")
         wait_for_serving(channel, "abliterate.v1.OptimizerService", timeout_s=30)
@@ -587,7 +656,11 @@ def test_stop_with_abandon_fails_trials_in_flight_without_retry(tmp_path):
         assert len(failed) == 1 and not failed[0].will_retry and "abandoned" in failed[0].error
         info = opt.stub.GetStudy(optimizer_pb2.GetStudyRequest(study_name=name)).study
         assert (info.state, info.n_failed, info.n_waiting, info.n_running) == (
-            optimizer_pb2.STUDY_STATE_STOPPED, 1, 0, 0)
+            optimizer_pb2.STUDY_STATE_STOPPED,
+            1,
+            0,
+            0,
+        )
     finally:
         opt.close()
         stuck.stop()

@@ -35,8 +35,7 @@ def write(tmp_path: Path, text: str) -> str:
 
 
 def test_precedence_flag_over_env_over_toml_over_default(monkeypatch, tmp_path):
-    path = write(tmp_path, "[optimizer]\nworkers = 3\ngrace_s = 3.5\ngive_up_s = 30\n"
-                           "[gateway]\nworkers = 99\n")
+    path = write(tmp_path, "[optimizer]\nworkers = 3\ngrace_s = 3.5\ngive_up_s = 30\n[gateway]\nworkers = 99\n")
     monkeypatch.setenv("ABLITERATE_OPTIMIZER_WORKERS", "5")
     monkeypatch.setenv("ABLITERATE_OPTIMIZER_GRACE_S", "4.5")
     config = load_optimizer(["--config", path, "--workers", "7"])
@@ -65,8 +64,9 @@ def test_lists_booleans_and_optionals_from_text(monkeypatch):
     assert config.service_token is None and config.auth_token is None
     monkeypatch.setenv("ABLITERATE_OPTIMIZER_EVALUATOR_ADDRESSES", "")
     assert load_optimizer([]).evaluator_addresses == []
-    gateway = load_gateway(["--evaluator-addresses", " a:1, b:2 ,", "--resume-on-start", "false",
-                            "--auth-token", "secret"])
+    gateway = load_gateway(
+        ["--evaluator-addresses", " a:1, b:2 ,", "--resume-on-start", "false", "--auth-token", "secret"]
+    )
     assert gateway.evaluator_addresses == ["a:1", "b:2"] and gateway.resume_on_start is False
     assert gateway.auth_token == "secret"
     monkeypatch.setenv("ABLITERATE_GATEWAY_RESUME_ON_START", "no")
@@ -74,8 +74,11 @@ def test_lists_booleans_and_optionals_from_text(monkeypatch):
 
 
 def test_toml_values_are_typed(tmp_path):
-    path = write(tmp_path, "[gateway]\nevaluator_addresses = ['e:1', 'e:2']\nauth_token = 1234\n"
-                           "resume_on_start = false\nretry_window_s = 10\n")
+    path = write(
+        tmp_path,
+        "[gateway]\nevaluator_addresses = ['e:1', 'e:2']\nauth_token = 1234\n"
+        "resume_on_start = false\nretry_window_s = 10\n",
+    )
     config = load_gateway(["--config", path])
     assert config.evaluator_addresses == ["e:1", "e:2"] and config.auth_token == "1234"
     assert config.resume_on_start is False and config.retry_window_s == 10.0
@@ -135,14 +138,16 @@ def test_fields_names_and_help_are_the_flags():
 
 @pytest.mark.parametrize("module", ["abliterate_services.optimizer", "abliterate_services.gateway"])
 def test_main_help_and_bad_setting_exit(module):
-    result = subprocess.run([sys.executable, "-m", module, "--help"], cwd=ROOT, capture_output=True, text=True,
-                            timeout=60)
+    result = subprocess.run(
+        [sys.executable, "-m", module, "--help"], cwd=ROOT, capture_output=True, text=True, timeout=60
+    )
     assert result.returncode == 0
     assert "--storage-url" in result.stdout and "--evaluator-addresses" in result.stdout
     assert f"ABLITERATE_{module.split('.')[1].upper()}_STORAGE_URL" in result.stdout
     env = {"PATH": "/usr/bin:/bin", f"ABLITERATE_{module.split('.')[1].upper()}_WORKERS": "abc"}
-    result = subprocess.run([sys.executable, "-m", module], cwd=ROOT, capture_output=True, text=True,
-                            timeout=60, env=env)
+    result = subprocess.run(
+        [sys.executable, "-m", module], cwd=ROOT, capture_output=True, text=True, timeout=60, env=env
+    )
     assert result.returncode == 2
     assert "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines() == [result.stderr.strip()]
