@@ -125,7 +125,7 @@ def test_inline_prompt_lists_from_a_job_file_must_not_be_blank(tmp_path, capsys)
     job_file.write_text('model = "org/m"\nharmful_train = ["  ", ""]\n')
     code, output = run_cli(["submit", "--file", str(job_file), "--gateway", "127.0.0.1:1"], capsys)
     assert code == 2
-    assert "harmful_train prompt set (--harmful): the inline prompt list is empty" in output
+    assert "harmful_train prompt set (--harmful): every inline prompt is blank" in output
 
 
 def test_submit_checks_bundled_sets_but_leaves_local_paths_to_the_extractor(free_port, capsys):

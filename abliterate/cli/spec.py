@@ -159,10 +159,8 @@ def check_prompt_sets(spec: Any, read_local_files: bool) -> None:
         message = getattr(spec, key)
         what = f"{key} prompt set ({flag})"
         try:
-            inline_or_spec = prompt_set_from_pb(message)  # validates the split syntax and the limit
+            inline_or_spec = prompt_set_from_pb(message)  # the shared shape check (inline, split, limit)
             if isinstance(inline_or_spec, list):
-                if not any(prompt.strip() for prompt in inline_or_spec):
-                    raise InvalidArgument("the inline prompt list is empty")
                 continue
             source = inline_or_spec.source.strip()
             if source.startswith(prompt_sources.BUNDLED_PREFIX):

@@ -6,6 +6,7 @@ UNSPECIFIED) map to the dataclass defaults.
 
 from __future__ import annotations
 
+from abliterate.errors import InvalidArgument
 from abliterate.params import AblationParams, ComponentParams, DirectionScope, RowNormalization
 from abliterate.specs import ModelSpec
 from abliterate.v1 import common_pb2 as pb
@@ -84,11 +85,22 @@ def model_spec_from_pb(msg: pb.ModelSpec) -> ModelSpec:
 
 
 def prompt_set_from_pb(msg: pb.PromptSetSpec):
-    """A PromptSetSpec dataclass, or the inline list of prompts when the message carries them."""
-    from abliterate.core.prompts import PromptSetSpec
+    """A PromptSetSpec dataclass, or the inline list of prompts when the message carries them.
+
+    The one check of a prompt set's shape (the CLI, the gateway and the extractor all call it):
+    inline prompts exclude the source fields and are not all blank; otherwise ``PromptSetSpec``
+    checks the source, split syntax, column and limit. InvalidArgument names the problem.
+    """
+    from abliterate.core.prompts import PromptSetSpec  # torch-free
 
     if list(msg.prompts):
+        if not any(prompt.strip() for prompt in msg.prompts):
+            raise InvalidArgument("every inline prompt is blank")
+        if msg.source or msg.split or msg.column or msg.config or msg.streaming:
+            raise InvalidArgument("inline prompts exclude source/split/column/config/streaming")
         return list(msg.prompts)
+    if not msg.source.strip():
+        raise InvalidArgument("the prompt set is empty (give a source or inline prompts)")
     return PromptSetSpec(
         source=msg.source,
         split=msg.split or None,

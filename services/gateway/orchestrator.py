@@ -42,7 +42,7 @@ from abliterate.errors import (
 )
 from abliterate.params import WINSORIZE_SCOPES
 from abliterate.rpc.clients import EvaluatorClient, ExtractorClient, OptimizerClient, ServiceClient
-from abliterate.rpc.convert import model_spec_from_pb
+from abliterate.rpc.convert import model_spec_from_pb, prompt_set_from_pb
 from abliterate.rpc.errors import status_for
 from abliterate.v1 import (
     common_pb2,
@@ -67,15 +67,10 @@ _PROMPT_SETS = ("harmful_train", "harmless_train", "harmful_eval", "harmless_eva
 
 
 def _check_prompt_set(msg: common_pb2.PromptSetSpec, what: str) -> None:
-    inline = [p for p in msg.prompts if p.strip()]
-    if msg.prompts:
-        if not inline:
-            raise InvalidArgument(f"{what}: every inline prompt is blank")
-        if msg.source or msg.split or msg.column or msg.config or msg.streaming:
-            raise InvalidArgument(f"{what}: inline prompts exclude source/split/column/config/streaming")
-        return
-    if not msg.source.strip():
-        raise InvalidArgument(f"{what}: the prompt set is empty (give a source or inline prompts)")
+    try:
+        prompt_set_from_pb(msg)
+    except InvalidArgument as exc:
+        raise InvalidArgument(f"{what}: {exc}") from None
 
 
 def validate_spec(spec: gateway_pb2.JobSpec) -> None:
