@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
+import os
 import threading
 from collections.abc import Callable, Iterator
 from typing import TypeVar
@@ -110,6 +111,15 @@ def retry_through_outage(
         if is_outage(exc):
             raise Unavailable(f"the database is unreachable ({what}): {describe_outage(exc)}") from exc
         raise
+
+
+def ensure_sqlite_folder(url: str) -> None:
+    """Create the folder of a ``sqlite:///path`` database file (SQLite creates the file, not its folder)."""
+    prefix = "sqlite:///"
+    if url.startswith(prefix) and not url.startswith(prefix + ":memory:"):
+        folder = os.path.dirname(url[len(prefix) :].split("?", 1)[0])
+        if folder:
+            os.makedirs(folder, exist_ok=True)
 
 
 def ping(engine: sa.engine.Engine) -> None:

@@ -222,7 +222,7 @@ def main() -> None:
                 "abliterate_services.optimizer",
                 {
                     "storage_url": storage,
-                    "blob_dir": str(tmp / "blobs"),
+                    "blob_store": str(tmp / "blobs"),
                     "health_interval_s": "1",
                     "busy_retry_s": "0.3",
                     "log_level": "WARNING",

@@ -226,12 +226,3 @@ def load_or_report(load: Callable[[list[str] | None], C], argv: list[str] | None
 # Where a standalone service keeps its state unless told otherwise: a data folder, never loose files in
 # the current directory.
 DEFAULT_DATA_DIR = "abliterate-data/services"
-
-
-def ensure_sqlite_folder(url: str) -> None:
-    """Create the folder of a ``sqlite:///path`` database file (SQLite creates the file, not its folder)."""
-    prefix = "sqlite:///"
-    if url.startswith(prefix) and not url.startswith(prefix + ":memory:"):
-        folder = os.path.dirname(url[len(prefix) :].split("?", 1)[0])
-        if folder:
-            os.makedirs(folder, exist_ok=True)

@@ -133,7 +133,10 @@ class Embedded:
             grace_period_s=8,
         )
         self.optimizer_servicer = OptimizerServicer(
-            sqlite_url(self.data_dir / "optuna.db"), blob_dir=str(self.data_dir / "directions"), options=options
+            sqlite_url(self.data_dir / "optuna.db"),
+            # One store of direction-set bytes, in the gateway's database, read by both.
+            blob_store=sqlite_url(self.data_dir / "gateway.db"),
+            options=options,
         )
         server, port, health = build_server(
             [(optimizer_pb2_grpc.add_OptimizerServiceServicer_to_server, self.optimizer_servicer)],

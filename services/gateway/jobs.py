@@ -24,9 +24,10 @@ import sqlalchemy as sa
 from google.protobuf import json_format
 
 from abliterate import database
+from abliterate.blobs import BlobStore
+from abliterate.database import ensure_sqlite_folder
 from abliterate.errors import AlreadyExists, InvalidArgument, NotFound
 from abliterate.v1 import common_pb2, extractor_pb2, gateway_pb2
-from abliterate_services.config import ensure_sqlite_folder
 
 metadata = sa.MetaData()
 
@@ -60,6 +61,7 @@ events_table = sa.Table(
     sa.Column("event_json", sa.Text, nullable=False),
 )
 
+# Direction-set bytes of earlier versions (now in abliterate_blobs; read once and moved over).
 artifacts_table = sa.Table(
     "gateway_artifacts",
     metadata,
@@ -193,6 +195,8 @@ class JobStore:
         # allocated as max + 1, and SQLite dislikes concurrent writers.
         self._lock = threading.RLock()
         metadata.create_all(self.engine)
+        # Direction-set bytes: the blob store every service on this database reads (abliterate.blobs).
+        self.blobs = BlobStore(engine=self.engine)
 
     def ping(self) -> None:
         """Raise when the database does not answer."""
@@ -334,12 +338,19 @@ class JobStore:
     # ------------------------------------------------------------- artifacts
 
     def put_artifact(self, sha256: str, data: bytes) -> None:
-        with self._lock, self.engine.begin() as conn:
-            exists = conn.execute(sa.select(artifacts_table.c.sha256).where(artifacts_table.c.sha256 == sha256)).first()
-            if exists is None:
-                conn.execute(artifacts_table.insert().values(sha256=sha256, data=data, created_at=time.time()))
+        """Store direction-set bytes in the shared blob store (``abliterate_blobs`` of this database)."""
+        stored = self.blobs.put(data)
+        if stored != sha256:
+            raise InvalidArgument(f"the bytes hash to {stored}, not {sha256}")
 
     def get_artifact(self, sha256: str) -> bytes | None:
+        data = self.blobs.get(sha256)
+        if data is not None:
+            return data
+        # Written by an earlier version into the gateway's own table: read it, move it over.
         with self.engine.connect() as conn:
             row = conn.execute(sa.select(artifacts_table.c.data).where(artifacts_table.c.sha256 == sha256)).first()
-        return bytes(row.data) if row is not None else None
+        if row is None:
+            return None
+        self.blobs.put(bytes(row.data))
+        return self.blobs.get(sha256)

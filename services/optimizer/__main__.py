@@ -1,5 +1,5 @@
 """``python -m abliterate_services.optimizer [--storage-url URL] [--address HOST:PORT] [--evaluator-addresses A,B]
-[--max-message-bytes N] [--blob-dir DIR] ...``: serve OptimizerService until SIGTERM.
+[--max-message-bytes N] [--blob-store URL|DIR] ...``: serve OptimizerService until SIGTERM.
 
 Health is SERVING while the storage answers (checked every ``database_check_s``); SIGTERM/SIGINT stop the study
 loops (trials in flight get ``grace_s``; any still running are reclaimed by
@@ -39,7 +39,7 @@ def make_servicer(config: OptimizerConfig) -> OptimizerServicer:
     return OptimizerServicer(
         config.storage_url,
         evaluator_addresses=config.evaluator_addresses,
-        blob_dir=config.blob_dir or None,
+        blob_store=config.blob_store or None,
         options=options,
     )
 

@@ -20,8 +20,10 @@ class OptimizerConfig(ServiceSettings):
     evaluator_addresses: list[str] = Field(
         default_factory=list, description="evaluators of every study, comma separated"
     )
-    blob_dir: str = Field(
-        f"{DEFAULT_DATA_DIR}/directions", description="folder keeping direction-set bytes across restarts ('' = memory)"
+    blob_store: str = Field(
+        "",
+        description="where direction-set bytes live, by sha256: '' = the study database (one store with a "
+        "gateway or another optimizer on it), a folder, or another database URL",
     )
     max_message_bytes: int = Field(DEFAULT_MAX_MESSAGE_BYTES, description="gRPC message limit")
     auth_token: str | None = Field(None, description="bearer token callers must send")

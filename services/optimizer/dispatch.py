@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
-import os
 import queue
 import threading
 import time
@@ -48,12 +47,12 @@ import uuid
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TypeVar
 
 import optuna
 from optuna.trial import TrialState
 
+from abliterate.blobs import BlobStore
 from abliterate.database import DEFAULT_PATIENCE_S, StudyLock, retry_through_outage
 from abliterate.errors import (
     AbliterateError,
@@ -67,7 +66,6 @@ from abliterate.rpc.clients import EvaluatorClient, PendingCall
 from abliterate.rpc.convert import params_to_pb
 from abliterate.rpc.errors import Cancelled, DeadlineExceeded
 from abliterate.rpc.limits import DEFAULT_MAX_MESSAGE_BYTES
-from abliterate.rpc.tensors import sha256_hex
 from abliterate.v1 import common_pb2, evaluator_pb2, optimizer_pb2
 from abliterate_services.optimizer import study as st
 
@@ -113,41 +111,6 @@ class DispatchOptions:
     grace_period_s: int = st.DEFAULT_GRACE_PERIOD_S
     #: Seconds a storage call is retried through a database outage before the caller sees UNAVAILABLE.
     database_patience_s: float = DEFAULT_PATIENCE_S
-
-
-class DirectionStore:
-    """Direction-set bytes by sha256: in memory, and in a folder when one is given."""
-
-    def __init__(self, folder: str | os.PathLike | None = None) -> None:
-        self._folder = Path(folder) if folder else None
-        self._memory: dict[str, bytes] = {}
-        self._lock = threading.Lock()
-
-    def put(self, data: bytes) -> str:
-        digest = sha256_hex(data)
-        with self._lock:
-            self._memory[digest] = bytes(data)
-            if self._folder is not None:
-                self._folder.mkdir(parents=True, exist_ok=True)
-                path = self._folder / f"{digest}.safetensors"
-                if not path.exists():
-                    tmp = path.with_suffix(f".tmp{os.getpid()}")
-                    tmp.write_bytes(data)
-                    tmp.replace(path)
-        return digest
-
-    def get(self, digest: str) -> bytes | None:
-        with self._lock:
-            data = self._memory.get(digest)
-            if data is None and self._folder is not None:
-                path = self._folder / f"{digest}.safetensors"
-                if path.exists():
-                    data = path.read_bytes()
-                    if sha256_hex(data) != digest:
-                        log.warning("direction file %s does not match its name; ignored", path)
-                        return None
-                    self._memory[digest] = data
-            return data
 
 
 def _now_event(**kwargs) -> optimizer_pb2.TrialEvent:
@@ -272,7 +235,7 @@ class EvaluatorWorker(threading.Thread):
             problem = runner.check_model(client.model_info(self.options.rpc_timeout_s))
             if problem:
                 return self._reject(problem)
-            client.ensure_directions(settings.direction_set_id, runner.directions.get, self.options.rpc_timeout_s)
+            client.ensure_directions(settings.direction_set_id, runner.direction_bytes, self.options.rpc_timeout_s)
             self.baseline_id = client.prepare_baseline(settings.baseline, self.options.prepare_timeout_s)
         except (Unavailable, Cancelled) as exc:  # busy, restarting or gone (DeadlineExceeded is Unavailable)
             if self.healthy():
@@ -406,7 +369,7 @@ class StudyRunner:
         self,
         storage: optuna.storages.RDBStorage,
         name: str,
-        directions: DirectionStore,
+        directions: BlobStore,
         options: DispatchOptions,
         global_evaluators: Callable[[], list[str]] = list,
     ) -> None:
@@ -438,6 +401,10 @@ class StudyRunner:
         self.run_id = ""
         self.last_done: optimizer_pb2.TrialEvent | None = None
         st.stale_trial_handlers[name] = self._requeue_stale_trial
+
+    def direction_bytes(self, digest: str) -> bytes | None:
+        """A direction set's bytes from the blob store (retried through a database outage)."""
+        return self.storage_call(lambda: self.directions.get(digest), "reading a direction set")
 
     def storage_call(self, function: Callable[[], T], what: str, stop: threading.Event | None = None) -> T:
         """``function()`` retried through a database outage (UNAVAILABLE once the patience runs out)."""

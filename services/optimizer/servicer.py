@@ -13,6 +13,7 @@ from collections.abc import Iterator, Sequence
 
 from optuna.trial import TrialState
 
+from abliterate.blobs import open_blob_store
 from abliterate.errors import (
     AlreadyExists,
     FailedPrecondition,
@@ -25,7 +26,7 @@ from abliterate.rpc.convert import params_from_pb
 from abliterate.rpc.tensors import decode_tensors, sha256_hex
 from abliterate.v1 import common_pb2, optimizer_pb2, optimizer_pb2_grpc
 from abliterate_services.optimizer import study as st
-from abliterate_services.optimizer.dispatch import DirectionStore, DispatchOptions, StudyRunner
+from abliterate_services.optimizer.dispatch import DispatchOptions, StudyRunner
 from abliterate_services.optimizer.search_space import SearchSpace
 
 log = logging.getLogger(__name__)
@@ -62,12 +63,14 @@ class OptimizerServicer(optimizer_pb2_grpc.OptimizerServiceServicer):
         storage_url: str,
         *,
         evaluator_addresses: Sequence[str] = (),
-        blob_dir: str | None = None,
+        blob_store: str | None = None,
         options: DispatchOptions | None = None,
     ) -> None:
         self.storage_url = storage_url
         self.options = options or DispatchOptions()
-        self.directions = DirectionStore(blob_dir)
+        # Direction-set bytes by sha256: the study database itself unless another store is named, so a
+        # gateway (or a second optimizer) on the same database reads the same store.
+        self.directions = open_blob_store(storage_url if blob_store is None else blob_store)
         self._global_evaluators: list[str] = [check_address(a) for a in evaluator_addresses if a.strip()]
         self._runners: dict[str, StudyRunner] = {}
         self._lock = threading.Lock()

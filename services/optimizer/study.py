@@ -36,11 +36,11 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from optuna.trial import FrozenTrial, TrialState
 
 from abliterate import database
+from abliterate.database import ensure_sqlite_folder
 from abliterate.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, Unavailable
 from abliterate.params import AblationParams
 from abliterate.rpc.convert import params_to_pb
 from abliterate.v1 import common_pb2, optimizer_pb2
-from abliterate_services.config import ensure_sqlite_folder
 from abliterate_services.optimizer.search_space import SearchSpace
 
 log = logging.getLogger(__name__)

@@ -251,7 +251,6 @@ class Stack:
             "abliterate_services.optimizer",
             {
                 "storage_url": storage_url,
-                "blob_dir": str(self.workdir / "optimizer-blobs"),
                 "health_interval_s": "0.5",
                 "busy_retry_s": "0.3",
                 "grace_s": "2",

@@ -1,8 +1,8 @@
 """Two optimizer processes on one Postgres study, each with its own evaluator process.
 
 The gateway creates the study on optimizer A (whose evaluator pool is evaluator 1); optimizer B
-(evaluator 2, the same content-addressed direction folder) runs the same study by name. Together
-they must reach exactly ``n_trials`` COMPLETE trials with no parameters completed twice:
+(evaluator 2; the direction-set bytes from the blob store in the shared database) runs the same
+study by name. Together they must reach exactly ``n_trials`` COMPLETE trials with no parameters completed twice:
 
 - both running to the end: asks are serialised across the two processes (a Postgres advisory
   lock), so COMPLETE plus RUNNING never exceeds the target;

@@ -79,7 +79,7 @@ def optimizer_address(tmp_path) -> Iterator[str]:
 
     servicer = OptimizerServicer(
         f"sqlite:///{tmp_path / 'optuna.db'}",
-        blob_dir=str(tmp_path / "blobs"),
+        blob_store=str(tmp_path / "blobs"),
         options=DispatchOptions(health_interval_s=0.5, busy_retry_s=0.2),
     )
     server, port, health = build_server(
@@ -243,7 +243,7 @@ def test_optimizer_restart_mid_job_is_retried(torch_address, tmp_path):
     def start_optimizer(address: str):
         servicer = OptimizerServicer(
             f"sqlite:///{tmp_path / 'optuna.db'}",
-            blob_dir=str(tmp_path / "blobs"),
+            blob_store=str(tmp_path / "blobs"),
             options=DispatchOptions(health_interval_s=0.5, busy_retry_s=0.2),
         )
         server, port, health = build_server(

@@ -65,9 +65,9 @@ def pg_url() -> str:
 class Optimizer:
     """An OptimizerServicer on a real server, with a raw stub."""
 
-    def __init__(self, storage_url: str, blob_dir: Path | None = None, **kwargs) -> None:
+    def __init__(self, storage_url: str, blob_store: Path | None = None, **kwargs) -> None:
         self.servicer = OptimizerServicer(
-            storage_url, blob_dir=str(blob_dir) if blob_dir else None, options=FAST, **kwargs
+            storage_url, blob_store=str(blob_store) if blob_store else None, options=FAST, **kwargs
         )
         self.servicer.connect()
         self.server, self.port, self.health = build_server(
@@ -572,7 +572,7 @@ def test_main_serves_once_storage_is_reachable_and_stops_on_sigterm(tmp_path):
             f"127.0.0.1:{port}",
             "--storage-url",
             f"sqlite:///{tmp_path / 'o.db'}",
-            "--blob-dir",
+            "--blob-store",
             str(tmp_path / "blobs"),
             "--max-message-bytes",
             str(8 << 20),

@@ -1,12 +1,13 @@
 """Standalone services keep their state inside a data folder, never loose in the current directory."""
 
-from abliterate_services.config import DEFAULT_DATA_DIR, ensure_sqlite_folder
+from abliterate.database import ensure_sqlite_folder
+from abliterate_services.config import DEFAULT_DATA_DIR
 from abliterate_services.gateway.config import GatewayConfig
 from abliterate_services.optimizer.config import OptimizerConfig
 
 
 def test_default_state_paths_are_inside_the_data_folder():
-    for path in (OptimizerConfig().storage_url, OptimizerConfig().blob_dir, GatewayConfig().storage_url):
+    for path in (OptimizerConfig().storage_url, GatewayConfig().storage_url):
         assert f"{DEFAULT_DATA_DIR}/" in path, path
 
 
