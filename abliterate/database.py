@@ -57,7 +57,17 @@ def _causes(exc: BaseException) -> Iterator[BaseException]:
 def is_outage(exc: BaseException) -> bool:
     """True when ``exc`` (or what it wraps) says the database could not be reached or dropped us."""
     for cause in _causes(exc):
-        if isinstance(cause, (sa.exc.OperationalError, sa.exc.InterfaceError, sa.exc.TimeoutError)):
+        # PendingRollbackError: a session whose connection the database dropped mid-transaction.
+        if isinstance(
+            cause,
+            (
+                sa.exc.OperationalError,
+                sa.exc.InterfaceError,
+                sa.exc.TimeoutError,
+                sa.exc.DisconnectionError,
+                sa.exc.PendingRollbackError,
+            ),
+        ):
             return True
         if isinstance(cause, sa.exc.DBAPIError) and cause.connection_invalidated:
             return True

@@ -140,6 +140,8 @@ class EvaluatorWorker(threading.Thread):
         self.disabled = False
         self.baseline_id = ""
         self._client: EvaluatorClient | None = None
+        #: A trial asked for this evaluator whose labelling failed; the next ask_next resumes it.
+        self.asked: list[optuna.Trial] = []
 
     # ------------------------------------------------------------ channel
 
@@ -183,7 +185,7 @@ class EvaluatorWorker(threading.Thread):
                 try:
                     item = self.runner.ask_next(self)
                 except Exception as exc:  # noqa: BLE001 - e.g. the database stayed away: try again later
-                    log.warning("evaluator %s: no trial asked: %s", self.address, exc)
+                    log.warning("evaluator %s: no trial asked: %r", self.address, exc)
                     self.last_error = f"cannot ask a trial: {exc}"
                     self._sleep(self.options.busy_retry_s)
                     continue
@@ -205,6 +207,12 @@ class EvaluatorWorker(threading.Thread):
             self.disabled = True
             self.last_error = "evaluator thread crashed (see the optimizer log)"
         finally:
+            if self.asked:  # asked but never sent: its parameters wait for the next run
+                try:
+                    self.runner.fail_trial(self, self.asked[0].number, "interrupted before it ran", retry=True)
+                except Exception as exc:  # noqa: BLE001 - the heartbeat check re-enqueues it later anyway
+                    log.warning("evaluator %s: trial %d left RUNNING: %r", self.address, self.asked[0].number, exc)
+                self.asked.clear()
             self._reset_channel()
             self.runner.worker_exited(self)
 
@@ -717,7 +725,9 @@ class StudyRunner:
         """
         if self._stop.is_set():
             return None
-        asked: list[optuna.Trial] = []
+        # The trial asked but not yet labelled, kept across calls: a failure after the ask (the
+        # database dropping us, even while the study lock is released) resumes it, never asks another.
+        asked = worker.asked
 
         def ask() -> tuple[optuna.Trial, AblationParams] | None:
             with self._lock:
@@ -732,8 +742,9 @@ class StudyRunner:
                         if len(trials) >= self.settings.n_trials:
                             return None  # the rest is in flight (here or elsewhere); wait in case one fails
                         asked.append(self.study.ask())
-                    with self._flight_lock:
-                        self._in_flight[asked[0].number] = asked[0]
+                        # Heartbeaten by this process from now on, whatever happens next.
+                        with self._flight_lock:
+                            self._in_flight[asked[0].number] = asked[0]
                 trial = asked[0]
                 # At once: a trial without any heartbeat is never judged stale.
                 self.storage.record_heartbeat(trial._trial_id)  # noqa: SLF001 - the id Optuna's loop uses too
@@ -745,13 +756,8 @@ class StudyRunner:
                 trial.set_user_attr("run_id", self.run_id)
                 return trial, params
 
-        try:
-            item = self.storage_call(ask, "asking a trial", stop=self._stop)
-        except BaseException:
-            if asked:  # no longer heartbeaten here: it goes stale and is re-enqueued
-                with self._flight_lock:
-                    self._in_flight.pop(asked[0].number, None)
-            raise
+        item = self.storage_call(ask, "asking a trial", stop=self._stop)
+        asked.clear()
         if item is not None:
             log.info("trial %d -> %s", item[0].number, worker.address)
         return item
