@@ -18,10 +18,10 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1 import health_pb2
 
 from abliterate.errors import InvalidArgument, NotFound
-from abliterate.rpc.channels import make_channel
+from abliterate.rpc.channels import health_status, make_channel
 from abliterate.rpc.errors import from_rpc_error, mapped_stub
 from abliterate.rpc.limits import DEFAULT_MAX_MESSAGE_BYTES
 from abliterate.v1 import (
@@ -52,15 +52,14 @@ class ServiceClient:
         self.channel = make_channel(address, max_message_bytes, token or None)
         self._raw = self.stub_class(self.channel)
         self.stub = mapped_stub(self._raw)
-        self._health = health_pb2_grpc.HealthStub(self.channel)
 
     def healthy(self, timeout_s: float = 3.0) -> bool:
         """True when the server answers SERVING (False when it is unreachable or not serving)."""
         try:
-            answer = self._health.Check(health_pb2.HealthCheckRequest(service=""), timeout=timeout_s)
+            status = health_status(self.channel, "", timeout_s)
         except grpc.RpcError:
             return False
-        return answer.status == health_pb2.HealthCheckResponse.SERVING
+        return status == health_pb2.HealthCheckResponse.SERVING
 
     def close(self) -> None:
         self.channel.close()
