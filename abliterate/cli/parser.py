@@ -111,7 +111,8 @@ def _add_job_flags(parser: argparse.ArgumentParser, defaults: bool) -> None:
             dest=key,
             metavar="SPEC",
             help=f"prompt set: SOURCE[@SPLIT][#COLUMN] (default {DEFAULT_SETS[key]}); SOURCE is "
-            "bundled:NAME, a local file/dir or a Hugging Face dataset id",
+            "bundled:NAME, a local file/dir or a Hugging Face dataset id; "
+            "SPLIT in datasets' syntax, e.g. train[:64] or train[:10%%]",
         )
     parser.add_argument("--n-prompts", type=positive_int, help="keep at most N prompts of each set")
     parser.add_argument("--max-new-tokens", type=positive_int, help="tokens generated per refusal prompt (default 100)")

@@ -23,27 +23,28 @@ anything else
     (split name ``train`` unless given). Hub failures (unknown id, no network,
     bad config or split) raise :class:`NotFound` / :class:`InvalidArgument` naming it.
 
-``split`` takes an optional slice, ``name[a:b]``, ``name[:b]``, ``name[a:]``
-(integers, or percentages such as ``train[:10%]`` where the length is known). For
-local files the name part is ignored and the slice applies to the list of rows.
-``streaming=True`` applies to Hub, ``BUILDER:files`` and data-file directory
-sources: only the rows in the slice are read (negative indices and percentages
-are not allowed there). Plain files and ``save_to_disk`` directories (memory
-mapped) are read directly and ignore it. ``limit`` then keeps at most that many
-prompts; in streaming mode reading stops as soon as it is reached.
+``split`` is a split string in datasets' own grammar (``train``, ``train[10:20]``,
+``train[:10%]``, ``train[-5:]``, ``train[:5]+test[:5]``, see
+``datasets.ReadInstruction``). Dataset sources receive it as it is; for a plain
+file or a bundled set the names are ignored and the slice applies to its list of
+rows. ``streaming=True`` applies to Hub, ``BUILDER:files`` and data-file
+directory sources: only the rows in the slice are read (one split, non-negative
+integer bounds). Plain files and ``save_to_disk`` directories (memory mapped)
+are read directly and ignore it. ``limit`` then keeps at most that many prompts;
+in streaming mode reading stops as soon as it is reached.
 
-``datasets`` is imported only for directory, builder and Hub sources, so loading
-bundled or plain-file prompts stays fast. All failures raise
+``datasets`` is imported only for directory, builder and Hub sources and for a
+given split, so loading bundled or plain-file prompts stays fast. All failures raise
 :class:`abliterate.errors.InvalidArgument` or :class:`abliterate.errors.NotFound`.
 """
 
 from __future__ import annotations
 
 import csv
+import importlib.util
 import io
 import itertools
 import json
-import re
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from importlib import resources
@@ -61,8 +62,6 @@ BUNDLED_PREFIX = "bundled:"
 #: Hugging Face packaged builders accepted as ``BUILDER:data_files`` sources.
 FILE_BUILDERS: tuple[str, ...] = ("json", "csv", "parquet", "text", "arrow")
 _FILE_SUFFIXES = (".json", ".jsonl", ".csv", ".txt")
-_SPLIT_RE = re.compile(r"^\s*([^\[\]\s]*)\s*(?:\[\s*([^\[\]:]*?)\s*:\s*([^\[\]:]*?)\s*\])?\s*$")
-_INDEX_RE = re.compile(r"^(-?\d+)(%?)$")
 
 
 @dataclass(frozen=True)
@@ -84,58 +83,82 @@ class PromptSetSpec:
         ):
             raise InvalidArgument(f"prompt set limit must be a positive integer, got {self.limit!r}")
         if self.split is not None:
-            _parse_split(self.split)  # validates the syntax early
+            _check_split(self.split)
         if self.column is not None and (not isinstance(self.column, str) or not self.column):
             raise InvalidArgument(f"prompt set column must be a non-empty string, got {self.column!r}")
 
 
-@dataclass(frozen=True)
-class _Split:
-    """A parsed ``name[start:stop]`` split; bounds are (value, is_percent) or None."""
+# --------------------------------------------------------------------------- splits
+#
+# A split is datasets' own split string (``datasets.ReadInstruction.from_spec``):
+# ``train``, ``train[10:20]``, ``train[:10%]``, ``train[-5:]``,
+# ``train[:33%](pct1_dropremainder)``, ``train[:5]+test[:5]``. Dataset sources get
+# it as it is; a plain file or a bundled set (one list of rows) is sliced with
+# the same instruction resolved against its length, so there is one grammar.
+# ``datasets`` is imported only when a split is given.
 
-    name: str | None
-    start: tuple[int, bool] | None
-    stop: tuple[int, bool] | None
-
-    @property
-    def sliced(self) -> bool:
-        return self.start is not None or self.stop is not None
-
-    def bounds(self, length: int) -> tuple[int | None, int | None]:
-        """Integer slice bounds for a sequence of ``length`` rows."""
-        return _resolve_bound(self.start, length), _resolve_bound(self.stop, length)
+#: Stands in for the unknown length of a streamed split when resolving its bounds.
+_UNBOUNDED = 2**62
 
 
-def _resolve_bound(bound: tuple[int, bool] | None, length: int) -> int | None:
-    if bound is None:
-        return None
-    value, percent = bound
-    return round(value * length / 100) if percent else value
-
-
-def _parse_bound(text: str, split: str) -> tuple[int, bool] | None:
-    if text == "":
-        return None
-    match = _INDEX_RE.match(text)
-    if match is None:
-        raise InvalidArgument(f"invalid split {split!r}: slice bounds must be integers or percentages, got {text!r}")
-    value, percent = int(match.group(1)), bool(match.group(2))
-    if percent and not -100 <= value <= 100:
-        raise InvalidArgument(f"invalid split {split!r}: percentage {text!r} is out of range")
-    return value, percent
-
-
-def _parse_split(split: str) -> _Split:
-    """Parse ``name``, ``name[a:b]``, ``name[:b]``, ``name[a:]`` or ``[a:b]``."""
+def _read_instruction(split: str) -> Any:
+    """``split`` parsed by datasets; a malformed one is an :class:`InvalidArgument`."""
     if not isinstance(split, str):
         raise InvalidArgument(f"split must be a string, got {split!r}")
-    match = _SPLIT_RE.match(split)
-    if match is None or (not match.group(1) and "[" not in split):
-        raise InvalidArgument(f"invalid split {split!r}: expected NAME, NAME[a:b], NAME[:b] or NAME[a:]")
-    name = match.group(1) or None
-    if "[" not in split:
-        return _Split(name, None, None)
-    return _Split(name, _parse_bound(match.group(2), split), _parse_bound(match.group(3), split))
+    datasets = _import_datasets()
+    try:
+        return datasets.ReadInstruction.from_spec(split.strip())
+    except (ValueError, AssertionError) as exc:
+        raise InvalidArgument(
+            f"invalid split {_short(split)}: {exc} (expected NAME, NAME[a:b], NAME[:b%], NAME[a:] or A+B)"
+        ) from exc
+
+
+def _check_split(split: str) -> None:
+    """Validate ``split`` early where datasets is installed (the slim gateway defers it to the extractor)."""
+    if not isinstance(split, str):
+        raise InvalidArgument(f"split must be a string, got {split!r}")
+    if importlib.util.find_spec("datasets") is not None:
+        _read_instruction(split)
+
+
+def _split_names(split: str | None) -> list[str]:
+    """The split names ``split`` mentions, in order (``train`` when there is none)."""
+    if split is None:
+        return ["train"]
+    return [part.partition("[")[0].partition("(")[0].strip() for part in split.split("+")]
+
+
+def _windows(split: str, lengths: dict[str, int]) -> list[tuple[str, int, int]]:
+    """``(name, start, stop)`` row ranges that ``split`` selects from splits of these lengths."""
+    try:
+        absolute = _read_instruction(split).to_absolute(lengths)
+    except (ValueError, AssertionError) as exc:
+        raise InvalidArgument(f"split {_short(split)}: {exc}") from exc
+    return [(window.splitname, window.from_, window.to) for window in absolute]
+
+
+def _slice_rows(rows: Sequence[Any], split: str | None) -> list[tuple[int, Any]]:
+    """``(index, row)`` of one list of rows (a file or bundled set) that ``split`` selects; its names are ignored."""
+    if split is None:
+        return list(enumerate(rows))
+    lengths = {name: len(rows) for name in _split_names(split)}
+    return [(index, rows[index]) for _, start, stop in _windows(split, lengths) for index in range(start, stop)]
+
+
+def _stream_window(split: str | None) -> tuple[str, int, int | None]:
+    """``(name, start, stop)`` of a streamed split, whose length is unknown: non-negative integer bounds only."""
+    if split is None:
+        return "train", 0, None
+    names = _split_names(split)
+    bounds = split.partition("[")[2]
+    if len(names) > 1 or "%" in bounds or "-" in bounds:
+        raise InvalidArgument(
+            f"split {_short(split)}: a streamed dataset takes one split with non-negative integer "
+            "slice bounds (no percentages, no negative indices, no '+')"
+        )
+    ((name, start, stop),) = _windows(split, {names[0]: _UNBOUNDED})
+    return name, start, None if stop == _UNBOUNDED else stop
 
 
 # --------------------------------------------------------------------------- public API
@@ -162,23 +185,22 @@ def load_prompts(spec: PromptSetSpec | str) -> list[str]:
         spec = PromptSetSpec(source=spec)
     elif not isinstance(spec, PromptSetSpec):
         raise InvalidArgument(f"expected a PromptSetSpec or a source string, got {type(spec).__name__}")
-    split = _parse_split(spec.split) if spec.split is not None else _Split(None, None, None)
     source = spec.source.strip()
 
     if source.startswith(BUNDLED_PREFIX):
-        prompts = _load_bundled(source[len(BUNDLED_PREFIX) :].strip(), spec, split)
+        prompts = _load_bundled(source[len(BUNDLED_PREFIX) :].strip(), spec)
     elif _builder_prefix(source) is not None:
-        prompts = _load_builder(source, spec, split)
+        prompts = _load_builder(source, spec)
     else:
         path = Path(source).expanduser()
         if path.is_file():
-            prompts = _load_file(path, spec, split, origin=str(path))
+            prompts = _load_file(path, spec, origin=str(path))
         elif path.is_dir():
-            prompts = _load_directory(path, spec, split)
+            prompts = _load_directory(path, spec)
         elif _looks_like_path(source):
             raise NotFound(f"prompt file {source!r} does not exist")
         else:
-            prompts = _load_hub(source, spec, split)
+            prompts = _load_hub(source, spec)
 
     if not prompts:
         raise InvalidArgument(f"prompt set {_describe(spec)} is empty")
@@ -237,10 +259,10 @@ def _short(value: Any) -> str:
     return text if len(text) <= 60 else text[:57] + "..."
 
 
-def _prompts_from_rows(rows: Iterable[Any], column: str | None, origin: str, offset: int = 0) -> Iterator[str]:
-    """Yield the stripped, non-empty prompt of each row (a string or a mapping)."""
+def _prompts_from_rows(rows: Iterable[tuple[int, Any]], column: str | None, origin: str) -> Iterator[str]:
+    """Yield the stripped, non-empty prompt of each ``(index, row)`` (a row is a string or a mapping)."""
     resolved: str | None = None
-    for index, row in enumerate(rows, start=offset):
+    for index, row in rows:
         if isinstance(row, dict):
             if resolved is None:
                 resolved = _resolve_column(list(row.keys()), column, origin)
@@ -259,23 +281,21 @@ def _take(prompts: Iterable[str], limit: int | None) -> list[str]:
     return list(itertools.islice(prompts, limit)) if limit is not None else list(prompts)
 
 
-def _finish_list(rows: Sequence[Any], spec: PromptSetSpec, split: _Split, origin: str) -> list[str]:
+def _finish_list(rows: Sequence[Any], spec: PromptSetSpec, origin: str) -> list[str]:
     """Slice a fully loaded list of rows, then extract prompts and apply ``limit``."""
-    start, stop = split.bounds(len(rows))
-    offset = range(len(rows))[start:stop].start
-    return _take(_prompts_from_rows(rows[start:stop], spec.column, origin, offset), spec.limit)
+    return _take(_prompts_from_rows(_slice_rows(rows, spec.split), spec.column, origin), spec.limit)
 
 
 # --------------------------------------------------------------------------- bundled / files
 
 
-def _load_bundled(name: str, spec: PromptSetSpec, split: _Split) -> list[str]:
+def _load_bundled(name: str, spec: PromptSetSpec) -> list[str]:
     names = bundled_sets()
     if not name or name not in names:
         raise NotFound(f"bundled prompt set {name!r} does not exist; bundled sets: {', '.join(names) or '(none)'}")
     resource = resources.files("abliterate") / "data" / f"{name}.json"
     rows = _parse_json_text(resource.read_text(encoding="utf-8"), f"bundled set {name!r}")
-    return _finish_list(rows, spec, split, f"bundled set {name!r}")
+    return _finish_list(rows, spec, f"bundled set {name!r}")
 
 
 def _read_text(path: Path) -> str:
@@ -289,7 +309,7 @@ def _read_text(path: Path) -> str:
         raise InvalidArgument(f"cannot read prompt file {str(path)!r}: {exc}") from exc
 
 
-def _load_file(path: Path, spec: PromptSetSpec, split: _Split, origin: str) -> list[str]:
+def _load_file(path: Path, spec: PromptSetSpec, origin: str) -> list[str]:
     suffix = path.suffix.lower()
     if suffix == ".json":
         rows = _parse_json_text(_read_text(path), origin)
@@ -300,13 +320,13 @@ def _load_file(path: Path, spec: PromptSetSpec, split: _Split, origin: str) -> l
     elif suffix == ".txt":
         rows = [line for line in _read_text(path).splitlines() if line.strip()]
     elif suffix in (".parquet", ".arrow"):
-        return _load_builder(f"{suffix[1:]}:{path}", spec, split)
+        return _load_builder(f"{suffix[1:]}:{path}", spec)
     else:
         raise InvalidArgument(
             f"unsupported prompt file type {suffix or '(none)'!r} for {origin}; "
             "use .json, .jsonl, .csv, .txt, .parquet or a dataset directory"
         )
-    return _finish_list(rows, spec, split, origin)
+    return _finish_list(rows, spec, origin)
 
 
 def _parse_json_text(text: str, origin: str) -> list[Any]:
@@ -356,27 +376,32 @@ def _import_datasets() -> Any:
     return datasets
 
 
-def _load_directory(path: Path, spec: PromptSetSpec, split: _Split) -> list[str]:
+def _load_directory(path: Path, spec: PromptSetSpec) -> list[str]:
     origin = f"dataset directory {str(path)!r}"
     datasets = _import_datasets()
-    if (path / "dataset_dict.json").is_file() or (path / "state.json").is_file():
-        try:
-            loaded = datasets.load_from_disk(str(path))
-        except Exception as exc:  # noqa: BLE001 - surface as a domain error
-            raise InvalidArgument(f"cannot load {origin}: {exc}") from exc
-        if isinstance(loaded, datasets.DatasetDict):
-            name = _pick_split(list(loaded.keys()), split.name, origin)
-            loaded = loaded[name]
-            origin = f"{origin} split {name!r}"
-        return _from_dataset(loaded, spec, split, origin)
-    return _run_load_dataset(datasets, origin, spec, split, path=str(path), kwargs={}, hub=False)
+    if not ((path / "dataset_dict.json").is_file() or (path / "state.json").is_file()):
+        return _run_load_dataset(datasets, origin, spec, path=str(path), kwargs={}, hub=False)
+    try:
+        loaded = datasets.load_from_disk(str(path))
+    except Exception as exc:  # noqa: BLE001 - surface as a domain error
+        raise InvalidArgument(f"cannot load {origin}: {exc}") from exc
+    if not isinstance(loaded, datasets.DatasetDict):
+        # One saved split: the split's names are ignored, its slice applies.
+        windows = None
+        if spec.split is not None:
+            windows = _windows(spec.split, {name: len(loaded) for name in _split_names(spec.split)})
+        return _from_dataset(loaded, spec, windows, origin)
+    if spec.split is None:
+        name = _default_split(list(loaded.keys()), origin)
+        return _from_dataset(loaded[name], spec, None, f"{origin} split {name!r}")
+    windows = _windows(spec.split, {name: len(part) for name, part in loaded.items()})
+    prompts: list[str] = []
+    for name, start, stop in windows:
+        prompts += _from_dataset(loaded[name], spec, [(name, start, stop)], f"{origin} split {name!r}")
+    return _take(prompts, spec.limit)
 
 
-def _pick_split(available: list[str], wanted: str | None, origin: str) -> str:
-    if wanted is not None:
-        if wanted not in available:
-            raise InvalidArgument(f"split {wanted!r} not found in {origin}; available splits: {', '.join(available)}")
-        return wanted
+def _default_split(available: list[str], origin: str) -> str:
     if "train" in available:
         return "train"
     if len(available) == 1:
@@ -384,58 +409,44 @@ def _pick_split(available: list[str], wanted: str | None, origin: str) -> str:
     raise InvalidArgument(f"{origin} has several splits ({', '.join(available)}); choose one with split")
 
 
-def _load_builder(source: str, spec: PromptSetSpec, split: _Split) -> list[str]:
+def _load_builder(source: str, spec: PromptSetSpec) -> list[str]:
     builder, _, files = source.partition(":")
     builder, files = builder.lower(), files.strip()
     origin = f"{builder} data files {files!r}"
     if not any(ch in files for ch in "*?[") and not Path(files).expanduser().exists():
         raise NotFound(f"data file {files!r} does not exist")
     datasets = _import_datasets()
-    return _run_load_dataset(
-        datasets,
-        origin,
-        spec,
-        split,
-        path=builder,
-        kwargs={"data_files": str(Path(files).expanduser())},
-        hub=False,
-    )
+    kwargs = {"data_files": str(Path(files).expanduser())}
+    return _run_load_dataset(datasets, origin, spec, path=builder, kwargs=kwargs, hub=False)
 
 
-def _load_hub(source: str, spec: PromptSetSpec, split: _Split) -> list[str]:
+def _load_hub(source: str, spec: PromptSetSpec) -> list[str]:
     datasets = _import_datasets()
-    return _run_load_dataset(
-        datasets, f"Hugging Face dataset {source!r}", spec, split, path=source, kwargs={}, hub=True
-    )
+    return _run_load_dataset(datasets, f"Hugging Face dataset {source!r}", spec, path=source, kwargs={}, hub=True)
 
 
 def _run_load_dataset(
     datasets: Any,
     origin: str,
     spec: PromptSetSpec,
-    split: _Split,
     *,
     path: str,
     kwargs: dict[str, Any],
     hub: bool,
 ) -> list[str]:
-    """Call ``datasets.load_dataset`` and read the prompts, mapping failures to domain errors."""
-    name = split.name or "train"
+    """Call ``datasets.load_dataset`` with the split and read the prompts, mapping failures to domain errors."""
     if spec.streaming:
-        for bound in (split.start, split.stop):
-            if bound is not None and (bound[1] or bound[0] < 0):
-                raise InvalidArgument(
-                    f"split {spec.split!r}: a streamed dataset takes only non-negative integer "
-                    "slice bounds (no percentages, no negative indices)"
-                )
+        # A streamed split cannot be sliced by datasets: read its rows with skip/take.
+        name, start, stop = _stream_window(spec.split)
+    else:
+        name = spec.split.strip() if spec.split is not None else "train"
     try:
         loaded = datasets.load_dataset(path, spec.config, split=name, streaming=spec.streaming, **kwargs)
-        if spec.streaming:
-            start = split.start[0] if split.start is not None else 0
-            stop = split.stop[0] if split.stop is not None else None
-            rows = itertools.islice(iter(loaded), start, stop)
-            return _take(_prompts_from_rows(rows, spec.column, origin, start), spec.limit)
-        return _from_dataset(loaded, spec, split, origin)
+        if not spec.streaming:
+            return _from_dataset(loaded, spec, None, origin)
+        loaded = loaded.skip(start) if start else loaded
+        loaded = loaded.take(stop - start) if stop is not None else loaded
+        return _take(_prompts_from_rows(enumerate(loaded, start=start), spec.column, origin), spec.limit)
     except AbliterateError:
         raise
     except Exception as exc:  # noqa: BLE001 - never leak a raw datasets/hub traceback
@@ -473,14 +484,16 @@ def _dataset_error(exc: Exception, origin: str, split_name: str, spec: PromptSet
     return InvalidArgument(f"cannot load {origin}: {kind}: {detail}")
 
 
-def _from_dataset(dataset: Any, spec: PromptSetSpec, split: _Split, origin: str) -> list[str]:
-    """Read prompts from an in-memory / memory-mapped ``datasets.Dataset``."""
+def _from_dataset(
+    dataset: Any, spec: PromptSetSpec, windows: list[tuple[str, int, int]] | None, origin: str
+) -> list[str]:
+    """Read prompts from an in-memory / memory-mapped ``datasets.Dataset``, from the row ``windows`` or all rows."""
     column = _resolve_column(list(dataset.column_names), spec.column, origin)
-    start, stop = split.bounds(len(dataset))
-    indices = range(len(dataset))[start:stop]
-    if not len(indices):
+    indices = [index for _, start, stop in windows for index in range(start, stop)] if windows else None
+    if windows is not None and not indices:
         return []
     subset = dataset.select_columns([column])
-    if split.sliced:
+    if indices is not None:
         subset = subset.select(indices)
-    return _take(_prompts_from_rows(subset, column, origin, indices.start), spec.limit)
+    rows = zip(indices if indices is not None else range(len(subset)), subset)
+    return _take(_prompts_from_rows(rows, column, origin), spec.limit)

@@ -217,6 +217,15 @@ def from_rpc_error(err: grpc.RpcError) -> AbliterateError:
     return exc
 
 
+def status_name(exc: BaseException) -> str:
+    """The status code's name for ``exc``: the remote one for an error a call returned, else the one a
+    servicer raising it would answer (``INVALID_ARGUMENT``, ``INTERNAL``, ...)."""
+    code = getattr(exc, "code", None)
+    if isinstance(code, grpc.StatusCode):
+        return code.name
+    return status_for(exc)[0].name
+
+
 @contextlib.contextmanager
 def translate_rpc_errors() -> Iterator[None]:
     """``with translate_rpc_errors(): stub.X(req)`` raises domain exceptions, not RpcError.

@@ -29,7 +29,6 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
-import grpc
 from google.protobuf import json_format
 
 from abliterate.database import DEFAULT_PATIENCE_S, retry_through_outage
@@ -43,7 +42,7 @@ from abliterate.errors import (
 from abliterate.params import WINSORIZE_SCOPES
 from abliterate.rpc.clients import EvaluatorClient, ExtractorClient, OptimizerClient, ServiceClient
 from abliterate.rpc.convert import model_spec_from_pb, prompt_set_from_pb
-from abliterate.rpc.errors import status_for
+from abliterate.rpc.errors import status_name
 from abliterate.v1 import (
     common_pb2,
     evaluator_pb2,
@@ -102,13 +101,6 @@ def validate_spec(spec: gateway_pb2.JobSpec) -> None:
         raise InvalidArgument("options.extraction.orthogonalize_against_sacred needs sacred directions")
     if spec.options.trial_timeout_s < 0 or not math.isfinite(spec.options.trial_timeout_s):
         raise InvalidArgument("options.trial_timeout_s must be >= 0")
-
-
-def _code_name(exc: BaseException) -> str:
-    code = getattr(exc, "code", None)
-    if isinstance(code, grpc.StatusCode):
-        return code.name
-    return status_for(exc)[0].name
 
 
 def _spec_settings_json(spec: gateway_pb2.JobSpec) -> str:
@@ -364,7 +356,7 @@ class Orchestrator:
                 return
             if not isinstance(exc, AbliterateError):
                 log.exception("job %s failed", job_id)
-            code = _code_name(exc)
+            code = status_name(exc)
             message = str(exc) or type(exc).__name__
             try:
                 self._write(runner, ev.error_event(code, message, recoverable=False))

@@ -221,7 +221,7 @@ def test_json_file_holding_json_lines_is_accepted(tmp_path):
         ("train[:5]", ROWS[:5]),
         ("train[2:4]", ROWS[2:4]),
         ("test[25:]", ROWS[25:]),
-        ("[3:6]", ROWS[3:6]),
+        ("train[3:6]+train[:2]", ROWS[3:6] + ROWS[:2]),
         ("train[-3:]", ROWS[-3:]),
         ("train[:10%]", ROWS[:3]),
         ("train", ROWS),
@@ -346,11 +346,19 @@ def test_hub_dataset_non_streaming(monkeypatch):
         return datasets.Dataset.from_dict({"instruction": [f"hub {i}" for i in range(10)]})
 
     monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
-    spec = PromptSetSpec("someone/instructions", split="test[100:164]")
-    with pytest.raises(InvalidArgument, match="empty"):
-        load_prompts(spec)
-    assert load_prompts(PromptSetSpec("someone/instructions", split="test[7:]")) == ["hub 7", "hub 8", "hub 9"]
-    assert seen == {"path": "someone/instructions", "name": None, "split": "test", "streaming": False}
+    # The split, slice included, goes to datasets as it is: datasets does the slicing.
+    assert load_prompts(PromptSetSpec("someone/instructions", split="test[7:]")) == [f"hub {i}" for i in range(10)]
+    assert seen == {"path": "someone/instructions", "name": None, "split": "test[7:]", "streaming": False}
+
+
+def test_builder_split_is_sliced_by_datasets(tmp_path):
+    path = _jsonl(tmp_path / "p.jsonl", [{"text": f"row {i}"} for i in range(40)])
+    assert load_prompts(PromptSetSpec(f"json:{path}", split="train[:10%]")) == [f"row {i}" for i in range(4)]
+    assert load_prompts(PromptSetSpec(f"json:{path}", split="train[-2:]")) == ["row 38", "row 39"]
+    with pytest.raises(InvalidArgument, match="no data"):
+        load_prompts(PromptSetSpec(f"json:{path}", split="train[100:164]"))
+    with pytest.raises(InvalidArgument, match="validation"):
+        load_prompts(PromptSetSpec(f"json:{path}", split="validation[:3]"))
 
 
 # --------------------------------------------------------------------------- errors
@@ -473,7 +481,7 @@ def test_malformed_files(tmp_path):
         load_prompts(str(unknown))
 
 
-@pytest.mark.parametrize("split", ["train[1:2:3]", "train[a:b]", "train[", "tr ain", ""])
+@pytest.mark.parametrize("split", ["train[1:2:3]", "train[a:b]", "train[", "tr ain", "", "[3:6]", "train[:5](nearest)"])
 def test_bad_split_syntax(split):
     with pytest.raises(InvalidArgument, match="split"):
         PromptSetSpec("bundled:capability", split=split)
