@@ -26,12 +26,12 @@ from abliterate.rpc.convert import model_spec_from_pb, model_spec_to_pb
 from abliterate.rpc.limits import MIB
 from abliterate.specs import ModelSpec
 from abliterate.v1 import common_pb2
-from abliterate_services.config import ServiceSettings
+from abliterate_services.security import ServerTlsSettings
 
 log = logging.getLogger(__name__)
 
 
-class TorchServiceConfig(ServiceSettings):
+class TorchServiceConfig(ServerTlsSettings):
     """Settings every torch service has (extractor, evaluator, torch_host); each sets its ``env_prefix``."""
 
     model: str = Field("", description="model source: HF id, local directory or .gguf file")
@@ -186,6 +186,7 @@ def start(hosted: Sequence[Hosted], config: TorchServiceConfig, address: str | N
         workers=config.workers,
         auth_token=config.auth_token or None,
         on_oom=free_device_memory,
+        tls=config.server_tls(),
     )
     server.start()
     return server, port, health
@@ -215,7 +216,11 @@ def run(service: str, hosted: Sequence[Hosted], config: TorchServiceConfig) -> i
     except AbliterateError as exc:
         log.error("bad settings: %s", exc)
         return 2
-    server, port, health = start(hosted, config)
+    try:
+        server, port, health = start(hosted, config)
+    except AbliterateError as exc:  # unreadable TLS files
+        log.error("bad settings: %s", exc)
+        return 2
     log.info("listening", extra={"address": config.address, "port": port, "service": service})
     failed: list[BaseException] = []
 

@@ -9,13 +9,26 @@ from abliterate.errors import AlreadyExists, Unavailable
 
 if TYPE_CHECKING:
     from abliterate.rpc.clients import GatewayClient
+    from abliterate.rpc.tls import ClientTLS
 
 
-def gateway_client(address: str, token: str | None = None) -> GatewayClient:
+def gateway_client(address: str, token: str | None = None, tls: ClientTLS | None = None) -> GatewayClient:
     """A typed client of the gateway at ``address``; close it (``with``) when done."""
     from abliterate.rpc.clients import GatewayClient
 
-    return GatewayClient(address, token=token)
+    return GatewayClient(address, token=token, tls=tls)
+
+
+def client_tls(args: Any) -> ClientTLS | None:
+    """The TLS of a client command's flags (``--tls``, ``--tls-ca``, ``--tls-cert``, ``--tls-key``); None: plaintext."""
+    from abliterate.rpc.tls import ClientTLS
+
+    return ClientTLS.from_files(
+        getattr(args, "tls", False),
+        getattr(args, "tls_ca", "") or "",
+        getattr(args, "tls_cert", "") or "",
+        getattr(args, "tls_key", "") or "",
+    )
 
 
 def submit_or_resume(client: GatewayClient, spec: Any, console: Any) -> Any:

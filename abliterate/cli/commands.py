@@ -18,6 +18,7 @@ from rich.markup import escape
 
 from abliterate.cli.client import (
     all_trials,
+    client_tls,
     export_trial,
     gateway_client,
     is_connection_failure,
@@ -55,7 +56,7 @@ def cmd_submit(args: argparse.Namespace, console: Any) -> int:
     # Local prompt paths are read by the extractor on its own machine, so only what is the same
     # everywhere (bundled sets, inline lists, split syntax) is checked here.
     check_prompt_sets(spec, read_local_files=False)
-    with gateway_client(args.gateway, args.token) as client:
+    with gateway_client(args.gateway, args.token, client_tls(args)) as client:
         job = client.submit_job(spec)
         console.print(f"job [bold]{job.name}[/bold] submitted: {job.id}")
         if args.watch:
@@ -67,7 +68,7 @@ def cmd_submit(args: argparse.Namespace, console: Any) -> int:
 def cmd_watch(args: argparse.Namespace, console: Any) -> int:
     from abliterate.v1 import gateway_pb2
 
-    with gateway_client(args.gateway, args.token) as client:
+    with gateway_client(args.gateway, args.token, client_tls(args)) as client:
         job = watch(client, args.job, console, replay=args.replay)
     console.print(f"job {job.name}: {phase_label(job.phase)}" + (f" ({escape(job.error)})" if job.error else ""))
     return 0 if job.phase == gateway_pb2.JOB_PHASE_SUCCEEDED else 1
@@ -84,7 +85,7 @@ def cmd_jobs(args: argparse.Namespace, console: Any) -> int:
         if key not in gateway_pb2.JobPhase.keys():
             raise InvalidArgument(f"unknown phase {name!r}")
         phases.append(gateway_pb2.JobPhase.Value(key))
-    with gateway_client(args.gateway, args.token) as client:
+    with gateway_client(args.gateway, args.token, client_tls(args)) as client:
         listing = client.list_jobs(phases, limit=args.limit)
     table = Table(title=f"{listing.total} job(s)")
     for column in ("name", "id", "phase", "trials", "selected", "model", "created"):
@@ -108,7 +109,7 @@ def cmd_trials(args: argparse.Namespace, console: Any) -> int:
 
     if args.plot:
         require_matplotlib()  # before any call, so a missing extra is said at once
-    with gateway_client(args.gateway, args.token) as client:
+    with gateway_client(args.gateway, args.token, client_tls(args)) as client:
         front = client.pareto_front(args.job, kl_cap=args.kl_cap)
         if args.json:
             print(json_format.MessageToJson(front, preserving_proto_field_name=True))
@@ -122,7 +123,7 @@ def cmd_trials(args: argparse.Namespace, console: Any) -> int:
 
 
 def cmd_export(args: argparse.Namespace, console: Any) -> int:
-    with gateway_client(args.gateway, args.token) as client:
+    with gateway_client(args.gateway, args.token, client_tls(args)) as client:
         result = export_trial(
             client, args.job, args.output, args.trial, args.format, args.hub_repo, args.private, args.overwrite
         )
@@ -134,7 +135,7 @@ def cmd_export(args: argparse.Namespace, console: Any) -> int:
 
 
 def cmd_chat(args: argparse.Namespace, console: Any) -> int:
-    with gateway_client(args.gateway, args.token) as client:
+    with gateway_client(args.gateway, args.token, client_tls(args)) as client:
         return _chat(client, args, console)
 
 
@@ -181,14 +182,14 @@ def _chat(client: Any, args: argparse.Namespace, console: Any) -> int:
 
 
 def cmd_cancel(args: argparse.Namespace, console: Any) -> int:
-    with gateway_client(args.gateway, args.token) as client:
+    with gateway_client(args.gateway, args.token, client_tls(args)) as client:
         job = client.cancel_job(args.job)
     console.print(f"job {job.name}: {phase_label(job.phase)}")
     return 0
 
 
 def cmd_resume(args: argparse.Namespace, console: Any) -> int:
-    with gateway_client(args.gateway, args.token) as client:
+    with gateway_client(args.gateway, args.token, client_tls(args)) as client:
         job = client.resume_job(args.job, args.n_trials)
     console.print(f"job {job.name}: {phase_label(job.phase)}")
     return 0

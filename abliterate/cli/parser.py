@@ -137,6 +137,27 @@ def _add_client_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--token", default=os.environ.get("ABLITERATE_TOKEN") or None, help="bearer token (env ABLITERATE_TOKEN)"
     )
+    parser.add_argument(
+        "--tls",
+        action="store_true",
+        default=os.environ.get("ABLITERATE_TLS", "").lower() in ("1", "true", "yes"),
+        help="connect over TLS, verified with the system roots unless --tls-ca (env ABLITERATE_TLS=1)",
+    )
+    parser.add_argument(
+        "--tls-ca",
+        default=os.environ.get("ABLITERATE_TLS_CA") or "",
+        help="PEM CA bundle that signed the gateway's certificate; implies --tls (env ABLITERATE_TLS_CA)",
+    )
+    parser.add_argument(
+        "--tls-cert",
+        default=os.environ.get("ABLITERATE_TLS_CERT") or "",
+        help="PEM client certificate for a gateway that requires mutual TLS (env ABLITERATE_TLS_CERT)",
+    )
+    parser.add_argument(
+        "--tls-key",
+        default=os.environ.get("ABLITERATE_TLS_KEY") or "",
+        help="PEM private key of --tls-cert (env ABLITERATE_TLS_KEY)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:

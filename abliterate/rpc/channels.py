@@ -11,6 +11,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from abliterate.errors import Unavailable
 from abliterate.rpc.limits import DEFAULT_MAX_MESSAGE_BYTES
+from abliterate.rpc.tls import ClientTLS
 
 
 def channel_options(max_message_bytes: int) -> list[tuple[str, Any]]:
@@ -71,9 +72,19 @@ def make_channel(
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
     token: str | None = None,
     options: list[tuple[str, Any]] | None = None,
+    *,
+    tls: ClientTLS | None = None,
 ) -> grpc.Channel:
-    """An insecure channel to ``address`` with the message limit and, if given, the bearer token."""
-    channel = grpc.insecure_channel(address, options=[*channel_options(max_message_bytes), *(options or [])])
+    """A channel to ``address`` with the message limit and, if given, the bearer token.
+
+    Plaintext unless ``tls`` is given (then the server's certificate is verified, and a client
+    certificate is presented when ``tls`` has one).
+    """
+    all_options = [*channel_options(max_message_bytes), *(options or [])]
+    if tls is not None:
+        channel = grpc.secure_channel(address, tls.credentials(), options=[*all_options, *tls.channel_options()])
+    else:
+        channel = grpc.insecure_channel(address, options=all_options)
     if token:
         return grpc.intercept_channel(channel, BearerTokenClientInterceptor(token))
     return channel

@@ -24,6 +24,7 @@ from abliterate.errors import InvalidArgument, NotFound
 from abliterate.rpc.channels import health_status, make_channel
 from abliterate.rpc.errors import from_rpc_error, mapped_stub
 from abliterate.rpc.limits import DEFAULT_MAX_MESSAGE_BYTES
+from abliterate.rpc.tls import ClientTLS
 from abliterate.v1 import (
     common_pb2,
     evaluator_pb2,
@@ -46,10 +47,15 @@ class ServiceClient:
     stub_class: Any = None
 
     def __init__(
-        self, address: str, *, token: str | None = None, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
+        self,
+        address: str,
+        *,
+        token: str | None = None,
+        max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+        tls: ClientTLS | None = None,
     ) -> None:
         self.address = address
-        self.channel = make_channel(address, max_message_bytes, token or None)
+        self.channel = make_channel(address, max_message_bytes, token or None, tls=tls)
         self._raw = self.stub_class(self.channel)
         self.stub = mapped_stub(self._raw)
 

@@ -7,7 +7,11 @@ Used by the container healthchecks; imports grpc, never torch.
 ADDRESS defaults to ``$ABLITERATE_HEALTH_ADDRESS`` or ``127.0.0.1:50050``. A
 bind address like ``0.0.0.0:50051`` is checked on ``127.0.0.1:50051``.
 A bearer token, if the server wants one for health (it should not), comes from
-``$ABLITERATE_HEALTH_TOKEN``.
+``$ABLITERATE_HEALTH_TOKEN``. A TLS server is checked over TLS when
+``$ABLITERATE_HEALTH_TLS_CA`` names the CA bundle (with
+``$ABLITERATE_HEALTH_TLS_CERT``/``_KEY`` for mutual TLS and
+``$ABLITERATE_HEALTH_TLS_SERVER_NAME`` for the name in the server's certificate,
+since the check dials 127.0.0.1).
 """
 
 from __future__ import annotations
@@ -30,14 +34,16 @@ def local_address(address: str) -> str:
     return address
 
 
-def check(address: str, service: str = "", timeout_s: float = 3.0, token: str | None = None) -> tuple[bool, str]:
-    """``(serving, what)`` of one health check."""
+def check(
+    address: str, service: str = "", timeout_s: float = 3.0, token: str | None = None, tls=None
+) -> tuple[bool, str]:
+    """``(serving, what)`` of one health check (``tls``: a ``ClientTLS``, None for plaintext)."""
     import grpc
     from grpc_health.v1 import health_pb2
 
     from abliterate.rpc.channels import health_status, make_channel
 
-    channel = make_channel(local_address(address), token=token or None)
+    channel = make_channel(local_address(address), token=token or None, tls=tls)
     try:
         status = health_status(channel, service, timeout_s=timeout_s)
     except grpc.RpcError as err:
@@ -55,7 +61,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--timeout", type=float, default=3.0, help="seconds to wait for the answer")
     p.add_argument("--quiet", "-q", action="store_true")
     args = p.parse_args(argv)
-    ok, what = check(args.address, args.service, args.timeout, os.environ.get("ABLITERATE_HEALTH_TOKEN"))
+    from abliterate.errors import AbliterateError
+    from abliterate.rpc.tls import ClientTLS
+
+    try:
+        tls = ClientTLS.from_files(
+            False,
+            os.environ.get("ABLITERATE_HEALTH_TLS_CA", ""),
+            os.environ.get("ABLITERATE_HEALTH_TLS_CERT", ""),
+            os.environ.get("ABLITERATE_HEALTH_TLS_KEY", ""),
+            os.environ.get("ABLITERATE_HEALTH_TLS_SERVER_NAME", ""),
+        )
+        ok, what = check(args.address, args.service, args.timeout, os.environ.get("ABLITERATE_HEALTH_TOKEN"), tls)
+    except AbliterateError as exc:
+        ok, what = False, str(exc)
     if not args.quiet:
         print(
             f"{local_address(args.address)} {args.service or '(server)'}: {what}", file=sys.stdout if ok else sys.stderr

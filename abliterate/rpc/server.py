@@ -29,6 +29,7 @@ from grpc_reflection.v1alpha import reflection
 
 from abliterate.rpc.errors import ErrorMappingInterceptor, OomHook
 from abliterate.rpc.limits import DEFAULT_MAX_MESSAGE_BYTES
+from abliterate.rpc.tls import ServerTLS
 
 log = logging.getLogger(__name__)
 
@@ -159,6 +160,7 @@ def build_server(
     on_oom: OomHook | None = None,
     map_errors: bool = True,
     interceptors: Sequence[grpc.ServerInterceptor] = (),
+    tls: ServerTLS | None = None,
 ) -> tuple[grpc.Server, int, Health]:
     """Build (not start) a server hosting ``servicers``; return ``(server, bound_port, health)``.
 
@@ -170,7 +172,9 @@ def build_server(
     - ``auth_token``: when set, every call but health checks needs
       ``authorization: Bearer <token>`` (else UNAUTHENTICATED);
     - ``map_errors``: domain exceptions raised by servicers become statuses
-      (errors.STATUS_BY_ERROR), ``on_oom`` runs first on out-of-memory.
+      (errors.STATUS_BY_ERROR), ``on_oom`` runs first on out-of-memory;
+    - ``tls``: serve TLS only (mutual TLS when it has a client CA); else plaintext.
+      A port open to other hosts without a token logs a WARNING (``warn_if_open``).
     """
     chain: list[grpc.ServerInterceptor] = []
     if auth_token:
@@ -195,13 +199,46 @@ def build_server(
     reflection.enable_server_reflection([*service_names, HEALTH_SERVICE_NAME, reflection.SERVICE_NAME], server)
 
     try:
-        port = server.add_insecure_port(address)
+        port = server.add_secure_port(address, tls.credentials()) if tls else server.add_insecure_port(address)
     except RuntimeError as exc:
         raise OSError(f"cannot bind {address}: {exc}") from exc
     if port == 0:
         raise OSError(f"cannot bind {address}")
-    log.info("server built", extra={"address": address, "port": port, "services": service_names})
+    log.info(
+        "server built",
+        extra={"address": address, "port": port, "services": service_names, "tls": describe_tls(tls)},
+    )
+    warn_if_open(address, auth_token, service_names)
     return server, port, health_servicer
+
+
+def describe_tls(tls: ServerTLS | None) -> str:
+    if tls is None:
+        return "off"
+    return "mutual" if tls.client_ca_file else "on"
+
+
+def is_loopback_address(address: str) -> bool:
+    """Whether a listen address ``host:port`` accepts connections from this machine only."""
+    host = address.rpartition(":")[0].strip("[]").lower()
+    return host in ("localhost", "::1") or host.startswith("127.")
+
+
+def warn_if_open(address: str, auth_token: str | None, service_names: Sequence[str] = ()) -> bool:
+    """Log a WARNING (and return True) when a port other hosts can reach takes calls without a token.
+
+    Loopback-only servers (the embedded run) stay quiet: only this machine reaches them.
+    """
+    if auth_token or is_loopback_address(address):
+        return False
+    names = ", ".join(n.rsplit(".", 1)[-1] for n in service_names) or "this server"
+    log.warning(
+        "NO AUTH TOKEN: %s on %s accepts calls from ANYONE who can reach the port "
+        "(set the service's auth_token, e.g. ABLITERATE_SERVICE_TOKEN in compose)",
+        names,
+        address,
+    )
+    return True
 
 
 def serve_until_signal(

@@ -13,6 +13,7 @@ import threading
 
 from abliterate.database import DEFAULT_PATIENCE_S, watch_database
 from abliterate.rpc import build_server, serve_until_signal
+from abliterate.rpc.tls import ClientTLS, ServerTLS
 from abliterate.v1 import gateway_pb2_grpc
 from abliterate_services.gateway.config import GatewayConfig
 from abliterate_services.gateway.events import EventBus
@@ -44,6 +45,9 @@ class Gateway:
         retry_window_s: float = 600.0,
         database_patience_s: float = DEFAULT_PATIENCE_S,
         database_check_s: float = 5.0,
+        *,
+        tls: ServerTLS | None = None,
+        service_tls: ClientTLS | None = None,
     ) -> None:
         self.store = JobStore(storage_url)
         self.database_check_s = database_check_s
@@ -58,6 +62,7 @@ class Gateway:
             service_token=service_token,
             retry_window_s=retry_window_s,
             database_patience_s=database_patience_s,
+            service_tls=service_tls,
         )
         self.servicer = GatewayServicer(self.store, self.bus, self.orchestrator, watch_poll_s=watch_poll_s)
         self.resume_on_start = resume_on_start
@@ -67,6 +72,7 @@ class Gateway:
             address,
             workers=workers,
             auth_token=auth_token,
+            tls=tls,
         )
         host = address.rsplit(":", 1)[0]
         self.address = f"{'127.0.0.1' if host in ('0.0.0.0', '[::]', '') else host}:{self.port}"
@@ -88,6 +94,8 @@ class Gateway:
             retry_window_s=config.retry_window_s,
             database_patience_s=config.database_patience_s,
             database_check_s=config.database_check_s,
+            tls=config.server_tls(),
+            service_tls=config.client_tls(),
         )
 
     def start(self) -> "Gateway":

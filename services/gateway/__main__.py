@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import sys
 
+from abliterate.errors import AbliterateError
 from abliterate.rpc import configure_logging
 from abliterate_services.config import load_or_report
 from abliterate_services.gateway import Gateway
@@ -16,7 +17,11 @@ def main(argv: list[str] | None = None) -> int:
     if config is None:
         return 2
     configure_logging("gateway", config.log_level)
-    gateway = Gateway.from_config(config)
+    try:
+        gateway = Gateway.from_config(config)
+    except AbliterateError as exc:  # bad TLS files, an unreadable store URL, ...
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     gateway.start()
     print(f"gateway serving on port {gateway.port}", file=sys.stderr, flush=True)
     gateway.wait()

@@ -5,10 +5,11 @@ from __future__ import annotations
 from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
-from abliterate_services.config import DEFAULT_DATA_DIR, ServiceSettings
+from abliterate_services.config import DEFAULT_DATA_DIR
+from abliterate_services.security import ClientTlsSettings, ServerTlsSettings
 
 
-class GatewayConfig(ServiceSettings):
+class GatewayConfig(ServerTlsSettings, ClientTlsSettings):
     model_config = SettingsConfigDict(env_prefix="ABLITERATE_GATEWAY_")
 
     address: str = Field("0.0.0.0:50050", description="host:port to listen on")

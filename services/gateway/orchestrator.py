@@ -43,6 +43,7 @@ from abliterate.params import WINSORIZE_SCOPES
 from abliterate.rpc.clients import EvaluatorClient, ExtractorClient, OptimizerClient, ServiceClient
 from abliterate.rpc.convert import model_spec_from_pb, prompt_set_from_pb
 from abliterate.rpc.errors import status_name
+from abliterate.rpc.tls import ClientTLS
 from abliterate.v1 import (
     common_pb2,
     evaluator_pb2,
@@ -152,6 +153,8 @@ class Orchestrator:
         evaluator_addresses: list[str],
         service_token: str | None = None,
         rpc_timeout_s: float = 120.0,
+        *,
+        service_tls: ClientTLS | None = None,
         retry_window_s: float = 600.0,
         retry_backoff_s: float = 1.0,
         database_patience_s: float = DEFAULT_PATIENCE_S,
@@ -162,6 +165,7 @@ class Orchestrator:
         self.optimizer_address = optimizer_address
         self.evaluator_addresses = [a for a in evaluator_addresses if a]
         self.service_token = service_token or None
+        self.service_tls = service_tls
         self.rpc_timeout_s = rpc_timeout_s
         self.retry_window_s = retry_window_s
         self.retry_backoff_s = retry_backoff_s
@@ -178,7 +182,7 @@ class Orchestrator:
         with self._lock:
             client = self._clients.get((kind, address))
             if client is None:
-                client = self._clients[(kind, address)] = kind(address, token=self.service_token)
+                client = self._clients[(kind, address)] = kind(address, token=self.service_token, tls=self.service_tls)
             return client  # type: ignore[return-value]
 
     def extractor(self) -> ExtractorClient:

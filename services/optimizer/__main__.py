@@ -32,6 +32,7 @@ def make_servicer(config: OptimizerConfig) -> OptimizerServicer:
         give_up_s=config.give_up_s,
         max_message_bytes=config.max_message_bytes,
         token=config.service_token or "",
+        tls=config.client_tls(),
         heartbeat_interval_s=config.heartbeat_interval_s,
         grace_period_s=config.grace_period_s,
         database_patience_s=config.database_patience_s,
@@ -51,16 +52,17 @@ def main(argv: list[str] | None = None) -> int:
     configure_logging("optimizer", config.log_level)
     try:
         servicer = make_servicer(config)
+        server, port, health = build_server(
+            [(optimizer_pb2_grpc.add_OptimizerServiceServicer_to_server, servicer)],
+            config.address,
+            max_message_bytes=config.max_message_bytes,
+            workers=config.workers,
+            auth_token=config.auth_token,
+            tls=config.server_tls(),
+        )
     except AbliterateError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    server, port, health = build_server(
-        [(optimizer_pb2_grpc.add_OptimizerServiceServicer_to_server, servicer)],
-        config.address,
-        max_message_bytes=config.max_message_bytes,
-        workers=config.workers,
-        auth_token=config.auth_token,
-    )
     server.start()
     print(f"optimizer serving on port {port}", file=sys.stderr, flush=True)
     stop = threading.Event()

@@ -6,10 +6,11 @@ from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
 from abliterate.rpc.limits import DEFAULT_MAX_MESSAGE_BYTES
-from abliterate_services.config import DEFAULT_DATA_DIR, ServiceSettings
+from abliterate_services.config import DEFAULT_DATA_DIR
+from abliterate_services.security import ClientTlsSettings, ServerTlsSettings
 
 
-class OptimizerConfig(ServiceSettings):
+class OptimizerConfig(ServerTlsSettings, ClientTlsSettings):
     model_config = SettingsConfigDict(env_prefix="ABLITERATE_OPTIMIZER_")
 
     address: str = Field("0.0.0.0:50053", description="host:port to listen on")

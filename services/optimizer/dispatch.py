@@ -66,6 +66,7 @@ from abliterate.rpc.clients import EvaluatorClient, PendingCall
 from abliterate.rpc.convert import params_to_pb
 from abliterate.rpc.errors import Cancelled, DeadlineExceeded
 from abliterate.rpc.limits import DEFAULT_MAX_MESSAGE_BYTES
+from abliterate.rpc.tls import ClientTLS
 from abliterate.v1 import common_pb2, evaluator_pb2, optimizer_pb2
 from abliterate_services.optimizer import study as st
 
@@ -105,6 +106,8 @@ class DispatchOptions:
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
     #: Bearer token sent to evaluators (empty: none).
     token: str = ""
+    #: TLS of the channels to evaluators (None: plaintext).
+    tls: ClientTLS | None = None
     #: Seconds between heartbeats of the trials in flight (Optuna's RDB heartbeat, whole seconds).
     heartbeat_interval_s: int = st.DEFAULT_HEARTBEAT_INTERVAL_S
     #: Seconds without a heartbeat before any optimizer of the study fails a trial and re-enqueues it.
@@ -149,7 +152,10 @@ class EvaluatorWorker(threading.Thread):
     def client(self) -> EvaluatorClient:
         if self._client is None:
             self._client = EvaluatorClient(
-                self.address, token=self.options.token or None, max_message_bytes=self.options.max_message_bytes
+                self.address,
+                token=self.options.token or None,
+                max_message_bytes=self.options.max_message_bytes,
+                tls=self.options.tls,
             )
         return self._client
 

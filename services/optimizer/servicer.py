@@ -121,7 +121,10 @@ class OptimizerServicer(optimizer_pb2_grpc.OptimizerServiceServicer):
     def _probe(self, address: str) -> common_pb2.ModelInfo:
         """Health SERVING and the ModelInfo of an evaluator (UNAVAILABLE when unreachable or not serving)."""
         with EvaluatorClient(
-            address, token=self.options.token or None, max_message_bytes=self.options.max_message_bytes
+            address,
+            token=self.options.token or None,
+            max_message_bytes=self.options.max_message_bytes,
+            tls=self.options.tls,
         ) as client:
             if not client.healthy(_PROBE_TIMEOUT_S):
                 raise Unavailable(f"evaluator {address} is unreachable or not SERVING")
