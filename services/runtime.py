@@ -47,6 +47,11 @@ class TorchServiceConfig(ServerTlsSettings):
     workers: int = Field(8, description="gRPC worker threads")
     batch_size: int = Field(0, description="prompts per forward pass (0 = automatic)")
     auth_token: str = Field("", description="bearer token callers must send (empty = none)")
+    prompt_root: str = Field(
+        "",
+        description="folder whose files remote clients may name as prompt sources (empty = no file access; "
+        "bundled sets, inline prompts and Hub datasets always work)",
+    )
     log_level: str = Field("INFO", description="log level")
     grace_s: float = Field(5.0, description="seconds calls in flight get at shutdown")
 

@@ -29,16 +29,26 @@ def load(argv: list[str] | None = None) -> TorchHostConfig:
     return TorchHostConfig.load(argv, description="Serve ExtractorService and EvaluatorService on one model.")
 
 
-def hosted_servicers(config: TorchHostConfig, lm=None) -> tuple[list[Hosted], ExtractorServicer, EvaluatorServicer]:
-    """Both servicers sharing one device lock; with ``lm`` they are ready at once."""
+def hosted_servicers(
+    config: TorchHostConfig, lm=None, *, confine_files: bool = True
+) -> tuple[list[Hosted], ExtractorServicer, EvaluatorServicer]:
+    """Both servicers sharing one device lock; with ``lm`` they are ready at once.
+
+    ``confine_files=False`` (the local ``abliterate run`` only) lets prompt sources and exports name any path.
+    """
     lock = DeviceLock()
-    extractor = ExtractorServicer(batch_size=config.batch_size, lock=lock, max_message_bytes=config.max_message_bytes)
+    prompt_root = config.prompt_root if confine_files else None
+    extractor = ExtractorServicer(
+        batch_size=config.batch_size, lock=lock, max_message_bytes=config.max_message_bytes, prompt_root=prompt_root
+    )
     evaluator = EvaluatorServicer(
         batch_size=config.batch_size,
         lock=lock,
         max_direction_sets=config.max_direction_sets,
         default_max_new_tokens=config.default_max_new_tokens,
         max_generate_tokens=config.max_generate_tokens,
+        export_root=config.export_root if confine_files else None,
+        prompt_root=prompt_root,
     )
     if lm is not None:
         extractor.attach(lm)

@@ -33,6 +33,13 @@ integer bounds). Plain files and ``save_to_disk`` directories (memory mapped)
 are read directly and ignore it. ``limit`` then keeps at most that many prompts;
 in streaming mode reading stops as soon as it is reached.
 
+**Remote clients** (the extractor and evaluator pass ``file_root``): with
+``file_root=None`` (the local CLI and ``abliterate run``) any path is read; with
+a folder, only files and directories under it (a relative source is taken under
+it; ``..`` and symlinks cannot lead out); with ``""`` no file at all. Bundled
+sets, inline prompts and Hub ids always work. Errors about a file read for a
+remote client never quote its contents (column names, row values).
+
 ``datasets`` is imported only for directory, builder and Hub sources and for a
 given split, so loading bundled or plain-file prompts stays fast. All failures raise
 :class:`abliterate.errors.InvalidArgument` or :class:`abliterate.errors.NotFound`.
@@ -40,11 +47,14 @@ given split, so loading bundled or plain-file prompts stays fast. All failures r
 
 from __future__ import annotations
 
+import contextvars
 import csv
 import importlib.util
 import io
 import itertools
 import json
+import os
+import re
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from importlib import resources
@@ -62,6 +72,13 @@ BUNDLED_PREFIX = "bundled:"
 #: Hugging Face packaged builders accepted as ``BUILDER:data_files`` sources.
 FILE_BUILDERS: tuple[str, ...] = ("json", "csv", "parquet", "text", "arrow")
 _FILE_SUFFIXES = (".json", ".jsonl", ".csv", ".txt")
+_NAME_MAX = 255
+_PATH_MAX = 4096
+#: What a Hub dataset id looks like (``name`` or ``owner/name``).
+_HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*(/[A-Za-z0-9][A-Za-z0-9_.-]*)?$")
+# False while a file is read for a remote client: messages then leave out what the file holds.
+_REVEAL_CONTENTS: contextvars.ContextVar[bool] = contextvars.ContextVar("_REVEAL_CONTENTS", default=True)
+_HIDDEN = "(not shown: the file is on the server)"
 
 
 @dataclass(frozen=True)
@@ -174,31 +191,45 @@ def bundled_sets() -> list[str]:
     )
 
 
-def load_prompts(spec: PromptSetSpec | str) -> list[str]:
+def load_prompts(spec: PromptSetSpec | str, *, file_root: str | os.PathLike | None = None) -> list[str]:
     """Load the prompts described by ``spec`` (a spec or a bare source string).
 
     Returns the stripped, non-empty prompt strings, in source order, after the
     ``split`` slice and ``limit``. Raises :class:`NotFound` for a missing file,
     bundled set or dataset, :class:`InvalidArgument` for anything malformed or empty.
+    ``file_root`` confines file access (module docstring): None any file, "" none,
+    else only under that folder.
     """
     if isinstance(spec, str):
         spec = PromptSetSpec(source=spec)
     elif not isinstance(spec, PromptSetSpec):
         raise InvalidArgument(f"expected a PromptSetSpec or a source string, got {type(spec).__name__}")
     source = spec.source.strip()
+    _check_source_text(source)
+    root = None if file_root is None else str(file_root)
 
     if source.startswith(BUNDLED_PREFIX):
         prompts = _load_bundled(source[len(BUNDLED_PREFIX) :].strip(), spec)
     elif _builder_prefix(source) is not None:
-        prompts = _load_builder(source, spec)
+        if root is not None:
+            builder, _, files = source.partition(":")
+            source = f"{builder}:{_confined(files.strip(), root)}"
+        with _hidden_contents(root is not None):
+            prompts = _load_builder(source, spec)
     else:
-        path = Path(source).expanduser()
-        if path.is_file():
-            prompts = _load_file(path, spec, origin=str(path))
-        elif path.is_dir():
-            prompts = _load_directory(path, spec)
+        confined = None if root is None else _confined(source, root, hub_ok=True)
+        path = Path(source).expanduser() if confined is None else Path(confined)
+        kind = _path_kind(path, source) if root is None or confined is not None else None
+        if confined is not None and kind is None:
+            raise NotFound(f"prompt file {_short(source)} does not exist in the folder this server reads prompts from")
+        if kind == "file":
+            with _hidden_contents(root is not None):
+                prompts = _load_file(path, spec, origin=str(path) if root is None else repr(source))
+        elif kind == "dir":
+            with _hidden_contents(root is not None):
+                prompts = _load_directory(path, spec)
         elif _looks_like_path(source):
-            raise NotFound(f"prompt file {source!r} does not exist")
+            raise NotFound(f"prompt file {_short(source, 300)} does not exist")
         else:
             prompts = _load_hub(source, spec)
 
@@ -208,6 +239,88 @@ def load_prompts(spec: PromptSetSpec | str) -> list[str]:
 
 
 # --------------------------------------------------------------------------- helpers
+
+
+def _check_source_text(source: str) -> None:
+    """A source the file system could never take (NUL, an over-long name) is a clear error, not an OSError."""
+    if "\x00" in source:
+        raise InvalidArgument(f"prompt source {_short(source)} contains a NUL byte")
+    if len(source) > _PATH_MAX:
+        raise InvalidArgument(f"prompt source is {len(source)} characters long (at most {_PATH_MAX})")
+    for part in source.replace("\\", "/").split("/"):
+        if len(part.encode("utf-8", "surrogateescape")) > _NAME_MAX:
+            raise InvalidArgument(
+                f"prompt source {_short(source)} has a name longer than {_NAME_MAX} bytes: no file or dataset is"
+            )
+
+
+def _path_kind(path: Path, source: str) -> str | None:
+    """``file``, ``dir`` or None (nothing there), with OS refusals turned into InvalidArgument."""
+    try:
+        if path.is_file():
+            return "file"
+        if path.is_dir():
+            return "dir"
+    except OSError as exc:
+        raise InvalidArgument(f"prompt source {_short(source)} is not a usable path: {exc.strerror or exc}") from None
+    return None
+
+
+class _hidden_contents:
+    """Within: messages leave out what a file holds (a remote client named it)."""
+
+    def __init__(self, hide: bool) -> None:
+        self.hide = hide
+        self._token: contextvars.Token | None = None
+
+    def __enter__(self) -> None:
+        if self.hide:
+            self._token = _REVEAL_CONTENTS.set(False)
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._token is not None:
+            _REVEAL_CONTENTS.reset(self._token)
+
+
+def _confined(source: str, root: str, hub_ok: bool = False) -> str | None:
+    """The absolute path ``source`` names under ``root`` (a remote client's file access).
+
+    Raises InvalidArgument when file access is off (``root`` empty) or the path leads out of the root;
+    with ``hub_ok`` a source that names nothing under the root and looks like a Hub id gives None.
+    """
+    expanded = source
+    if not root:
+        if hub_ok and not _looks_like_path(source) and _HUB_ID.match(source) and not os.path.lexists(source):
+            return None
+        raise InvalidArgument(
+            f"prompt source {_short(source)}: this server reads no prompt files for remote clients "
+            "(use a bundled set, inline prompts or a Hub dataset id, or ask the operator to set prompt_root)"
+        )
+    base = os.path.realpath(root)
+    if any(part == ".." for part in expanded.replace("\\", "/").split("/")):
+        raise InvalidArgument(f"prompt source {_short(source)} may not contain '..'")
+    if expanded.startswith("~"):
+        raise InvalidArgument(f"prompt source {_short(source)}: '~' is not allowed for remote clients")
+    glob_at = min((i for i, ch in enumerate(expanded) if ch in "*?["), default=None)
+    fixed = expanded if glob_at is None else os.path.dirname(expanded[:glob_at])
+    resolved = os.path.realpath(os.path.join(base, fixed))
+    inside = resolved == base or resolved.startswith(base.rstrip(os.sep) + os.sep)
+    if hub_ok and not os.path.isabs(source) and not os.path.lexists(resolved):
+        if _HUB_ID.match(source) and not _looks_like_path(source) and not os.path.lexists(source):
+            return None  # a Hub dataset id, and no local path datasets could mistake it for
+    if not inside:
+        raise InvalidArgument(
+            f"prompt source {_short(source)} is outside the folder this server reads prompt files from"
+        )
+    if glob_at is None:
+        return resolved
+    return os.path.join(resolved, expanded[len(fixed) :].lstrip("/"))
+
+
+def _columns_text(names: Iterable[Any]) -> str:
+    if not _REVEAL_CONTENTS.get():
+        return _HIDDEN
+    return ", ".join(map(str, names)) or "(none)"
 
 
 def _describe(spec: PromptSetSpec) -> str:
@@ -235,16 +348,14 @@ def _resolve_column(available: Sequence[str], column: str | None, origin: str) -
     names = list(available)
     if column is not None:
         if column not in names:
-            raise InvalidArgument(
-                f"column {column!r} not found in {origin}; available columns: {', '.join(map(str, names)) or '(none)'}"
-            )
+            raise InvalidArgument(f"column {column!r} not found in {origin}; available columns: {_columns_text(names)}")
         return column
     for candidate in AUTO_COLUMNS:
         if candidate in names:
             return candidate
     raise InvalidArgument(
         f"no prompt column found in {origin}: looked for {', '.join(AUTO_COLUMNS)}; "
-        f"available columns: {', '.join(map(str, names)) or '(none)'}; set the column explicitly"
+        f"available columns: {_columns_text(names)}; set the column explicitly"
     )
 
 
@@ -254,9 +365,11 @@ def _clean(value: Any, origin: str, where: str) -> str:
     return value.strip()
 
 
-def _short(value: Any) -> str:
+def _short(value: Any, limit: int = 60) -> str:
+    if not _REVEAL_CONTENTS.get():
+        return _HIDDEN
     text = repr(value)
-    return text if len(text) <= 60 else text[:57] + "..."
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _prompts_from_rows(rows: Iterable[tuple[int, Any]], column: str | None, origin: str) -> Iterator[str]:
@@ -268,7 +381,7 @@ def _prompts_from_rows(rows: Iterable[tuple[int, Any]], column: str | None, orig
                 resolved = _resolve_column(list(row.keys()), column, origin)
             if resolved not in row:
                 raise InvalidArgument(
-                    f"{origin}: row {index} has no column {resolved!r}; its columns: {', '.join(map(str, row.keys()))}"
+                    f"{origin}: row {index} has no column {resolved!r}; its columns: {_columns_text(row.keys())}"
                 )
             text = _clean(row[resolved], origin, f"column {resolved!r} of row {index}")
         else:
@@ -456,6 +569,8 @@ def _run_load_dataset(
 def _dataset_error(exc: Exception, origin: str, split_name: str, spec: PromptSetSpec, hub: bool) -> AbliterateError:
     kind = type(exc).__name__
     detail = str(exc).strip().splitlines()[0] if str(exc).strip() else kind
+    if not _REVEAL_CONTENTS.get():
+        detail = kind  # a parser's message may quote the file
     if len(detail) > 300:
         detail = detail[:297] + "..."
     lowered = detail.lower()

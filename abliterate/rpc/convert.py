@@ -124,8 +124,11 @@ def prompt_set_to_pb(spec) -> pb.PromptSetSpec:
     )
 
 
-def load_prompt_set(msg: pb.PromptSetSpec, what: str) -> list[str]:
-    """Resolve a prompt-set message to its prompts (inline, or loaded from its source)."""
+def load_prompt_set(msg: pb.PromptSetSpec, what: str, *, file_root: str | None = None) -> list[str]:
+    """Resolve a prompt-set message to its prompts (inline, or loaded from its source).
+
+    ``file_root`` is where files may be read (``load_prompts``): None any, "" none, else under it.
+    """
     from abliterate.core.prompts import load_prompts
     from abliterate.errors import InvalidArgument
 
@@ -137,4 +140,4 @@ def load_prompt_set(msg: pb.PromptSetSpec, what: str) -> list[str]:
         return prompts
     if not msg.source:
         raise InvalidArgument(f"the {what} prompt set has neither a source nor inline prompts")
-    return load_prompts(spec)
+    return load_prompts(spec, file_root=file_root)

@@ -20,6 +20,8 @@ def main(argv: list[str] | None = None) -> int:
         max_direction_sets=config.max_direction_sets,
         default_max_new_tokens=config.default_max_new_tokens,
         max_generate_tokens=config.max_generate_tokens,
+        export_root=config.export_root,
+        prompt_root=config.prompt_root,
     )
     hosted = [Hosted(evaluator_pb2_grpc.add_EvaluatorServiceServicer_to_server, servicer, servicer.attach)]
     return run("evaluator", hosted, config)

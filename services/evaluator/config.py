@@ -5,6 +5,7 @@ from __future__ import annotations
 from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
+from abliterate_services.config import DEFAULT_DATA_DIR
 from abliterate_services.runtime import TorchServiceConfig
 
 
@@ -15,6 +16,10 @@ class EvaluatorConfig(TorchServiceConfig):
     max_direction_sets: int = Field(4, description="direction sets held at once (LRU)")
     default_max_new_tokens: int = Field(256, description="Generate/Chat length when not given")
     max_generate_tokens: int = Field(4096, description="largest max_new_tokens accepted")
+    export_root: str = Field(
+        f"{DEFAULT_DATA_DIR}/exports",
+        description="folder exports are confined to (relative export paths land under it; nothing outside)",
+    )
 
 
 def load(argv: list[str] | None = None) -> EvaluatorConfig:

@@ -50,6 +50,8 @@ class EvaluatorServicer(evaluator_pb2_grpc.EvaluatorServiceServicer):
         max_direction_sets: int = 4,
         default_max_new_tokens: int = 256,
         max_generate_tokens: int = 4096,
+        export_root: str | None = None,
+        prompt_root: str | None = None,
     ) -> None:
         self.lock = session.lock if session is not None else (lock or DeviceLock())
         self._kwargs = dict(
@@ -57,6 +59,8 @@ class EvaluatorServicer(evaluator_pb2_grpc.EvaluatorServiceServicer):
             max_direction_sets=max_direction_sets,
             default_max_new_tokens=default_max_new_tokens,
             max_generate_tokens=max_generate_tokens,
+            export_root=export_root,
+            prompt_root=prompt_root,
         )
         self.session = session
         if lm is not None:

@@ -31,12 +31,13 @@ from abliterate.core.generation import stream_generate
 from abliterate.core.loading import LoadedModel
 from abliterate.core.refusals import RefusalDetector
 from abliterate.core.scoring import TrialEngine, TrialResult
-from abliterate.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
+from abliterate.errors import FailedPrecondition, InvalidArgument, NotFound
 from abliterate.params import AblationParams
 from abliterate.rpc.convert import load_prompt_set
 from abliterate.rpc.tensors import sha256_hex
 from abliterate.v1 import common_pb2
 from abliterate_services.evaluator import lora
+from abliterate_services.evaluator.paths import check_replaceable, resolve_export_path, short
 from abliterate_services.runtime import DeviceLock, job_view, model_info
 
 log = logging.getLogger(__name__)
@@ -103,8 +104,15 @@ class EvaluatorSession:
         max_direction_sets: int = 4,
         default_max_new_tokens: int = DEFAULT_GENERATE_TOKENS,
         max_generate_tokens: int = 4096,
+        *,
+        export_root: str | None = None,
+        prompt_root: str | None = None,
     ):
         self.lm = lm
+        # None: no confinement (the local embedded run); else exports land only under this folder.
+        self.export_root = export_root
+        # Where prompt files may be read (abliterate.core.prompts: None any, "" none, else under it).
+        self.prompt_root = prompt_root
         self.engine = TrialEngine(lm, batch_size=batch_size)
         self.module_map = self.engine.module_map
         self.lock = lock or DeviceLock()
@@ -230,8 +238,8 @@ class EvaluatorSession:
         kl_tokens = max(1, spec.kl_tokens)
         timings: dict[str, float] = {}
         t0 = time.perf_counter()
-        kl_prompts = load_prompt_set(spec.kl_prompts, "KL")
-        refusal_prompts = load_prompt_set(spec.refusal_prompts, "refusal")
+        kl_prompts = load_prompt_set(spec.kl_prompts, "KL", file_root=self.prompt_root)
+        refusal_prompts = load_prompt_set(spec.refusal_prompts, "refusal", file_root=self.prompt_root)
         timings["load_prompts"] = time.perf_counter() - t0
         with self.lock.hold("PrepareBaseline", SERVICE):
             engine = self.engine
@@ -415,13 +423,10 @@ class EvaluatorSession:
                 raise FailedPrecondition(
                     "pushing to the Hugging Face Hub needs a token: set HF_TOKEN in the evaluator's environment"
                 )
-        path = os.path.abspath(os.path.expanduser(path))
+        path = resolve_export_path(self.export_root, path)
         set_id, ds = self._lookup(set_id)
         self._check_params(params)
-        if os.path.exists(path) and not os.path.isdir(path):
-            raise AlreadyExists(f"export path {path} exists and is not a directory")
-        if os.path.isdir(path) and os.listdir(path) and not overwrite:
-            raise AlreadyExists(f"export path {path} exists and is not empty (set overwrite to replace it)")
+        check_replaceable(path, overwrite)
         metadata = {
             "direction_set_id": set_id,
             "params": params.to_dict(),
@@ -430,7 +435,12 @@ class EvaluatorSession:
         }
         timings: dict[str, float] = {}
         parent = os.path.dirname(path)
-        os.makedirs(parent, exist_ok=True)
+        try:
+            os.makedirs(parent, exist_ok=True)
+        except OSError as exc:  # read-only, permission denied, ...: the caller's path, not a server fault
+            raise FailedPrecondition(
+                f"cannot create the export folder {short(parent)}: {exc.strerror or exc}"
+            ) from None
         tmp = os.path.join(parent, f".{os.path.basename(path)}.tmp-{uuid.uuid4().hex[:8]}")
         with self.lock.hold("ExportModel", SERVICE):
             try:
@@ -453,6 +463,9 @@ class EvaluatorSession:
                     lora.write_adapter(tmp, factors, self.lm.spec.source, metadata)
                     timings["save"] = time.perf_counter() - t0
                 _swap_into_place(tmp, path)
+            except OSError as exc:  # disk full, permissions: say so, never INTERNAL
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise FailedPrecondition(f"writing the export to {short(path)} failed: {exc.strerror or exc}") from None
             except BaseException:
                 shutil.rmtree(tmp, ignore_errors=True)
                 raise

@@ -15,7 +15,9 @@ def main(argv: list[str] | None = None) -> int:
     config = load_or_report(load, argv)
     if config is None:
         return 2
-    servicer = ExtractorServicer(batch_size=config.batch_size, max_message_bytes=config.max_message_bytes)
+    servicer = ExtractorServicer(
+        batch_size=config.batch_size, max_message_bytes=config.max_message_bytes, prompt_root=config.prompt_root
+    )
     hosted = [Hosted(extractor_pb2_grpc.add_ExtractorServiceServicer_to_server, servicer, servicer.attach)]
     return run("extractor", hosted, config)
 

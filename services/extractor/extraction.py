@@ -65,8 +65,11 @@ class Extractor:
         lock: DeviceLock | None = None,
         max_message_bytes: int | None = None,
         service: str = "extractor",
+        prompt_root: str | None = None,
     ):
         self.lm = lm
+        # Where prompt files may be read (abliterate.core.prompts: None any, "" none, else under it).
+        self.prompt_root = prompt_root
         self.module_map = discover(lm.model)
         self.batch_size = batch_size
         self.lock = lock or DeviceLock()
@@ -149,7 +152,7 @@ class Extractor:
         prompts: dict[str, list[str]] = {}
         emit(_progress("loading_prompts", 0, len(sets)))
         for i, (name, msg) in enumerate(sets):
-            prompts[name] = load_prompt_set(msg, name)
+            prompts[name] = load_prompt_set(msg, name, file_root=self.prompt_root)
             if not prompts[name]:
                 raise InvalidArgument(f"the {name} prompt set is empty")
             emit(_progress("loading_prompts", i + 1, len(sets), f"{name}: {len(prompts[name])} prompts"))

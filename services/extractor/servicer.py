@@ -11,9 +11,16 @@ class ExtractorServicer(extractor_pb2_grpc.ExtractorServiceServicer):
     """Serves one model. Built before the model loads (RPCs answer UNAVAILABLE until ``attach``)."""
 
     def __init__(
-        self, lm=None, *, batch_size: int = 0, lock: DeviceLock | None = None, max_message_bytes: int | None = None
+        self,
+        lm=None,
+        *,
+        batch_size: int = 0,
+        lock: DeviceLock | None = None,
+        max_message_bytes: int | None = None,
+        prompt_root: str | None = None,
     ) -> None:
         self.batch_size = batch_size
+        self.prompt_root = prompt_root
         self.lock = lock or DeviceLock()
         self.max_message_bytes = max_message_bytes
         self.extractor = None
@@ -24,7 +31,11 @@ class ExtractorServicer(extractor_pb2_grpc.ExtractorServiceServicer):
         from abliterate_services.extractor.extraction import Extractor
 
         self.extractor = Extractor(
-            lm, batch_size=self.batch_size, lock=self.lock, max_message_bytes=self.max_message_bytes
+            lm,
+            batch_size=self.batch_size,
+            lock=self.lock,
+            max_message_bytes=self.max_message_bytes,
+            prompt_root=self.prompt_root,
         )
 
     def _ready(self):
