@@ -61,8 +61,16 @@ class Embedded:
         resume_on_start: bool = False,
         lm: Any = None,
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+        export_root: str | Path | None = None,
+        prompt_root: str | Path | None = None,
     ) -> None:
         self.spec = _model_spec(model)
+        # None for both: the local run, where the caller is the user (any path); else remote clients are
+        # confined to these folders (``serve all``).
+        self.export_root = None if export_root is None else str(Path(export_root).expanduser().resolve())
+        self.prompt_root = (
+            None if prompt_root is None else str(Path(prompt_root).expanduser().resolve()) if str(prompt_root) else ""
+        )
         self.data_dir = Path(data_dir).expanduser().resolve()
         self.batch_size = batch_size
         self.host = host
@@ -106,11 +114,19 @@ class Embedded:
             self.lm.extra.setdefault("load_s", time.perf_counter() - t0)
         self.timings_s["load"] = float(self.lm.extra.get("load_s", 0.0))
         config = TorchHostConfig(batch_size=self.batch_size)
-        hosted, _, _ = hosted_servicers(config, self.lm)
+        confine = self.export_root is not None or self.prompt_root is not None
+        hosted, _, _ = hosted_servicers(
+            config,
+            self.lm,
+            confine_files=confine,
+            export_root=self.export_root,
+            prompt_root=self.prompt_root or "",
+        )
         server, port, health = build_server(
             [(h.add_fn, h.servicer) for h in hosted],
             f"{self.host}:{self.ports['torch']}",
             max_message_bytes=self.max_message_bytes,
+            auth_token=self.auth_token,
             on_oom=free_device_memory,
         )
         server.start()
@@ -131,6 +147,7 @@ class Embedded:
             max_message_bytes=self.max_message_bytes,
             heartbeat_interval_s=2,
             grace_period_s=8,
+            token=self.auth_token or "",  # the evaluator's port wants the same token
         )
         self.optimizer_servicer = OptimizerServicer(
             sqlite_url(self.data_dir / "optuna.db"),
@@ -142,6 +159,7 @@ class Embedded:
             [(optimizer_pb2_grpc.add_OptimizerServiceServicer_to_server, self.optimizer_servicer)],
             f"{self.host}:{self.ports['optimizer']}",
             max_message_bytes=self.max_message_bytes,
+            auth_token=self.auth_token,
         )
         server.start()
         health.set_serving()
@@ -158,6 +176,7 @@ class Embedded:
             [self.torch_address],
             address=f"{self.host}:{self.ports['gateway']}",
             auth_token=self.auth_token,
+            service_token=self.auth_token,  # one token guards every port this process opens
             resume_on_start=self.resume_on_start,
             grace_s=1.0,
         )
@@ -205,7 +224,13 @@ def serve_all(argv: list[str] | None = None) -> int:
     p.add_argument("--gateway-port", type=int, default=50050)
     p.add_argument("--torch-port", type=int, default=50051)
     p.add_argument("--optimizer-port", type=int, default=50053)
-    p.add_argument("--auth-token", help="bearer token the gateway requires")
+    p.add_argument("--auth-token", help="bearer token every port requires (gateway, extractor+evaluator, optimizer)")
+    p.add_argument("--export-root", default=".", help="folder exports are confined to (default: the current directory)")
+    p.add_argument(
+        "--prompt-root",
+        default=".",
+        help="folder clients may read prompt files from (default: the current directory; '' = none)",
+    )
     p.add_argument("--batch-size", type=int, default=0)
     p.add_argument("--log-level", default="INFO")
     args = p.parse_args(argv)
@@ -227,6 +252,8 @@ def serve_all(argv: list[str] | None = None) -> int:
         optimizer_port=args.optimizer_port,
         auth_token=args.auth_token,
         resume_on_start=True,
+        export_root=args.export_root or ".",
+        prompt_root=args.prompt_root if args.prompt_root else "",
     )
     embedded.start()
     print(

@@ -30,14 +30,21 @@ def load(argv: list[str] | None = None) -> TorchHostConfig:
 
 
 def hosted_servicers(
-    config: TorchHostConfig, lm=None, *, confine_files: bool = True
+    config: TorchHostConfig,
+    lm=None,
+    *,
+    confine_files: bool = True,
+    export_root: str | None = None,
+    prompt_root: str | None = None,
 ) -> tuple[list[Hosted], ExtractorServicer, EvaluatorServicer]:
     """Both servicers sharing one device lock; with ``lm`` they are ready at once.
 
-    ``confine_files=False`` (the local ``abliterate run`` only) lets prompt sources and exports name any path.
+    Exports and prompt files are confined to the config's roots, or to ``export_root``/``prompt_root`` when
+    given; ``confine_files=False`` (the local ``abliterate run`` only) lets them name any path.
     """
     lock = DeviceLock()
-    prompt_root = config.prompt_root if confine_files else None
+    export_root = (export_root or config.export_root) if confine_files else None
+    prompt_root = (config.prompt_root if prompt_root is None else prompt_root) if confine_files else None
     extractor = ExtractorServicer(
         batch_size=config.batch_size, lock=lock, max_message_bytes=config.max_message_bytes, prompt_root=prompt_root
     )
@@ -47,7 +54,7 @@ def hosted_servicers(
         max_direction_sets=config.max_direction_sets,
         default_max_new_tokens=config.default_max_new_tokens,
         max_generate_tokens=config.max_generate_tokens,
-        export_root=config.export_root if confine_files else None,
+        export_root=export_root,
         prompt_root=prompt_root,
     )
     if lm is not None:
