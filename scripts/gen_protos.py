@@ -5,7 +5,10 @@
     python scripts/gen_protos.py --check  # regenerate into a temp dir, compare
 
 Runs ``grpc_tools.protoc`` with ``-Iprotos`` so that the generated modules
-import each other as ``from abliterate.v1 import common_pb2``. ``--check``
+import each other as ``from abliterate.v1 import common_pb2``. It also writes
+``abliterate/v1/descriptors.binpb``, the FileDescriptorSet of the same protos
+*with their comments* (``--include_source_info``), which server reflection
+serves (``abliterate.rpc.reflection``). ``--check``
 exits with status 1 and lists the files that differ, are missing or are stale
 (a generated file without a proto).
 """
@@ -22,7 +25,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 PROTO_ROOT = ROOT / "protos"
 PACKAGE_DIR = Path("abliterate") / "v1"
-GENERATED_SUFFIXES = ("_pb2.py", "_pb2_grpc.py", "_pb2.pyi")
+GENERATED_SUFFIXES = ("_pb2.py", "_pb2_grpc.py", "_pb2.pyi", ".binpb")
+DESCRIPTOR_SET = "descriptors.binpb"
 
 
 def proto_files() -> list[Path]:
@@ -37,7 +41,7 @@ def generate(out_root: Path) -> list[Path]:
     from grpc_tools import protoc
 
     well_known = resources.files("grpc_tools") / "_proto"
-    out_root.mkdir(parents=True, exist_ok=True)
+    (out_root / PACKAGE_DIR).mkdir(parents=True, exist_ok=True)
     args = [
         "grpc_tools.protoc",
         f"-I{PROTO_ROOT}",
@@ -45,6 +49,8 @@ def generate(out_root: Path) -> list[Path]:
         f"--python_out={out_root}",
         f"--pyi_out={out_root}",
         f"--grpc_python_out={out_root}",
+        "--include_source_info",
+        f"--descriptor_set_out={out_root / PACKAGE_DIR / DESCRIPTOR_SET}",
         *[str(p) for p in proto_files()],
     ]
     rc = protoc.main(args)

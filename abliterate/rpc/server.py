@@ -29,6 +29,7 @@ from grpc_reflection.v1alpha import reflection
 
 from abliterate.rpc.errors import ErrorMappingInterceptor, OomHook
 from abliterate.rpc.limits import DEFAULT_MAX_MESSAGE_BYTES
+from abliterate.rpc.reflection import enable_documented_reflection
 from abliterate.rpc.tls import ServerTLS
 
 log = logging.getLogger(__name__)
@@ -168,7 +169,7 @@ def build_server(
     - ``address``: ``host:port``; port 0 binds a free port (returned);
     - message limit set on both directions;
     - grpc.health.v1 for every hosted service and "" (all NOT_SERVING until
-      ``health.set_serving()``), server reflection for them all;
+      ``health.set_serving()``), server reflection for them all (with the proto comments);
     - ``auth_token``: when set, every call but health checks needs
       ``authorization: Bearer <token>`` (else UNAUTHENTICATED);
     - ``map_errors``: domain exceptions raised by servicers become statuses
@@ -196,7 +197,8 @@ def build_server(
 
     health_servicer = Health(service_names)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    reflection.enable_server_reflection([*service_names, HEALTH_SERVICE_NAME, reflection.SERVICE_NAME], server)
+    # Reflection answers the project's files with their comments (grpcurl describe shows the documentation).
+    enable_documented_reflection([*service_names, HEALTH_SERVICE_NAME, reflection.SERVICE_NAME], server)
 
     try:
         port = server.add_secure_port(address, tls.credentials()) if tls else server.add_insecure_port(address)
