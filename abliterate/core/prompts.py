@@ -95,6 +95,7 @@ class PromptSetSpec:
     def __post_init__(self) -> None:
         if not isinstance(self.source, str) or not self.source.strip():
             raise InvalidArgument("prompt set source must be a non-empty string")
+        _check_source_text(self.source.strip())  # so a gateway refuses it at SubmitJob already
         if self.limit is not None and (
             isinstance(self.limit, bool) or not isinstance(self.limit, int) or self.limit < 1
         ):

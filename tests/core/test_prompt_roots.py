@@ -88,3 +88,11 @@ def test_an_overlong_or_nul_source_is_invalid_argument(root, root_kind):
         load_prompts("/tmp/" + "y" * 256 + ".txt", file_root=file_root)
     with pytest.raises(InvalidArgument, match="NUL"):
         load_prompts("a\x00.txt", file_root=file_root)
+
+
+def test_the_spec_itself_refuses_an_impossible_source():
+    """The gateway builds the spec at SubmitJob: an over-long or NUL source fails there, not in the extractor."""
+    with pytest.raises(InvalidArgument, match="longer than 255"):
+        PromptSetSpec("z" * 256)
+    with pytest.raises(InvalidArgument, match="NUL"):
+        PromptSetSpec("bundled:\x00")
