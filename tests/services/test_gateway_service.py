@@ -62,7 +62,8 @@ def torch_address() -> Iterator[str]:
     from tests.tiny import make_lm
 
     lm = make_lm("llama", layers=2, hidden=64)
-    hosted, _, _ = hosted_servicers(TorchHostConfig(), lm)
+    # Exports go to each test's tmp_path: no export root (confinement is tested in test_export_confinement.py).
+    hosted, _, _ = hosted_servicers(TorchHostConfig(), lm, confine_files=False)
     server, port, health = build_server(
         [(h.add_fn, h.servicer) for h in hosted], "127.0.0.1:0", on_oom=free_device_memory
     )
