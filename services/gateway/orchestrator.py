@@ -153,11 +153,11 @@ class Orchestrator:
         evaluator_addresses: list[str],
         service_token: str | None = None,
         rpc_timeout_s: float = 120.0,
-        *,
-        service_tls: ClientTLS | None = None,
         retry_window_s: float = 600.0,
         retry_backoff_s: float = 1.0,
         database_patience_s: float = DEFAULT_PATIENCE_S,
+        *,
+        service_tls: ClientTLS | None = None,
     ) -> None:
         self.store = store
         self.bus = bus

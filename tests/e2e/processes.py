@@ -241,7 +241,8 @@ class Stack:
             ServiceProcess(
                 f"evaluator{i + 1}",
                 "abliterate_services.evaluator",
-                torch_settings(model_dir, **(evaluator_settings or {})),
+                # Export root "/": the tests export to their own tmp folders (confinement: test_export_confinement).
+                torch_settings(model_dir, **{"export_root": "/", **(evaluator_settings or {})}),
                 logs,
             )
             for i in range(n_evaluators)
