@@ -5,6 +5,9 @@
 - the optimizer, its Optuna study in ``<data_dir>/optuna.db`` (SQLite);
 - the gateway, its job store in ``<data_dir>/gateway.db`` (SQLite).
 
+The three servers share one :class:`~abliterate.rpc.metrics.Metrics`; with
+``metrics_address`` it is served on one Prometheus endpoint (off by default).
+
 The same servicers and the same RPCs as the distributed deployment: the CLI
 talks to the gateway over gRPC, the gateway to the others. Imports torch
 (to load the model); the CLI imports this module lazily.
@@ -23,6 +26,7 @@ from typing import Any
 
 from abliterate.rpc import build_server, serve_until_signal
 from abliterate.rpc.limits import DEFAULT_MAX_MESSAGE_BYTES
+from abliterate.rpc.metrics import Metrics, MetricsEndpoint, serve_metrics
 from abliterate.specs import ModelSpec
 
 log = logging.getLogger(__name__)
@@ -61,8 +65,12 @@ class Embedded:
         resume_on_start: bool = False,
         lm: Any = None,
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+        metrics_address: str = "",
     ) -> None:
         self.spec = _model_spec(model)
+        self.metrics = Metrics()
+        self.metrics_address = metrics_address
+        self.metrics_endpoint: MetricsEndpoint | None = None
         self.data_dir = Path(data_dir).expanduser().resolve()
         self.batch_size = batch_size
         self.host = host
@@ -86,6 +94,8 @@ class Embedded:
     def start(self) -> "Embedded":
         self.data_dir.mkdir(parents=True, exist_ok=True)
         try:
+            if self.metrics_address:
+                self.metrics_endpoint = serve_metrics(self.metrics, self.metrics_address)
             self._start_torch()
             self._start_optimizer()
             self._start_gateway()
@@ -112,6 +122,7 @@ class Embedded:
             f"{self.host}:{self.ports['torch']}",
             max_message_bytes=self.max_message_bytes,
             on_oom=free_device_memory,
+            metrics=self.metrics,
         )
         server.start()
         health.set_serving()
@@ -142,6 +153,7 @@ class Embedded:
             [(optimizer_pb2_grpc.add_OptimizerServiceServicer_to_server, self.optimizer_servicer)],
             f"{self.host}:{self.ports['optimizer']}",
             max_message_bytes=self.max_message_bytes,
+            metrics=self.metrics,
         )
         server.start()
         health.set_serving()
@@ -160,6 +172,7 @@ class Embedded:
             auth_token=self.auth_token,
             resume_on_start=self.resume_on_start,
             grace_s=1.0,
+            metrics=self.metrics,
         )
         self.gateway.start()
         self.gateway_address = self.gateway.address
@@ -182,6 +195,8 @@ class Embedded:
             self.optimizer_server.stop(grace_s).wait()
         if self.torch_server is not None:
             self.torch_server.stop(grace_s).wait()
+        if self.metrics_endpoint is not None:
+            self.metrics_endpoint.close()
 
     def __enter__(self) -> "Embedded":
         return self.start()
@@ -206,6 +221,9 @@ def serve_all(argv: list[str] | None = None) -> int:
     p.add_argument("--torch-port", type=int, default=50051)
     p.add_argument("--optimizer-port", type=int, default=50053)
     p.add_argument("--auth-token", help="bearer token the gateway requires")
+    p.add_argument(
+        "--metrics-address", default="", help="host:port of one Prometheus endpoint for the four (default: off)"
+    )
     p.add_argument("--batch-size", type=int, default=0)
     p.add_argument("--log-level", default="INFO")
     args = p.parse_args(argv)
@@ -227,6 +245,7 @@ def serve_all(argv: list[str] | None = None) -> int:
         optimizer_port=args.optimizer_port,
         auth_token=args.auth_token,
         resume_on_start=True,
+        metrics_address=args.metrics_address,
     )
     embedded.start()
     print(
