@@ -16,7 +16,6 @@ the truth. No torch, no service imports.
 
 from __future__ import annotations
 
-import functools
 import logging
 import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -107,11 +106,15 @@ class Metrics:
         )
         self._lock = threading.Lock()
         self._database_up: Gauge | None = None
+        self._trials: TrialMetrics | None = None
 
-    @functools.cached_property
+    @property
     def trials(self) -> TrialMetrics:
         """The optimizer's trial counters (created on first use, so only the optimizer shows them)."""
-        return TrialMetrics(self.registry)
+        with self._lock:  # two first uses at once must not register the families twice
+            if self._trials is None:
+                self._trials = TrialMetrics(self.registry)
+            return self._trials
 
     def database_reachable(self, name: str, reachable: bool) -> None:
         """Record the last database check of ``name`` (1 reachable, 0 not): ``abliterate_database_up``."""
