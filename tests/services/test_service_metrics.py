@@ -342,3 +342,46 @@ def test_optimizer_main_health_and_metrics_follow_its_database_both_ways(tmp_pat
             _, stderr = proc.communicate(timeout=10)
             if proc.returncode not in (0, -15):
                 print(stderr)
+
+
+# ---------------------------------------------------------------------------- the setting
+
+
+@pytest.mark.parametrize("service", ["optimizer", "gateway", "evaluator", "extractor", "torch_host"])
+def test_metrics_address_setting_is_off_by_default_and_checked(service, monkeypatch):
+    import importlib
+
+    module = importlib.import_module(f"abliterate_services.{service}" + ("" if service == "torch_host" else ".config"))
+    for key in [k for k in os.environ if k.startswith("ABLITERATE_")]:
+        monkeypatch.delenv(key)
+    assert module.load([]).metrics_address == ""
+    assert module.load(["--metrics-address", " 0.0.0.0:9464 "]).metrics_address == "0.0.0.0:9464"
+    monkeypatch.setenv(f"ABLITERATE_{service.upper()}_METRICS_ADDRESS", "9464")
+    with pytest.raises(errors.InvalidArgument, match=r"setting metrics_address: cannot read '9464'.*host:port"):
+        module.load([])
+
+
+def test_optimizer_main_refuses_a_taken_metrics_port(tmp_path):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        result = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "abliterate_services.optimizer",
+                "--storage-url",
+                f"sqlite:///{tmp_path / 'o.db'}",
+                "--address",
+                f"127.0.0.1:{_free_port()}",
+                "--metrics-address",
+                f"127.0.0.1:{taken.getsockname()[1]}",
+            ],
+            cwd=ROOT,
+            env=dict(os.environ, PYTHONPATH=str(ROOT)),
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    assert result.returncode == 2, result.stderr
+    assert "cannot bind the metrics endpoint" in result.stderr and "Traceback" not in result.stderr
