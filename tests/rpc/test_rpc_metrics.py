@@ -107,6 +107,9 @@ def test_calls_are_counted_by_final_status_code(served):
     assert total(samples, REQUESTS, service=SERVICE) == 9
     assert value(samples, OPEN, service=SERVICE, method="Generate") == 0
     assert value(samples, "abliterate_test_released") == 0
+    # The process's own figures, as on prometheus_client's global registry (Linux: from /proc).
+    assert value(samples, "process_resident_memory_bytes") > 10 << 20
+    assert value(samples, "process_open_fds") > 0
 
 
 def test_open_streams_follow_the_calls(served):
