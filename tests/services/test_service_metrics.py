@@ -204,6 +204,56 @@ def test_optimizer_counts_failed_and_completed_trials_and_shows_its_queue(tmp_pa
         evaluator.stop()
 
 
+def test_optimizer_counts_a_stale_trial_it_fails_as_failed(tmp_path):
+    """A trial left RUNNING by a killed optimizer (heartbeat stopped) is failed by this one: counted as fail."""
+    _pg_or_skip()
+    import optuna
+
+    from abliterate_services.optimizer import study as st
+    from abliterate_services.optimizer.search_space import SearchSpace
+    from abliterate_services.optimizer.servicer import OptimizerServicer
+    from tests.services.optimizer_fakes import start_fake_evaluator
+    from tests.services.test_optimizer_service import FAST, PG_URL, create_request, list_trials, unique
+
+    evaluator = start_fake_evaluator(n_layers=4, delay_s=0.05)
+    metrics = Metrics()
+    servicer = OptimizerServicer(PG_URL, blob_store=str(tmp_path / "b"), options=FAST)
+    server, port, _ = build_server(
+        [(optimizer_pb2_grpc.add_OptimizerServiceServicer_to_server, servicer)], "127.0.0.1:0", metrics=metrics
+    )
+    server.start()
+    endpoint = serve_metrics(metrics, "127.0.0.1:0")
+    channel = make_channel(f"127.0.0.1:{port}")
+    stub = optimizer_pb2_grpc.OptimizerServiceStub(channel)
+    try:
+        name = unique("stale")
+        stub.CreateStudy(create_request(name, [evaluator.address], n_trials=3))
+        # What a killed optimizer leaves: a trial asked and heartbeaten once, never told.
+        storage = st.open_storage(PG_URL, FAST.heartbeat_interval_s, FAST.grace_period_s)
+        study = optuna.load_study(study_name=name, storage=storage)
+        orphan = study.ask()
+        storage.record_heartbeat(orphan._trial_id)  # noqa: SLF001 - what the dead optimizer did
+        space = SearchSpace.from_dict(study.user_attrs["settings"]["search_space"])
+        orphan.set_user_attr("params", space.suggest(orphan).to_dict())
+
+        events = [r.event for r in stub.RunStudy(optimizer_pb2.RunStudyRequest(study_name=name), timeout=60)]
+        assert events[-1].done.state == optimizer_pb2.STUDY_STATE_DONE
+        opt = SimpleNamespace(stub=stub)
+        failed = list_trials(opt, name, common_pb2.TRIAL_STATE_FAIL)
+        complete = list_trials(opt, name, common_pb2.TRIAL_STATE_COMPLETE)
+        assert [t.number for t in failed] == [orphan.number] and len(complete) == 3
+        samples = scrape(endpoint.url)
+        assert value(samples, TRIALS, study=name, state="fail") == 1
+        assert value(samples, TRIALS, study=name, state="complete") == 3
+        assert value(samples, DURATION_COUNT, state="fail") == 1
+    finally:
+        channel.close()
+        endpoint.close()
+        servicer.shutdown(2.0)
+        server.stop(None)
+        evaluator.stop()
+
+
 # ---------------------------------------------------------------------------- a torch service's state
 
 
