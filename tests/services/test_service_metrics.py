@@ -3,10 +3,12 @@
 - the embedded run (all four services, tiny model in process, one endpoint) counts exactly the
   job's trials, its EvaluateTrial calls and its open WatchJob stream;
 - the optimizer (fake evaluators, real servers) counts a failed trial and the completed ones
-  exactly, and shows queue depth, trials in flight and busy evaluators while a trial hangs;
+  exactly, and shows queue depth, trials in flight and busy evaluators while a trial hangs; a
+  stale trial of a dead optimizer that it fails counts as failed;
 - a torch service's state gauge goes loading -> idle -> busy;
 - health and ``abliterate_database_up`` follow a real PostgreSQL outage and its end, in both
-  directions, for the gateway (in process) and for the optimizer's main (its own process).
+  directions, for the gateway (in process) and for the optimizer's main (its own process);
+- every service's ``metrics_address`` setting is off by default and checked; a taken port is exit 2.
 """
 
 from __future__ import annotations
