@@ -42,6 +42,7 @@ from pydantic_settings import (
 )
 
 from abliterate.errors import AbliterateError, InvalidArgument
+from abliterate.rpc.metrics import parse_address
 
 C = TypeVar("C")
 S = TypeVar("S", bound="ServiceSettings")
@@ -151,6 +152,15 @@ class ServiceSettings(BaseSettings):
                 return [v.strip() for v in value.split(",") if v.strip()]
             if isinstance(value, (list, tuple)):
                 return [v.strip() if isinstance(v, str) else v for v in value]
+        return value
+
+    @field_validator("metrics_address", check_fields=False)
+    @classmethod
+    def _metrics_address(cls, value: str) -> str:
+        """Every service's ``metrics_address``: empty (off) or ``host:port``, checked before anything binds."""
+        value = value.strip()
+        if value:
+            parse_address(value)  # its ValueError becomes the usual one-line settings error
         return value
 
     @classmethod

@@ -5,6 +5,9 @@
 - the optimizer, its Optuna study in ``<data_dir>/optuna.db`` (SQLite);
 - the gateway, its job store in ``<data_dir>/gateway.db`` (SQLite).
 
+The three servers share one :class:`~abliterate.rpc.metrics.Metrics`; with
+``metrics_address`` it is served on one Prometheus endpoint (off by default).
+
 The same servicers and the same RPCs as the distributed deployment: the CLI
 talks to the gateway over gRPC, the gateway to the others. Imports torch
 (to load the model); the CLI imports this module lazily.
@@ -23,6 +26,7 @@ from typing import Any
 
 from abliterate.rpc import build_server, serve_until_signal
 from abliterate.rpc.limits import DEFAULT_MAX_MESSAGE_BYTES
+from abliterate.rpc.metrics import Metrics, MetricsEndpoint, serve_metrics
 from abliterate.specs import ModelSpec
 
 log = logging.getLogger(__name__)
@@ -63,6 +67,7 @@ class Embedded:
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
         export_root: str | Path | None = None,
         prompt_root: str | Path | None = None,
+        metrics_address: str = "",
     ) -> None:
         self.spec = _model_spec(model)
         # None for both: the local run, where the caller is the user (any path); else remote clients are
@@ -71,6 +76,9 @@ class Embedded:
         self.prompt_root = (
             None if prompt_root is None else str(Path(prompt_root).expanduser().resolve()) if str(prompt_root) else ""
         )
+        self.metrics = Metrics()
+        self.metrics_address = metrics_address
+        self.metrics_endpoint: MetricsEndpoint | None = None
         self.data_dir = Path(data_dir).expanduser().resolve()
         self.batch_size = batch_size
         self.host = host
@@ -94,6 +102,8 @@ class Embedded:
     def start(self) -> "Embedded":
         self.data_dir.mkdir(parents=True, exist_ok=True)
         try:
+            if self.metrics_address:
+                self.metrics_endpoint = serve_metrics(self.metrics, self.metrics_address)
             self._start_torch()
             self._start_optimizer()
             self._start_gateway()
@@ -128,6 +138,7 @@ class Embedded:
             max_message_bytes=self.max_message_bytes,
             auth_token=self.auth_token,
             on_oom=free_device_memory,
+            metrics=self.metrics,
         )
         server.start()
         health.set_serving()
@@ -160,6 +171,7 @@ class Embedded:
             f"{self.host}:{self.ports['optimizer']}",
             max_message_bytes=self.max_message_bytes,
             auth_token=self.auth_token,
+            metrics=self.metrics,
         )
         server.start()
         health.set_serving()
@@ -179,6 +191,7 @@ class Embedded:
             service_token=self.auth_token,  # one token guards every port this process opens
             resume_on_start=self.resume_on_start,
             grace_s=1.0,
+            metrics=self.metrics,
         )
         self.gateway.start()
         self.gateway_address = self.gateway.address
@@ -201,6 +214,8 @@ class Embedded:
             self.optimizer_server.stop(grace_s).wait()
         if self.torch_server is not None:
             self.torch_server.stop(grace_s).wait()
+        if self.metrics_endpoint is not None:
+            self.metrics_endpoint.close()
 
     def __enter__(self) -> "Embedded":
         return self.start()
@@ -231,6 +246,9 @@ def serve_all(argv: list[str] | None = None) -> int:
         default=".",
         help="folder clients may read prompt files from (default: the current directory; '' = none)",
     )
+    p.add_argument(
+        "--metrics-address", default="", help="host:port of one Prometheus endpoint for the four (default: off)"
+    )
     p.add_argument("--batch-size", type=int, default=0)
     p.add_argument("--log-level", default="INFO")
     args = p.parse_args(argv)
@@ -254,6 +272,7 @@ def serve_all(argv: list[str] | None = None) -> int:
         resume_on_start=True,
         export_root=args.export_root or ".",
         prompt_root=args.prompt_root if args.prompt_root else "",
+        metrics_address=args.metrics_address,
     )
     embedded.start()
     print(

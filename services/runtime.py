@@ -24,6 +24,7 @@ from abliterate.errors import AbliterateError, FailedPrecondition, InvalidArgume
 from abliterate.rpc import build_server, configure_logging, serve_until_signal
 from abliterate.rpc.convert import model_spec_from_pb, model_spec_to_pb
 from abliterate.rpc.limits import MIB
+from abliterate.rpc.metrics import Metrics, serve_metrics
 from abliterate.specs import ModelSpec
 from abliterate.v1 import common_pb2
 from abliterate_services.security import ServerTlsSettings
@@ -51,6 +52,9 @@ class TorchServiceConfig(ServerTlsSettings):
         "",
         description="folder whose files remote clients may name as prompt sources (empty = no file access; "
         "bundled sets, inline prompts and Hub datasets always work)",
+    )
+    metrics_address: str = Field(
+        "", description="host:port of the Prometheus endpoint (HTTP /metrics); empty = off (compose turns it on)"
     )
     log_level: str = Field("INFO", description="log level")
     grace_s: float = Field(5.0, description="seconds calls in flight get at shutdown")
@@ -107,6 +111,25 @@ class DeviceLock:
 
     def locked(self) -> bool:
         return self._lock.locked()
+
+
+#: States of a torch service as its ``abliterate_<service>_state`` gauge shows them.
+SERVICE_STATES = ("loading", "idle", "busy")
+
+
+def register_state_gauge(metrics, service: str, loaded: Callable[[], bool], lock: DeviceLock) -> None:
+    """``abliterate_<service>_state{state}``: 1 for the state the service is in (loading, idle or busy), else 0.
+
+    Busy means the device lock is held (by this service or, in a torch host, by its neighbour).
+    """
+
+    def read() -> dict[tuple[str, ...], float]:
+        state = "loading" if not loaded() else ("busy" if lock.locked() else "idle")
+        return {(name,): float(name == state) for name in SERVICE_STATES}
+
+    metrics.add_gauges(
+        f"abliterate_{service}_state", f"1 for the {service}'s state now (loading, idle, busy)", ["state"], read
+    )
 
 
 def job_view(lm, request_spec: common_pb2.ModelSpec | None):
@@ -182,7 +205,7 @@ class Hosted:
     attach: Callable[[Any], None]
 
 
-def start(hosted: Sequence[Hosted], config: TorchServiceConfig, address: str | None = None):
+def start(hosted: Sequence[Hosted], config: TorchServiceConfig, address: str | None = None, metrics=None):
     """Build and start the server; return ``(server, port, health)`` (health NOT_SERVING)."""
     server, port, health = build_server(
         [(h.add_fn, h.servicer) for h in hosted],
@@ -192,6 +215,7 @@ def start(hosted: Sequence[Hosted], config: TorchServiceConfig, address: str | N
         auth_token=config.auth_token or None,
         on_oom=free_device_memory,
         tls=config.server_tls(),
+        metrics=metrics,
     )
     server.start()
     return server, port, health
@@ -221,8 +245,17 @@ def run(service: str, hosted: Sequence[Hosted], config: TorchServiceConfig) -> i
     except AbliterateError as exc:
         log.error("bad settings: %s", exc)
         return 2
+    metrics = Metrics()
+    endpoint = None
+    if config.metrics_address:
+        try:
+            endpoint = serve_metrics(metrics, config.metrics_address)
+        except (OSError, ValueError) as exc:
+            log.error("bad settings: %s", exc)
+            return 2
+        log.info("metrics endpoint", extra={"url": endpoint.url, "service": service})
     try:
-        server, port, health = start(hosted, config)
+        server, port, health = start(hosted, config, metrics=metrics)
     except AbliterateError as exc:  # unreadable TLS files
         log.error("bad settings: %s", exc)
         return 2
@@ -240,4 +273,6 @@ def run(service: str, hosted: Sequence[Hosted], config: TorchServiceConfig) -> i
     thread = threading.Thread(target=loader, name="model-loader", daemon=True)
     thread.start()
     serve_until_signal(server, grace_s=config.grace_s, health=health)
+    if endpoint is not None:
+        endpoint.close()
     return 1 if failed else 0

@@ -29,6 +29,7 @@ from grpc_reflection.v1alpha import reflection
 
 from abliterate.rpc.errors import ErrorMappingInterceptor, OomHook
 from abliterate.rpc.limits import DEFAULT_MAX_MESSAGE_BYTES
+from abliterate.rpc.metrics import Metrics
 from abliterate.rpc.reflection import enable_documented_reflection
 from abliterate.rpc.tls import ServerTLS
 
@@ -162,6 +163,7 @@ def build_server(
     map_errors: bool = True,
     interceptors: Sequence[grpc.ServerInterceptor] = (),
     tls: ServerTLS | None = None,
+    metrics: Metrics | None = None,
 ) -> tuple[grpc.Server, int, Health]:
     """Build (not start) a server hosting ``servicers``; return ``(server, bound_port, health)``.
 
@@ -176,8 +178,15 @@ def build_server(
       (errors.STATUS_BY_ERROR), ``on_oom`` runs first on out-of-memory;
     - ``tls``: serve TLS only (mutual TLS when it has a client CA); else plaintext.
       A port open to other hosts without a token logs a WARNING (``warn_if_open``).
+    - ``metrics``: every call is counted by status code and open streams are
+      gauged (outermost, so refused and mapped calls count with their final
+      code), and each servicer with a ``register_metrics(metrics)`` method
+      gets it (its own gauges and counters); serving them over HTTP is
+      ``abliterate.rpc.metrics.serve_metrics``.
     """
     chain: list[grpc.ServerInterceptor] = []
+    if metrics is not None:
+        chain.append(metrics.interceptor())
     if auth_token:
         chain.append(BearerTokenInterceptor(auth_token))
     if map_errors:
@@ -193,6 +202,9 @@ def build_server(
     recorder = _NameRecorder(server)
     for add_fn, servicer in servicers:
         add_fn(servicer, recorder)
+        register_metrics = getattr(servicer, "register_metrics", None)
+        if metrics is not None and callable(register_metrics):
+            register_metrics(metrics)
     service_names = list(recorder.names)
 
     health_servicer = Health(service_names)

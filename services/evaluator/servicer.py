@@ -5,7 +5,7 @@ from __future__ import annotations
 from abliterate.errors import InvalidArgument, Unavailable
 from abliterate.rpc.convert import params_from_pb
 from abliterate.v1 import common_pb2, evaluator_pb2, evaluator_pb2_grpc
-from abliterate_services.runtime import DeviceLock
+from abliterate_services.runtime import DeviceLock, register_state_gauge
 
 _FINISH = {"stop": common_pb2.FINISH_REASON_STOP, "length": common_pb2.FINISH_REASON_LENGTH}
 _FORMATS = {
@@ -70,6 +70,22 @@ class EvaluatorServicer(evaluator_pb2_grpc.EvaluatorServiceServicer):
         from abliterate_services.evaluator.session import EvaluatorSession
 
         self.session = EvaluatorSession(lm, lock=self.lock, **self._kwargs)
+
+    def register_metrics(self, metrics) -> None:
+        """State (loading, idle, busy), direction sets held and baseline prepared, read at scrape time."""
+        register_state_gauge(metrics, "evaluator", lambda: self.session is not None, self.lock)
+        metrics.add_gauges(
+            "abliterate_evaluator_direction_sets",
+            "Direction sets the evaluator holds (at most max_direction_sets, LRU)",
+            [],
+            lambda: {(): len(self.session.held_ids()) if self.session is not None else 0},
+        )
+        metrics.add_gauges(
+            "abliterate_evaluator_baseline_prepared",
+            "1 once a baseline (KL reference) is prepared, else 0",
+            [],
+            lambda: {(): float(self.session is not None and self.session.baseline is not None)},
+        )
 
     def _ready(self):
         if self.session is None:

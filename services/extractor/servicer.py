@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from abliterate.errors import Unavailable
 from abliterate.v1 import common_pb2, extractor_pb2_grpc
-from abliterate_services.runtime import DeviceLock
+from abliterate_services.runtime import DeviceLock, register_state_gauge
 
 
 class ExtractorServicer(extractor_pb2_grpc.ExtractorServiceServicer):
@@ -37,6 +37,10 @@ class ExtractorServicer(extractor_pb2_grpc.ExtractorServiceServicer):
             max_message_bytes=self.max_message_bytes,
             prompt_root=self.prompt_root,
         )
+
+    def register_metrics(self, metrics) -> None:
+        """State (loading, idle, busy) read at scrape time."""
+        register_state_gauge(metrics, "extractor", lambda: self.extractor is not None, self.lock)
 
     def _ready(self):
         if self.extractor is None:

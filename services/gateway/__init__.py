@@ -13,6 +13,7 @@ import threading
 
 from abliterate.database import DEFAULT_PATIENCE_S, watch_database
 from abliterate.rpc import build_server, serve_until_signal
+from abliterate.rpc.metrics import Metrics, MetricsEndpoint, serve_metrics
 from abliterate.rpc.tls import ClientTLS, ServerTLS
 from abliterate.v1 import gateway_pb2_grpc
 from abliterate_services.gateway.config import GatewayConfig
@@ -48,8 +49,14 @@ class Gateway:
         *,
         tls: ServerTLS | None = None,
         service_tls: ClientTLS | None = None,
+        metrics: Metrics | None = None,
+        metrics_address: str = "",
     ) -> None:
         self.store = JobStore(storage_url)
+        # Shared with the process's other servers in the embedded run (one endpoint for all).
+        self.metrics = metrics or Metrics()
+        self.metrics_address = metrics_address
+        self.metrics_endpoint: MetricsEndpoint | None = None
         self.database_check_s = database_check_s
         self._watch_stop = threading.Event()
         self.bus = EventBus(self.store)
@@ -73,6 +80,7 @@ class Gateway:
             workers=workers,
             auth_token=auth_token,
             tls=tls,
+            metrics=self.metrics,
         )
         host = address.rsplit(":", 1)[0]
         self.address = f"{'127.0.0.1' if host in ('0.0.0.0', '[::]', '') else host}:{self.port}"
@@ -96,9 +104,12 @@ class Gateway:
             database_check_s=config.database_check_s,
             tls=config.server_tls(),
             service_tls=config.client_tls(),
+            metrics_address=config.metrics_address,
         )
 
     def start(self) -> "Gateway":
+        if self.metrics_address:
+            self.metrics_endpoint = serve_metrics(self.metrics, self.metrics_address)
         self.server.start()
         resumed = self.orchestrator.recover(resume=self.resume_on_start)
         if resumed:
@@ -111,11 +122,15 @@ class Gateway:
         # From now on health follows the job store's database (NOT_SERVING while it is away).
         threading.Thread(
             target=watch_database,
-            args=(self.store.ping, self.health.set_serving, self._watch_stop, self.database_check_s, "job store"),
+            args=(self.store.ping, self._database_reachable, self._watch_stop, self.database_check_s, "job store"),
             name="gateway-database",
             daemon=True,
         ).start()
         return self
+
+    def _database_reachable(self, reachable: bool) -> None:
+        self.health.set_serving(reachable)
+        self.metrics.database_reachable("job store", reachable)
 
     def stop(self, grace_s: float | None = None) -> None:
         """Stop serving; running jobs keep their phase (a new gateway on the same storage resumes them)."""
@@ -127,6 +142,8 @@ class Gateway:
         self.bus.close()
         self.orchestrator.shutdown()
         self.server.stop(self.grace_s if grace_s is None else grace_s).wait()
+        if self.metrics_endpoint is not None:
+            self.metrics_endpoint.close()
         self.store.close()
 
     def wait(self) -> None:

@@ -22,8 +22,15 @@ def main(argv: list[str] | None = None) -> int:
     except AbliterateError as exc:  # bad TLS files, an unreadable store URL, ...
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    gateway.start()
+    try:
+        gateway.start()
+    except (OSError, ValueError) as exc:  # the metrics endpoint's address is bad or taken
+        print(f"error: {exc}", file=sys.stderr)
+        gateway.stop(0)
+        return 2
     print(f"gateway serving on port {gateway.port}", file=sys.stderr, flush=True)
+    if gateway.metrics_endpoint is not None:
+        print(f"gateway metrics on {gateway.metrics_endpoint.url}", file=sys.stderr, flush=True)
     gateway.wait()
     return 0
 

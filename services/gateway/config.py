@@ -31,6 +31,9 @@ class GatewayConfig(ServerTlsSettings, ClientTlsSettings):
     database_check_s: float = Field(5.0, description="period of the database check behind health")
     workers: int = Field(16, description="gRPC worker threads (each watcher holds one)")
     grace_s: float = Field(5.0, description="seconds calls in flight get at shutdown")
+    metrics_address: str = Field(
+        "", description="host:port of the Prometheus endpoint (HTTP /metrics); empty = off (compose turns it on)"
+    )
     log_level: str = Field("INFO", description="log level")
 
 

@@ -218,6 +218,11 @@ class Orchestrator:
             runner.thread = threading.Thread(target=self._run, args=(runner,), name=f"job-{job_id[:8]}", daemon=True)
             runner.thread.start()
 
+    def n_running(self) -> int:
+        """Jobs this gateway drives now (one thread each)."""
+        with self._lock:
+            return len(self._runners)
+
     def is_running(self, job_id: str) -> bool:
         with self._lock:
             return job_id in self._runners

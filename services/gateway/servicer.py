@@ -13,9 +13,10 @@ from typing import Any
 import grpc
 
 from abliterate.errors import InvalidArgument
+from abliterate.rpc.metrics import Metrics
 from abliterate.v1 import gateway_pb2, gateway_pb2_grpc
 from abliterate_services.gateway import events as ev
-from abliterate_services.gateway.jobs import JobStore
+from abliterate_services.gateway.jobs import JobStore, phase_name
 from abliterate_services.gateway.orchestrator import Orchestrator
 
 
@@ -31,6 +32,21 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
         self.bus = bus
         self.orchestrator = orchestrator
         self.watch_poll_s = watch_poll_s
+
+    def register_metrics(self, metrics: Metrics) -> None:
+        """Jobs per phase (queue depth: ``phase="queued"``) and the jobs this gateway drives, read at scrape."""
+        metrics.add_gauges(
+            "abliterate_gateway_jobs",
+            "Jobs in the job store by phase (queued = submitted, not started); absent while the database is away",
+            ["phase"],
+            lambda: {(phase_name(phase).lower(),): n for phase, n in self.store.count_by_phase().items()},
+        )
+        metrics.add_gauges(
+            "abliterate_gateway_jobs_running",
+            "Jobs this gateway process drives now (one thread each)",
+            [],
+            lambda: {(): self.orchestrator.n_running()},
+        )
 
     def SubmitJob(self, request: gateway_pb2.SubmitJobRequest, context: grpc.ServicerContext) -> Any:
         start = time.perf_counter()

@@ -15,6 +15,7 @@ import threading
 from abliterate.database import watch_database
 from abliterate.errors import AbliterateError
 from abliterate.rpc import build_server, configure_logging, serve_until_signal
+from abliterate.rpc.metrics import Metrics, serve_metrics
 from abliterate.v1 import optimizer_pb2_grpc
 from abliterate_services.config import load_or_report
 from abliterate_services.optimizer.config import OptimizerConfig, load
@@ -50,6 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     if config is None:
         return 2
     configure_logging("optimizer", config.log_level)
+    metrics = Metrics()
     try:
         servicer = make_servicer(config)
         server, port, health = build_server(
@@ -59,16 +61,30 @@ def main(argv: list[str] | None = None) -> int:
             workers=config.workers,
             auth_token=config.auth_token,
             tls=config.server_tls(),
+            metrics=metrics,
         )
     except AbliterateError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    endpoint = None
+    if config.metrics_address:
+        try:
+            endpoint = serve_metrics(metrics, config.metrics_address)
+        except (OSError, ValueError) as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        print(f"optimizer metrics on {endpoint.url}", file=sys.stderr, flush=True)
     server.start()
     print(f"optimizer serving on port {port}", file=sys.stderr, flush=True)
     stop = threading.Event()
+
+    def storage_reachable(reachable: bool) -> None:
+        health.set_serving(reachable)
+        metrics.database_reachable("storage", reachable)
+
     waiter = threading.Thread(
         target=watch_database,
-        args=(servicer.connect, health.set_serving, stop, config.database_check_s, "storage"),
+        args=(servicer.connect, storage_reachable, stop, config.database_check_s, "storage"),
         daemon=True,
     )
     waiter.start()
@@ -83,6 +99,8 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         stop.set()
         servicer.shutdown(0)
+        if endpoint is not None:
+            endpoint.close()
     return 0
 
 

@@ -46,6 +46,9 @@ class OptimizerConfig(ServerTlsSettings, ClientTlsSettings):
         600.0, description="seconds a database call is retried through an outage before it fails"
     )
     database_check_s: float = Field(5.0, description="period of the database check behind health")
+    metrics_address: str = Field(
+        "", description="host:port of the Prometheus endpoint (HTTP /metrics); empty = off (compose turns it on)"
+    )
     log_level: str = Field("INFO", description="log level")
 
 

@@ -66,6 +66,7 @@ from abliterate.rpc.clients import EvaluatorClient, PendingCall
 from abliterate.rpc.convert import params_to_pb
 from abliterate.rpc.errors import Cancelled, DeadlineExceeded
 from abliterate.rpc.limits import DEFAULT_MAX_MESSAGE_BYTES
+from abliterate.rpc.metrics import Metrics, TrialMetrics
 from abliterate.rpc.tls import ClientTLS
 from abliterate.v1 import common_pb2, evaluator_pb2, optimizer_pb2
 from abliterate_services.optimizer import study as st
@@ -118,6 +119,11 @@ class DispatchOptions:
 
 def _now_event(**kwargs) -> optimizer_pb2.TrialEvent:
     return optimizer_pb2.TrialEvent(time=st.timestamp(), **kwargs)
+
+
+def _seconds_since(start: dt.datetime | None) -> float | None:
+    """Seconds since a trial's start (Optuna stores naive local times), None when it has none."""
+    return None if start is None else (dt.datetime.now() - start).total_seconds()
 
 
 def _error_text(exc: BaseException) -> str:
@@ -386,8 +392,10 @@ class StudyRunner:
         directions: BlobStore,
         options: DispatchOptions,
         global_evaluators: Callable[[], list[str]] = list,
+        trial_metrics: TrialMetrics | None = None,
     ) -> None:
         self.storage = storage
+        self.trial_metrics = trial_metrics or Metrics().trials
         self.name = name
         self.directions = directions
         self.options = options
@@ -414,6 +422,8 @@ class StudyRunner:
         self._run_over = threading.Event()  # ends the heartbeat thread of a run
         self.run_id = ""
         self.last_done: optimizer_pb2.TrialEvent | None = None
+        #: Trials of the target not yet dispatched (n_trials - COMPLETE - RUNNING), as last seen: queue depth.
+        self.n_queued = 0
         st.stale_trial_handlers[name] = self._requeue_stale_trial
 
     def direction_bytes(self, digest: str) -> bytes | None:
@@ -677,6 +687,7 @@ class StudyRunner:
         """Optuna failed ``frozen`` for a stale heartbeat: record why and run its parameters again."""
         error = st.STALE_TRIAL_ERROR  # a finished trial takes no attribute: trial_to_pb says this for it
         log.warning("study %s: trial %d has no heartbeat; failed and re-enqueued", self.name, frozen.number)
+        self.trial_metrics.trial_finished(self.name, "fail", _seconds_since(frozen.datetime_start))
         address = frozen.user_attrs.get("evaluator", "")
         self._emit(
             _now_event(
@@ -743,11 +754,14 @@ class StudyRunner:
                         n_complete = sum(1 for t in trials if t.state == TrialState.COMPLETE)
                         if n_complete >= self.settings.n_trials:
                             self._target_reached = True
+                            self.n_queued = 0
                             self.wake.set()
                             return None
                         if len(trials) >= self.settings.n_trials:
+                            self.n_queued = 0
                             return None  # the rest is in flight (here or elsewhere); wait in case one fails
                         asked.append(self.study.ask())
+                        self.n_queued = self.settings.n_trials - len(trials) - 1
                         # Heartbeaten by this process from now on, whatever happens next.
                         with self._flight_lock:
                             self._in_flight[asked[0].number] = asked[0]
@@ -813,7 +827,10 @@ class StudyRunner:
                     trial.number,
                 )
                 return
+            self.trial_metrics.trial_finished(self.name, "complete", lease_s)
             n_complete = sum(1 for t in trials if t.state == TrialState.COMPLETE)
+            n_running = sum(1 for t in trials if t.state == TrialState.RUNNING)
+            self.n_queued = max(0, self.settings.n_trials - n_complete - n_running)
             if n_complete >= self.settings.n_trials:
                 self._target_reached = True
                 self.wake.set()
@@ -845,6 +862,8 @@ class StudyRunner:
         frozen = self.storage_call(fail, f"failing trial {number}")
         if frozen is None:
             return
+        self.trial_metrics.trial_finished(self.name, "fail", _seconds_since(frozen.datetime_start))
+        self.n_queued = min(self.settings.n_trials, self.n_queued + 1)  # its slot is free again
         attempt = int(frozen.user_attrs.get("attempt", 0))
         # Also while stopping: the WAITING trial waits for the next run.
         will_retry = retry and attempt < self.settings.max_trial_retries
@@ -909,6 +928,14 @@ class StudyRunner:
 
     def emit_progress(self, phase: str, message: str) -> None:
         self._emit(_now_event(progress=common_pb2.Progress(phase=phase, message=message)))
+
+    def n_in_flight(self) -> int:
+        with self._flight_lock:
+            return len(self._in_flight)
+
+    def worker_states(self) -> list[int]:
+        """States of this run's live evaluator threads (lock-free snapshot, for the metrics)."""
+        return [w.state for w in list(self._workers.values()) if w.is_alive() and not w.disabled]
 
     def parallelism(self) -> int:
         """Evaluators ready or busy now (at least 1). Lock-free: called under the study lock."""

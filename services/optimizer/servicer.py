@@ -23,6 +23,7 @@ from abliterate.errors import (
 )
 from abliterate.rpc.clients import EvaluatorClient
 from abliterate.rpc.convert import params_from_pb
+from abliterate.rpc.metrics import Metrics
 from abliterate.rpc.tensors import decode_tensors, sha256_hex
 from abliterate.v1 import common_pb2, optimizer_pb2, optimizer_pb2_grpc
 from abliterate_services.optimizer import study as st
@@ -33,6 +34,13 @@ log = logging.getLogger(__name__)
 
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 _ADDRESS = re.compile(r"^(\[[0-9a-fA-F:.]+\]|[A-Za-z0-9_.-]+):\d{1,5}$")
+#: Evaluator states always shown by abliterate_optimizer_evaluators (0 when none is in them).
+_WORKER_STATES = (
+    "EVALUATOR_STATE_PREPARING",
+    "EVALUATOR_STATE_IDLE",
+    "EVALUATOR_STATE_BUSY",
+    "EVALUATOR_STATE_UNREACHABLE",
+)
 #: Deadline of the health check and ModelInfo of RegisterEvaluator / CreateStudy.
 _PROBE_TIMEOUT_S = 5.0
 
@@ -75,6 +83,47 @@ class OptimizerServicer(optimizer_pb2_grpc.OptimizerServiceServicer):
         self._runners: dict[str, StudyRunner] = {}
         self._lock = threading.Lock()
         self._closed = False
+        # Replaced by the server's own when build_server hands it over (register_metrics).
+        self.metrics = Metrics()
+
+    # ------------------------------------------------------------ metrics
+
+    def register_metrics(self, metrics: Metrics) -> None:
+        """Count trials into ``metrics`` and show the live loops' queue depth and evaluators in it."""
+        self.metrics = metrics
+        with self._lock:
+            for runner in self._runners.values():
+                runner.trial_metrics = metrics.trials
+        metrics.add_gauges(
+            "abliterate_optimizer_trials_queued",
+            "Trials of a running study's target not yet dispatched to an evaluator (n_trials - COMPLETE - RUNNING)",
+            ["study"],
+            lambda: {(r.name,): r.n_queued for r in self._active_runners()},
+        )
+        metrics.add_gauges(
+            "abliterate_optimizer_trials_in_flight",
+            "Trials of a running study this optimizer has on an evaluator now",
+            ["study"],
+            lambda: {(r.name,): r.n_in_flight() for r in self._active_runners()},
+        )
+        metrics.add_gauges(
+            "abliterate_optimizer_evaluators",
+            "Evaluator threads of the running studies, by state (preparing, idle, busy, unreachable)",
+            ["state"],
+            self._evaluators_by_state,
+        )
+
+    def _active_runners(self) -> list[StudyRunner]:
+        with self._lock:
+            return [r for r in self._runners.values() if r.active]
+
+    def _evaluators_by_state(self) -> dict[tuple[str, ...], float]:
+        counts = {(name.removeprefix("EVALUATOR_STATE_").lower(),): 0.0 for name in _WORKER_STATES}
+        for runner in self._active_runners():
+            for state in runner.worker_states():
+                key = (optimizer_pb2.EvaluatorState.Name(state).removeprefix("EVALUATOR_STATE_").lower(),)
+                counts[key] = counts.get(key, 0.0) + 1
+        return counts
 
     # ------------------------------------------------------------ helpers
 
@@ -103,7 +152,14 @@ class OptimizerServicer(optimizer_pb2_grpc.OptimizerServiceServicer):
                 raise Unavailable("the optimizer is shutting down")
             runner = self._runners.get(name)
             if runner is None:
-                runner = StudyRunner(self.storage, name, self.directions, self.options, self.global_evaluators)
+                runner = StudyRunner(
+                    self.storage,
+                    name,
+                    self.directions,
+                    self.options,
+                    self.global_evaluators,
+                    trial_metrics=self.metrics.trials,
+                )
                 self._runners[name] = runner
             return runner
 

@@ -217,6 +217,7 @@ def test_compose_stack_runs_a_job_as_local_processes(tmp_path):
     started = [n for n, s in services.items() if n != "postgres" and not s.get("profiles")]
     assert sorted(started) == ["evaluator", "extractor", "gateway", "optimizer"]
     ports = {name: free_port() for name in services}
+    metrics_ports = {name: free_port() for name in services}
 
     base_env = {k: v for k, v in os.environ.items() if not k.startswith(("ABLITERATE_", "HF_"))}
     base_env.update(PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
@@ -245,6 +246,9 @@ def test_compose_stack_runs_a_job_as_local_processes(tmp_path):
             env = dict(base_env)
             assert all(isinstance(v, str) for v in svc["environment"].values()), f"{name}: non-string env value"
             env.update({k: rewrite(v, ports, name, data_dir) for k, v in svc["environment"].items()})
+            # Docker gives each container its own network namespace: locally each endpoint needs its own port.
+            for key in [k for k, v in env.items() if k.endswith("_METRICS_ADDRESS") and v]:
+                env[key] = f"127.0.0.1:{metrics_ports[name]}"
             # Like the image: the entrypoint first, then the compose command, exec'd.
             argv = ["sh", str(ENTRYPOINT), *_command(svc["command"])]
             logs[name] = tmp_path / f"{name}.log"
@@ -309,6 +313,16 @@ def test_compose_stack_runs_a_job_as_local_processes(tmp_path):
             time.sleep(0.5)
         assert done.phase == gateway_pb2.JOB_PHASE_SUCCEEDED, done.error
         assert done.n_trials_complete >= 2 and done.study_name
+
+        # Every service serves its metrics where compose says; the optimizer counted the job's trials.
+        from tests.rpc.metrics_scrape import scrape, total
+
+        for name in order:
+            assert launched[name][f"ABLITERATE_{name.upper()}_METRICS_ADDRESS"], name
+            samples = scrape(f"http://127.0.0.1:{metrics_ports[name]}/metrics")
+            assert total(samples, "abliterate_rpc_requests_total") > 0, name
+        counted = scrape(f"http://127.0.0.1:{metrics_ports['optimizer']}/metrics")
+        assert total(counted, "abliterate_optimizer_trials_total", state="complete") == done.n_trials_complete
 
         # The export lands on the evaluator's volume (where compose mounts `models`).
         out = Path(launched["evaluator"]["ABLITERATE_DATA_DIR"]) / "exports" / spec.name
