@@ -27,6 +27,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--huge-mb", type=float, default=1.0, help="size of a huge string/bytes value in MiB")
     parser.add_argument("--huge-count", type=int, default=4, help="how many huge values to send at most")
     parser.add_argument("--flood", type=int, default=2000, help="elements a flooded repeated field gets")
+    parser.add_argument(
+        "--streams", type=int, default=16, help="open WatchJob/RunStudy streams in the starvation check"
+    )
     parser.add_argument("--storage", choices=("auto", "postgres", "sqlite"), default="auto")
     parser.add_argument("--workdir", type=Path, help="keep logs and exports here (default: a temporary folder)")
     parser.add_argument("--json", type=Path, help="also write the full report (every finding) as JSON")
@@ -43,6 +46,7 @@ def main(argv: list[str] | None = None) -> int:
         huge_bytes=int(args.huge_mb * MIB),
         huge_count=args.huge_count,
         flood=args.flood,
+        streams=args.streams,
         workdir=args.workdir,
         storage=args.storage,
         log=log,
@@ -50,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     print(report.to_markdown())
     if args.json:
         dump(report, args.json)
-    bad = report.internal or report.unknown or report.hangs or report.crashes
+    bad = report.internal or report.unknown or report.hangs or report.crashes or report.unresponsive
     return 1 if bad else 0
 
 

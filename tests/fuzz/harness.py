@@ -43,7 +43,7 @@ from abliterate.v1 import (
     optimizer_pb2,
 )
 from tests.e2e.processes import ServiceProcess, Stack, pg_schema, postgres_ok, save_tiny_model
-from tests.fuzz.mutations import FLOOD, Mutation, field_mutations, sample_mutations
+from tests.fuzz.mutations import FLOOD, Mutation, field_mutations, random_mutation, sample_mutations
 
 MIB = 2**20
 PROTO_MODULES = (gateway_pb2, optimizer_pb2, evaluator_pb2, extractor_pb2)
@@ -140,6 +140,9 @@ class Finding:
         text = re.sub(r"'[^']*'|\"[^\"]*\"", "'…'", self.message)
         text = re.sub(r"\[SQL: .*", "", text)
         text = re.sub(r"\d+", "N", text)[:100]
+        if self.kind in ("hang", "unresponsive", "crash"):
+            # No server message to go by: the call and what was changed are the cause.
+            text = f"{self.rpc} {self.mutation.split(':')[0]} {text}"
         return f"{self.kind} | {text}"
 
 
@@ -180,7 +183,13 @@ class ProbeReport:
 
     @property
     def crashes(self) -> list[Finding]:
-        return self.of_kind("crash", "unresponsive")
+        """Service processes that exited (each was started again so the probe could go on)."""
+        return self.of_kind("crash")
+
+    @property
+    def unresponsive(self) -> list[Finding]:
+        """Health checks that did not answer within their deadline (the process was alive)."""
+        return self.of_kind("unresponsive")
 
     def causes(self) -> dict[str, list[Finding]]:
         grouped: dict[str, list[Finding]] = {}
@@ -201,6 +210,7 @@ class ProbeReport:
             "internal_framework": len(self.of_kind("INTERNAL", framework=True)),
             "hangs": len(self.hangs),
             "crashes": len(self.crashes),
+            "unresponsive": len(self.unresponsive),
             "causes": len(self.causes()),
             "rss_growth_mib": self.rss_growth_mib(),
         }
@@ -220,7 +230,8 @@ class ProbeReport:
             f"INTERNAL from the application: {len(self.internal)}; UNKNOWN: {len(self.unknown)}; "
             f"INTERNAL from gRPC (undecodable request): {len(self.of_kind('INTERNAL', framework=True))}; "
             f"hangs: {len(self.hangs)}; open streams at their deadline (WatchJob/RunStudy): "
-            f"{self.open_at_deadline}; crashes: {len(self.crashes)}",
+            f"{self.open_at_deadline}; crashes: {len(self.crashes)}; health not answering: "
+            f"{len(self.unresponsive)}",
             "",
             "| service | RSS before (MiB) | after | peak | healthy after |",
             "| --- | ---: | ---: | ---: | --- |",
@@ -537,11 +548,13 @@ class Prober:
             value = rss_mib(svc.pid)
             self.report.rss_peak_mib[svc.name] = max(self.report.rss_peak_mib.get(svc.name, 0.0), value)
 
-    def send(self, rpc: Rpc, request: Message | bytes, label: str) -> tuple[str, str, Message | None]:
+    def send(
+        self, rpc: Rpc, request: Message | bytes, label: str, deadline_s: float | None = None
+    ) -> tuple[str, str, Message | None]:
         """One call; returns (status code name, details, last response). Never raises for an RpcError."""
         svc = self.service_process(rpc)
         channel = self.channel(svc)
-        deadline = DEADLINES_S.get(rpc.key, DEFAULT_DEADLINE_S)
+        deadline = deadline_s or DEADLINES_S.get(rpc.key, DEFAULT_DEADLINE_S)
         raw = isinstance(request, bytes)
         serializer = None if raw else type(request).SerializeToString
         deserializer = rpc.response_cls.FromString
@@ -624,6 +637,55 @@ class Prober:
             self.cleanup(rpc, response)
 
 
+def stream_starvation(prober: Prober, state: ProbeState, n_streams: int, timeout_s: float = 90.0) -> None:
+    """Hold ``n_streams`` WatchJob streams on the gateway and as many RunStudy streams on the optimizer
+    (on a live job), then check that a unary call and a health check of each still answer in time."""
+    stack, model_dir = prober.stack, state.model_dir
+    gateway, optimizer = prober.channel(stack.gateway), prober.channel(stack.optimizer)
+    g_stub = _stub(gateway, "GatewayService")
+    spec = job_spec(model_dir, f"fuzz-live-{uuid.uuid4().hex[:8]}", n_trials=100_000)
+    job = g_stub.SubmitJob(gateway_pb2.SubmitJobRequest(spec=spec), timeout=30).job
+    calls = []
+    try:
+        deadline = time.monotonic() + timeout_s
+        while not job.study_name or job.phase != gateway_pb2.JOB_PHASE_OPTIMIZING:
+            if time.monotonic() > deadline or job.phase not in (
+                gateway_pb2.JOB_PHASE_QUEUED,
+                gateway_pb2.JOB_PHASE_EXTRACTING,
+                gateway_pb2.JOB_PHASE_OPTIMIZING,
+            ):
+                raise RuntimeError(f"the live job did not start optimizing: {job.phase} {job.error}")
+            time.sleep(0.3)
+            job = g_stub.GetJob(gateway_pb2.GetJobRequest(job_id=job.id), timeout=10).job
+        o_stub = _stub(optimizer, "OptimizerService")
+        for _ in range(n_streams):
+            calls.append(g_stub.WatchJob(gateway_pb2.WatchJobRequest(job_id=job.id), timeout=120))
+            calls.append(o_stub.RunStudy(optimizer_pb2.RunStudyRequest(study_name=job.study_name), timeout=120))
+        time.sleep(1.0)  # every stream reached its handler
+        label = f"while {n_streams} WatchJob and {n_streams} RunStudy streams are open"
+        rpcs = {r.key: r for r in public_rpcs()}
+        get_study = optimizer_pb2.GetStudyRequest(study_name=job.study_name)
+        prober.send(rpcs["GatewayService.GetJob"], gateway_pb2.GetJobRequest(job_id=job.id), label, deadline_s=5.0)
+        prober.send(rpcs["OptimizerService.GetStudy"], get_study, label, deadline_s=5.0)
+        flagged = {f.message.split()[0] for f in prober.report.unresponsive if f.mutation == label}
+        for svc in (stack.gateway, stack.optimizer):
+            if svc.name not in flagged and not svc.healthy(timeout_s=5.0):
+                prober.report.findings.append(Finding("unresponsive", "grpc.health.v1.Health.Check", label, svc.name))
+                prober.log(f"  {svc.name} health not answering {label}")
+    finally:
+        for call in calls:
+            call.cancel()
+        with contextlib.suppress(grpc.RpcError):
+            g_stub.CancelJob(gateway_pb2.CancelJobRequest(job_id=job.id), timeout=30)
+
+
+def _stub(channel: grpc.Channel, service: str):
+    from abliterate.v1 import gateway_pb2_grpc, optimizer_pb2_grpc
+
+    module = gateway_pb2_grpc if service == "GatewayService" else optimizer_pb2_grpc
+    return getattr(module, f"{service}Stub")(channel)
+
+
 #: Bytes no request message decodes from: field 1, length-delimited, with a length past the end.
 UNDECODABLE = b"\x0a\xff\xff\xff\xff\x0f" + b"\xff" * 16
 
@@ -657,6 +719,11 @@ def plan(
     for rpc in rpcs:
         for m in sample_mutations(candidates[rpc.key], shares[rpc.key], rng, huge_left):
             mutated.append((rpc, m))
+    # More requests than distinct mutations: random values in random scalar fields for the rest.
+    with_fields = [rpc for rpc in rpcs if candidates[rpc.key]]
+    for i in range(budget):
+        rpc = with_fields[i % len(with_fields)]
+        mutated.append((rpc, random_mutation(valid[rpc.key], rng)))
     rng.shuffle(mutated)
     return [(rpc, None) for rpc in rpcs] + mutated
 
@@ -667,11 +734,17 @@ def run_probe(
     huge_bytes: int = MIB,
     huge_count: int = 4,
     flood: int = FLOOD,
+    streams: int = 16,
     workdir: Path | None = None,
     storage: str = "auto",
     log: Callable[[str], None] | None = None,
 ) -> ProbeReport:
-    """Start the stack, run the probe, stop the stack; the report."""
+    """Start the stack, run the probe, stop the stack; the report.
+
+    ``n_requests`` valid and mutated calls (seeded by ``seed``), at most ``huge_count`` of them with a
+    ``huge_bytes`` value, repeated fields flooded with ``flood`` elements; then ``streams`` open
+    WatchJob and RunStudy streams while a unary call and health must still answer (0: skipped); then
+    one undecodable request per service."""
     log = log or (lambda _line: None)
     report = ProbeReport(seed=seed, huge_bytes=huge_bytes, flood=flood)
     rng = random.Random(seed)
@@ -696,6 +769,8 @@ def run_probe(
                     prober.call(rpc, valid[rpc.key], mutation)
                     if (i + 1) % 100 == 0:
                         log(f"{i + 1} calls, {time.monotonic() - fuzz_started:.0f}s: {dict(report.by_code)}")
+                if streams:
+                    stream_starvation(prober, state, streams)
                 # One undecodable request per service: gRPC answers before any application code runs.
                 for rpc in {r.service: r for r in rpcs if not r.server_streaming}.values():
                     prober.send(rpc, UNDECODABLE, "undecodable request bytes")

@@ -25,6 +25,7 @@ from __future__ import annotations
 import hashlib
 import math
 import random
+import struct
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
@@ -402,6 +403,58 @@ MESSAGE_VARIANTS: dict[str, list[tuple[str, Callable[[Message], Message]]]] = {
         ("truncated bytes", _truncated),
     ],
 }
+
+
+def _random_text(rng: random.Random) -> str:
+    """Up to 1,000 code points from the whole Unicode range (no surrogates: they are not UTF-8)."""
+    chars = []
+    for _ in range(rng.choice((1, 8, 64, 1000))):
+        plane = rng.choice((0x7F, 0x7FF, 0xFFFF, 0x10FFFF))
+        cp = rng.randint(0, plane)
+        chars.append(chr(cp if not 0xD800 <= cp <= 0xDFFF else 0xFFFD))
+    return "".join(chars)
+
+
+def _random_value(fd: FieldDescriptor, rng: random.Random):
+    if fd.type == F.TYPE_STRING:
+        return _random_text(rng)
+    if fd.type == F.TYPE_BYTES:
+        return rng.randbytes(rng.choice((1, 16, 1024)))
+    if fd.type in INT_LIMITS:
+        low, high = INT_LIMITS[fd.type]
+        return rng.choice((rng.randint(low, high), rng.randint(max(low, -1000), 1000)))
+    if fd.type in (F.TYPE_DOUBLE, F.TYPE_FLOAT):
+        bits = rng.getrandbits(64)
+        value = struct.unpack("<d", bits.to_bytes(8, "little"))[0]  # any double: subnormal, NaN payloads, inf
+        return rng.choice((value, rng.uniform(-1e6, 1e6), rng.uniform(-2.0, 2.0)))
+    if fd.type == F.TYPE_BOOL:
+        return rng.random() < 0.5
+    if fd.type == F.TYPE_ENUM:
+        return rng.randint(-(2**31), 2**31 - 1)
+    raise TypeError(fd.type)
+
+
+def random_mutation(root: Message, rng: random.Random) -> Mutation:
+    """A random value in a random singular scalar field reachable in ``root`` (set sub-messages only)."""
+    fields: list[tuple[tuple, FieldDescriptor]] = []
+
+    def collect(msg: Message, steps: tuple, depth: int) -> None:
+        for fd in msg.DESCRIPTOR.fields:
+            if fd.is_repeated:
+                if fd.type == F.TYPE_MESSAGE and not _is_map(fd) and len(getattr(msg, fd.name)) and depth:
+                    collect(getattr(msg, fd.name)[0], (*steps, (fd.name, 0)), depth - 1)
+            elif fd.type == F.TYPE_MESSAGE:
+                if msg.HasField(fd.name) and depth:
+                    collect(getattr(msg, fd.name), (*steps, fd.name), depth - 1)
+            else:
+                fields.append((steps, fd))
+
+    collect(root, (), 5)
+    steps, fd = rng.choice(fields)
+    value = _random_value(fd, rng)
+    shown = repr(value)
+    shown = shown if len(shown) <= 40 else f"{shown[:37]}...({len(value)} long)"
+    return Mutation(_path_text(steps, fd.name), f"random {shown}", _setter(steps, fd.name, value))
 
 
 def sample_mutations(candidates: list[Mutation], n: int, rng: random.Random, huge_left: list[int]) -> list[Mutation]:

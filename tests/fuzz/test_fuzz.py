@@ -35,6 +35,7 @@ def assert_clean(report: ProbeReport) -> None:
     assert not report.unknown, summary
     assert not report.hangs, summary
     assert not report.crashes, summary
+    assert not report.unresponsive, summary
     assert all(report.healthy_after.values()) and len(report.healthy_after) == 4, summary
     growth = report.rss_growth_mib()
     assert all(g < RSS_GROWTH_LIMIT_MIB for g in growth.values()), (growth, summary)
@@ -128,3 +129,21 @@ def test_sampling_is_seeded_spreads_over_fields_and_keeps_the_huge_budget():
     assert first != sample(4)
     assert len({d.split(":")[0] for d in first}) >= 15  # one mutation per field before a second one
     assert sum("MiB" in d for d in first) <= 1
+
+
+def test_random_mutations_are_seeded_and_sendable():
+    from tests.fuzz.mutations import random_mutation
+
+    def draw(seed: int) -> list[str]:
+        rng = random.Random(seed)
+        out = []
+        for _ in range(50):
+            mutation = random_mutation(_request(), rng)
+            request = _request()
+            mutation.apply(request)
+            request.SerializeToString()
+            assert mutation.label.startswith("random ") and mutation.path
+            out.append(mutation.describe())
+        return out
+
+    assert draw(1) == draw(1) != draw(2)
