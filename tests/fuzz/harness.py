@@ -159,6 +159,8 @@ class ProbeReport:
     rss_before_mib: dict[str, float] = field(default_factory=dict)
     rss_after_mib: dict[str, float] = field(default_factory=dict)
     rss_peak_mib: dict[str, float] = field(default_factory=dict)
+    #: The largest RSS increases seen right after one call: (MiB, service, RPC, mutation), largest first.
+    rss_jumps: list[tuple[float, str, str, str]] = field(default_factory=list)
     healthy_after: dict[str, bool] = field(default_factory=dict)
     setup_s: float = 0.0
     fuzz_s: float = 0.0
@@ -196,6 +198,9 @@ class ProbeReport:
         for f in self.findings:
             grouped.setdefault(f.cause(), []).append(f)
         return grouped
+
+    def report_jumps(self) -> list[tuple[float, str, str, str]]:
+        return [tuple(j) for j in self.rss_jumps]
 
     def rss_growth_mib(self) -> dict[str, float]:
         return {k: round(self.rss_after_mib.get(k, 0.0) - v, 1) for k, v in self.rss_before_mib.items()}
@@ -240,6 +245,10 @@ class ProbeReport:
                 f"{self.rss_peak_mib.get(name, 0):.0f} | {self.healthy_after.get(name)} |"
                 for name, before in self.rss_before_mib.items()
             ],
+            "",
+            "| RSS increase after one call (MiB) | service | RPC | mutated field: change |",
+            "| ---: | --- | --- | --- |",
+            *[f"| {mib:.0f} | {svc} | {rpc} | `{label[:80]}` |" for mib, svc, rpc, label in self.report_jumps()],
             "",
             "| n | kind | reproducer (RPC, mutated field: change) | RPCs answering so | message prefix |",
             "| ---: | --- | --- | --- | --- |",
@@ -524,6 +533,7 @@ class Prober:
         self.log = log or (lambda _line: None)
         self.channels: dict[str, grpc.Channel] = {}
         self.counter = 0
+        self.last_rss: dict[str, float] = {}
 
     def service_process(self, rpc: Rpc) -> ServiceProcess:
         return {
@@ -543,10 +553,17 @@ class Prober:
         for channel in self.channels.values():
             channel.close()
 
-    def sample_rss(self) -> None:
+    def sample_rss(self, rpc: Rpc | None = None, label: str = "") -> None:
         for svc in self.stack.services:
             value = rss_mib(svc.pid)
             self.report.rss_peak_mib[svc.name] = max(self.report.rss_peak_mib.get(svc.name, 0.0), value)
+            previous = self.last_rss.get(svc.name)
+            self.last_rss[svc.name] = value
+            if rpc is not None and previous is not None and value - previous >= 20.0:
+                jumps = self.report.rss_jumps
+                jumps.append((round(value - previous, 1), svc.name, rpc.key, label))
+                jumps.sort(reverse=True)
+                del jumps[10:]
 
     def send(
         self, rpc: Rpc, request: Message | bytes, label: str, deadline_s: float | None = None
@@ -577,7 +594,7 @@ class Prober:
         self.report.by_rpc.setdefault(rpc.key, Counter())[code] += 1
         self.classify(rpc, svc, label, code, details, received, raw)
         self.check_processes(rpc, label)
-        self.sample_rss()
+        self.sample_rss(rpc, label)
         return code, details, response
 
     def classify(self, rpc: Rpc, svc: ServiceProcess, label: str, code: str, details: str, received: int, raw: bool):
@@ -763,6 +780,7 @@ def run_probe(
             for svc in stack.services:
                 report.rss_before_mib[svc.name] = round(rss_mib(svc.pid), 1)
             prober = Prober(stack, report, log)
+            prober.sample_rss()
             fuzz_started = time.monotonic()
             try:
                 for i, (rpc, mutation) in enumerate(plan(rpcs, valid, n_requests, rng, huge_bytes, huge_count, flood)):
