@@ -62,6 +62,15 @@ CLIENT_ERROR_CODES = {
     "UNAUTHENTICATED",
     "PERMISSION_DENIED",
 }
+#: Mutations a service must refuse (the issue's rules): an OK answer to one is an "accepted" finding.
+MUST_REFUSE = (
+    (re.compile(r"unknown enum"), "an unknown enum value was accepted"),
+    (
+        re.compile(r"(^|\.)path: (\.\./ escape|NUL byte|300 chars)"),
+        "an export path that escapes the export root or is invalid",
+    ),
+    (re.compile(r"source (text:)?/etc/passwd|source \.\./"), "a prompt source outside the allowed places"),
+)
 #: Details of statuses that gRPC itself produces before any application code runs.
 FRAMEWORK_DETAILS = re.compile(r"^(Exception deserializing request|Failed to deserialize)", re.I)
 
@@ -140,7 +149,7 @@ class Finding:
         text = re.sub(r"'[^']*'|\"[^\"]*\"", "'…'", self.message)
         text = re.sub(r"\[SQL: .*", "", text)
         text = re.sub(r"\d+", "N", text)[:100]
-        if self.kind in ("hang", "unresponsive", "crash"):
+        if self.kind in ("hang", "unresponsive", "crash", "accepted"):
             # No server message to go by: the call and what was changed are the cause.
             text = f"{self.rpc} {self.mutation.split(':')[0]} {text}"
         return f"{self.kind} | {text}"
@@ -189,6 +198,11 @@ class ProbeReport:
         return self.of_kind("crash")
 
     @property
+    def accepted(self) -> list[Finding]:
+        """OK answers to requests the services must refuse (:data:`MUST_REFUSE`)."""
+        return self.of_kind("accepted")
+
+    @property
     def unresponsive(self) -> list[Finding]:
         """Health checks that did not answer within their deadline (the process was alive)."""
         return self.of_kind("unresponsive")
@@ -216,6 +230,7 @@ class ProbeReport:
             "hangs": len(self.hangs),
             "crashes": len(self.crashes),
             "unresponsive": len(self.unresponsive),
+            "accepted": len(self.accepted),
             "causes": len(self.causes()),
             "rss_growth_mib": self.rss_growth_mib(),
         }
@@ -236,7 +251,7 @@ class ProbeReport:
             f"INTERNAL from gRPC (undecodable request): {len(self.of_kind('INTERNAL', framework=True))}; "
             f"hangs: {len(self.hangs)}; open streams at their deadline (WatchJob/RunStudy): "
             f"{self.open_at_deadline}; crashes: {len(self.crashes)}; health not answering: "
-            f"{len(self.unresponsive)}",
+            f"{len(self.unresponsive)}; refused requests accepted: {len(self.accepted)}",
             "",
             "| service | RSS before (MiB) | after | peak | healthy after |",
             "| --- | ---: | ---: | ---: | --- |",
@@ -652,6 +667,9 @@ class Prober:
             self.report.valid_codes[rpc.key] = code
         if code == "OK":
             self.cleanup(rpc, response)
+            for pattern, what in MUST_REFUSE:
+                if mutation is not None and pattern.search(label):
+                    self.report.findings.append(Finding("accepted", rpc.key, label, f"OK: {what}"))
 
 
 def stream_starvation(prober: Prober, state: ProbeState, n_streams: int, timeout_s: float = 90.0) -> None:

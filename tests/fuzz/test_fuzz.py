@@ -36,6 +36,8 @@ def assert_clean(report: ProbeReport) -> None:
     assert not report.hangs, summary
     assert not report.crashes, summary
     assert not report.unresponsive, summary
+    # Unknown enum values, export paths outside the export root, prompt files outside the allowed places.
+    assert not report.accepted, summary
     assert all(report.healthy_after.values()) and len(report.healthy_after) == 4, summary
     growth = report.rss_growth_mib()
     assert all(g < RSS_GROWTH_LIMIT_MIB for g in growth.values()), (growth, summary)
