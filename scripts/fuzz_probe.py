@@ -12,6 +12,7 @@ runs). Exit status 1 when the application answered INTERNAL or UNKNOWN, hung or 
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 from pathlib import Path
 
@@ -35,6 +36,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, help="also write the full report (every finding) as JSON")
     parser.add_argument("--quiet", action="store_true", help="no progress lines")
     args = parser.parse_args(argv)
+
+    # SIGTERM unwinds like Ctrl-C, so the service processes the probe started are stopped too.
+    signal.signal(signal.SIGTERM, lambda _signum, _frame: sys.exit(143))
 
     def log(line: str) -> None:
         if not args.quiet:
