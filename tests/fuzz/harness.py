@@ -63,13 +63,20 @@ CLIENT_ERROR_CODES = {
     "PERMISSION_DENIED",
 }
 #: Mutations a service must refuse (the issue's rules): an OK answer to one is an "accepted" finding.
+#: (RPCs it applies to, None for all; label pattern; what was wrong). Prompt sources count only where
+#: the call itself reads them (a job or a study reads them later, and fails then).
 MUST_REFUSE = (
-    (re.compile(r"unknown enum"), "an unknown enum value was accepted"),
+    (None, re.compile(r"unknown enum"), "an unknown enum value was accepted"),
     (
+        None,
         re.compile(r"(^|\.)path: (\.\./ escape|NUL byte|300 chars)"),
         "an export path that escapes the export root or is invalid",
     ),
-    (re.compile(r"source (text:)?/etc/passwd|source \.\./"), "a prompt source outside the allowed places"),
+    (
+        {"ExtractorService.ExtractDirections", "EvaluatorService.PrepareBaseline"},
+        re.compile(r"source (text:)?/etc/passwd|source \.\./"),
+        "a prompt source outside the allowed places",
+    ),
 )
 #: Details of statuses that gRPC itself produces before any application code runs.
 FRAMEWORK_DETAILS = re.compile(r"^(Exception deserializing request|Failed to deserialize)", re.I)
@@ -667,8 +674,8 @@ class Prober:
             self.report.valid_codes[rpc.key] = code
         if code == "OK":
             self.cleanup(rpc, response)
-            for pattern, what in MUST_REFUSE:
-                if mutation is not None and pattern.search(label):
+            for rpc_keys, pattern, what in MUST_REFUSE:
+                if mutation is not None and (rpc_keys is None or rpc.key in rpc_keys) and pattern.search(label):
                     self.report.findings.append(Finding("accepted", rpc.key, label, f"OK: {what}"))
 
 
