@@ -320,7 +320,12 @@ def stream_greedy(lm: LoadedModel, text: str, max_new_tokens: int) -> Iterator[s
 
 
 def _sample(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator) -> int:
-    probs = torch.softmax(logits / temperature, dim=-1)  # (V,)
+    # Shift the largest logit to 0 before dividing: a tiny temperature (5e-324) would otherwise turn
+    # every logit into inf, and softmax(inf - inf) is NaN. Shifted, the largest stays 0 and the others
+    # go to -inf, so the distribution tends to greedy as the temperature tends to 0. In float64: a
+    # subnormal temperature is 0 in float32.
+    logits = logits.double()
+    probs = torch.softmax((logits - logits.max()) / temperature, dim=-1)  # (V,)
     if 0 < top_p < 1.0:
         sorted_probs, order = probs.sort(descending=True)  # (V,) each
         keep = sorted_probs.cumsum(-1) - sorted_probs < top_p  # always keeps the most likely token

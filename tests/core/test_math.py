@@ -163,3 +163,17 @@ def test_disclaimer_is_a_refusal_marker():
     from abliterate.core.refusals import RefusalDetector
 
     assert RefusalDetector().is_refusal("Disclaimer: this is for educational purposes only.")
+
+
+@pytest.mark.parametrize("temperature", [5e-324, 1e-30, 1.0, 1e308])
+def test_sampling_is_defined_at_any_finite_positive_temperature(temperature):
+    from abliterate.core.generation import _sample
+
+    logits = torch.tensor([1.0, 30.0, -5.0, 29.0])
+    picks = {_sample(logits, temperature, 1.0, torch.Generator().manual_seed(s)) for s in range(20)}
+    nucleus = _sample(logits, temperature, 0.5, torch.Generator().manual_seed(0))
+    assert picks <= {0, 1, 2, 3} and nucleus in {0, 1, 2, 3}
+    if temperature < 1e-20:
+        assert picks == {1} and nucleus == 1  # a vanishing temperature is greedy
+    if temperature == 1e308:
+        assert len(picks) > 2  # an enormous one is (nearly) uniform

@@ -113,7 +113,14 @@ class ServiceProcess:
     """One ``python -m <module>`` on a fixed loopback port; start, kill -9, start again."""
 
     def __init__(
-        self, name: str, module: str, settings: dict[str, str], log_dir: Path, port: int | None = None, threads: int = 1
+        self,
+        name: str,
+        module: str,
+        settings: dict[str, str],
+        log_dir: Path,
+        port: int | None = None,
+        threads: int = 1,
+        cwd: Path | None = None,
     ) -> None:
         assert module in SERVICES, module
         self.name = name
@@ -122,6 +129,8 @@ class ServiceProcess:
         self.settings = dict(settings)
         self.log_dir = Path(log_dir)
         self.threads = threads
+        # Working directory of the process (relative paths it is sent, e.g. export paths, land there).
+        self.cwd = Path(cwd) if cwd is not None else ROOT
         self.proc: subprocess.Popen | None = None
         self.starts = 0
         self.log_path = self.log_dir / f"{name}.log"
@@ -155,7 +164,7 @@ class ServiceProcess:
         log.flush()
         self.proc = subprocess.Popen(
             [sys.executable, "-m", self.module],
-            cwd=ROOT,
+            cwd=self.cwd,
             env=self.env(),
             stdout=log,
             stderr=subprocess.STDOUT,

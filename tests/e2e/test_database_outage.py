@@ -25,6 +25,7 @@ import grpc
 import pytest
 import sqlalchemy as sa
 
+from tests.e2e import figures
 from tests.e2e.processes import PG_URL, Stack, postgres_ok, save_tiny_model
 from tests.e2e.test_topology import (
     COMPLETE,
@@ -123,6 +124,14 @@ def test_job_survives_a_database_outage(tmp_path):
             assert stack.optimizer.healthy() and stack.gateway.healthy()
             assert all(svc.alive for svc in stack.services)
             assert get_job(stack, job.id).n_trials_complete == N_TRIALS
+            figures.record(
+                "tests/e2e/test_database_outage.py::test_job_survives_a_database_outage",
+                f"PostgreSQL refuses connections for {OUTAGE_S:.0f} s mid-job (every backend terminated)",
+                n_trials=N_TRIALS,
+                trials=figures.trial_counts(trials),
+                outage_s=round(outage_ended_at - outage_began_at, 1),
+                scored_through_the_outage=len(through),
+            )
         except BaseException:
             print(stack.logs())
             raise

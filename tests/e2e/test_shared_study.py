@@ -19,6 +19,7 @@ import grpc
 import pytest
 
 from abliterate.v1 import optimizer_pb2, optimizer_pb2_grpc
+from tests.e2e import figures
 from tests.e2e.processes import ServiceProcess, Stack, pg_schema, postgres_ok, save_tiny_model
 from tests.e2e.test_topology import (
     COMPLETE,
@@ -114,6 +115,13 @@ def test_two_optimizers_reach_exactly_n_trials_together(two_optimizers):
     assert follower.events[-1].done.n_complete == N_TRIALS
     b_trials = [e.trial_finished.trial for e in follower.events if e.HasField("trial_finished")]
     assert b_trials and {t.evaluator for t in b_trials} == {second.address}
+    figures.record(
+        "tests/e2e/test_shared_study.py::test_two_optimizers_reach_exactly_n_trials_together",
+        "none (two optimizer processes on one Postgres study)",
+        n_trials=N_TRIALS,
+        trials=figures.trial_counts(trials),
+        complete_by_optimizer_b=len(b_trials),
+    )
 
 
 def test_one_optimizer_killed_mid_trial_the_other_finishes_exactly(two_optimizers):
@@ -148,6 +156,14 @@ def test_one_optimizer_killed_mid_trial_the_other_finishes_exactly(two_optimizer
     assert not [t for t in by_number.values() if t.state == RUNNING]
     follower.join(10)
     assert isinstance(follower.error, grpc.RpcError)  # B died under its stream
+    figures.record(
+        "tests/e2e/test_shared_study.py::test_one_optimizer_killed_mid_trial_the_other_finishes_exactly",
+        "kill -9 of one of two optimizers sharing a study, mid-trial",
+        n_trials=N_TRIALS,
+        trials=figures.trial_counts(by_number.values()),
+        lost_trial=lost.number,
+        lost_trial_reruns_complete=len([t for t in reruns if t.state == COMPLETE]),
+    )
     other.start().wait_healthy(120)  # back for whoever runs next
 
 

@@ -25,6 +25,7 @@ import grpc
 import pytest
 
 from abliterate.v1 import common_pb2, gateway_pb2, optimizer_pb2
+from tests.e2e import figures
 from tests.e2e.processes import Stack, pg_schema, postgres_ok, save_tiny_model
 
 P = gateway_pb2
@@ -231,6 +232,14 @@ def test_six_trials_on_two_evaluator_processes_front_and_export(up, model_dir, t
     base = original.state_dict()
     assert edited.keys() == base.keys()
     assert any(not torch.equal(edited[k], base[k]) for k in base), "the export is the unedited model"
+    figures.record(
+        "tests/e2e/test_topology.py::test_six_trials_on_two_evaluator_processes_front_and_export",
+        "none (happy path, 2 evaluator processes)",
+        n_trials=N_TRIALS,
+        trials=figures.trial_counts(trials),
+        evaluators_used=len({t.evaluator for t in complete}),
+        front=len(front.trials),
+    )
 
 
 # ---------------------------------------------------------------------------- faults
@@ -270,6 +279,15 @@ def test_evaluator_killed_mid_trial_its_trial_fails_and_reruns(up, model_dir):
         if e.WhichOneof("event") == "trial_failed" and e.trial_failed.number == lost.number
     ]
     assert lost_events and lost_events[0].will_retry and lost_events[0].evaluator == victim.address
+    figures.record(
+        "tests/e2e/test_topology.py::test_evaluator_killed_mid_trial_its_trial_fails_and_reruns",
+        "kill -9 of an evaluator while it runs a trial",
+        n_trials=N_TRIALS,
+        trials=figures.trial_counts(by_number.values()),
+        lost_trial=lost.number,
+        lost_trial_reruns_complete=len(rerun),
+        job_n_trials_failed=job.n_trials_failed,
+    )
 
 
 @pytest.mark.parametrize("victim_name", ["optimizer", "gateway"])
@@ -338,3 +356,14 @@ def test_killed_and_restarted_mid_job_loses_and_repeats_nothing(up, model_dir, v
         after_restart = set(finished_numbers(events[resumed[0] :]))
         assert not before_restart & after_restart
         assert before_restart | after_restart == set(complete_after)
+    figures.record(
+        f"tests/e2e/test_topology.py::test_killed_and_restarted_mid_job_loses_and_repeats_nothing[{victim_name}]",
+        f"kill -9 and restart of the {victim_name} mid-job",
+        n_trials=N_TRIALS,
+        trials=figures.trial_counts(trials),
+        complete_before_kill=len(complete_before),
+        complete_after=len(complete_after),
+        announced_trials=len(numbers),
+        announced_twice=len(numbers) - len(set(numbers)),
+        interrupted_and_rerun=len([t for t in trials if t.state == FAIL and "interrupted" in t.error]),
+    )
