@@ -362,6 +362,7 @@ def probe_stack(workdir: Path, storage: str = "auto") -> Iterator[tuple[Stack, P
     """
     workdir = Path(workdir)
     model_dir = save_tiny_model(workdir / "tiny-model", "llama", layers=2, hidden=32)
+    (workdir / "exports").mkdir(parents=True, exist_ok=True)
     use_pg = storage == "postgres" or (storage == "auto" and postgres_ok())
     with contextlib.ExitStack() as stack_cm:
         if use_pg:
@@ -373,6 +374,8 @@ def probe_stack(workdir: Path, storage: str = "auto") -> Iterator[tuple[Stack, P
             workdir,
             storage_url,
             n_evaluators=1,
+            # Exports are confined to the probe's own folder: valid ones land there, escapes are refused.
+            evaluator_settings={"export_root": str(workdir / "exports")},
             gateway_settings={"storage_url": storage_url if use_pg else f"sqlite:///{workdir / 'gateway.db'}"},
         )
         for svc in stack.services:
