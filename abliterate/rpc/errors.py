@@ -22,6 +22,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import grpc
+from google.protobuf.message import DecodeError
 
 from abliterate.database import describe_outage, is_outage
 from abliterate.errors import (
@@ -173,8 +174,59 @@ def _find_context(args: tuple, kwargs: dict) -> grpc.ServicerContext:
     return args[-1]
 
 
+class _Undecodable:
+    """Stands in for a request whose bytes are not a valid message, until the behavior refuses it.
+
+    gRPC answers INTERNAL ("Exception deserializing request!") when the deserializer raises; a client's
+    malformed bytes are its mistake, so the deserializer returns this instead and the call is refused
+    with INVALID_ARGUMENT.
+    """
+
+    def __init__(self, error: DecodeError) -> None:
+        self.error = error
+
+
+def _tolerant_deserializer(deserializer: Callable | None) -> Callable | None:
+    if deserializer is None:
+        return None
+
+    def deserialize(data: bytes) -> Any:
+        try:
+            return deserializer(data)
+        except DecodeError as exc:
+            return _Undecodable(exc)
+
+    return deserialize
+
+
+def _refusing_undecodable(behavior: Callable, *, streaming: bool, method: str) -> Callable:
+    """``behavior`` refusing an undecodable request (every request of ours is unary) with INVALID_ARGUMENT."""
+    rpc_name = method.rsplit("/", 1)[-1] or "this"
+
+    def check(args: tuple) -> None:
+        if args and isinstance(args[0], _Undecodable):
+            raise InvalidArgument(f"the request bytes are not a valid {rpc_name} request message")
+
+    if streaming:
+
+        @functools.wraps(behavior)
+        def stream_behavior(*args: Any, **kwargs: Any) -> Iterator:
+            check(args)
+            yield from behavior(*args, **kwargs)
+
+        return stream_behavior
+
+    @functools.wraps(behavior)
+    def unary_behavior(*args: Any, **kwargs: Any) -> Any:
+        check(args)
+        return behavior(*args, **kwargs)
+
+    return unary_behavior
+
+
 class ErrorMappingInterceptor(grpc.ServerInterceptor):
-    """Applies the error table to every method served (unary and streaming)."""
+    """Applies the error table to every method served (unary and streaming); undecodable request
+    bytes are INVALID_ARGUMENT, not gRPC's own INTERNAL."""
 
     def __init__(self, on_oom: OomHook | None = None) -> None:
         self._on_oom = on_oom
@@ -189,10 +241,18 @@ class ErrorMappingInterceptor(grpc.ServerInterceptor):
             behavior = getattr(handler, attr, None)
             # Non-blocking behaviors (health Watch) get a callback argument: leave them alone.
             if behavior is not None and not getattr(behavior, "experimental_non_blocking", False):
+                streaming = attr.endswith("_stream")
                 replaced[attr] = wrap_behavior(
-                    behavior, streaming=attr.endswith("_stream"), method=method, on_oom=self._on_oom
+                    _refusing_undecodable(behavior, streaming=streaming, method=method),
+                    streaming=streaming,
+                    method=method,
+                    on_oom=self._on_oom,
                 )
-        return handler._replace(**replaced) if replaced else handler
+        if not replaced:
+            return handler
+        if not handler.request_streaming:
+            replaced["request_deserializer"] = _tolerant_deserializer(handler.request_deserializer)
+        return handler._replace(**replaced)
 
 
 # ---------------------------------------------------------------- client side

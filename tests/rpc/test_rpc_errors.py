@@ -165,3 +165,18 @@ def test_from_rpc_error_keeps_message(fake_channel):
     assert isinstance(exc, errors.FailedPrecondition)
     assert str(exc) == "FailedPrecondition raised on purpose"
     assert exc.details == "FailedPrecondition raised on purpose"
+
+
+@pytest.mark.parametrize(
+    "method", ["/abliterate.v1.EvaluatorService/GetModelInfo", "/abliterate.v1.EvaluatorService/Generate"]
+)
+def test_undecodable_request_bytes_are_invalid_argument(fake_channel, method):
+    # Bytes no protobuf message parses (a truncated length-delimited field): gRPC itself would answer
+    # INTERNAL "Exception deserializing request!"; a client's malformed bytes are its mistake.
+    call = fake_channel.unary_unary(method, request_serializer=None, response_deserializer=None)
+    with pytest.raises(grpc.RpcError) as info:
+        call(b"\x0a\xff\xff\xff\xff\x0f", timeout=10)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "not a valid" in info.value.details()
+    # A valid request on the same channel still answers.
+    assert get_info(fake_channel).HasField("model")
