@@ -165,3 +165,26 @@ def test_from_rpc_error_keeps_message(fake_channel):
     assert isinstance(exc, errors.FailedPrecondition)
     assert str(exc) == "FailedPrecondition raised on purpose"
     assert exc.details == "FailedPrecondition raised on purpose"
+
+
+def test_forwarded_remote_error_keeps_its_status_and_message(fake_channel):
+    """What a gateway does with an error another service returned: the same status and message,
+    not "internal error: RemoteError: INTERNAL: ..." around them."""
+    with pytest.raises(grpc.RpcError) as err:
+        get_info(fake_channel, "AbliterateError")
+    remote = from_rpc_error(err.value)
+    code, message = status_for(remote)
+    assert code == grpc.StatusCode.INTERNAL
+    assert message == err.value.details()
+    assert "RemoteError" not in message
+
+
+def test_quoted_and_check_identifier_keep_messages_short():
+    assert errors.quoted("abc") == "'abc'"
+    long = errors.quoted("q" * 10_000)
+    assert len(long) < 120 and "10000 characters" in long
+    assert errors.check_identifier("job-1", "job_id") == "job-1"
+    with pytest.raises(errors.InvalidArgument, match="control character"):
+        errors.check_identifier("a\x00b", "job_id")
+    with pytest.raises(errors.InvalidArgument, match="too long"):
+        errors.check_identifier("a" * 513, "job_id")

@@ -393,6 +393,58 @@ def test_unknown_jobs_and_duplicate_names(offline_gateway):
     assert stub.ListJobs(P.ListJobsRequest(limit=1)).total == 2
 
 
+@pytest.mark.parametrize(
+    "job_id, code",
+    [
+        ("has\x00nul", grpc.StatusCode.INVALID_ARGUMENT),  # PostgreSQL refuses NUL in text
+        ("x" * 513, grpc.StatusCode.INVALID_ARGUMENT),  # longer than any stored id or name
+    ],
+)
+def test_bad_job_ids_are_invalid_argument_on_every_rpc(offline_gateway, job_id, code):
+    stub = stub_for(offline_gateway)
+    for call in (
+        lambda: stub.GetJob(P.GetJobRequest(job_id=job_id)),
+        lambda: stub.WatchJob(P.WatchJobRequest(job_id=job_id), timeout=10),
+        lambda: stub.CancelJob(P.CancelJobRequest(job_id=job_id)),
+        lambda: stub.ResumeJob(P.ResumeJobRequest(job_id=job_id)),
+        lambda: stub.GetParetoFront(P.GetParetoFrontRequest(job_id=job_id)),
+        lambda: stub.ExportModel(P.GatewayServiceExportModelRequest(job_id=job_id, path="/tmp/x")),
+        lambda: stub.Chat(
+            P.GatewayServiceChatRequest(job_id=job_id, messages=[common_pb2.ChatMessage(role="user", content="hi")]),
+            timeout=10,
+        ),
+    ):
+        with pytest.raises(grpc.RpcError) as err:
+            result = call()
+            if isinstance(result, Iterator):
+                list(result)
+        assert err.value.code() == code, err.value.details()
+        assert "job_id" in err.value.details() and len(err.value.details()) < 200
+
+
+def test_huge_unknown_id_is_not_found_with_a_short_message(offline_gateway):
+    """A 1 MB id once made NOT_FOUND's details outgrow the metadata limit; the check refuses it
+    by length with a short message, and a long-but-allowed id is quoted by a prefix only."""
+    stub = stub_for(offline_gateway)
+    with pytest.raises(grpc.RpcError) as err:
+        stub.GetJob(P.GetJobRequest(job_id="y" * (1 << 20)))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert len(err.value.details()) < 200
+    with pytest.raises(grpc.RpcError) as err:
+        stub.GetJob(P.GetJobRequest(job_id="z" * 500))
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND
+    assert "500 characters" in err.value.details() and len(err.value.details()) < 200
+
+
+def test_watch_after_sequence_past_int64_is_invalid_argument(offline_gateway):
+    stub = stub_for(offline_gateway)
+    job = stub.SubmitJob(P.SubmitJobRequest(spec=make_spec())).job
+    with pytest.raises(grpc.RpcError) as err:
+        list(stub.WatchJob(P.WatchJobRequest(job_id=job.id, after_sequence=2**63), timeout=10))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "after_sequence" in err.value.details()
+
+
 def test_restart_marks_running_jobs_interrupted_when_asked(tmp_path):
     from abliterate_services.gateway.jobs import JobStore
 

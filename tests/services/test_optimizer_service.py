@@ -664,3 +664,28 @@ def test_stop_with_abandon_fails_trials_in_flight_without_retry(tmp_path):
     finally:
         opt.close()
         stuck.stop()
+
+
+@pytest.mark.parametrize("bad_name", ["has\x00nul", "x" * 513])
+def test_bad_study_names_are_invalid_argument_on_every_rpc(pg_url, tmp_path, bad_name):
+    """A NUL (PostgreSQL refuses it) or a name past the 512-character column: INVALID_ARGUMENT,
+    on every RPC that takes a study name, before the database sees it."""
+    opt = Optimizer(pg_url, tmp_path / "blobs")
+    try:
+        calls = [
+            lambda: opt.stub.CreateStudy(create_request(bad_name, ["127.0.0.1:1"]), timeout=10),
+            lambda: list(opt.stub.RunStudy(optimizer_pb2.RunStudyRequest(study_name=bad_name), timeout=10)),
+            lambda: opt.stub.GetStudy(optimizer_pb2.GetStudyRequest(study_name=bad_name), timeout=10),
+            lambda: opt.stub.ListTrials(optimizer_pb2.ListTrialsRequest(study_name=bad_name), timeout=10),
+            lambda: opt.stub.StopStudy(optimizer_pb2.StopStudyRequest(study_name=bad_name), timeout=10),
+            lambda: opt.stub.RegisterEvaluator(
+                optimizer_pb2.RegisterEvaluatorRequest(address="127.0.0.1:1", study_name=bad_name), timeout=10
+            ),
+        ]
+        for call in calls:
+            with pytest.raises(grpc.RpcError) as info:
+                call()
+            assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT, info.value.details()
+            assert "study_name" in info.value.details() and len(info.value.details()) < 200
+    finally:
+        opt.close()
