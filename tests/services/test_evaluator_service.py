@@ -588,3 +588,23 @@ def test_session_serves_one_operation_at_a_time(lm, blob):
             t.join()
     assert results == ["busy", "busy"]
     assert session.evaluate(set_id, params).kl > 0
+
+
+@pytest.mark.parametrize(
+    "key, bad_tensor",
+    [
+        ("diagnostics", lambda t: torch.zeros(2, 3, 4)),  # wrong rank: once an INTERNAL unpacking error
+        ("diagnostics", lambda t: torch.zeros(t["refusal"].shape[0], 3)),  # 3 numbers a row, not 4
+        ("good_mean", lambda t: t["good_mean"][:-1]),  # one row short of the refusal directions
+    ],
+)
+def test_load_directions_with_misshapen_tensors_is_invalid_argument(stub, blob, key, bad_tensor):
+    from safetensors.torch import load as st_load
+    from safetensors.torch import save as st_save
+
+    tensors = st_load(blob.safetensors)
+    tensors[key] = bad_tensor(tensors).contiguous()
+    bad = common_pb2.TensorBlob(safetensors=st_save(tensors))
+    code, details = details_of(stub.LoadDirections, E.LoadDirectionsRequest(directions=bad))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and key in details
+    alive(stub)

@@ -689,3 +689,17 @@ def test_bad_study_names_are_invalid_argument_on_every_rpc(pg_url, tmp_path, bad
             assert "study_name" in info.value.details() and len(info.value.details()) < 200
     finally:
         opt.close()
+
+
+def test_deeply_nested_job_settings_is_invalid_argument(pg_url, tmp_path):
+    """100,000 nested brackets once raised RecursionError in the JSON decoder: INTERNAL."""
+    opt = Optimizer(pg_url, tmp_path / "blobs")
+    try:
+        request = create_request(unique("nested"), ["127.0.0.1:1"])
+        request.job_settings_json = "[" * 100_000 + "]" * 100_000
+        with pytest.raises(grpc.RpcError) as info:
+            opt.stub.CreateStudy(request, timeout=30)
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "nested too deeply" in info.value.details()
+    finally:
+        opt.close()
