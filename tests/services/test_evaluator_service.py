@@ -608,3 +608,14 @@ def test_load_directions_with_misshapen_tensors_is_invalid_argument(stub, blob, 
     code, details = details_of(stub.LoadDirections, E.LoadDirectionsRequest(directions=bad))
     assert code == grpc.StatusCode.INVALID_ARGUMENT and key in details
     alive(stub)
+
+
+@pytest.mark.parametrize("field", ["row_normalization", "direction_scope"])
+def test_unknown_enum_values_are_refused_not_defaulted(stub, field):
+    """Proto3 keeps an unknown enum number as sent; it used to be read silently as the default."""
+    params = kernel_params()
+    setattr(params, field, 999)
+    code, details = details_of(stub.EvaluateTrial, E.EvaluateTrialRequest(params=params))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT
+    assert field in details and "999" in details
+    alive(stub)
