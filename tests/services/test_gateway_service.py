@@ -497,3 +497,31 @@ def test_pareto_selection_rule():
     assert auto_select(front, 0.0).number == 0  # KL 0.0 <= 0
     assert auto_select([t(0, 3, 2.0), t(1, 1, 3.0)], 1.0).number == 0  # none under the cap: lowest KL
     assert auto_select([], 1.0) is None
+
+
+def test_submit_refuses_a_model_the_backends_do_not_serve(torch_address, tmp_path):
+    """The gateway asks its extractor and evaluators for ModelInfo before accepting a job: another
+    model is FAILED_PRECONDITION at SubmitJob (not a FAILED job later); another spelling of the
+    served source is the same model and is accepted."""
+    gateway = Gateway(
+        f"sqlite:///{tmp_path / 'gw.db'}", torch_address, "127.0.0.1:1", [torch_address], retry_window_s=0
+    ).start()
+    try:
+        stub = stub_for(gateway)
+        foreign = make_spec()
+        foreign.model.source = "someone/else"
+        with pytest.raises(grpc.RpcError) as err:
+            stub.SubmitJob(P.SubmitJobRequest(spec=foreign))
+        assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert "someone/else" in err.value.details() and "extractor" in err.value.details()
+        wrong_4bit = make_spec()
+        wrong_4bit.model.load_in_4bit = True
+        with pytest.raises(grpc.RpcError) as err:
+            stub.SubmitJob(P.SubmitJobRequest(spec=wrong_4bit))
+        assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "load_in_4bit" in err.value.details()
+        assert stub.ListJobs(P.ListJobsRequest()).total == 0
+        respelled = make_spec()
+        respelled.model.source = "<tiny llama>/"
+        assert stub.SubmitJob(P.SubmitJobRequest(spec=respelled)).job.id
+    finally:
+        gateway.stop(0)
