@@ -39,6 +39,7 @@ from abliterate.errors import (
     InvalidArgument,
     NotFound,
     Unavailable,
+    quoted,
 )
 from abliterate.params import WINSORIZE_SCOPES
 from abliterate.rpc.clients import EvaluatorClient, ExtractorClient, OptimizerClient, ServiceClient
@@ -75,8 +76,9 @@ def _check_prompt_set(msg: common_pb2.PromptSetSpec, what: str) -> None:
 
 def validate_spec(spec: gateway_pb2.JobSpec) -> None:
     """Raise InvalidArgument for a spec that cannot run (checks that need no other service)."""
-    if spec.name and not NAME_RE.match(spec.name):
-        raise InvalidArgument(f"job name {spec.name!r} must be 1-100 characters of [A-Za-z0-9._-]")
+    # fullmatch: "$" alone also matches before a trailing newline.
+    if spec.name and not NAME_RE.fullmatch(spec.name):
+        raise InvalidArgument(f"job name {quoted(spec.name)} must be 1-100 characters of [A-Za-z0-9._-]")
     try:
         model_spec_from_pb(spec.model).validate()
     except InvalidArgument as exc:

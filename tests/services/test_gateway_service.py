@@ -345,6 +345,8 @@ def _code(fn: Callable[[], object]) -> grpc.StatusCode:
         (lambda s: s.harmful_eval.CopyFrom(common_pb2.PromptSetSpec(prompts=["  "])), "harmful_eval"),
         (lambda s: setattr(s, "n_trials", 0), "n_trials"),
         (lambda s: setattr(s, "name", "bad name!"), "name"),
+        (lambda s: setattr(s, "name", "trailing-newline\n"), "name"),
+        (lambda s: setattr(s, "name", "n" * 1_000_000), "(1000000 characters)"),
         (lambda s: setattr(s, "kl_cap", -1.0), "kl_cap"),
     ],
 )
