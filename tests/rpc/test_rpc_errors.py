@@ -188,3 +188,39 @@ def test_quoted_and_check_identifier_keep_messages_short():
         errors.check_identifier("a\x00b", "job_id")
     with pytest.raises(errors.InvalidArgument, match="too long"):
         errors.check_identifier("a" * 513, "job_id")
+
+
+class _Forwarder(evaluator_pb2_grpc.EvaluatorServiceServicer):
+    """A service in the middle (as the gateway is): calls the backend and lets its error escape."""
+
+    def __init__(self, backend_address: str) -> None:
+        self.backend = mapped_stub(evaluator_pb2_grpc.EvaluatorServiceStub(make_channel(backend_address)))
+
+    def GetModelInfo(self, request, context):
+        forwarded = [(k, v) for k, v in context.invocation_metadata() if k == "x-raise"]
+        return self.backend.GetModelInfo(request, metadata=forwarded, timeout=10)
+
+
+@pytest.mark.parametrize(
+    "name, code",
+    [
+        ("AbliterateError", grpc.StatusCode.INTERNAL),  # a RemoteError in the middle
+        ("NotFound", grpc.StatusCode.NOT_FOUND),
+        ("InvalidArgument", grpc.StatusCode.INVALID_ARGUMENT),
+    ],
+)
+def test_two_hops_keep_the_backends_status_and_message(fake_server, name, code):
+    middle = start_fake(servicer=_Forwarder(fake_server.address))
+    try:
+        direct_channel, middle_channel = make_channel(fake_server.address), make_channel(middle.address)
+        with pytest.raises(grpc.RpcError) as direct:
+            get_info(direct_channel, name)
+        with pytest.raises(grpc.RpcError) as forwarded:
+            get_info(middle_channel, name)
+        assert forwarded.value.code() == direct.value.code() == code
+        assert forwarded.value.details() == direct.value.details()
+        assert "RemoteError" not in forwarded.value.details()
+        direct_channel.close()
+        middle_channel.close()
+    finally:
+        middle.server.stop(None)
