@@ -224,3 +224,20 @@ def test_two_hops_keep_the_backends_status_and_message(fake_server, name, code):
         middle_channel.close()
     finally:
         middle.server.stop(None)
+
+
+def test_a_backend_refusing_the_middle_services_token_is_unavailable_not_unauthenticated():
+    """The caller's credentials were fine: UNAUTHENTICATED from the backend is the operator's
+    misconfiguration, so the middle service answers UNAVAILABLE and says why."""
+    backend = start_fake(auth_token="backend-secret")
+    middle = start_fake(servicer=_Forwarder(backend.address))  # sends no token
+    channel = make_channel(middle.address)
+    try:
+        with pytest.raises(grpc.RpcError) as err:
+            get_info(channel)
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert "credentials" in err.value.details()
+    finally:
+        channel.close()
+        middle.server.stop(None)
+        backend.server.stop(None)
