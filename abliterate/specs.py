@@ -48,6 +48,27 @@ class ModelSpec:
             )
         return self
 
+    def load_mismatch(self, loaded: "ModelSpec") -> str | None:
+        """Why a model loaded as ``loaded`` is not the one this spec asks for, or None when it is.
+
+        Compares the source in one spelling (:func:`canonical_source`) and the load-time fields a
+        server cannot change once loaded; a field left at its default here ("auto", empty, False)
+        means "whatever is loaded". Formatting fields (system prompt, chat mode) never differ.
+        """
+        if canonical_source(self.source) != canonical_source(loaded.source):
+            return f"it loaded {loaded.source!r}, not {self.source!r}"
+        if (self.gguf_file or None) != (loaded.gguf_file or None):
+            return f"it loaded GGUF file {loaded.gguf_file or '(none)'!r}, not {self.gguf_file or '(none)'!r}"
+        if self.dtype != "auto" and self.dtype != loaded.dtype:
+            return f"it loaded the model with dtype {loaded.dtype!r}, not {self.dtype!r}"
+        if self.device_map and self.device_map != loaded.device_map:
+            return f"it loaded the model with device_map {loaded.device_map or '(none)'!r}, not {self.device_map!r}"
+        if self.load_in_4bit and not loaded.load_in_4bit:
+            return "it loaded the model without load_in_4bit"
+        if self.trust_remote_code and not loaded.trust_remote_code:
+            return "it loaded the model without trust_remote_code"
+        return None
+
     def resolved_source(self) -> tuple[str, str | None]:
         """(pretrained path or id, gguf file name or None)."""
         if not self.source or not self.source.strip():
@@ -59,3 +80,15 @@ class ModelSpec:
                 raise NotFound(f"GGUF file not found: {self.source}")
             return os.path.dirname(os.path.abspath(self.source)), os.path.basename(self.source)
         return self.source, None
+
+
+def canonical_source(source: str) -> str:
+    """One spelling of a model source: an existing local path resolved (``./m``, ``m/`` and a
+    symlink to it are the same model), any other id with redundant slashes and dots removed."""
+    text = source.strip()
+    if not text:
+        return text
+    path = os.path.expanduser(text)
+    if os.path.exists(path):
+        return os.path.realpath(path)
+    return os.path.normpath(text)

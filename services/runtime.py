@@ -135,25 +135,30 @@ def register_state_gauge(metrics, service: str, loaded: Callable[[], bool], lock
 def job_view(lm, request_spec: common_pb2.ModelSpec | None):
     """The loaded model seen through a request's ModelSpec.
 
-    ``source`` (and ``gguf_file``) must name the loaded model, else
-    FAILED_PRECONDITION; the request's ``system_prompt`` and
+    ``source`` (in any spelling of the same model) and ``gguf_file`` must name the
+    loaded model, and ``dtype``, ``device_map``, ``load_in_4bit`` and
+    ``trust_remote_code`` must match how it was loaded when set
+    (``ModelSpec.load_mismatch``), else FAILED_PRECONDITION; the request's ``system_prompt`` and
     ``chat_template_mode`` format the prompts. Returns ``lm`` itself when the
     request carries no spec, else a LoadedModel sharing the same weights.
     """
     if request_spec is None:
         return lm
     loaded = lm.spec
-    if request_spec.source != loaded.source:
-        raise FailedPrecondition(f"this server loaded {loaded.source!r}, not {request_spec.source!r}")
-    if (request_spec.gguf_file or None) != (loaded.gguf_file or None):
-        raise FailedPrecondition(
-            f"this server loaded GGUF file {loaded.gguf_file or '(none)'!r}, not {request_spec.gguf_file or '(none)'!r}"
-        )
     wanted = model_spec_from_pb(request_spec).validate()
+    # Loaded with "auto": the dtype the weights really have is what a request can ask for.
+    actual = loaded if loaded.dtype != "auto" else dataclasses.replace(loaded, dtype=_dtype_name(lm))
+    mismatch = wanted.load_mismatch(actual)
+    if mismatch:
+        raise FailedPrecondition(f"this server cannot serve that model spec: {mismatch}")
     spec = dataclasses.replace(loaded, system_prompt=wanted.system_prompt, chat_template_mode=wanted.chat_template_mode)
     if spec == loaded:
         return lm
     return dataclasses.replace(lm, spec=spec)
+
+
+def _dtype_name(lm) -> str:
+    return str(lm.dtype).removeprefix("torch.")
 
 
 def model_info(lm, module_map) -> common_pb2.ModelInfo:

@@ -138,8 +138,18 @@ class DirectionSet:
             raise InvalidArgument(f"refusal directions must be 2-D (layers+1, hidden), got {list(refusal.shape)}")
         if not torch.isfinite(refusal).all():
             raise InvalidArgument("refusal directions contain NaN or Inf")
+        for key in ("good_mean", "bad_mean", "refusal_raw"):
+            if key in tensors and tuple(tensors[key].shape) != tuple(refusal.shape):
+                raise InvalidArgument(
+                    f"{key} must have the refusal directions' shape {list(refusal.shape)}, "
+                    f"got {list(tensors[key].shape)}"
+                )
         diagnostics = []
         if "diagnostics" in tensors:
+            shape = tuple(tensors["diagnostics"].shape)
+            if shape != (refusal.shape[0], 4):
+                # A row per residual index, four numbers each; anything else cannot be unpacked below.
+                raise InvalidArgument(f"diagnostics must be 2-D ({refusal.shape[0]}, 4), got {list(shape)}")
             for row in tensors["diagnostics"].tolist():  # (L+1, 4)
                 diagnostics.append(LayerDiagnostics(row[0], row[1], row[2], None if math.isnan(row[3]) else row[3]))
         return cls(

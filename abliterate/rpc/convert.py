@@ -45,11 +45,21 @@ def params_to_pb(params: AblationParams) -> pb.AblationParams:
     return msg
 
 
+def enum_from_pb(table: dict, value: int, field: str):
+    """``table[value]``; a number no entry has (proto3 keeps unknown enum numbers as they are sent)
+    is refused rather than silently read as the default."""
+    try:
+        return table[value]
+    except KeyError:
+        known = ", ".join(str(number) for number in sorted(table))
+        raise InvalidArgument(f"{field}: unknown value {value} (known: {known})") from None
+
+
 def params_from_pb(msg: pb.AblationParams) -> AblationParams:
     return AblationParams(
-        direction_scope=_SCOPE_FROM_PB.get(msg.direction_scope, DirectionScope.GLOBAL),
+        direction_scope=enum_from_pb(_SCOPE_FROM_PB, msg.direction_scope, "direction_scope"),
         direction_index=msg.direction_index if msg.HasField("direction_index") else None,
-        row_normalization=_ROWNORM_FROM_PB.get(msg.row_normalization, RowNormalization.NONE),
+        row_normalization=enum_from_pb(_ROWNORM_FROM_PB, msg.row_normalization, "row_normalization"),
         components={
             name: ComponentParams(k.max_weight, k.max_weight_position, k.min_weight, k.min_weight_distance)
             for name, k in msg.components.items()

@@ -80,6 +80,10 @@ ERROR_BY_STATUS: dict[grpc.StatusCode, type[AbliterateError]] = {
 #: Longest cause put in the details of an INTERNAL status.
 MAX_INTERNAL_DETAIL_CHARS = 300
 
+#: Longest details string of any status the interceptor sends: a safety net under messages that
+#: quote a value, since details travel in trailing metadata (gRPC's limit is 8 KiB by default).
+MAX_DETAIL_CHARS = 2000
+
 OomHook = Callable[[], Any]
 
 
@@ -92,6 +96,15 @@ def is_out_of_memory(exc: BaseException) -> bool:
 
 def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
     """The status code and the details message for an exception raised by a servicer."""
+    remote_code = getattr(exc, "code", None)
+    if isinstance(exc, RemoteError) and isinstance(remote_code, grpc.StatusCode):
+        # A status without a domain class that a call to another service returned (from_rpc_error):
+        # forward it with its message, not as "INTERNAL: RemoteError: INTERNAL: ..." around them.
+        details = getattr(exc, "details", "") or remote_code.name
+        if isinstance(exc, Unauthenticated):
+            # The backend refused this service's credentials: the operator's problem, not the caller's.
+            return grpc.StatusCode.UNAVAILABLE, f"a backend refused this service's credentials: {details}"
+        return remote_code, details
     for cls in type(exc).__mro__:
         code = STATUS_BY_ERROR.get(cls)
         if code is not None:
@@ -135,6 +148,8 @@ def _abort(exc: BaseException, context: grpc.ServicerContext, method: str, on_oo
         except Exception:  # noqa: BLE001 - the hook must not mask the OOM
             log.exception("out-of-memory hook failed in %s", method)
     code, message = status_for(exc)
+    if len(message) > MAX_DETAIL_CHARS:
+        message = message[: MAX_DETAIL_CHARS - 3] + "..."
     if code == grpc.StatusCode.INTERNAL:
         log.error("%s failed: %s", method, message, exc_info=exc)
     else:

@@ -26,7 +26,7 @@ from google.protobuf import json_format
 from abliterate import database
 from abliterate.blobs import BlobStore
 from abliterate.database import ensure_sqlite_folder
-from abliterate.errors import AlreadyExists, InvalidArgument, NotFound
+from abliterate.errors import AlreadyExists, InvalidArgument, NotFound, check_identifier, quoted
 from abliterate.v1 import common_pb2, extractor_pb2, gateway_pb2
 
 metadata = sa.MetaData()
@@ -246,12 +246,13 @@ class JobStore:
         """A job by id or by name (NotFound otherwise)."""
         if not id_or_name:
             raise InvalidArgument("job_id is empty")
+        check_identifier(id_or_name, "job_id")
         with self.engine.connect() as conn:
             row = conn.execute(
                 sa.select(jobs_table).where(sa.or_(jobs_table.c.id == id_or_name, jobs_table.c.name == id_or_name))
             ).first()
         if row is None:
-            raise NotFound(f"no job with id or name {id_or_name!r}")
+            raise NotFound(f"no job with id or name {quoted(id_or_name)}")
         return _row_to_record(row)
 
     def list(self, phases: Sequence[int] = (), offset: int = 0, limit: int = 0) -> tuple[list[JobRecord], int]:

@@ -19,6 +19,7 @@ shutdown) nothing it does afterwards reaches the store. No torch here.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -38,6 +39,7 @@ from abliterate.errors import (
     InvalidArgument,
     NotFound,
     Unavailable,
+    quoted,
 )
 from abliterate.params import WINSORIZE_SCOPES
 from abliterate.rpc.clients import EvaluatorClient, ExtractorClient, OptimizerClient, ServiceClient
@@ -75,8 +77,9 @@ def _check_prompt_set(msg: common_pb2.PromptSetSpec, what: str) -> None:
 
 def validate_spec(spec: gateway_pb2.JobSpec) -> None:
     """Raise InvalidArgument for a spec that cannot run (checks that need no other service)."""
-    if spec.name and not NAME_RE.match(spec.name):
-        raise InvalidArgument(f"job name {spec.name!r} must be 1-100 characters of [A-Za-z0-9._-]")
+    # fullmatch: "$" alone also matches before a trailing newline.
+    if spec.name and not NAME_RE.fullmatch(spec.name):
+        raise InvalidArgument(f"job name {quoted(spec.name)} must be 1-100 characters of [A-Za-z0-9._-]")
     try:
         model_spec_from_pb(spec.model).validate()
     except InvalidArgument as exc:
@@ -202,10 +205,39 @@ class Orchestrator:
 
     def submit(self, spec: gateway_pb2.JobSpec) -> JobRecord:
         validate_spec(spec)
+        self._check_served_model(spec.model)
         job = self.store.create_job(spec)
         self.bus.publish(job.id, ev.phase_event(P.JOB_PHASE_UNSPECIFIED, P.JOB_PHASE_QUEUED, "submitted"))
         self.start(job.id)
         return self.store.get(job.id)
+
+    #: How long SubmitJob waits for a backend's ModelInfo before accepting the job unchecked.
+    MODEL_CHECK_TIMEOUT_S = 5.0
+
+    def _check_served_model(self, wanted_pb: common_pb2.ModelSpec) -> None:
+        """Refuse at submission a job whose model the extractor or an evaluator does not serve (a
+        FAILED job afterwards is a worse answer). A backend that does not answer is not asked again
+        here: the job's run then reports it, as for any outage."""
+        wanted = model_spec_from_pb(wanted_pb)
+        backends: list[tuple[str, Callable[[], ServiceClient]]] = []
+        if self.extractor_address:
+            backends.append((f"the extractor at {self.extractor_address}", self.extractor))
+        for address in self.evaluator_addresses:
+            backends.append((f"the evaluator at {address}", lambda a=address: self.evaluator(a)))
+        for name, client in backends:
+            try:
+                info = client().model_info(self.MODEL_CHECK_TIMEOUT_S)
+            except AbliterateError as exc:  # unreachable, still loading, no model yet
+                log.info("model check at submission skipped for %s: %s", name, exc)
+                continue
+            if not info.HasField("spec") or not info.spec.source:
+                continue
+            loaded = model_spec_from_pb(info.spec)
+            if loaded.dtype == "auto" and info.dtype:
+                loaded = dataclasses.replace(loaded, dtype=info.dtype)
+            mismatch = wanted.load_mismatch(loaded)
+            if mismatch:
+                raise FailedPrecondition(f"{name} cannot serve this job's model: {mismatch}")
 
     def start(self, job_id: str) -> None:
         with self._lock:

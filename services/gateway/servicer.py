@@ -19,6 +19,9 @@ from abliterate_services.gateway import events as ev
 from abliterate_services.gateway.jobs import JobStore, phase_name
 from abliterate_services.gateway.orchestrator import Orchestrator
 
+#: Event sequences are stored as signed 64-bit integers: WatchJob's after_sequence stays below this.
+MAX_SEQUENCE = 2**63
+
 
 def _timed(start: float, **extra: float) -> dict[str, float]:
     return {**extra, "total": time.perf_counter() - start}
@@ -61,6 +64,9 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
         job = self.store.get(request.job_id)
         if request.HasField("after_sequence"):
             after = request.after_sequence
+            if after >= MAX_SEQUENCE:
+                # Stored sequences are signed 64-bit integers: a larger bound cannot be compared.
+                raise InvalidArgument(f"after_sequence must be < 2**63, got {after}")
         else:
             # The sequence before the job is read again: the snapshot is at least as new as `after`.
             after = self.store.last_sequence(job.id)

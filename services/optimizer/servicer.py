@@ -20,6 +20,7 @@ from abliterate.errors import (
     InvalidArgument,
     NotFound,
     Unavailable,
+    check_identifier,
 )
 from abliterate.rpc.clients import EvaluatorClient
 from abliterate.rpc.convert import params_from_pb
@@ -147,6 +148,7 @@ class OptimizerServicer(optimizer_pb2_grpc.OptimizerServiceServicer):
     def runner(self, name: str) -> StudyRunner:
         if not name:
             raise InvalidArgument("study_name is required")
+        check_identifier(name, "study_name")
         with self._lock:
             if self._closed:
                 raise Unavailable("the optimizer is shutting down")
@@ -222,6 +224,7 @@ class OptimizerServicer(optimizer_pb2_grpc.OptimizerServiceServicer):
         name = request.study_name.strip()
         if not name:
             raise InvalidArgument("study_name is required")
+        check_identifier(name, "study_name")
         digest = request.direction_set_id.strip().lower()
         if not _SHA256.match(digest):
             raise InvalidArgument("direction_set_id must be a lower-case hex sha256 (64 characters)")

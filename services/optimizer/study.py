@@ -206,6 +206,9 @@ def parse_job_settings(text: str) -> dict:
         value = json.loads(text)
     except json.JSONDecodeError as exc:
         raise InvalidArgument(f"job_settings_json is not valid JSON: {exc}") from exc
+    except RecursionError as exc:
+        # json's decoder recurses once per level: thousands of nested brackets exhaust the stack.
+        raise InvalidArgument("job_settings_json is nested too deeply") from exc
     if not isinstance(value, dict):
         raise InvalidArgument(f"job_settings_json must be a JSON object, got {type(value).__name__}")
     return value

@@ -180,3 +180,79 @@ def test_undecodable_request_bytes_are_invalid_argument(fake_channel, method):
     assert "not a valid" in info.value.details()
     # A valid request on the same channel still answers.
     assert get_info(fake_channel).HasField("model")
+
+
+def test_forwarded_remote_error_keeps_its_status_and_message(fake_channel):
+    """What a gateway does with an error another service returned: the same status and message,
+    not "internal error: RemoteError: INTERNAL: ..." around them."""
+    with pytest.raises(grpc.RpcError) as err:
+        get_info(fake_channel, "AbliterateError")
+    remote = from_rpc_error(err.value)
+    code, message = status_for(remote)
+    assert code == grpc.StatusCode.INTERNAL
+    assert message == err.value.details()
+    assert "RemoteError" not in message
+
+
+def test_quoted_and_check_identifier_keep_messages_short():
+    assert errors.quoted("abc") == "'abc'"
+    long = errors.quoted("q" * 10_000)
+    assert len(long) < 120 and "10000 characters" in long
+    assert errors.check_identifier("job-1", "job_id") == "job-1"
+    with pytest.raises(errors.InvalidArgument, match="control character"):
+        errors.check_identifier("a\x00b", "job_id")
+    with pytest.raises(errors.InvalidArgument, match="too long"):
+        errors.check_identifier("a" * 513, "job_id")
+
+
+class _Forwarder(evaluator_pb2_grpc.EvaluatorServiceServicer):
+    """A service in the middle (as the gateway is): calls the backend and lets its error escape."""
+
+    def __init__(self, backend_address: str) -> None:
+        self.backend = mapped_stub(evaluator_pb2_grpc.EvaluatorServiceStub(make_channel(backend_address)))
+
+    def GetModelInfo(self, request, context):
+        forwarded = [(k, v) for k, v in context.invocation_metadata() if k == "x-raise"]
+        return self.backend.GetModelInfo(request, metadata=forwarded, timeout=10)
+
+
+@pytest.mark.parametrize(
+    "name, code",
+    [
+        ("AbliterateError", grpc.StatusCode.INTERNAL),  # a RemoteError in the middle
+        ("NotFound", grpc.StatusCode.NOT_FOUND),
+        ("InvalidArgument", grpc.StatusCode.INVALID_ARGUMENT),
+    ],
+)
+def test_two_hops_keep_the_backends_status_and_message(fake_server, name, code):
+    middle = start_fake(servicer=_Forwarder(fake_server.address))
+    try:
+        direct_channel, middle_channel = make_channel(fake_server.address), make_channel(middle.address)
+        with pytest.raises(grpc.RpcError) as direct:
+            get_info(direct_channel, name)
+        with pytest.raises(grpc.RpcError) as forwarded:
+            get_info(middle_channel, name)
+        assert forwarded.value.code() == direct.value.code() == code
+        assert forwarded.value.details() == direct.value.details()
+        assert "RemoteError" not in forwarded.value.details()
+        direct_channel.close()
+        middle_channel.close()
+    finally:
+        middle.server.stop(None)
+
+
+def test_a_backend_refusing_the_middle_services_token_is_unavailable_not_unauthenticated():
+    """The caller's credentials were fine: UNAUTHENTICATED from the backend is the operator's
+    misconfiguration, so the middle service answers UNAVAILABLE and says why."""
+    backend = start_fake(auth_token="backend-secret")
+    middle = start_fake(servicer=_Forwarder(backend.address))  # sends no token
+    channel = make_channel(middle.address)
+    try:
+        with pytest.raises(grpc.RpcError) as err:
+            get_info(channel)
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert "credentials" in err.value.details()
+    finally:
+        channel.close()
+        middle.server.stop(None)
+        backend.server.stop(None)

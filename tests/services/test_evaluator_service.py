@@ -588,3 +588,73 @@ def test_session_serves_one_operation_at_a_time(lm, blob):
             t.join()
     assert results == ["busy", "busy"]
     assert session.evaluate(set_id, params).kl > 0
+
+
+@pytest.mark.parametrize(
+    "key, bad_tensor",
+    [
+        ("diagnostics", lambda t: torch.zeros(2, 3, 4)),  # wrong rank: once an INTERNAL unpacking error
+        ("diagnostics", lambda t: torch.zeros(t["refusal"].shape[0], 3)),  # 3 numbers a row, not 4
+        ("good_mean", lambda t: t["good_mean"][:-1]),  # one row short of the refusal directions
+    ],
+)
+def test_load_directions_with_misshapen_tensors_is_invalid_argument(stub, blob, key, bad_tensor):
+    from safetensors.torch import load as st_load
+    from safetensors.torch import save as st_save
+
+    tensors = st_load(blob.safetensors)
+    tensors[key] = bad_tensor(tensors).contiguous()
+    bad = common_pb2.TensorBlob(safetensors=st_save(tensors))
+    code, details = details_of(stub.LoadDirections, E.LoadDirectionsRequest(directions=bad))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and key in details
+    alive(stub)
+
+
+@pytest.mark.parametrize("field", ["row_normalization", "direction_scope"])
+def test_unknown_enum_values_are_refused_not_defaulted(stub, field):
+    """Proto3 keeps an unknown enum number as sent; it used to be read silently as the default."""
+    params = kernel_params()
+    setattr(params, field, 999)
+    code, details = details_of(stub.EvaluateTrial, E.EvaluateTrialRequest(params=params))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT
+    assert field in details and "999" in details
+    alive(stub)
+
+
+def test_model_spec_load_fields_are_honoured_or_refused(stub, lm):
+    """dtype, device_map, load_in_4bit, trust_remote_code: matching what is loaded (or left at
+    "auto"/empty) is served; anything else is FAILED_PRECONDITION naming the field, never ignored."""
+    loaded_dtype = str(lm.dtype).removeprefix("torch.")
+    other_dtype = "bfloat16" if loaded_dtype != "bfloat16" else "float16"
+    for matching in (
+        common_pb2.ModelSpec(source=lm.spec.source, dtype=loaded_dtype),
+        common_pb2.ModelSpec(source=lm.spec.source + "/"),  # another spelling of the same source
+    ):
+        spec = baseline_spec(max_new_tokens=2)
+        spec.model.CopyFrom(matching)
+        assert stub.PrepareBaseline(E.PrepareBaselineRequest(baseline=spec)).n_kl_prompts == 4
+    for field, differing in (
+        ("dtype", common_pb2.ModelSpec(source=lm.spec.source, dtype=other_dtype)),
+        ("device_map", common_pb2.ModelSpec(source=lm.spec.source, device_map="balanced")),
+        ("load_in_4bit", common_pb2.ModelSpec(source=lm.spec.source, load_in_4bit=True)),
+        ("trust_remote_code", common_pb2.ModelSpec(source=lm.spec.source, trust_remote_code=True)),
+    ):
+        spec = baseline_spec()
+        spec.model.CopyFrom(differing)
+        code, details = details_of(stub.PrepareBaseline, E.PrepareBaselineRequest(baseline=spec))
+        assert code == grpc.StatusCode.FAILED_PRECONDITION and field in details, (field, details)
+        alive(stub)
+
+
+def test_canonical_source_spellings(tmp_path):
+    from abliterate.specs import ModelSpec, canonical_source
+
+    model_dir = tmp_path / "model"
+    model_dir.mkdir()
+    (tmp_path / "link").symlink_to(model_dir)
+    spellings = {str(model_dir), f"{model_dir}/", f"{tmp_path}/./model", str(tmp_path / "link")}
+    assert {canonical_source(s) for s in spellings} == {str(model_dir.resolve())}
+    assert canonical_source("org/name/") == canonical_source("org/name") == "org/name"
+    assert canonical_source("org/a") != canonical_source("org/b")
+    assert ModelSpec("org/name/").load_mismatch(ModelSpec("org/name")) is None
+    assert "org/other" in ModelSpec("org/other").load_mismatch(ModelSpec("org/name"))

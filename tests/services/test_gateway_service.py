@@ -346,6 +346,8 @@ def _code(fn: Callable[[], object]) -> grpc.StatusCode:
         (lambda s: s.harmful_eval.CopyFrom(common_pb2.PromptSetSpec(prompts=["  "])), "harmful_eval"),
         (lambda s: setattr(s, "n_trials", 0), "n_trials"),
         (lambda s: setattr(s, "name", "bad name!"), "name"),
+        (lambda s: setattr(s, "name", "trailing-newline\n"), "name"),
+        (lambda s: setattr(s, "name", "n" * 1_000_000), "(1000000 characters)"),
         (lambda s: setattr(s, "kl_cap", -1.0), "kl_cap"),
     ],
 )
@@ -392,6 +394,58 @@ def test_unknown_jobs_and_duplicate_names(offline_gateway):
     unnamed.name = ""
     assert stub.SubmitJob(P.SubmitJobRequest(spec=unnamed)).job.name.startswith("job-")
     assert stub.ListJobs(P.ListJobsRequest(limit=1)).total == 2
+
+
+@pytest.mark.parametrize(
+    "job_id, code",
+    [
+        ("has\x00nul", grpc.StatusCode.INVALID_ARGUMENT),  # PostgreSQL refuses NUL in text
+        ("x" * 513, grpc.StatusCode.INVALID_ARGUMENT),  # longer than any stored id or name
+    ],
+)
+def test_bad_job_ids_are_invalid_argument_on_every_rpc(offline_gateway, job_id, code):
+    stub = stub_for(offline_gateway)
+    for call in (
+        lambda: stub.GetJob(P.GetJobRequest(job_id=job_id)),
+        lambda: stub.WatchJob(P.WatchJobRequest(job_id=job_id), timeout=10),
+        lambda: stub.CancelJob(P.CancelJobRequest(job_id=job_id)),
+        lambda: stub.ResumeJob(P.ResumeJobRequest(job_id=job_id)),
+        lambda: stub.GetParetoFront(P.GetParetoFrontRequest(job_id=job_id)),
+        lambda: stub.ExportModel(P.GatewayServiceExportModelRequest(job_id=job_id, path="/tmp/x")),
+        lambda: stub.Chat(
+            P.GatewayServiceChatRequest(job_id=job_id, messages=[common_pb2.ChatMessage(role="user", content="hi")]),
+            timeout=10,
+        ),
+    ):
+        with pytest.raises(grpc.RpcError) as err:
+            result = call()
+            if isinstance(result, Iterator):
+                list(result)
+        assert err.value.code() == code, err.value.details()
+        assert "job_id" in err.value.details() and len(err.value.details()) < 200
+
+
+def test_huge_unknown_id_is_not_found_with_a_short_message(offline_gateway):
+    """A 1 MB id once made NOT_FOUND's details outgrow the metadata limit; the check refuses it
+    by length with a short message, and a long-but-allowed id is quoted by a prefix only."""
+    stub = stub_for(offline_gateway)
+    with pytest.raises(grpc.RpcError) as err:
+        stub.GetJob(P.GetJobRequest(job_id="y" * (1 << 20)))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert len(err.value.details()) < 200
+    with pytest.raises(grpc.RpcError) as err:
+        stub.GetJob(P.GetJobRequest(job_id="z" * 500))
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND
+    assert "500 characters" in err.value.details() and len(err.value.details()) < 200
+
+
+def test_watch_after_sequence_past_int64_is_invalid_argument(offline_gateway):
+    stub = stub_for(offline_gateway)
+    job = stub.SubmitJob(P.SubmitJobRequest(spec=make_spec())).job
+    with pytest.raises(grpc.RpcError) as err:
+        list(stub.WatchJob(P.WatchJobRequest(job_id=job.id, after_sequence=2**63), timeout=10))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "after_sequence" in err.value.details()
 
 
 def test_restart_marks_running_jobs_interrupted_when_asked(tmp_path):
@@ -446,3 +500,31 @@ def test_pareto_selection_rule():
     assert auto_select(front, 0.0).number == 0  # KL 0.0 <= 0
     assert auto_select([t(0, 3, 2.0), t(1, 1, 3.0)], 1.0).number == 0  # none under the cap: lowest KL
     assert auto_select([], 1.0) is None
+
+
+def test_submit_refuses_a_model_the_backends_do_not_serve(torch_address, tmp_path):
+    """The gateway asks its extractor and evaluators for ModelInfo before accepting a job: another
+    model is FAILED_PRECONDITION at SubmitJob (not a FAILED job later); another spelling of the
+    served source is the same model and is accepted."""
+    gateway = Gateway(
+        f"sqlite:///{tmp_path / 'gw.db'}", torch_address, "127.0.0.1:1", [torch_address], retry_window_s=0
+    ).start()
+    try:
+        stub = stub_for(gateway)
+        foreign = make_spec()
+        foreign.model.source = "someone/else"
+        with pytest.raises(grpc.RpcError) as err:
+            stub.SubmitJob(P.SubmitJobRequest(spec=foreign))
+        assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert "someone/else" in err.value.details() and "extractor" in err.value.details()
+        wrong_4bit = make_spec()
+        wrong_4bit.model.load_in_4bit = True
+        with pytest.raises(grpc.RpcError) as err:
+            stub.SubmitJob(P.SubmitJobRequest(spec=wrong_4bit))
+        assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "load_in_4bit" in err.value.details()
+        assert stub.ListJobs(P.ListJobsRequest()).total == 0
+        respelled = make_spec()
+        respelled.model.source = "<tiny llama>/"
+        assert stub.SubmitJob(P.SubmitJobRequest(spec=respelled)).job.id
+    finally:
+        gateway.stop(0)

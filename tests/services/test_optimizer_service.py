@@ -664,3 +664,42 @@ def test_stop_with_abandon_fails_trials_in_flight_without_retry(tmp_path):
     finally:
         opt.close()
         stuck.stop()
+
+
+@pytest.mark.parametrize("bad_name", ["has\x00nul", "x" * 513])
+def test_bad_study_names_are_invalid_argument_on_every_rpc(pg_url, tmp_path, bad_name):
+    """A NUL (PostgreSQL refuses it) or a name past the 512-character column: INVALID_ARGUMENT,
+    on every RPC that takes a study name, before the database sees it."""
+    opt = Optimizer(pg_url, tmp_path / "blobs")
+    try:
+        calls = [
+            lambda: opt.stub.CreateStudy(create_request(bad_name, ["127.0.0.1:1"]), timeout=10),
+            lambda: list(opt.stub.RunStudy(optimizer_pb2.RunStudyRequest(study_name=bad_name), timeout=10)),
+            lambda: opt.stub.GetStudy(optimizer_pb2.GetStudyRequest(study_name=bad_name), timeout=10),
+            lambda: opt.stub.ListTrials(optimizer_pb2.ListTrialsRequest(study_name=bad_name), timeout=10),
+            lambda: opt.stub.StopStudy(optimizer_pb2.StopStudyRequest(study_name=bad_name), timeout=10),
+            lambda: opt.stub.RegisterEvaluator(
+                optimizer_pb2.RegisterEvaluatorRequest(address="127.0.0.1:1", study_name=bad_name), timeout=10
+            ),
+        ]
+        for call in calls:
+            with pytest.raises(grpc.RpcError) as info:
+                call()
+            assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT, info.value.details()
+            assert "study_name" in info.value.details() and len(info.value.details()) < 200
+    finally:
+        opt.close()
+
+
+def test_deeply_nested_job_settings_is_invalid_argument(pg_url, tmp_path):
+    """100,000 nested brackets once raised RecursionError in the JSON decoder: INTERNAL."""
+    opt = Optimizer(pg_url, tmp_path / "blobs")
+    try:
+        request = create_request(unique("nested"), ["127.0.0.1:1"])
+        request.job_settings_json = "[" * 100_000 + "]" * 100_000
+        with pytest.raises(grpc.RpcError) as info:
+            opt.stub.CreateStudy(request, timeout=30)
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "nested too deeply" in info.value.details()
+    finally:
+        opt.close()
