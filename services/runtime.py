@@ -25,6 +25,7 @@ from abliterate.rpc import build_server, configure_logging, serve_until_signal
 from abliterate.rpc.convert import model_spec_from_pb, model_spec_to_pb
 from abliterate.rpc.limits import MIB
 from abliterate.rpc.metrics import Metrics, serve_metrics
+from abliterate.rpc.streams import DEFAULT_MAX_STREAMS
 from abliterate.specs import ModelSpec
 from abliterate.v1 import common_pb2
 from abliterate_services.security import ServerTlsSettings
@@ -45,7 +46,10 @@ class TorchServiceConfig(ServerTlsSettings):
     chat_template_mode: str = Field("chat", description="chat or plain")
     address: str = Field("0.0.0.0:50051", description="host:port to listen on")
     max_message_mb: float = Field(64.0, description="gRPC message limit, MiB, both directions")
-    workers: int = Field(8, description="gRPC worker threads")
+    workers: int = Field(8, ge=1, description="gRPC worker threads for unary calls and health checks")
+    max_streams: int = Field(
+        DEFAULT_MAX_STREAMS, ge=1, description="server streams open at once; one more is RESOURCE_EXHAUSTED"
+    )
     batch_size: int = Field(0, description="prompts per forward pass (0 = automatic)")
     auth_token: str = Field("", description="bearer token callers must send (empty = none)")
     prompt_root: str = Field(
@@ -217,6 +221,7 @@ def start(hosted: Sequence[Hosted], config: TorchServiceConfig, address: str | N
         address or config.address,
         max_message_bytes=config.max_message_bytes,
         workers=config.workers,
+        max_streams=config.max_streams,
         auth_token=config.auth_token or None,
         on_oom=free_device_memory,
         tls=config.server_tls(),

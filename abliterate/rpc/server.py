@@ -31,6 +31,7 @@ from abliterate.rpc.errors import ErrorMappingInterceptor, OomHook
 from abliterate.rpc.limits import DEFAULT_MAX_MESSAGE_BYTES
 from abliterate.rpc.metrics import Metrics
 from abliterate.rpc.reflection import enable_documented_reflection
+from abliterate.rpc.streams import DEFAULT_MAX_STREAMS, StreamLimitInterceptor
 from abliterate.rpc.tls import ServerTLS
 
 log = logging.getLogger(__name__)
@@ -164,6 +165,7 @@ def build_server(
     interceptors: Sequence[grpc.ServerInterceptor] = (),
     tls: ServerTLS | None = None,
     metrics: Metrics | None = None,
+    max_streams: int = DEFAULT_MAX_STREAMS,
 ) -> tuple[grpc.Server, int, Health]:
     """Build (not start) a server hosting ``servicers``; return ``(server, bound_port, health)``.
 
@@ -182,19 +184,25 @@ def build_server(
       gauged (outermost, so refused and mapped calls count with their final
       code), and each servicer with a ``register_metrics(metrics)`` method
       gets it (its own gauges and counters); serving them over HTTP is
-      ``abliterate.rpc.metrics.serve_metrics``.
+      ``abliterate.rpc.metrics.serve_metrics``;
+    - ``workers`` threads serve unary calls and health checks, and up to
+      ``max_streams`` server streams have threads of their own (the pool is
+      ``workers + max_streams``); one more stream is RESOURCE_EXHAUSTED, so open
+      watchers never starve GetJob or health (``abliterate.rpc.streams``).
     """
     chain: list[grpc.ServerInterceptor] = []
     if metrics is not None:
         chain.append(metrics.interceptor())
     if auth_token:
         chain.append(BearerTokenInterceptor(auth_token))
+    # After auth: a refused caller takes no stream slot.
+    chain.append(StreamLimitInterceptor(max_streams))
     if map_errors:
         chain.append(_AppErrorInterceptor(on_oom=on_oom))
     chain.extend(interceptors)
 
     server = grpc.server(
-        futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="grpc-worker"),
+        futures.ThreadPoolExecutor(max_workers=workers + max_streams, thread_name_prefix="grpc-worker"),
         interceptors=chain,
         options=server_options(max_message_bytes),
         maximum_concurrent_rpcs=None,

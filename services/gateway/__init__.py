@@ -14,6 +14,7 @@ import threading
 from abliterate.database import DEFAULT_PATIENCE_S, watch_database
 from abliterate.rpc import build_server, serve_until_signal
 from abliterate.rpc.metrics import Metrics, MetricsEndpoint, serve_metrics
+from abliterate.rpc.streams import DEFAULT_MAX_STREAMS
 from abliterate.rpc.tls import ClientTLS, ServerTLS
 from abliterate.v1 import gateway_pb2_grpc
 from abliterate_services.gateway.config import GatewayConfig
@@ -41,6 +42,7 @@ class Gateway:
         service_token: str | None = None,
         resume_on_start: bool = True,
         workers: int = 16,
+        max_streams: int = DEFAULT_MAX_STREAMS,
         grace_s: float = 5.0,
         watch_poll_s: float = 1.0,
         retry_window_s: float = 600.0,
@@ -78,6 +80,7 @@ class Gateway:
             [(gateway_pb2_grpc.add_GatewayServiceServicer_to_server, self.servicer)],
             address,
             workers=workers,
+            max_streams=max_streams,
             auth_token=auth_token,
             tls=tls,
             metrics=self.metrics,
@@ -98,6 +101,7 @@ class Gateway:
             service_token=config.service_token,
             resume_on_start=config.resume_on_start,
             workers=config.workers,
+            max_streams=config.max_streams,
             grace_s=config.grace_s,
             retry_window_s=config.retry_window_s,
             database_patience_s=config.database_patience_s,

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
+from abliterate.rpc.streams import DEFAULT_MAX_STREAMS
 from abliterate_services.config import DEFAULT_DATA_DIR
 from abliterate_services.security import ClientTlsSettings, ServerTlsSettings
 
@@ -29,7 +30,10 @@ class GatewayConfig(ServerTlsSettings, ClientTlsSettings):
         600.0, description="seconds a job's store write is retried through a database outage before the job fails"
     )
     database_check_s: float = Field(5.0, description="period of the database check behind health")
-    workers: int = Field(16, description="gRPC worker threads (each watcher holds one)")
+    workers: int = Field(16, ge=1, description="gRPC worker threads for unary calls and health checks")
+    max_streams: int = Field(
+        DEFAULT_MAX_STREAMS, ge=1, description="server streams (watchers) open at once; one more is RESOURCE_EXHAUSTED"
+    )
     grace_s: float = Field(5.0, description="seconds calls in flight get at shutdown")
     metrics_address: str = Field(
         "", description="host:port of the Prometheus endpoint (HTTP /metrics); empty = off (compose turns it on)"

@@ -59,6 +59,7 @@ def main(argv: list[str] | None = None) -> int:
             config.address,
             max_message_bytes=config.max_message_bytes,
             workers=config.workers,
+            max_streams=config.max_streams,
             auth_token=config.auth_token,
             tls=config.server_tls(),
             metrics=metrics,

@@ -6,6 +6,7 @@ from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
 from abliterate.rpc.limits import DEFAULT_MAX_MESSAGE_BYTES
+from abliterate.rpc.streams import DEFAULT_MAX_STREAMS
 from abliterate_services.config import DEFAULT_DATA_DIR
 from abliterate_services.security import ClientTlsSettings, ServerTlsSettings
 
@@ -33,7 +34,10 @@ class OptimizerConfig(ServerTlsSettings, ClientTlsSettings):
     busy_retry_s: float = Field(2.0, description="wait before resending to a busy evaluator")
     prepare_timeout_s: float = Field(3600.0, description="PrepareBaseline deadline")
     give_up_s: float = Field(900.0, description="a study with no usable evaluator this long fails")
-    workers: int = Field(16, description="gRPC worker threads (each watcher holds one)")
+    workers: int = Field(16, ge=1, description="gRPC worker threads for unary calls and health checks")
+    max_streams: int = Field(
+        DEFAULT_MAX_STREAMS, ge=1, description="server streams (watchers) open at once; one more is RESOURCE_EXHAUSTED"
+    )
     grace_s: float = Field(10.0, description="seconds trials in flight get at shutdown")
     heartbeat_interval_s: int = Field(
         10, description="seconds between heartbeats of a trial in flight (Optuna's RDB heartbeat)"
