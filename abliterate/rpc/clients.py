@@ -202,7 +202,15 @@ class GatewayClient(ServiceClient):
         return self.stub.GetJob(gateway_pb2.GetJobRequest(job_id=job_id)).job
 
     def list_jobs(self, phases: list[int], limit: int = 0) -> gateway_pb2.ListJobsResponse:
-        return self.stub.ListJobs(gateway_pb2.ListJobsRequest(phases=phases, limit=limit))
+        """Job summaries, newest first: at most ``limit``, or every one (page by page) when 0."""
+        if limit:
+            return self.stub.ListJobs(gateway_pb2.ListJobsRequest(phases=phases, limit=limit))
+        listing = self.stub.ListJobs(gateway_pb2.ListJobsRequest(phases=phases))
+        while listing.next_offset:
+            page = self.stub.ListJobs(gateway_pb2.ListJobsRequest(phases=phases, offset=listing.next_offset))
+            listing.jobs.extend(page.jobs)
+            listing.next_offset = page.next_offset
+        return listing
 
     def watch_job(self, job_id: str, after_sequence: int | None = None) -> Any:
         """The job's event stream (iterate it; ``cancel()`` stops it); ``after_sequence`` replays."""

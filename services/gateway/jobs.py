@@ -129,6 +129,21 @@ class JobRecord:
             job.auto_selected_trial = self.auto_selected_trial
         return job
 
+    def to_summary_pb(self) -> gateway_pb2.Job:
+        """The job as ListJobs shows it: no diagnostics or model info, and of the spec only the name, the
+        model's source and n_trials, so a page stays small whatever the specs hold."""
+        job = self.to_pb()
+        job.ClearField("diagnostics")
+        job.ClearField("model")
+        job.spec.CopyFrom(
+            gateway_pb2.JobSpec(
+                name=self.spec.name,
+                model=common_pb2.ModelSpec(source=self.spec.model.source),
+                n_trials=self.spec.n_trials,
+            )
+        )
+        return job
+
 
 def _to_json(msg: Any) -> str:
     return json_format.MessageToJson(msg, indent=None, preserving_proto_field_name=True)

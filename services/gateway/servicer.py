@@ -19,6 +19,10 @@ from abliterate_services.gateway import events as ev
 from abliterate_services.gateway.jobs import JobStore, phase_name
 from abliterate_services.gateway.orchestrator import Orchestrator
 
+#: ListJobs' page size when the request names none, and the largest it serves.
+DEFAULT_PAGE_SIZE = 50
+MAX_PAGE_SIZE = 500
+
 #: Event sequences are stored as signed 64-bit integers: WatchJob's after_sequence stays below this.
 MAX_SEQUENCE = 2**63
 
@@ -94,8 +98,19 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
 
     def ListJobs(self, request: gateway_pb2.ListJobsRequest, context: grpc.ServicerContext) -> Any:
         start = time.perf_counter()
-        jobs, total = self.store.list(list(request.phases), request.offset, request.limit)
-        return gateway_pb2.ListJobsResponse(jobs=[j.to_pb() for j in jobs], total=total, timings_s=_timed(start))
+        known = set(gateway_pb2.JobPhase.values()) - {gateway_pb2.JOB_PHASE_UNSPECIFIED}
+        unknown = sorted(set(request.phases) - known)
+        if unknown:
+            raise InvalidArgument(f"unknown job phase value(s) {unknown[:5]}; known: {sorted(known)}")
+        page_size = min(request.limit or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
+        jobs, total = self.store.list(list(request.phases), request.offset, page_size)
+        next_offset = request.offset + len(jobs)
+        return gateway_pb2.ListJobsResponse(
+            jobs=[j.to_summary_pb() for j in jobs],
+            total=total,
+            next_offset=next_offset if jobs and next_offset < total else 0,
+            timings_s=_timed(start),
+        )
 
     def CancelJob(self, request: gateway_pb2.CancelJobRequest, context: grpc.ServicerContext) -> Any:
         start = time.perf_counter()

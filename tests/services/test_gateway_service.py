@@ -528,3 +528,39 @@ def test_submit_refuses_a_model_the_backends_do_not_serve(torch_address, tmp_pat
         assert stub.SubmitJob(P.SubmitJobRequest(spec=respelled)).job.id
     finally:
         gateway.stop(0)
+
+
+def test_list_jobs_pages_summaries(offline_gateway):
+    stub = stub_for(offline_gateway)
+    bulky = make_spec()
+    bulky.harmful_train.prompts.extend(["a long harmful prompt " * 500] * 10)  # about 110 kB a spec
+    for index in range(120):
+        spec = P.JobSpec()
+        spec.CopyFrom(bulky)
+        spec.name = f"paged-{index:03d}"
+        offline_gateway.store.create_job(spec)
+    first = stub.ListJobs(P.ListJobsRequest())
+    # The default page (50), newest first, as summaries: no prompts, no diagnostics, no model info.
+    assert first.total == 120 and len(first.jobs) == 50 and first.next_offset == 50
+    assert first.jobs[0].name == "paged-119"
+    summary = first.jobs[0]
+    assert summary.spec.name == "paged-119" and summary.spec.model.source == "<tiny llama>"
+    assert summary.spec.n_trials == bulky.n_trials
+    assert not summary.spec.HasField("harmful_train") and not summary.diagnostics
+    assert first.ByteSize() < 50 * 1024  # the full specs would be over 5 MB
+    full = stub.GetJob(P.GetJobRequest(job_id=summary.id)).job
+    assert len(full.spec.harmful_train.prompts) == len(bulky.harmful_train.prompts)
+    # Page by page to the end; a page size above the maximum is clamped.
+    last = stub.ListJobs(P.ListJobsRequest(offset=100, limit=50))
+    assert len(last.jobs) == 20 and last.next_offset == 0 and last.jobs[-1].name == "paged-000"
+    assert len(stub.ListJobs(P.ListJobsRequest(limit=10**6)).jobs) == 120
+    # The typed client with no limit follows next_offset through every page.
+    from abliterate.rpc.clients import GatewayClient
+
+    with GatewayClient(offline_gateway.address) as client:
+        names = [job.name for job in client.list_jobs([]).jobs]
+    assert names == [f"paged-{index:03d}" for index in reversed(range(120))]
+    # An unknown phase is refused, not ignored.
+    with pytest.raises(grpc.RpcError) as err:
+        stub.ListJobs(P.ListJobsRequest(phases=[999]))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "999" in err.value.details()
