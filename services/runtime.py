@@ -20,6 +20,7 @@ from typing import Any
 
 from pydantic import Field
 
+from abliterate.caps import DEFAULT_MAX_PROMPT_TOKENS
 from abliterate.errors import AbliterateError, FailedPrecondition, InvalidArgument, Unavailable
 from abliterate.rpc import build_server, configure_logging, serve_until_signal
 from abliterate.rpc.convert import model_spec_from_pb, model_spec_to_pb
@@ -51,6 +52,9 @@ class TorchServiceConfig(ServerTlsSettings):
         DEFAULT_MAX_STREAMS, ge=1, description="server streams open at once; one more is RESOURCE_EXHAUSTED"
     )
     batch_size: int = Field(0, description="prompts per forward pass (0 = automatic)")
+    max_prompt_tokens: int = Field(
+        DEFAULT_MAX_PROMPT_TOKENS, ge=1, description="longest prompt accepted, in tokens (cost grows with its square)"
+    )
     auth_token: str = Field("", description="bearer token callers must send (empty = none)")
     prompt_root: str = Field(
         "",

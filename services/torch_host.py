@@ -46,7 +46,11 @@ def hosted_servicers(
     export_root = (export_root or config.export_root) if confine_files else None
     prompt_root = (config.prompt_root if prompt_root is None else prompt_root) if confine_files else None
     extractor = ExtractorServicer(
-        batch_size=config.batch_size, lock=lock, max_message_bytes=config.max_message_bytes, prompt_root=prompt_root
+        batch_size=config.batch_size,
+        lock=lock,
+        max_message_bytes=config.max_message_bytes,
+        prompt_root=prompt_root,
+        max_prompt_tokens=config.max_prompt_tokens,
     )
     evaluator = EvaluatorServicer(
         batch_size=config.batch_size,
@@ -54,6 +58,9 @@ def hosted_servicers(
         max_direction_sets=config.max_direction_sets,
         default_max_new_tokens=config.default_max_new_tokens,
         max_generate_tokens=config.max_generate_tokens,
+        max_scoring_tokens=config.max_scoring_tokens,
+        max_kl_tokens=config.max_kl_tokens,
+        max_prompt_tokens=config.max_prompt_tokens,
         export_root=export_root,
         prompt_root=prompt_root,
     )

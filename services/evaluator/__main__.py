@@ -20,6 +20,9 @@ def main(argv: list[str] | None = None) -> int:
         max_direction_sets=config.max_direction_sets,
         default_max_new_tokens=config.default_max_new_tokens,
         max_generate_tokens=config.max_generate_tokens,
+        max_scoring_tokens=config.max_scoring_tokens,
+        max_kl_tokens=config.max_kl_tokens,
+        max_prompt_tokens=config.max_prompt_tokens,
         export_root=config.export_root,
         prompt_root=config.prompt_root,
     )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from abliterate.caps import DEFAULT_MAX_KL_TOKENS, DEFAULT_MAX_PROMPT_TOKENS, DEFAULT_MAX_SCORING_TOKENS
 from abliterate.errors import InvalidArgument, Unavailable
 from abliterate.rpc.convert import params_from_pb
 from abliterate.v1 import common_pb2, evaluator_pb2, evaluator_pb2_grpc
@@ -50,6 +51,9 @@ class EvaluatorServicer(evaluator_pb2_grpc.EvaluatorServiceServicer):
         max_direction_sets: int = 4,
         default_max_new_tokens: int = 256,
         max_generate_tokens: int = 4096,
+        max_scoring_tokens: int = DEFAULT_MAX_SCORING_TOKENS,
+        max_kl_tokens: int = DEFAULT_MAX_KL_TOKENS,
+        max_prompt_tokens: int = DEFAULT_MAX_PROMPT_TOKENS,
         export_root: str | None = None,
         prompt_root: str | None = None,
     ) -> None:
@@ -59,6 +63,9 @@ class EvaluatorServicer(evaluator_pb2_grpc.EvaluatorServiceServicer):
             max_direction_sets=max_direction_sets,
             default_max_new_tokens=default_max_new_tokens,
             max_generate_tokens=max_generate_tokens,
+            max_scoring_tokens=max_scoring_tokens,
+            max_kl_tokens=max_kl_tokens,
+            max_prompt_tokens=max_prompt_tokens,
             export_root=export_root,
             prompt_root=prompt_root,
         )

@@ -24,6 +24,13 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 from abliterate.artifacts import tensor_names
+from abliterate.caps import (
+    DEFAULT_MAX_KL_TOKENS,
+    DEFAULT_MAX_PROMPT_TOKENS,
+    DEFAULT_MAX_SCORING_TOKENS,
+    check_at_most,
+    check_prompt_tokens,
+)
 from abliterate.core.chat import build_messages, render_chat
 from abliterate.core.directions import DirectionSet, protected_subspace
 from abliterate.core.export import export_merged
@@ -105,6 +112,9 @@ class EvaluatorSession:
         default_max_new_tokens: int = DEFAULT_GENERATE_TOKENS,
         max_generate_tokens: int = 4096,
         *,
+        max_scoring_tokens: int = DEFAULT_MAX_SCORING_TOKENS,
+        max_kl_tokens: int = DEFAULT_MAX_KL_TOKENS,
+        max_prompt_tokens: int = DEFAULT_MAX_PROMPT_TOKENS,
         export_root: str | None = None,
         prompt_root: str | None = None,
     ):
@@ -119,6 +129,9 @@ class EvaluatorSession:
         self.max_direction_sets = max(1, max_direction_sets)
         self.default_max_new_tokens = default_max_new_tokens
         self.max_generate_tokens = max_generate_tokens
+        self.max_scoring_tokens = max_scoring_tokens
+        self.max_kl_tokens = max_kl_tokens
+        self.max_prompt_tokens = max_prompt_tokens
         self._sets: OrderedDict[str, tuple[DirectionSet, list[str]]] = OrderedDict()
         self._store_lock = threading.Lock()
         self.baseline: BaselineInfo | None = None
@@ -238,8 +251,12 @@ class EvaluatorSession:
         kl_tokens = max(1, spec.kl_tokens)
         timings: dict[str, float] = {}
         t0 = time.perf_counter()
+        check_at_most(spec.max_new_tokens, self.max_scoring_tokens, "max_new_tokens", "max_scoring_tokens")
+        check_at_most(spec.kl_tokens, self.max_kl_tokens, "kl_tokens", "max_kl_tokens")
         kl_prompts = load_prompt_set(spec.kl_prompts, "KL", file_root=self.prompt_root)
         refusal_prompts = load_prompt_set(spec.refusal_prompts, "refusal", file_root=self.prompt_root)
+        check_prompt_tokens(self.lm.tokenizer, kl_prompts, self.max_prompt_tokens, "KL prompt")
+        check_prompt_tokens(self.lm.tokenizer, refusal_prompts, self.max_prompt_tokens, "refusal prompt")
         timings["load_prompts"] = time.perf_counter() - t0
         with self.lock.hold("PrepareBaseline", SERVICE):
             engine = self.engine
@@ -368,6 +385,7 @@ class EvaluatorSession:
         is_active: Callable[[], bool],
     ) -> Iterator[Chunk]:
         opts = self._check_options(options or GenerationOptions())
+        check_prompt_tokens(self.lm.tokenizer, [text], self.max_prompt_tokens, f"the {what} prompt")
         ds = None
         if params is not None:
             ds = self.directions(set_id)

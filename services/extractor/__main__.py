@@ -16,7 +16,10 @@ def main(argv: list[str] | None = None) -> int:
     if config is None:
         return 2
     servicer = ExtractorServicer(
-        batch_size=config.batch_size, max_message_bytes=config.max_message_bytes, prompt_root=config.prompt_root
+        batch_size=config.batch_size,
+        max_message_bytes=config.max_message_bytes,
+        prompt_root=config.prompt_root,
+        max_prompt_tokens=config.max_prompt_tokens,
     )
     hosted = [Hosted(extractor_pb2_grpc.add_ExtractorServiceServicer_to_server, servicer, servicer.attach)]
     return run("extractor", hosted, config)

@@ -21,6 +21,7 @@ from collections.abc import Callable, Iterator
 import torch
 from google.protobuf import json_format
 
+from abliterate.caps import DEFAULT_MAX_PROMPT_TOKENS, check_prompt_tokens
 from abliterate.core.directions import protect_sacred, refusal_directions, sacred_directions
 from abliterate.core.loading import LoadedModel
 from abliterate.core.modules import discover
@@ -66,8 +67,10 @@ class Extractor:
         max_message_bytes: int | None = None,
         service: str = "extractor",
         prompt_root: str | None = None,
+        max_prompt_tokens: int = DEFAULT_MAX_PROMPT_TOKENS,
     ):
         self.lm = lm
+        self.max_prompt_tokens = max_prompt_tokens
         # Where prompt files may be read (abliterate.core.prompts: None any, "" none, else under it).
         self.prompt_root = prompt_root
         self.module_map = discover(lm.model)
@@ -155,6 +158,7 @@ class Extractor:
             prompts[name] = load_prompt_set(msg, name, file_root=self.prompt_root)
             if not prompts[name]:
                 raise InvalidArgument(f"the {name} prompt set is empty")
+            check_prompt_tokens(lm.tokenizer, prompts[name], self.max_prompt_tokens, f"{name} prompt")
             emit(_progress("loading_prompts", i + 1, len(sets), f"{name}: {len(prompts[name])} prompts"))
         timings["load_prompts"] = time.perf_counter() - t0
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from abliterate.caps import DEFAULT_MAX_PROMPT_TOKENS
 from abliterate.errors import Unavailable
 from abliterate.v1 import common_pb2, extractor_pb2_grpc
 from abliterate_services.runtime import DeviceLock, register_state_gauge
@@ -18,7 +19,9 @@ class ExtractorServicer(extractor_pb2_grpc.ExtractorServiceServicer):
         lock: DeviceLock | None = None,
         max_message_bytes: int | None = None,
         prompt_root: str | None = None,
+        max_prompt_tokens: int = DEFAULT_MAX_PROMPT_TOKENS,
     ) -> None:
+        self.max_prompt_tokens = max_prompt_tokens
         self.batch_size = batch_size
         self.prompt_root = prompt_root
         self.lock = lock or DeviceLock()
@@ -36,6 +39,7 @@ class ExtractorServicer(extractor_pb2_grpc.ExtractorServiceServicer):
             lock=self.lock,
             max_message_bytes=self.max_message_bytes,
             prompt_root=self.prompt_root,
+            max_prompt_tokens=self.max_prompt_tokens,
         )
 
     def register_metrics(self, metrics) -> None:

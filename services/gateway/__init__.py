@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import threading
 
+from abliterate.caps import DEFAULT_MAX_SPEC_BYTES
 from abliterate.database import DEFAULT_PATIENCE_S, watch_database
 from abliterate.rpc import build_server, serve_until_signal
 from abliterate.rpc.metrics import Metrics, MetricsEndpoint, serve_metrics
@@ -53,6 +54,7 @@ class Gateway:
         service_tls: ClientTLS | None = None,
         metrics: Metrics | None = None,
         metrics_address: str = "",
+        max_spec_bytes: int = DEFAULT_MAX_SPEC_BYTES,
     ) -> None:
         self.store = JobStore(storage_url)
         # Shared with the process's other servers in the embedded run (one endpoint for all).
@@ -72,6 +74,7 @@ class Gateway:
             retry_window_s=retry_window_s,
             database_patience_s=database_patience_s,
             service_tls=service_tls,
+            max_spec_bytes=max_spec_bytes,
         )
         self.servicer = GatewayServicer(self.store, self.bus, self.orchestrator, watch_poll_s=watch_poll_s)
         self.resume_on_start = resume_on_start
@@ -109,6 +112,7 @@ class Gateway:
             tls=config.server_tls(),
             service_tls=config.client_tls(),
             metrics_address=config.metrics_address,
+            max_spec_bytes=int(config.max_spec_mb * (1 << 20)),
         )
 
     def start(self) -> "Gateway":

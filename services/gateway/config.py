@@ -5,6 +5,7 @@ from __future__ import annotations
 from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
+from abliterate.caps import DEFAULT_MAX_SPEC_BYTES
 from abliterate.rpc.streams import DEFAULT_MAX_STREAMS
 from abliterate_services.config import DEFAULT_DATA_DIR
 from abliterate_services.security import ClientTlsSettings, ServerTlsSettings
@@ -30,6 +31,9 @@ class GatewayConfig(ServerTlsSettings, ClientTlsSettings):
         600.0, description="seconds a job's store write is retried through a database outage before the job fails"
     )
     database_check_s: float = Field(5.0, description="period of the database check behind health")
+    max_spec_mb: float = Field(
+        DEFAULT_MAX_SPEC_BYTES / (1 << 20), gt=0, description="largest job spec accepted, MiB (serialized)"
+    )
     workers: int = Field(16, ge=1, description="gRPC worker threads for unary calls and health checks")
     max_streams: int = Field(
         DEFAULT_MAX_STREAMS, ge=1, description="server streams (watchers) open at once; one more is RESOURCE_EXHAUSTED"

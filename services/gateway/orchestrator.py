@@ -32,6 +32,7 @@ from typing import Any, TypeVar
 
 from google.protobuf import json_format
 
+from abliterate.caps import DEFAULT_MAX_SPEC_BYTES, check_spec_size, check_trial_timeout
 from abliterate.database import DEFAULT_PATIENCE_S, retry_through_outage
 from abliterate.errors import (
     AbliterateError,
@@ -103,8 +104,7 @@ def validate_spec(spec: gateway_pb2.JobSpec) -> None:
         )
     if extraction.orthogonalize_against_sacred and not extraction.sacred:
         raise InvalidArgument("options.extraction.orthogonalize_against_sacred needs sacred directions")
-    if spec.options.trial_timeout_s < 0 or not math.isfinite(spec.options.trial_timeout_s):
-        raise InvalidArgument("options.trial_timeout_s must be >= 0")
+    check_trial_timeout(spec.options.trial_timeout_s, "options.trial_timeout_s")
 
 
 def _spec_settings_json(spec: gateway_pb2.JobSpec) -> str:
@@ -161,7 +161,9 @@ class Orchestrator:
         database_patience_s: float = DEFAULT_PATIENCE_S,
         *,
         service_tls: ClientTLS | None = None,
+        max_spec_bytes: int = DEFAULT_MAX_SPEC_BYTES,
     ) -> None:
+        self.max_spec_bytes = max_spec_bytes
         self.store = store
         self.bus = bus
         self.extractor_address = extractor_address
@@ -204,6 +206,7 @@ class Orchestrator:
     # ------------------------------------------------------------- job API
 
     def submit(self, spec: gateway_pb2.JobSpec) -> JobRecord:
+        check_spec_size(spec.ByteSize(), self.max_spec_bytes)
         validate_spec(spec)
         self._check_served_model(spec.model)
         job = self.store.create_job(spec)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
-import math
 import queue
 import re
 import threading
@@ -14,6 +13,7 @@ from collections.abc import Iterator, Sequence
 from optuna.trial import TrialState
 
 from abliterate.blobs import open_blob_store
+from abliterate.caps import check_trial_timeout
 from abliterate.errors import (
     AlreadyExists,
     FailedPrecondition,
@@ -32,6 +32,9 @@ from abliterate_services.optimizer.dispatch import DispatchOptions, StudyRunner
 from abliterate_services.optimizer.search_space import SearchSpace
 
 log = logging.getLogger(__name__)
+
+#: Parameter sets a study may be warm-started with (each is validated and enqueued one by one).
+MAX_WARM_START = 200
 
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 _ADDRESS = re.compile(r"^(\[[0-9a-fA-F:.]+\]|[A-Za-z0-9_.-]+):\d{1,5}$")
@@ -231,9 +234,11 @@ class OptimizerServicer(optimizer_pb2_grpc.OptimizerServiceServicer):
         if request.n_trials <= 0:
             raise InvalidArgument("n_trials must be > 0")
         job_settings = st.parse_job_settings(request.job_settings_json)
-        timeout = request.trial_timeout_s
-        if not math.isfinite(timeout) or timeout < 0:
-            raise InvalidArgument(f"trial_timeout_s must be >= 0, got {timeout}")
+        timeout = check_trial_timeout(request.trial_timeout_s)
+        if len(request.warm_start) > MAX_WARM_START:
+            raise InvalidArgument(
+                f"warm_start holds {len(request.warm_start)} parameter sets; at most {MAX_WARM_START}"
+            )
         addresses = [check_address(a) for a in request.evaluator_addresses if a.strip()]
         blob = request.directions
         data = None

@@ -658,3 +658,37 @@ def test_canonical_source_spellings(tmp_path):
     assert canonical_source("org/a") != canonical_source("org/b")
     assert ModelSpec("org/name/").load_mismatch(ModelSpec("org/name")) is None
     assert "org/other" in ModelSpec("org/other").load_mismatch(ModelSpec("org/name"))
+
+
+def test_token_caps_are_settings_and_refused_with_their_name(lm, blob):
+    servicer = EvaluatorServicer(lm, batch_size=4, max_prompt_tokens=64, max_scoring_tokens=8, max_kl_tokens=2)
+    with serve([(ADD, servicer)]) as capped:
+        stub = evaluator_pb2_grpc.EvaluatorServiceStub(capped.channel)
+        long_prompt = "word " * 200  # well over 64 tokens, under 64 * 32 characters: it is tokenized
+        huge_prompt = "A" * 1_000_000  # refused by its length alone
+        for prompt in (long_prompt, huge_prompt):
+            code, details = details_of(lambda p=prompt: list(stub.Generate(E.GenerateRequest(prompt=p))))
+            assert code == grpc.StatusCode.INVALID_ARGUMENT and "max_prompt_tokens" in details
+            assert len(details) < 300
+        message = common_pb2.ChatMessage(role="user", content=long_prompt)
+        code, details = details_of(lambda: list(stub.Chat(E.EvaluatorServiceChatRequest(messages=[message]))))
+        assert code == grpc.StatusCode.INVALID_ARGUMENT and "max_prompt_tokens" in details
+        for spec, setting in (
+            (baseline_spec(max_new_tokens=9), "max_scoring_tokens"),
+            (
+                common_pb2.BaselineSpec(kl_prompts=prompts(GOOD), refusal_prompts=prompts(BAD), kl_tokens=3),
+                "max_kl_tokens",
+            ),
+            (
+                common_pb2.BaselineSpec(kl_prompts=prompts([long_prompt]), refusal_prompts=prompts(BAD)),
+                "max_prompt_tokens",
+            ),
+        ):
+            code, details = details_of(lambda s=spec: stub.PrepareBaseline(E.PrepareBaselineRequest(baseline=s)))
+            assert code == grpc.StatusCode.INVALID_ARGUMENT and setting in details, details
+        # At the caps everything still works.
+        assert stub.PrepareBaseline(E.PrepareBaselineRequest(baseline=baseline_spec(max_new_tokens=8))).baseline_id
+        text, _ = gen_text(
+            stub.Generate(E.GenerateRequest(prompt="Say hi.", options=common_pb2.GenerationOptions(max_new_tokens=3)))
+        )
+        assert text is not None

@@ -564,3 +564,21 @@ def test_list_jobs_pages_summaries(offline_gateway):
     with pytest.raises(grpc.RpcError) as err:
         stub.ListJobs(P.ListJobsRequest(phases=[999]))
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "999" in err.value.details()
+
+
+def test_submit_caps_spec_size_and_trial_timeout(offline_gateway):
+    stub = stub_for(offline_gateway)
+    # Seven 10 MB specs once made ListJobs unanswerable; past max_spec_mb (1 MiB) a spec is refused.
+    bulky = make_spec()
+    bulky.harmful_train.prompts.extend(["x" * 1000] * 1100)
+    with pytest.raises(grpc.RpcError) as err:
+        stub.SubmitJob(P.SubmitJobRequest(spec=bulky))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "max_spec_mb" in err.value.details()
+    assert stub.ListJobs(P.ListJobsRequest()).total == 0
+    # A trial timeout past the gRPC deadline's range would fail every trial at once.
+    for timeout in (7.5e9, float("nan")):
+        spec = make_spec()
+        spec.options.trial_timeout_s = timeout
+        with pytest.raises(grpc.RpcError) as err:
+            stub.SubmitJob(P.SubmitJobRequest(spec=spec))
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "trial_timeout_s" in err.value.details()

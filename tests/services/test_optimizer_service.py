@@ -703,3 +703,24 @@ def test_deeply_nested_job_settings_is_invalid_argument(pg_url, tmp_path):
         assert "nested too deeply" in info.value.details()
     finally:
         opt.close()
+
+
+def test_create_study_caps_trial_timeout_and_warm_start(tmp_path):
+    opt = Optimizer(f"sqlite:///{tmp_path / 'caps.db'}", tmp_path / "blobs")
+    try:
+        # Past about 7.4e9 s the gRPC deadline overflows and every trial would fail at once.
+        for timeout in (1e10, float("inf"), -1.0):
+            request = create_request(unique("caps"), ["127.0.0.1:1"], trial_timeout_s=timeout)
+            with pytest.raises(grpc.RpcError) as err:
+                opt.stub.CreateStudy(request, timeout=10)
+            assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert "trial_timeout_s" in err.value.details()
+        params = params_to_pb(AblationParams.uniform(1.0, N_LAYERS))
+        request = create_request(unique("caps"), ["127.0.0.1:1"], warm_start=[params] * 201)
+        started = time.monotonic()
+        with pytest.raises(grpc.RpcError) as err:
+            opt.stub.CreateStudy(request, timeout=10)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "warm_start" in err.value.details()
+        assert time.monotonic() - started < 5  # refused before any set is validated or enqueued
+    finally:
+        opt.close()
