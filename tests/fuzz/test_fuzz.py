@@ -43,8 +43,6 @@ def assert_clean(report: ProbeReport) -> None:
     assert all(g < RSS_GROWTH_LIMIT_MIB for g in growth.values()), (growth, summary)
 
 
-# FUZZ-XFAIL: remove at merge
-@pytest.mark.xfail(reason="issue 9 findings being fixed in parallel", strict=False)
 @pytest.mark.timeout(300)
 def test_fuzzed_requests_get_clear_statuses_and_the_stack_survives(tmp_path):
     report = run_probe(
