@@ -14,6 +14,9 @@ from abliterate.errors import InvalidArgument
 #: Serialized size of a job spec the gateway stores (its ``max_spec_mb`` setting): specs are kept in
 #: the job store and sent back by GetJob, so a 10 MB refusal-marker list must not get in.
 DEFAULT_MAX_SPEC_BYTES = 1 << 20
+#: The gateway's message limit: its largest request is a job spec (at most DEFAULT_MAX_SPEC_BYTES), so
+#: the 64 MiB the torch services need for direction sets would only let a client make it hold 64 MiB.
+DEFAULT_GATEWAY_MESSAGE_BYTES = 4 << 20
 #: Tokens generated per prompt to count refusals (JobSpec.max_new_tokens, BaselineSpec.max_new_tokens).
 DEFAULT_MAX_SCORING_TOKENS = 1024
 #: Positions the KL divergence averages over (kl_tokens).

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import threading
 
-from abliterate.caps import DEFAULT_MAX_SPEC_BYTES
+from abliterate.caps import DEFAULT_GATEWAY_MESSAGE_BYTES, DEFAULT_MAX_SPEC_BYTES
 from abliterate.database import DEFAULT_PATIENCE_S, watch_database
 from abliterate.rpc import build_server, serve_until_signal
 from abliterate.rpc.metrics import Metrics, MetricsEndpoint, serve_metrics
@@ -55,6 +55,7 @@ class Gateway:
         metrics: Metrics | None = None,
         metrics_address: str = "",
         max_spec_bytes: int = DEFAULT_MAX_SPEC_BYTES,
+        max_message_bytes: int = DEFAULT_GATEWAY_MESSAGE_BYTES,
     ) -> None:
         self.store = JobStore(storage_url)
         # Shared with the process's other servers in the embedded run (one endpoint for all).
@@ -82,6 +83,7 @@ class Gateway:
         self.server, self.port, self.health = build_server(
             [(gateway_pb2_grpc.add_GatewayServiceServicer_to_server, self.servicer)],
             address,
+            max_message_bytes=max(max_message_bytes, 2 * max_spec_bytes),
             workers=workers,
             max_streams=max_streams,
             auth_token=auth_token,
@@ -113,6 +115,7 @@ class Gateway:
             service_tls=config.client_tls(),
             metrics_address=config.metrics_address,
             max_spec_bytes=int(config.max_spec_mb * (1 << 20)),
+            max_message_bytes=int(config.max_message_mb * (1 << 20)),
         )
 
     def start(self) -> "Gateway":

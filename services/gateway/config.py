@@ -5,7 +5,7 @@ from __future__ import annotations
 from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
-from abliterate.caps import DEFAULT_MAX_SPEC_BYTES
+from abliterate.caps import DEFAULT_GATEWAY_MESSAGE_BYTES, DEFAULT_MAX_SPEC_BYTES
 from abliterate.rpc.streams import DEFAULT_MAX_STREAMS
 from abliterate_services.config import DEFAULT_DATA_DIR
 from abliterate_services.security import ClientTlsSettings, ServerTlsSettings
@@ -33,6 +33,11 @@ class GatewayConfig(ServerTlsSettings, ClientTlsSettings):
     database_check_s: float = Field(5.0, description="period of the database check behind health")
     max_spec_mb: float = Field(
         DEFAULT_MAX_SPEC_BYTES / (1 << 20), gt=0, description="largest job spec accepted, MiB (serialized)"
+    )
+    max_message_mb: float = Field(
+        DEFAULT_GATEWAY_MESSAGE_BYTES / (1 << 20),
+        gt=0,
+        description="gRPC message limit, MiB: larger requests are refused before they are read into memory",
     )
     workers: int = Field(16, ge=1, description="gRPC worker threads for unary calls and health checks")
     max_streams: int = Field(

@@ -582,3 +582,20 @@ def test_submit_caps_spec_size_and_trial_timeout(offline_gateway):
         with pytest.raises(grpc.RpcError) as err:
             stub.SubmitJob(P.SubmitJobRequest(spec=spec))
         assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "trial_timeout_s" in err.value.details()
+
+
+def test_requests_past_the_gateways_message_limit_are_refused_unread(tmp_path):
+    gateway = Gateway(
+        f"sqlite:///{tmp_path / 'gw.db'}", "127.0.0.1:1", "127.0.0.1:1", ["127.0.0.1:1"], retry_window_s=0
+    ).start()
+    try:
+        # A client allowed to send 64 MiB: the gateway's own 4 MiB limit is what refuses.
+        channel = make_channel(gateway.address, max_message_bytes=64 << 20)
+        stub = gateway_pb2_grpc.GatewayServiceStub(channel)
+        with pytest.raises(grpc.RpcError) as err:
+            stub.GetJob(P.GetJobRequest(job_id="x" * (5 << 20)), timeout=10)
+        assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert stub.ListJobs(P.ListJobsRequest(), timeout=10).total == 0  # still answering
+        channel.close()
+    finally:
+        gateway.stop(0)
