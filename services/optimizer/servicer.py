@@ -33,6 +33,9 @@ from abliterate_services.optimizer.search_space import SearchSpace
 
 log = logging.getLogger(__name__)
 
+#: A CreateStudy request's size apart from its direction set's tensors: job settings, baseline, search
+#: space and warm starts (the gateway's job specs are at most 1 MiB).
+MAX_STUDY_SETTINGS_BYTES = 2 << 20
 #: Parameter sets a study may be warm-started with (each is validated and enqueued one by one).
 MAX_WARM_START = 200
 
@@ -224,6 +227,14 @@ class OptimizerServicer(optimizer_pb2_grpc.OptimizerServiceServicer):
 
     def CreateStudy(self, request, context):
         t0 = time.monotonic()
+        # Everything but the direction set's tensors is settings kept in the study: a 10 MB system prompt
+        # would be copied into every stored trial's job settings.
+        settings_bytes = request.ByteSize() - len(request.directions.safetensors)
+        if settings_bytes > MAX_STUDY_SETTINGS_BYTES:
+            raise InvalidArgument(
+                f"the study request is {settings_bytes} bytes without its direction set's tensors; "
+                f"at most {MAX_STUDY_SETTINGS_BYTES}"
+            )
         name = request.study_name.strip()
         if not name:
             raise InvalidArgument("study_name is required")

@@ -724,3 +724,18 @@ def test_create_study_caps_trial_timeout_and_warm_start(tmp_path):
         assert time.monotonic() - started < 5  # refused before any set is validated or enqueued
     finally:
         opt.close()
+
+
+def test_create_study_refuses_oversized_settings_before_reading_them(tmp_path):
+    opt = Optimizer(f"sqlite:///{tmp_path / 'caps.db'}", tmp_path / "blobs")
+    try:
+        request = create_request(unique("big"), ["127.0.0.1:1"])
+        request.baseline.model.system_prompt = "s" * (3 << 20)  # the tensors themselves may be large; this may not
+        with pytest.raises(grpc.RpcError) as err:
+            opt.stub.CreateStudy(request, timeout=10)
+        assert (
+            err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "without its direction set" in err.value.details()
+        )
+        assert len(err.value.details()) < 200
+    finally:
+        opt.close()
