@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import os
 
-from abliterate.errors import AlreadyExists, FailedPrecondition, InvalidArgument
+from abliterate.errors import AlreadyExists, FailedPrecondition, InvalidArgument, quoted
 
 #: Written into every export (its metadata); the mark of a directory ``overwrite`` may replace.
 EXPORT_MARKER = "abliterate.json"
@@ -31,9 +31,8 @@ _NAME_MAX = 255
 _PATH_MAX = 4096
 
 
-def short(text: str, limit: int = 80) -> str:
-    """``repr`` of at most ``limit`` characters of ``text`` (error messages never carry a whole input)."""
-    return repr(text) if len(text) <= limit else repr(text[:limit]) + f"... ({len(text)} characters)"
+#: Characters of a path an error message quotes (it never carries a whole input).
+QUOTED_PATH_CHARS = 80
 
 
 def _within(path: str, root: str) -> bool:
@@ -45,28 +44,35 @@ def resolve_export_path(root: str | None, path: str) -> str:
     if not path or not path.strip():
         raise InvalidArgument("the export path is empty")
     if "\x00" in path:
-        raise InvalidArgument(f"the export path {short(path)} contains a NUL byte")
+        raise InvalidArgument(f"the export path {quoted(path, QUOTED_PATH_CHARS)} contains a NUL byte")
     if len(path) > _PATH_MAX:
         raise InvalidArgument(f"the export path is {len(path)} characters long (at most {_PATH_MAX})")
     for part in path.split("/"):
         if len(part.encode("utf-8", "surrogateescape")) > _NAME_MAX:
-            raise InvalidArgument(f"a component of the export path is longer than {_NAME_MAX} bytes: {short(part, 40)}")
+            raise InvalidArgument(
+                f"a component of the export path is longer than {_NAME_MAX} bytes: {quoted(part, 40)}"
+            )
     expanded = os.path.expanduser(path) if root is None else path
     base = os.path.realpath(root) if root is not None else os.getcwd()
     resolved = os.path.realpath(os.path.join(base, expanded))
     if root is not None and not _within(resolved, base):
         raise InvalidArgument(
-            f"the export path {short(path)} is outside this evaluator's export root {base!r} "
+            f"the export path {quoted(path, QUOTED_PATH_CHARS)} is outside this evaluator's export root {base!r} "
             "(give a path relative to it)"
         )
     for tree in FORBIDDEN_TREES:
         if _within(resolved, tree):
-            raise InvalidArgument(f"the export path {short(path)} is under {tree}, which holds no files to export to")
+            raise InvalidArgument(
+                f"the export path {quoted(path, QUOTED_PATH_CHARS)} is under {tree}, which holds no files to export to"
+            )
     ancestor = resolved
     while not os.path.lexists(ancestor):
         ancestor = os.path.dirname(ancestor)
     if ancestor != resolved and not os.path.isdir(ancestor):
-        raise InvalidArgument(f"the export path {short(path)} lies under {short(ancestor)}, which is not a directory")
+        raise InvalidArgument(
+            f"the export path {quoted(path, QUOTED_PATH_CHARS)} lies under "
+            f"{quoted(ancestor, QUOTED_PATH_CHARS)}, which is not a directory"
+        )
     return resolved
 
 

@@ -38,13 +38,13 @@ from abliterate.core.generation import stream_generate
 from abliterate.core.loading import LoadedModel
 from abliterate.core.refusals import RefusalDetector
 from abliterate.core.scoring import TrialEngine, TrialResult
-from abliterate.errors import FailedPrecondition, InvalidArgument, NotFound
+from abliterate.errors import FailedPrecondition, InvalidArgument, NotFound, quoted
 from abliterate.params import AblationParams
 from abliterate.rpc.convert import load_prompt_set
 from abliterate.rpc.tensors import sha256_hex
 from abliterate.v1 import common_pb2
 from abliterate_services.evaluator import lora
-from abliterate_services.evaluator.paths import check_replaceable, resolve_export_path, short
+from abliterate_services.evaluator.paths import QUOTED_PATH_CHARS, check_replaceable, resolve_export_path
 from abliterate_services.runtime import DeviceLock, job_view, model_info
 
 log = logging.getLogger(__name__)
@@ -457,7 +457,7 @@ class EvaluatorSession:
             os.makedirs(parent, exist_ok=True)
         except OSError as exc:  # read-only, permission denied, ...: the caller's path, not a server fault
             raise FailedPrecondition(
-                f"cannot create the export folder {short(parent)}: {exc.strerror or exc}"
+                f"cannot create the export folder {quoted(parent, QUOTED_PATH_CHARS)}: {exc.strerror or exc}"
             ) from None
         tmp = os.path.join(parent, f".{os.path.basename(path)}.tmp-{uuid.uuid4().hex[:8]}")
         with self.lock.hold("ExportModel", SERVICE):
@@ -483,7 +483,9 @@ class EvaluatorSession:
                 _swap_into_place(tmp, path)
             except OSError as exc:  # disk full, permissions: say so, never INTERNAL
                 shutil.rmtree(tmp, ignore_errors=True)
-                raise FailedPrecondition(f"writing the export to {short(path)} failed: {exc.strerror or exc}") from None
+                raise FailedPrecondition(
+                    f"writing the export to {quoted(path, QUOTED_PATH_CHARS)} failed: {exc.strerror or exc}"
+                ) from None
             except BaseException:
                 shutil.rmtree(tmp, ignore_errors=True)
                 raise
