@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field, replace
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -16,6 +17,7 @@ import torch.nn.functional as F
 from abliterate.core.ablation import ablator_for
 from abliterate.core.batching import run_batched
 from abliterate.core.directions import DirectionSet, protected_subspace
+from abliterate.core.dominance import RefusalLimit, ScorePoint, refusal_limit
 from abliterate.core.generation import Generated, generate_greedy, prefill
 from abliterate.core.loading import LoadedModel
 from abliterate.core.reasoning import final_answer, scoring_prompts, special_token_strings
@@ -35,12 +37,30 @@ class PromptOutcome:
 
 @dataclass
 class TrialResult:
+    """A scored trial. When ``pruned`` is set, ``refusals`` is a proven lower bound, not the count.
+
+    ``pruned``: the refusal probes stopped as soon as ``refusals`` refusals
+    were certain, because ``pruned.dominated_by`` dominates the trial at that
+    bound (KL is always exact). ``details`` then hold the prompts of the
+    batches that finished.
+    """
+
     kl: float
     refusals: int
     n_refusal_prompts: int
     n_kl_prompts: int
     details: list[PromptOutcome] = field(default_factory=list)
     timings_s: dict[str, float] = field(default_factory=dict)
+    pruned: RefusalLimit | None = None
+
+
+class _Dominated(Exception):
+    """Raised inside the refusal probes once the trial is certainly dominated; never leaves the engine."""
+
+    def __init__(self, certain: int):
+        super().__init__(certain)
+        self.certain = certain
+        self.outcomes: list[PromptOutcome] = []  # the prompts of the batches that finished
 
 
 @dataclass
@@ -179,28 +199,61 @@ class TrialEngine:
         rows = self._run("kl", list(range(len(texts))), self._kl_batch(texts, continuation, k))
         return torch.stack(rows)  # N rows (k, V) -> (N, k, V)
 
-    def count_refusals(self, texts: list[str], prompts: list[str], max_new_tokens: int) -> list[PromptOutcome]:
+    def count_refusals(
+        self, texts: list[str], prompts: list[str], max_new_tokens: int, stop_at: int | None = None
+    ) -> list[PromptOutcome]:
+        """Probe every prompt; with ``stop_at``, raise ``_Dominated`` once that many refusals are certain.
+
+        A reply that stopped on a marker is a refusal for good (it is scored
+        as it stood when it stopped), and so is a finished reply the detector
+        calls a refusal; the running count of both is the lower bound.
+        """
         detector = self.detector
-        gens: list[Generated]
-        # Decoded with special tokens kept, so harmony channels are seen; only the final answer is scored.
-        gens = self._run(
-            "generate",
-            texts,
-            lambda chunk: generate_greedy(
+        finished: list[PromptOutcome] = []
+        certain = 0
+
+        def count_marker(text: str) -> bool:
+            nonlocal certain
+            if detector.find_marker(text) is None:
+                return False
+            certain += 1
+            if stop_at is not None and certain >= stop_at:
+                raise _Dominated(certain)
+            return True
+
+        def probe(chunk) -> list[Generated]:
+            nonlocal certain
+            indices = list(chunk)
+            # Decoded with special tokens kept, so harmony channels are seen; only the final answer is scored.
+            gens = generate_greedy(
                 self.lm,
-                list(chunk),
+                [texts[i] for i in indices],
                 max_new_tokens,
-                decided=lambda t: detector.find_marker(t) is not None,
+                decided=count_marker,
                 share_prefix=self.share_prefix,
                 keep_special_tokens=True,
-            ),
-        )
-        return [
-            PromptOutcome(
-                p, final_answer(g.text, detector.special_tokens), detector.is_refusal(g.text), g.tokens, g.stopped_by
             )
-            for p, g in zip(prompts, gens)
-        ]
+            outcomes = [
+                PromptOutcome(
+                    prompts[i],
+                    final_answer(g.text, detector.special_tokens),
+                    detector.is_refusal(g.text),
+                    g.tokens,
+                    g.stopped_by,
+                )
+                for i, g in zip(indices, gens)
+            ]
+            finished.extend(outcomes)
+            certain += sum(o.refusal and o.stopped_by != "decided" for o in outcomes)  # empty replies
+            if stop_at is not None and certain >= stop_at:
+                raise _Dominated(certain)
+            return outcomes
+
+        try:
+            return self._run("generate", list(range(len(texts))), probe)
+        except _Dominated as stop:
+            stop.outcomes = finished
+            raise
 
     # ---- the trial -----------------------------------------------------------
     def apply(self, params: AblationParams) -> int:
@@ -208,11 +261,16 @@ class TrialEngine:
             raise FailedPrecondition("no direction set loaded")
         return self.ablator.apply(params, self.directions.refusal, protected_subspace(self.directions))
 
-    def evaluate(self, params: AblationParams, keep_edited: bool = False) -> TrialResult:
+    def evaluate(
+        self, params: AblationParams, keep_edited: bool = False, front: Sequence[ScorePoint] = ()
+    ) -> TrialResult:
         """Reset, edit with ``params``, score, and reset again.
 
-        The model is left as it was unless ``keep_edited``: anything else run on
-        a shared model afterwards (residuals, a baseline) must see the original.
+        ``front``: completed trials' scores. Once the KL is known, the refusal
+        probes stop as soon as one of them certainly dominates this trial
+        (:mod:`abliterate.core.dominance`); the result is then ``pruned``.
+        The model is left as it was unless ``keep_edited``: anything else run
+        on a shared model afterwards (residuals, a baseline) must see the original.
         """
         if self.baseline is None:
             raise FailedPrecondition("baseline not prepared: call prepare_baseline first")
@@ -226,18 +284,30 @@ class TrialEngine:
         kl = kl_divergence(b.logprobs, trial)
         timings["kl"] = time.perf_counter() - t0
         t0 = time.perf_counter()
-        outcomes = self.count_refusals(b.refusal_texts, b.refusal_prompts, b.max_new_tokens)
+        limit = refusal_limit(kl, front)
+        pruned, refusals = None, 0
+        if limit is not None and limit.refusals == 0:
+            outcomes, pruned = [], limit  # a point with lower KL and no refusal: dominated whatever the probes say
+        else:
+            try:
+                outcomes = self.count_refusals(
+                    b.refusal_texts, b.refusal_prompts, b.max_new_tokens, None if limit is None else limit.refusals
+                )
+                refusals = sum(o.refusal for o in outcomes)
+            except _Dominated as stop:
+                outcomes, pruned, refusals = stop.outcomes, limit, stop.certain
         timings["refusals"] = time.perf_counter() - t0
         if not keep_edited:
             self.ablator.reset()
         timings["total"] = sum(timings.values())
         return TrialResult(
             kl=kl,
-            refusals=sum(o.refusal for o in outcomes),
-            n_refusal_prompts=len(outcomes),
+            refusals=refusals,
+            n_refusal_prompts=len(b.refusal_texts),
             n_kl_prompts=len(b.kl_texts),
             details=outcomes,
             timings_s=timings,
+            pruned=pruned,
         )
 
     def reset(self) -> None:

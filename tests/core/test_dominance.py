@@ -1,0 +1,83 @@
+"""Exact dominance pruning: the bound's arithmetic, and the engine stopping its probes at it."""
+
+import math
+
+import pytest
+import torch
+
+from abliterate.core.directions import DirectionSet
+from abliterate.core.dominance import ScorePoint, pareto_points, refusal_limit
+from abliterate.core.refusals import RefusalDetector
+from abliterate.core.scoring import TrialEngine
+from abliterate.params import AblationParams
+from tests.tiny import make_lm
+
+PROMPTS = [("word " * n).strip() + f" number {n}" for n in range(1, 13)]
+# The tiny model writes random bytes: with every letter and digit a marker, most replies are refusals,
+# found a few tokens in, which is the situation pruning is for.
+EVERY_LETTER = tuple("abcdefghijklmnopqrstuvwxyz0123456789")
+
+
+def test_limit_is_the_refusals_of_a_lower_kl_point_and_one_more_at_equal_kl():
+    front = [ScorePoint(0.1, 5, 1), ScorePoint(0.3, 2, 2), ScorePoint(0.5, 0, 3)]
+    assert refusal_limit(0.05, front) is None  # nothing has a KL this low
+    assert refusal_limit(0.1, front).refusals == 6  # equal KL: must be strictly worse in refusals
+    assert refusal_limit(0.2, front).refusals == 5
+    limit = refusal_limit(0.4, front)
+    assert (limit.refusals, limit.dominated_by.trial_number) == (2, 2)
+    assert refusal_limit(0.6, front).refusals == 0  # a lower-KL point with no refusal dominates outright
+    assert refusal_limit(math.nan, front) is None
+    assert refusal_limit(0.4, [ScorePoint(math.nan, 0)]) is None
+
+
+def test_pareto_points_keep_only_the_non_dominated():
+    points = [ScorePoint(0.3, 2, 0), ScorePoint(0.1, 5, 1), ScorePoint(0.3, 4, 2), ScorePoint(0.2, 5, 3)]
+    assert [p.trial_number for p in pareto_points(points)] == [1, 0]
+
+
+@pytest.fixture(scope="module")
+def engine():
+    lm = make_lm("llama", layers=2, seed=5)
+    generator = torch.Generator().manual_seed(1)
+    refusal = torch.nn.functional.normalize(torch.randn(lm.n_layers + 1, lm.hidden_size, generator=generator), dim=1)
+    engine = TrialEngine(lm, batch_size=3, detector=RefusalDetector(markers=EVERY_LETTER))
+    engine.set_directions(DirectionSet(refusal=refusal, good_mean=refusal, bad_mean=refusal))
+    engine.prepare_baseline(PROMPTS[:4], PROMPTS, max_new_tokens=12)
+    return engine
+
+
+PARAMS = AblationParams.uniform(0.5, 2, weight=0.7)
+
+
+def test_a_front_that_cannot_dominate_changes_nothing(engine):
+    full = engine.evaluate(PARAMS)
+    assert full.pruned is None and full.refusals >= 3  # the pruning tests below need some refusals
+    for front in ([ScorePoint(full.kl * 1.5 + 1e-3, 0)], [ScorePoint(full.kl, full.refusals)]):
+        again = engine.evaluate(PARAMS, front=front)
+        assert again.pruned is None
+        assert (again.kl, again.refusals) == (full.kl, full.refusals)
+        assert [o.response for o in again.details] == [o.response for o in full.details]
+
+
+def test_probes_stop_once_dominated_and_the_bound_holds(engine):
+    full = engine.evaluate(PARAMS)
+    dominator = ScorePoint(full.kl / 2, 2, trial_number=7)
+    pruned = engine.evaluate(PARAMS, front=[dominator])
+    assert pruned.pruned is not None and pruned.pruned.dominated_by == dominator
+    assert pruned.kl == full.kl  # KL is exact
+    assert 2 <= pruned.refusals <= full.refusals  # a proven lower bound
+    # It stopped: fewer prompts finished, fewer tokens generated than the whole probe set.
+    assert len(pruned.details) < len(full.details)
+    assert sum(o.tokens for o in pruned.details) < sum(o.tokens for o in full.details)
+    # What finished is what the full run gave for those prompts.
+    by_prompt = {o.prompt: o.response for o in full.details}
+    assert all(by_prompt[o.prompt] == o.response for o in pruned.details)
+
+
+def test_a_lower_kl_point_without_refusals_prunes_before_any_probe(engine):
+    full = engine.evaluate(PARAMS)
+    pruned = engine.evaluate(PARAMS, front=[ScorePoint(full.kl / 2, 0)])
+    assert pruned.pruned is not None and pruned.refusals == 0 and pruned.details == []
+    assert pruned.kl == full.kl
+    # The model is reset after a pruned trial, as after any other.
+    assert engine.evaluate(PARAMS).refusals == full.refusals
