@@ -41,6 +41,18 @@ def _params_summary(params: Any) -> str:
     return " ".join(parts)
 
 
+def trial_line(trial: Any) -> str:
+    """One scored trial: ``trial 3: refusals 5/64, KL 0.1234``; a pruned one says what was proven."""
+    scores = trial.scores
+    if scores.pruned:
+        by = f" by trial {scores.dominated_by}" if scores.HasField("dominated_by") else ""
+        return (
+            f"trial {trial.number}: refusals >= {scores.refusals}/{scores.n_refusal_prompts}, KL {scores.kl:.4f} "
+            f"(pruned: certainly dominated{by})"
+        )
+    return f"trial {trial.number}: refusals {scores.refusals}/{scores.n_refusal_prompts}, KL {scores.kl:.4f}"
+
+
 def front_table(front: Any) -> Any:
     from rich.table import Table
 
@@ -124,11 +136,7 @@ class JobWatcher:
                     finished = event.trial_finished
                     self.n_complete = finished.n_complete
                     self.n_trials = finished.n_trials or self.n_trials
-                    scores = finished.trial.scores
-                    progress.console.print(
-                        f"trial {finished.trial.number}: refusals {scores.refusals}/{scores.n_refusal_prompts}, "
-                        f"KL {scores.kl:.4f} ({finished.n_complete}/{finished.n_trials})"
-                    )
+                    progress.console.print(f"{trial_line(finished.trial)} ({finished.n_complete}/{finished.n_trials})")
                 elif kind == "trial_failed":
                     failed = event.trial_failed
                     progress.console.print(

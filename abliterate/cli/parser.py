@@ -103,7 +103,7 @@ def _add_job_flags(parser: argparse.ArgumentParser, defaults: bool) -> None:
         "--n-trials",
         type=positive_int,
         default=DEFAULT_N_TRIALS if defaults else None,
-        help=f"COMPLETE trials to reach (default {DEFAULT_N_TRIALS})",
+        help=f"scored trials (COMPLETE or PRUNED) to reach (default {DEFAULT_N_TRIALS})",
     )
     for key, flag in PROMPT_SET_FLAGS.items():
         parser.add_argument(
@@ -125,6 +125,12 @@ def _add_job_flags(parser: argparse.ArgumentParser, defaults: bool) -> None:
     parser.add_argument("--n-ei-candidates", type=positive_int, help="candidates TPE scores per trial (default 128)")
     parser.add_argument("--batch-size", type=positive_int, help="prompts per forward pass (default: automatic)")
     parser.add_argument("--dtype", help="auto, bfloat16, float16 or float32")
+    parser.add_argument(
+        "--no-pruning",
+        action="store_true",
+        help="run every refusal probe of every trial; by default a trial stops probing once a completed "
+        "trial certainly dominates it (recorded PRUNED; the Pareto front is the same)",
+    )
     parser.add_argument("--name", help="job name (default: derived from the model and the settings)")
 
 

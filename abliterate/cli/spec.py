@@ -103,6 +103,8 @@ def build_spec(args: argparse.Namespace, file_data: dict | None = None) -> Any:
             setattr(spec.options.search_space, flag, value)
     if args.batch_size is not None:
         spec.options.extraction.batch_size = args.batch_size
+    if args.no_pruning:
+        spec.options.disable_pruning = True
     if args.name:
         spec.name = args.name
     if spec.n_trials == 0:  # neither the flag nor the job file set it

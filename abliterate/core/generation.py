@@ -15,6 +15,7 @@ from typing import Callable, Iterator
 import torch
 
 from abliterate.core.chat import encode
+from abliterate.core.kv_cache import preallocate
 from abliterate.core.loading import LoadedModel
 
 
@@ -179,8 +180,14 @@ def generate_greedy(
     decided: Callable[[str], bool] | None = None,
     share_prefix: bool = True,
     keep_special_tokens: bool = False,
+    preallocate_cache: bool = False,
 ) -> list[Generated]:
     """Greedy continuation of already-rendered prompts (one batch).
+
+    ``preallocate_cache``: decode steps write into preallocated KV room
+    (:mod:`abliterate.core.kv_cache`) instead of concatenating. Same tokens;
+    off by default because on SmolLM2 / 2 CPU cores it measured no gain
+    (64 prompts x 30 tokens, batch 32: 21.6 s against 21.2 s).
 
     ``keep_special_tokens``: decode with special tokens kept (for ``decided``
     and the returned text), so that channel and reasoning markers that are
@@ -196,6 +203,8 @@ def generate_greedy(
     compacting = True
     with torch.inference_mode():
         out, cache, mask = prefill(lm, texts, share_prefix=share_prefix, reserve=max_new_tokens)
+        if preallocate_cache and max_new_tokens > 1:
+            preallocate(cache, max_new_tokens - 1)  # the last token is never fed back
         cache_arg = _cache_argument(model)
         next_tokens = out.logits[:, -1, :].argmax(-1)  # (B, 1, V) -> (B,)
         for step in range(max_new_tokens):

@@ -17,11 +17,11 @@ import torch.nn.functional as F
 from abliterate.core.ablation import ablator_for
 from abliterate.core.batching import run_batched
 from abliterate.core.directions import DirectionSet, protected_subspace
-from abliterate.core.dominance import RefusalLimit, ScorePoint, refusal_limit
 from abliterate.core.generation import Generated, generate_greedy, prefill
 from abliterate.core.loading import LoadedModel
 from abliterate.core.reasoning import final_answer, scoring_prompts, special_token_strings
 from abliterate.core.refusals import RefusalDetector
+from abliterate.dominance import RefusalLimit, ScorePoint, refusal_limit
 from abliterate.errors import FailedPrecondition, InvalidArgument
 from abliterate.params import AblationParams
 
@@ -268,7 +268,7 @@ class TrialEngine:
 
         ``front``: completed trials' scores. Once the KL is known, the refusal
         probes stop as soon as one of them certainly dominates this trial
-        (:mod:`abliterate.core.dominance`); the result is then ``pruned``.
+        (:mod:`abliterate.dominance`); the result is then ``pruned``.
         The model is left as it was unless ``keep_edited``: anything else run
         on a shared model afterwards (residuals, a baseline) must see the original.
         """

@@ -52,7 +52,7 @@ class TrialMetrics:
     def __init__(self, registry: CollectorRegistry) -> None:
         self.finished = Counter(
             "abliterate_optimizer_trials",
-            "Trials this optimizer finished, by study and final state (complete or fail)",
+            "Trials this optimizer finished, by study and final state (complete, pruned or fail)",
             ["study", "state"],
             registry=registry,
         )
@@ -65,7 +65,7 @@ class TrialMetrics:
         )
 
     def trial_finished(self, study: str, state: str, seconds: float | None) -> None:
-        """One trial of ``study`` ended ``complete`` or ``fail`` after ``seconds`` (None: unknown)."""
+        """One trial of ``study`` ended ``complete``, ``pruned`` or ``fail`` after ``seconds`` (None: unknown)."""
         self.finished.labels(study=study, state=state).inc()
         if seconds is not None and seconds >= 0:
             self.duration.labels(state=state).observe(seconds)

@@ -64,16 +64,28 @@ class PrepareBaselineResponse(_message.Message):
     def __init__(self, baseline_id: _Optional[str] = ..., already_prepared: _Optional[bool] = ..., n_kl_prompts: _Optional[int] = ..., n_refusal_prompts: _Optional[int] = ..., baseline_refusals: _Optional[int] = ..., timings_s: _Optional[_Mapping[str, float]] = ...) -> None: ...
 
 class EvaluateTrialRequest(_message.Message):
-    __slots__ = ("direction_set_id", "params", "baseline_id", "trial_number")
+    __slots__ = ("direction_set_id", "params", "baseline_id", "trial_number", "prune_against")
     DIRECTION_SET_ID_FIELD_NUMBER: _ClassVar[int]
     PARAMS_FIELD_NUMBER: _ClassVar[int]
     BASELINE_ID_FIELD_NUMBER: _ClassVar[int]
     TRIAL_NUMBER_FIELD_NUMBER: _ClassVar[int]
+    PRUNE_AGAINST_FIELD_NUMBER: _ClassVar[int]
     direction_set_id: str
     params: _common_pb2.AblationParams
     baseline_id: str
     trial_number: int
-    def __init__(self, direction_set_id: _Optional[str] = ..., params: _Optional[_Union[_common_pb2.AblationParams, _Mapping]] = ..., baseline_id: _Optional[str] = ..., trial_number: _Optional[int] = ...) -> None: ...
+    prune_against: _containers.RepeatedCompositeFieldContainer[ScorePoint]
+    def __init__(self, direction_set_id: _Optional[str] = ..., params: _Optional[_Union[_common_pb2.AblationParams, _Mapping]] = ..., baseline_id: _Optional[str] = ..., trial_number: _Optional[int] = ..., prune_against: _Optional[_Iterable[_Union[ScorePoint, _Mapping]]] = ...) -> None: ...
+
+class ScorePoint(_message.Message):
+    __slots__ = ("kl", "refusals", "trial_number")
+    KL_FIELD_NUMBER: _ClassVar[int]
+    REFUSALS_FIELD_NUMBER: _ClassVar[int]
+    TRIAL_NUMBER_FIELD_NUMBER: _ClassVar[int]
+    kl: float
+    refusals: int
+    trial_number: int
+    def __init__(self, kl: _Optional[float] = ..., refusals: _Optional[int] = ..., trial_number: _Optional[int] = ...) -> None: ...
 
 class EvaluateTrialResponse(_message.Message):
     __slots__ = ("scores", "timings_s")

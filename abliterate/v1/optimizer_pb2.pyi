@@ -87,7 +87,7 @@ class SearchSpace(_message.Message):
     def __init__(self, direction_scopes: _Optional[_Iterable[_Union[_common_pb2.DirectionScope, str]]] = ..., direction_index: _Optional[_Union[FloatRange, _Mapping]] = ..., components: _Optional[_Mapping[str, ComponentSearchSpace]] = ..., row_normalizations: _Optional[_Iterable[_Union[_common_pb2.RowNormalization, str]]] = ..., n_startup_trials: _Optional[int] = ..., n_ei_candidates: _Optional[int] = ...) -> None: ...
 
 class CreateStudyRequest(_message.Message):
-    __slots__ = ("study_name", "direction_set_id", "directions", "baseline", "search_space", "n_trials", "seed", "evaluator_addresses", "job_settings_json", "warm_start", "trial_timeout_s", "max_trial_retries", "load_if_exists")
+    __slots__ = ("study_name", "direction_set_id", "directions", "baseline", "search_space", "n_trials", "seed", "evaluator_addresses", "job_settings_json", "warm_start", "trial_timeout_s", "max_trial_retries", "load_if_exists", "disable_pruning")
     STUDY_NAME_FIELD_NUMBER: _ClassVar[int]
     DIRECTION_SET_ID_FIELD_NUMBER: _ClassVar[int]
     DIRECTIONS_FIELD_NUMBER: _ClassVar[int]
@@ -101,6 +101,7 @@ class CreateStudyRequest(_message.Message):
     TRIAL_TIMEOUT_S_FIELD_NUMBER: _ClassVar[int]
     MAX_TRIAL_RETRIES_FIELD_NUMBER: _ClassVar[int]
     LOAD_IF_EXISTS_FIELD_NUMBER: _ClassVar[int]
+    DISABLE_PRUNING_FIELD_NUMBER: _ClassVar[int]
     study_name: str
     direction_set_id: str
     directions: _common_pb2.TensorBlob
@@ -114,7 +115,8 @@ class CreateStudyRequest(_message.Message):
     trial_timeout_s: float
     max_trial_retries: int
     load_if_exists: bool
-    def __init__(self, study_name: _Optional[str] = ..., direction_set_id: _Optional[str] = ..., directions: _Optional[_Union[_common_pb2.TensorBlob, _Mapping]] = ..., baseline: _Optional[_Union[_common_pb2.BaselineSpec, _Mapping]] = ..., search_space: _Optional[_Union[SearchSpace, _Mapping]] = ..., n_trials: _Optional[int] = ..., seed: _Optional[int] = ..., evaluator_addresses: _Optional[_Iterable[str]] = ..., job_settings_json: _Optional[str] = ..., warm_start: _Optional[_Iterable[_Union[_common_pb2.AblationParams, _Mapping]]] = ..., trial_timeout_s: _Optional[float] = ..., max_trial_retries: _Optional[int] = ..., load_if_exists: _Optional[bool] = ...) -> None: ...
+    disable_pruning: bool
+    def __init__(self, study_name: _Optional[str] = ..., direction_set_id: _Optional[str] = ..., directions: _Optional[_Union[_common_pb2.TensorBlob, _Mapping]] = ..., baseline: _Optional[_Union[_common_pb2.BaselineSpec, _Mapping]] = ..., search_space: _Optional[_Union[SearchSpace, _Mapping]] = ..., n_trials: _Optional[int] = ..., seed: _Optional[int] = ..., evaluator_addresses: _Optional[_Iterable[str]] = ..., job_settings_json: _Optional[str] = ..., warm_start: _Optional[_Iterable[_Union[_common_pb2.AblationParams, _Mapping]]] = ..., trial_timeout_s: _Optional[float] = ..., max_trial_retries: _Optional[int] = ..., load_if_exists: _Optional[bool] = ..., disable_pruning: _Optional[bool] = ...) -> None: ...
 
 class CreateStudyResponse(_message.Message):
     __slots__ = ("study", "created", "timings_s")
@@ -148,7 +150,7 @@ class EvaluatorInfo(_message.Message):
     def __init__(self, address: _Optional[str] = ..., state: _Optional[_Union[EvaluatorState, str]] = ..., current_trial: _Optional[int] = ..., n_trials_done: _Optional[int] = ..., last_error: _Optional[str] = ...) -> None: ...
 
 class StudyInfo(_message.Message):
-    __slots__ = ("study_name", "state", "direction_set_id", "n_trials", "n_complete", "n_running", "n_failed", "n_waiting", "seed", "search_space", "baseline", "evaluators", "pareto_front", "job_settings_json", "created_at", "eta_s")
+    __slots__ = ("study_name", "state", "direction_set_id", "n_trials", "n_complete", "n_running", "n_failed", "n_waiting", "seed", "search_space", "baseline", "evaluators", "pareto_front", "job_settings_json", "created_at", "eta_s", "n_pruned")
     STUDY_NAME_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
     DIRECTION_SET_ID_FIELD_NUMBER: _ClassVar[int]
@@ -165,6 +167,7 @@ class StudyInfo(_message.Message):
     JOB_SETTINGS_JSON_FIELD_NUMBER: _ClassVar[int]
     CREATED_AT_FIELD_NUMBER: _ClassVar[int]
     ETA_S_FIELD_NUMBER: _ClassVar[int]
+    N_PRUNED_FIELD_NUMBER: _ClassVar[int]
     study_name: str
     state: StudyState
     direction_set_id: str
@@ -181,7 +184,8 @@ class StudyInfo(_message.Message):
     job_settings_json: str
     created_at: _timestamp_pb2.Timestamp
     eta_s: float
-    def __init__(self, study_name: _Optional[str] = ..., state: _Optional[_Union[StudyState, str]] = ..., direction_set_id: _Optional[str] = ..., n_trials: _Optional[int] = ..., n_complete: _Optional[int] = ..., n_running: _Optional[int] = ..., n_failed: _Optional[int] = ..., n_waiting: _Optional[int] = ..., seed: _Optional[int] = ..., search_space: _Optional[_Union[SearchSpace, _Mapping]] = ..., baseline: _Optional[_Union[_common_pb2.BaselineSpec, _Mapping]] = ..., evaluators: _Optional[_Iterable[_Union[EvaluatorInfo, _Mapping]]] = ..., pareto_front: _Optional[_Iterable[int]] = ..., job_settings_json: _Optional[str] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., eta_s: _Optional[float] = ...) -> None: ...
+    n_pruned: int
+    def __init__(self, study_name: _Optional[str] = ..., state: _Optional[_Union[StudyState, str]] = ..., direction_set_id: _Optional[str] = ..., n_trials: _Optional[int] = ..., n_complete: _Optional[int] = ..., n_running: _Optional[int] = ..., n_failed: _Optional[int] = ..., n_waiting: _Optional[int] = ..., seed: _Optional[int] = ..., search_space: _Optional[_Union[SearchSpace, _Mapping]] = ..., baseline: _Optional[_Union[_common_pb2.BaselineSpec, _Mapping]] = ..., evaluators: _Optional[_Iterable[_Union[EvaluatorInfo, _Mapping]]] = ..., pareto_front: _Optional[_Iterable[int]] = ..., job_settings_json: _Optional[str] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., eta_s: _Optional[float] = ..., n_pruned: _Optional[int] = ...) -> None: ...
 
 class RunStudyRequest(_message.Message):
     __slots__ = ("study_name", "include_history")
@@ -192,7 +196,7 @@ class RunStudyRequest(_message.Message):
     def __init__(self, study_name: _Optional[str] = ..., include_history: _Optional[bool] = ...) -> None: ...
 
 class TrialFinished(_message.Message):
-    __slots__ = ("trial", "pareto_front", "n_complete", "n_trials", "eta_s", "front_trials", "n_failed")
+    __slots__ = ("trial", "pareto_front", "n_complete", "n_trials", "eta_s", "front_trials", "n_failed", "n_pruned")
     TRIAL_FIELD_NUMBER: _ClassVar[int]
     PARETO_FRONT_FIELD_NUMBER: _ClassVar[int]
     N_COMPLETE_FIELD_NUMBER: _ClassVar[int]
@@ -200,6 +204,7 @@ class TrialFinished(_message.Message):
     ETA_S_FIELD_NUMBER: _ClassVar[int]
     FRONT_TRIALS_FIELD_NUMBER: _ClassVar[int]
     N_FAILED_FIELD_NUMBER: _ClassVar[int]
+    N_PRUNED_FIELD_NUMBER: _ClassVar[int]
     trial: _common_pb2.Trial
     pareto_front: _containers.RepeatedScalarFieldContainer[int]
     n_complete: int
@@ -207,7 +212,8 @@ class TrialFinished(_message.Message):
     eta_s: float
     front_trials: _containers.RepeatedCompositeFieldContainer[_common_pb2.Trial]
     n_failed: int
-    def __init__(self, trial: _Optional[_Union[_common_pb2.Trial, _Mapping]] = ..., pareto_front: _Optional[_Iterable[int]] = ..., n_complete: _Optional[int] = ..., n_trials: _Optional[int] = ..., eta_s: _Optional[float] = ..., front_trials: _Optional[_Iterable[_Union[_common_pb2.Trial, _Mapping]]] = ..., n_failed: _Optional[int] = ...) -> None: ...
+    n_pruned: int
+    def __init__(self, trial: _Optional[_Union[_common_pb2.Trial, _Mapping]] = ..., pareto_front: _Optional[_Iterable[int]] = ..., n_complete: _Optional[int] = ..., n_trials: _Optional[int] = ..., eta_s: _Optional[float] = ..., front_trials: _Optional[_Iterable[_Union[_common_pb2.Trial, _Mapping]]] = ..., n_failed: _Optional[int] = ..., n_pruned: _Optional[int] = ...) -> None: ...
 
 class TrialFailed(_message.Message):
     __slots__ = ("number", "evaluator", "error", "will_retry")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from abliterate.caps import DEFAULT_MAX_KL_TOKENS, DEFAULT_MAX_PROMPT_TOKENS, DEFAULT_MAX_SCORING_TOKENS
+from abliterate.dominance import ScorePoint
 from abliterate.errors import InvalidArgument, Unavailable
 from abliterate.rpc.convert import params_from_pb
 from abliterate.v1 import common_pb2, evaluator_pb2, evaluator_pb2_grpc
@@ -144,8 +145,13 @@ class EvaluatorServicer(evaluator_pb2_grpc.EvaluatorServiceServicer):
         import time
 
         t0 = time.perf_counter()
+        front = [ScorePoint(p.kl, p.refusals, p.trial_number) for p in request.prune_against]
         result = self._ready().evaluate(
-            request.direction_set_id, _params(request, required=True), request.baseline_id, request.trial_number
+            request.direction_set_id,
+            _params(request, required=True),
+            request.baseline_id,
+            request.trial_number,
+            front=front,
         )
         scores = common_pb2.TrialScores(
             kl=result.kl,
@@ -153,7 +159,10 @@ class EvaluatorServicer(evaluator_pb2_grpc.EvaluatorServiceServicer):
             n_refusal_prompts=result.n_refusal_prompts,
             n_kl_prompts=result.n_kl_prompts,
             timings_s=result.timings_s,
+            pruned=result.pruned is not None,
         )
+        if result.pruned is not None and result.pruned.dominated_by.trial_number is not None:
+            scores.dominated_by = result.pruned.dominated_by.trial_number
         return evaluator_pb2.EvaluateTrialResponse(scores=scores, timings_s={"total": time.perf_counter() - t0})
 
     def Generate(self, request, context):

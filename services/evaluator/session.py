@@ -20,7 +20,7 @@ import threading
 import time
 import uuid
 from collections import OrderedDict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 from abliterate.artifacts import tensor_names
@@ -38,6 +38,7 @@ from abliterate.core.generation import stream_generate
 from abliterate.core.loading import LoadedModel
 from abliterate.core.refusals import RefusalDetector
 from abliterate.core.scoring import TrialEngine, TrialResult
+from abliterate.dominance import ScorePoint
 from abliterate.errors import FailedPrecondition, InvalidArgument, NotFound, quoted
 from abliterate.params import AblationParams
 from abliterate.rpc.convert import load_prompt_set
@@ -291,7 +292,12 @@ class EvaluatorSession:
 
     # ----------------------------------------------------------------- trial
     def evaluate(
-        self, set_id: str, params: AblationParams, baseline_id: str = "", trial_number: int | None = None
+        self,
+        set_id: str,
+        params: AblationParams,
+        baseline_id: str = "",
+        trial_number: int | None = None,
+        front: Sequence[ScorePoint] = (),
     ) -> TrialResult:
         ds = self.directions(set_id)
         held = self.baseline
@@ -306,7 +312,7 @@ class EvaluatorSession:
         with self.lock.hold("EvaluateTrial", SERVICE):
             try:
                 self.engine.set_directions(ds)
-                result = self.engine.evaluate(params)
+                result = self.engine.evaluate(params, front=front)
             finally:
                 t0 = time.perf_counter()
                 self.engine.reset()
@@ -316,7 +322,10 @@ class EvaluatorSession:
         timings["reset"] = reset_s
         timings["total"] = timings.get("total", 0.0) + reset_s
         result.timings_s = timings
-        log.info("trial scored", extra={"trial": trial_number, "kl": result.kl, "refusals": result.refusals})
+        log.info(
+            "trial scored",
+            extra={"trial": trial_number, "kl": result.kl, "refusals": result.refusals, "pruned": bool(result.pruned)},
+        )
         return result
 
     # ------------------------------------------------------------ generation

@@ -491,6 +491,7 @@ class Orchestrator:
             warm_start=list(options.warm_start),
             trial_timeout_s=options.trial_timeout_s,
             max_trial_retries=options.max_trial_retries,
+            disable_pruning=options.disable_pruning,
             load_if_exists=True,
         )
         if options.HasField("search_space"):
@@ -654,9 +655,7 @@ class Orchestrator:
             log.warning("ListTrials after the study ended failed: %s", exc)
         state = done.state
         if state == optimizer_pb2.STUDY_STATE_DONE:
-            self._transition(
-                job.id, P.JOB_PHASE_SUCCEEDED, f"{done.n_complete} trials complete", runner=runner, **fields
-            )
+            self._transition(job.id, P.JOB_PHASE_SUCCEEDED, f"{done.n_complete} trials scored", runner=runner, **fields)
         elif state == optimizer_pb2.STUDY_STATE_STOPPED:
             # CancelJob detaches the runner before it stops the study, so a STOPPED seen here comes from
             # the optimizer itself (shutdown or restart): re-attach once it is back, as RunStudy resumes.
@@ -686,9 +685,11 @@ class Orchestrator:
         trials = self._list_trials(job.study_name)
         for trial in trials:
             if trial.number == number:
-                if trial.state != common_pb2.TRIAL_STATE_COMPLETE:
+                # A PRUNED trial's parameters are whole: only its refusal count stopped at a bound.
+                if trial.state not in (common_pb2.TRIAL_STATE_COMPLETE, common_pb2.TRIAL_STATE_PRUNED):
                     raise FailedPrecondition(
-                        f"trial {number} of job {job.name} is {common_pb2.TrialState.Name(trial.state)}, not COMPLETE"
+                        f"trial {number} of job {job.name} is {common_pb2.TrialState.Name(trial.state)}, "
+                        "not COMPLETE (or PRUNED)"
                     )
                 return trial
         raise NotFound(f"job {job.name} has no trial {number}")

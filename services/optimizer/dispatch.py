@@ -7,8 +7,8 @@ the pool (:class:`EvaluatorWorker`); each thread
    components), loads the direction set (by id first; the bytes only when the
    evaluator lacks it) and prepares the baseline;
 2. asks a trial (under the runner's lock, so the seeded sampler draws in
-   trial order), unless the COMPLETE plus RUNNING trials in storage already
-   reach ``n_trials``;
+   trial order), unless the scored (COMPLETE or PRUNED) plus RUNNING trials
+   in storage already reach ``n_trials``;
 3. runs it under a *lease*: the EvaluateTrial call carries the trial timeout as
    its deadline, and while it waits the thread health-checks the evaluator.
    Optuna's own heartbeat only runs inside ``study.optimize()``, so this is
@@ -16,7 +16,11 @@ the pool (:class:`EvaluatorWorker`); each thread
 
 Outcomes of a trial:
 
-- an answer: ``tell`` COMPLETE with (kl, refusals);
+- an answer: ``tell`` COMPLETE with (kl, refusals); or, when the request's
+  Pareto front (``prune_against``, unless the study disables pruning) let the
+  evaluator stop the refusal probes because the trial is certainly dominated,
+  ``tell`` PRUNED with the exact KL and the refusal lower bound in the
+  ``pruned`` user attr (it counts toward ``n_trials``);
 - UNAVAILABLE (or CANCELLED) while the evaluator's health is SERVING: it is
   busy; the same trial is sent again after a short wait, not a failure;
 - the evaluator lost (connection gone and health failing), the lease expired
@@ -284,6 +288,11 @@ class EvaluatorWorker(threading.Thread):
             baseline_id=self.baseline_id,
             trial_number=number,
         )
+        if runner.settings.prune_dominated:
+            front = runner.storage_call(lambda: st.front_points(runner.study), "reading the Pareto front")
+            request.prune_against.extend(
+                evaluator_pb2.ScorePoint(kl=p.kl, refusals=p.refusals, trial_number=p.trial_number) for p in front
+            )
         started = time.monotonic()
         lease_deadline = started + runner.settings.trial_timeout_s
         reprepared = False
@@ -459,7 +468,7 @@ class StudyRunner:
         self.study, self.settings = self.storage_call(
             lambda: st.load_study(self.storage, self.name), "loading the study"
         )
-        n_complete = self.storage_call(lambda: self._count(TrialState.COMPLETE), "counting trials")
+        n_complete = self.storage_call(lambda: self._count(*st.SCORED_STATES), "counting trials")
         if n_complete >= self.settings.n_trials:
             self.state = S.STUDY_STATE_DONE
             return False
@@ -581,7 +590,7 @@ class StudyRunner:
             trials, front = None, []
         with self._state_lock:
             counted = st.counts(trials or [])
-            if trials is not None and counted[TrialState.COMPLETE] >= self.settings.n_trials:
+            if trials is not None and st.n_scored(counted) >= self.settings.n_trials:
                 self.state, self.message = S.STUDY_STATE_DONE, ""
             elif failed:
                 self.state, self.message = S.STUDY_STATE_FAILED, failed
@@ -593,7 +602,7 @@ class StudyRunner:
             done = _now_event(
                 done=optimizer_pb2.StudyDone(
                     state=self.state,
-                    n_complete=counted[TrialState.COMPLETE],
+                    n_complete=st.n_scored(counted),
                     n_failed=counted[TrialState.FAIL],
                     pareto_front=front,
                     message=self.message,
@@ -750,8 +759,8 @@ class StudyRunner:
             with self._lock:
                 if not asked:
                     with self._study_lock.held():
-                        trials = self.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.RUNNING))
-                        n_complete = sum(1 for t in trials if t.state == TrialState.COMPLETE)
+                        trials = self.study.get_trials(deepcopy=False, states=(*st.SCORED_STATES, TrialState.RUNNING))
+                        n_complete = sum(1 for t in trials if t.state in st.SCORED_STATES)
                         if n_complete >= self.settings.n_trials:
                             self._target_reached = True
                             self.n_queued = 0
@@ -806,7 +815,14 @@ class StudyRunner:
                 trial.set_user_attr("timings", timings)
                 trial.set_user_attr("n_refusal_prompts", int(scores.n_refusal_prompts))
                 trial.set_user_attr("n_kl_prompts", int(scores.n_kl_prompts))
-                self.study.tell(trial, [float(scores.kl), float(scores.refusals)], skip_if_finished=True)
+                if scores.pruned:
+                    # Certainly dominated: PRUNED, with what was proven. TPE puts pruned trials with
+                    # the worse ("above") group; the front is what it would be without pruning.
+                    dominated_by = scores.dominated_by if scores.HasField("dominated_by") else None
+                    st.record_pruned(trial, float(scores.kl), int(scores.refusals), dominated_by)
+                    self.study.tell(trial, state=TrialState.PRUNED, skip_if_finished=True)
+                else:
+                    self.study.tell(trial, [float(scores.kl), float(scores.refusals)], skip_if_finished=True)
             except optuna.exceptions.UpdateFinishedTrialError:
                 return False
             return True
@@ -820,15 +836,15 @@ class StudyRunner:
             trials = self.storage_call(lambda: self.study.get_trials(deepcopy=False), "reading trials")
             front = self.storage_call(lambda: st.pareto_front(self.study), "reading the Pareto front")
             frozen = next(t for t in trials if t.number == trial.number)
-            if not told or frozen.state != TrialState.COMPLETE:
+            if not told or frozen.state not in st.SCORED_STATES:
                 log.warning(
                     "trial %d was failed elsewhere (stale heartbeat) before its score arrived; "
                     "its re-enqueued copy runs instead",
                     trial.number,
                 )
                 return
-            self.trial_metrics.trial_finished(self.name, "complete", lease_s)
-            n_complete = sum(1 for t in trials if t.state == TrialState.COMPLETE)
+            self.trial_metrics.trial_finished(self.name, "pruned" if scores.pruned else "complete", lease_s)
+            n_complete = sum(1 for t in trials if t.state in st.SCORED_STATES)
             n_running = sum(1 for t in trials if t.state == TrialState.RUNNING)
             self.n_queued = max(0, self.settings.n_trials - n_complete - n_running)
             if n_complete >= self.settings.n_trials:
@@ -839,7 +855,13 @@ class StudyRunner:
             if eta is not None:
                 event.trial_finished.eta_s = eta
             log.info(
-                "trial %d complete on %s: kl=%.4g refusals=%d", trial.number, worker.address, scores.kl, scores.refusals
+                "trial %d %s on %s: kl=%.4g refusals=%s%d",
+                trial.number,
+                "pruned" if scores.pruned else "complete",
+                worker.address,
+                scores.kl,
+                ">=" if scores.pruned else "",
+                scores.refusals,
             )
             self._emit(event)
 
@@ -947,7 +969,7 @@ class StudyRunner:
     def evaluator_infos(self, trials: list[optuna.trial.FrozenTrial]) -> list[optimizer_pb2.EvaluatorInfo]:
         done: dict[str, int] = {}
         for t in trials:
-            if t.state == TrialState.COMPLETE:
+            if t.state in st.SCORED_STATES:
                 address = t.user_attrs.get("evaluator", "")
                 done[address] = done.get(address, 0) + 1
         out = []

@@ -199,13 +199,14 @@ class OptimizerServicer(optimizer_pb2_grpc.OptimizerServiceServicer):
         settings = runner.settings
         c = st.counts(trials)
         front = st.pareto_front(runner.study)
-        state = runner.current_state(c[TrialState.COMPLETE])
+        state = runner.current_state(st.n_scored(c))
         info = optimizer_pb2.StudyInfo(
             study_name=runner.name,
             state=state,
             direction_set_id=settings.direction_set_id,
             n_trials=settings.n_trials,
-            n_complete=c[TrialState.COMPLETE],
+            n_complete=st.n_scored(c),
+            n_pruned=c[TrialState.PRUNED],
             n_running=c[TrialState.RUNNING],
             n_failed=c[TrialState.FAIL],
             n_waiting=c[TrialState.WAITING],
@@ -308,6 +309,7 @@ class OptimizerServicer(optimizer_pb2_grpc.OptimizerServiceServicer):
                 job_settings_json=request.job_settings_json if request.job_settings_json.strip() else "{}",
                 trial_timeout_s=timeout or st.DEFAULT_TRIAL_TIMEOUT_S,
                 max_trial_retries=int(request.max_trial_retries) or st.DEFAULT_MAX_TRIAL_RETRIES,
+                prune_dominated=not request.disable_pruning,
                 evaluator_addresses=addresses,
                 model=(
                     {
@@ -377,7 +379,7 @@ class OptimizerServicer(optimizer_pb2_grpc.OptimizerServiceServicer):
                 front = st.pareto_front(runner.study)
                 n_complete = 0
                 for t in sorted(trials, key=lambda t: t.number):
-                    if t.state != TrialState.COMPLETE:
+                    if t.state not in st.SCORED_STATES:
                         continue
                     n_complete += 1
                     yield optimizer_pb2.RunStudyResponse(
@@ -394,7 +396,7 @@ class OptimizerServicer(optimizer_pb2_grpc.OptimizerServiceServicer):
                         time=st.timestamp(),
                         done=optimizer_pb2.StudyDone(
                             state=optimizer_pb2.STUDY_STATE_DONE,
-                            n_complete=c[TrialState.COMPLETE],
+                            n_complete=st.n_scored(c),
                             n_failed=c[TrialState.FAIL],
                             pareto_front=st.pareto_front(runner.study),
                             timings_s={"total": 0.0},

@@ -37,6 +37,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from abliterate import database
 from abliterate.database import ensure_sqlite_folder
+from abliterate.dominance import ScorePoint
 from abliterate.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, Unavailable
 from abliterate.params import AblationParams
 from abliterate.rpc.convert import params_to_pb
@@ -60,6 +61,9 @@ STATE_TO_PB = {
     TrialState.PRUNED: common_pb2.TRIAL_STATE_PRUNED,
 }
 STATE_FROM_PB = {v: k for k, v in STATE_TO_PB.items()}
+
+#: Trials that count toward ``n_trials``: COMPLETE, and PRUNED (scored until certainly dominated).
+SCORED_STATES = (TrialState.COMPLETE, TrialState.PRUNED)
 
 
 # ---------------------------------------------------------------- storage
@@ -160,6 +164,8 @@ class StudySettings:
     job_settings_json: str = "{}"
     trial_timeout_s: float = DEFAULT_TRIAL_TIMEOUT_S
     max_trial_retries: int = DEFAULT_MAX_TRIAL_RETRIES
+    #: Stop a trial's refusal probes once a completed trial certainly dominates it (the trial is then PRUNED).
+    prune_dominated: bool = True
     evaluator_addresses: list[str] = field(default_factory=list)
     model: dict | None = None
     created_at: str = ""
@@ -173,6 +179,7 @@ class StudySettings:
             "baseline": json_format.MessageToDict(self.baseline),
             "trial_timeout_s": self.trial_timeout_s,
             "max_trial_retries": self.max_trial_retries,
+            "prune_dominated": self.prune_dominated,
             "evaluator_addresses": list(self.evaluator_addresses),
             "model": self.model,
             "created_at": self.created_at,
@@ -192,6 +199,7 @@ class StudySettings:
             job_settings_json=attrs.get("job_settings_json", "{}"),
             trial_timeout_s=float(data.get("trial_timeout_s", DEFAULT_TRIAL_TIMEOUT_S)),
             max_trial_retries=int(data.get("max_trial_retries", DEFAULT_MAX_TRIAL_RETRIES)),
+            prune_dominated=bool(data.get("prune_dominated", True)),
             evaluator_addresses=list(data.get("evaluator_addresses", [])),
             model=data.get("model"),
             created_at=data.get("created_at", ""),
@@ -314,14 +322,29 @@ def counts(trials: list[FrozenTrial]) -> dict[TrialState, int]:
     return out
 
 
+def n_scored(counted: dict[TrialState, int]) -> int:
+    """Trials that count toward ``n_trials`` (COMPLETE plus PRUNED), from :func:`counts`."""
+    return sum(counted[state] for state in SCORED_STATES)
+
+
+def front_points(study: optuna.Study) -> list[ScorePoint]:
+    """The Pareto front's scores, sent with each trial so an evaluator can stop a dominated one early."""
+    return [ScorePoint(float(t.values[0]), int(round(t.values[1])), t.number) for t in study.best_trials]
+
+
+def record_pruned(trial: optuna.Trial, kl: float, refusals_at_least: int, dominated_by: int | None) -> None:
+    """What a PRUNED trial proved, in its user attrs (Optuna stores no values for a pruned trial)."""
+    trial.set_user_attr("pruned", {"kl": kl, "refusals_at_least": refusals_at_least, "dominated_by": dominated_by})
+
+
 def pareto_front(study: optuna.Study) -> list[int]:
     """Numbers of the trials on the study's Pareto front (Optuna's ``best_trials``; both objectives minimized)."""
     return sorted(t.number for t in study.best_trials)
 
 
 def eta_seconds(trials: list[FrozenTrial], n_trials: int, parallel: int) -> float | None:
-    """Remaining trials times the mean duration of the last ten COMPLETE ones, over ``parallel``."""
-    done = [t for t in trials if t.state == TrialState.COMPLETE and t.datetime_start and t.datetime_complete]
+    """Remaining trials times the mean duration of the last ten scored ones, over ``parallel``."""
+    done = [t for t in trials if t.state in SCORED_STATES and t.datetime_start and t.datetime_complete]
     remaining = n_trials - len(done)
     if remaining <= 0:
         return 0.0
@@ -381,6 +404,20 @@ def trial_to_pb(trial: FrozenTrial, space: SearchSpace, front: set[int]) -> comm
                 timings_s={k: float(v) for k, v in (attrs.get("timings") or {}).items()},
             )
         )
+    pruned = attrs.get("pruned")
+    if trial.state == TrialState.PRUNED and pruned:
+        msg.scores.CopyFrom(
+            common_pb2.TrialScores(
+                kl=float(pruned["kl"]),
+                refusals=int(pruned["refusals_at_least"]),
+                n_refusal_prompts=int(attrs.get("n_refusal_prompts", 0)),
+                n_kl_prompts=int(attrs.get("n_kl_prompts", 0)),
+                timings_s={k: float(v) for k, v in (attrs.get("timings") or {}).items()},
+                pruned=True,
+            )
+        )
+        if pruned.get("dominated_by") is not None:
+            msg.scores.dominated_by = int(pruned["dominated_by"])
     return msg
 
 
@@ -391,7 +428,7 @@ def trial_finished(
     settings: StudySettings,
     n_complete: int | None = None,
 ) -> optimizer_pb2.TrialFinished:
-    """The event of a COMPLETE ``trial`` given every trial of the study and the front's numbers: the
+    """The event of a scored (COMPLETE or PRUNED) ``trial`` given every trial of the study and the front's numbers: the
     front's trials, the counts (``n_complete`` overrides the count, for replayed history) and no ETA."""
     on_front = set(front)
     by_number = {t.number: t for t in trials}
@@ -401,7 +438,8 @@ def trial_finished(
         trial=trial_to_pb(trial, space, on_front),
         pareto_front=front,
         front_trials=[trial_to_pb(by_number[number], space, on_front) for number in front],
-        n_complete=counted[TrialState.COMPLETE] if n_complete is None else n_complete,
+        n_complete=n_scored(counted) if n_complete is None else n_complete,
         n_trials=settings.n_trials,
         n_failed=counted[TrialState.FAIL],
+        n_pruned=counted[TrialState.PRUNED],
     )

@@ -9,7 +9,7 @@ later connections are allowed again. Meanwhile:
   caller may retry), never INTERNAL;
 - the evaluators keep scoring the trials in flight; their scores are kept (no trial fails);
 
-and afterwards the job SUCCEEDS with exactly ``n_trials`` COMPLETE trials, each set of
+and afterwards the job SUCCEEDS with exactly ``n_trials`` scored (COMPLETE or PRUNED) trials, each set of
 parameters once, health back to SERVING.
 """
 
@@ -28,9 +28,9 @@ import sqlalchemy as sa
 from tests.e2e import figures
 from tests.e2e.processes import PG_URL, Stack, postgres_ok, save_tiny_model
 from tests.e2e.test_topology import (
-    COMPLETE,
     FAIL,
     N_TRIALS,
+    SCORED,
     P,
     assert_exact_and_unique,
     get_job,
@@ -91,7 +91,7 @@ def test_job_survives_a_database_outage(tmp_path):
             stack.start()
             job = stack.gateway_stub().SubmitJob(P.SubmitJobRequest(spec=make_spec(model_dir, seed=31)), timeout=30).job
             study = study_of(stack, job.id)
-            wait_for("two trials complete", lambda: len(list_trials(stack, study, COMPLETE)) >= 2, stack, 120)
+            wait_for("two trials complete", lambda: len(list_trials(stack, study, *SCORED)) >= 2, stack, 120)
 
             set_outage(admin, database, down=True)
             outage_started = time.monotonic()
@@ -116,7 +116,7 @@ def test_job_survives_a_database_outage(tmp_path):
             through = [
                 t
                 for t in trials
-                if t.state == COMPLETE
+                if t.state in SCORED
                 and t.started_at.ToDatetime(tzinfo=dt.timezone.utc).timestamp() < outage_began_at
                 and t.finished_at.ToDatetime(tzinfo=dt.timezone.utc).timestamp() > outage_ended_at
             ]

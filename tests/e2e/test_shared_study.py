@@ -2,13 +2,14 @@
 
 The gateway creates the study on optimizer A (whose evaluator pool is evaluator 1); optimizer B
 (evaluator 2; the direction-set bytes from the blob store in the shared database) runs the same
-study by name. Together they must reach exactly ``n_trials`` COMPLETE trials with no parameters completed twice:
+study by name. Together they must reach exactly ``n_trials`` scored (COMPLETE or PRUNED) trials with
+no parameters completed twice:
 
 - both running to the end: asks are serialised across the two processes (a Postgres advisory
-  lock), so COMPLETE plus RUNNING never exceeds the target;
+  lock), so scored plus RUNNING never exceeds the target;
 - B killed (kill -9) while it runs a trial: its heartbeat stops, A fails that trial once the grace
   period is over (Optuna's stale-trial check), re-enqueues its parameters and runs them, and the
-  job still ends with exactly ``n_trials`` COMPLETE.
+  job still ends with exactly ``n_trials`` scored.
 """
 
 from __future__ import annotations
@@ -22,10 +23,10 @@ from abliterate.v1 import optimizer_pb2, optimizer_pb2_grpc
 from tests.e2e import figures
 from tests.e2e.processes import ServiceProcess, Stack, pg_schema, postgres_ok, save_tiny_model
 from tests.e2e.test_topology import (
-    COMPLETE,
     FAIL,
     N_TRIALS,
     RUNNING,
+    SCORED,
     P,
     assert_exact_and_unique,
     list_trials,
@@ -136,7 +137,7 @@ def test_one_optimizer_killed_mid_trial_the_other_finishes_exactly(two_optimizer
 
     def running_on_b():
         trials = list_trials(stack, study)
-        done = sum(t.state == COMPLETE for t in trials)
+        done = sum(t.state in SCORED for t in trials)
         lost = next((t for t in trials if t.state == RUNNING and t.evaluator == second.address), None)
         return lost if lost is not None and done < N_TRIALS - 1 else None
 
@@ -149,8 +150,8 @@ def test_one_optimizer_killed_mid_trial_the_other_finishes_exactly(two_optimizer
     failed = by_number[lost.number]
     assert failed.state == FAIL and "interrupted" in failed.error, (failed.state, failed.error)
     reruns = [t for t in by_number.values() if t.HasField("retry_of") and t.retry_of == lost.number]
-    assert len([t for t in reruns if t.state == COMPLETE]) == 1
-    rerun = next(t for t in reruns if t.state == COMPLETE)
+    assert len([t for t in reruns if t.state in SCORED]) == 1
+    rerun = next(t for t in reruns if t.state in SCORED)
     assert params_key(rerun) == params_key(failed) and rerun.evaluator == first.address
     assert rerun in complete
     assert not [t for t in by_number.values() if t.state == RUNNING]
@@ -162,7 +163,7 @@ def test_one_optimizer_killed_mid_trial_the_other_finishes_exactly(two_optimizer
         n_trials=N_TRIALS,
         trials=figures.trial_counts(by_number.values()),
         lost_trial=lost.number,
-        lost_trial_reruns_complete=len([t for t in reruns if t.state == COMPLETE]),
+        lost_trial_reruns_complete=len([t for t in reruns if t.state in SCORED]),
     )
     other.start().wait_healthy(120)  # back for whoever runs next
 

@@ -3,12 +3,12 @@ PostgreSQL), gateway; every service is ``python -m abliterate_services.<name>`` 
 variables on a free loopback port (see ``tests/e2e/processes.py``).
 
 - the happy path: a 6-trial job through the gateway uses both evaluators, SUCCEEDS with exactly 6
-  COMPLETE trials, has a Pareto front, and its auto-selected trial exports a model that
+  scored (COMPLETE or PRUNED) trials, has a Pareto front, and its auto-selected trial exports a model that
   transformers reloads;
 - kill -9 of an evaluator while it runs a trial: that trial is FAIL, its parameters run again on
-  the other evaluator, and the job still gets exactly 6 COMPLETE trials;
+  the other evaluator, and the job still gets exactly 6 scored (COMPLETE or PRUNED) trials;
 - kill -9 and restart of the optimizer, and of the gateway, mid-job: the job completes with exactly
-  6 COMPLETE trials, no parameters completed twice and no completed trial lost.
+  6 scored (COMPLETE or PRUNED) trials, no parameters completed twice and no completed trial lost.
 
 One stack is shared by the module (start-up dominates); each test first brings any service a
 previous test killed back up. Trials are made slow enough to be "mid-job" reliably: the evaluators
@@ -32,6 +32,9 @@ P = gateway_pb2
 N_TRIALS = 6
 TERMINAL = (P.JOB_PHASE_SUCCEEDED, P.JOB_PHASE_FAILED, P.JOB_PHASE_CANCELLED, P.JOB_PHASE_INTERRUPTED)
 COMPLETE = common_pb2.TRIAL_STATE_COMPLETE
+PRUNED = common_pb2.TRIAL_STATE_PRUNED
+#: Trials that count toward n_trials: COMPLETE, and PRUNED (probes stopped once certainly dominated).
+SCORED = (COMPLETE, PRUNED)
 RUNNING = common_pb2.TRIAL_STATE_RUNNING
 FAIL = common_pb2.TRIAL_STATE_FAIL
 
@@ -181,8 +184,8 @@ def params_key(trial: common_pb2.Trial) -> bytes:
 
 
 def assert_exact_and_unique(stack: Stack, job: P.Job) -> list[common_pb2.Trial]:
-    """Exactly N_TRIALS COMPLETE trials, with distinct parameters; the job agrees. Returns them."""
-    complete = list_trials(stack, job.study_name, COMPLETE)
+    """Exactly N_TRIALS scored (COMPLETE or PRUNED) trials, with distinct parameters; the job agrees. Returns them."""
+    complete = list_trials(stack, job.study_name, *SCORED)
     assert len(complete) == N_TRIALS, [(t.number, common_pb2.TrialState.Name(t.state)) for t in complete]
     assert job.n_trials_complete == N_TRIALS
     keys = [params_key(t) for t in complete]
@@ -205,7 +208,7 @@ def test_six_trials_on_two_evaluator_processes_front_and_export(up, model_dir, t
     addresses = {e.address for e in stack.evaluators}
     assert {t.evaluator for t in complete} == addresses, "the trials did not run on both evaluators"
 
-    # The gateway's own record agrees: one trial_finished per COMPLETE trial, naming its evaluator.
+    # The gateway's own record agrees: one trial_finished per scored trial, naming its evaluator.
     events = job_events(stack, job.id)
     announced = [e.trial_finished.trial for e in events if e.WhichOneof("event") == "trial_finished"]
     assert sorted(t.number for t in announced) == sorted(t.number for t in complete)
@@ -266,7 +269,7 @@ def test_evaluator_killed_mid_trial_its_trial_fails_and_reruns(up, model_dir):
     assert failed.evaluator == victim.address and failed.error
     reruns = [t for t in by_number.values() if t.HasField("retry_of") and t.retry_of == lost.number]
     assert reruns, f"trial {lost.number} was not re-enqueued"
-    rerun = [t for t in reruns if t.state == COMPLETE]
+    rerun = [t for t in reruns if t.state in SCORED]
     assert len(rerun) == 1 and params_key(rerun[0]) == params_key(failed)
     assert rerun[0].evaluator == survivor.address  # the victim stayed dead
     assert rerun[0] in complete
@@ -299,7 +302,7 @@ def test_killed_and_restarted_mid_job_loses_and_repeats_nothing(up, model_dir, v
 
     def mid_job():
         trials = list_trials(stack, study)
-        done = [t for t in trials if t.state == COMPLETE]
+        done = [t for t in trials if t.state in SCORED]
         if not (2 <= len(done) < N_TRIALS - 1 and any(t.state == RUNNING for t in trials)):
             return None
         # The gateway victim must have announced some of them already (its record before the kill).
@@ -309,7 +312,7 @@ def test_killed_and_restarted_mid_job_loses_and_repeats_nothing(up, model_dir, v
         return trials, announced
 
     before, announced_before = wait_for("two trials complete and one running", mid_job, stack, 120)
-    complete_before = {t.number: params_key(t) for t in before if t.state == COMPLETE}
+    complete_before = {t.number: params_key(t) for t in before if t.state in SCORED}
     old_pid = victim.pid
 
     victim.kill()
@@ -338,7 +341,7 @@ def test_killed_and_restarted_mid_job_loses_and_repeats_nothing(up, model_dir, v
         interrupted = [t for t in trials if t.state == FAIL and "interrupted" in t.error]
         assert interrupted, [(t.number, t.state, t.error) for t in trials]
         for t in interrupted:
-            assert any(r.retry_of == t.number and r.state == COMPLETE for r in trials if r.HasField("retry_of"))
+            assert any(r.retry_of == t.number and r.state in SCORED for r in trials if r.HasField("retry_of"))
         # The gateway rode out the outage (recoverable UNAVAILABLE, then re-attached).
         assert any(e.WhichOneof("event") == "error" and e.error.recoverable for e in events)
     else:

@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from abliterate.core.directions import DirectionSet
-from abliterate.core.dominance import ScorePoint, pareto_points, refusal_limit
 from abliterate.core.refusals import RefusalDetector
 from abliterate.core.scoring import TrialEngine
+from abliterate.dominance import ScorePoint, pareto_points, refusal_limit
 from abliterate.params import AblationParams
 from tests.tiny import make_lm
 
