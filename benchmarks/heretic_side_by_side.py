@@ -29,10 +29,12 @@ What it does, in order:
    with ``--no-export`` (heretic exports nothing either).
 
 Each child's stdout and stderr (one pipe) are read line by line in this process and every line is
-timestamped on arrival (``time.monotonic``); the raw logs, with those offsets, are kept under
-``benchmarks/results/heretic_side_by_side_logs/``. Both children run with ``PYTHONUNBUFFERED=1``,
-``HF_HUB_OFFLINE=1``, ``TRANSFORMERS_OFFLINE=1``, ``HF_DATASETS_OFFLINE=1`` and ``COLUMNS=250`` (rich
-wraps at 80 columns without a terminal, which would split the lines parsed here).
+timestamped on arrival (``time.monotonic``); the logs, with those offsets, are kept under
+``benchmarks/results/heretic_side_by_side_logs/`` (heretic's up to the traceback it ends with, which quotes
+its source; its whole output stays in the git-ignored ``benchmarks/.cache/side_by_side/heretic-run*/``).
+Both children run with ``PYTHONUNBUFFERED=1``, ``HF_HUB_OFFLINE=1``, ``TRANSFORMERS_OFFLINE=1``,
+``HF_DATASETS_OFFLINE=1`` and ``COLUMNS=250`` (rich wraps at 80 columns without a terminal, which would
+split the lines parsed here).
 
 What is measured, per tool (seconds from the child's start unless said otherwise):
 
@@ -236,6 +238,25 @@ def read_log(path: Path) -> list[tuple[float, str]]:
         stamp, _, text = raw.partition(" ")
         lines.append((float(stamp), text))
     return lines
+
+
+def without_traceback(lines: list[tuple[float, str]], raw: str) -> tuple[list[tuple[float, str]], str | None]:
+    """The lines up to a traceback, which becomes one note line; and the traceback's last line (the error).
+
+    heretic's rich traceback quotes its (AGPL) source: the log kept in the repository stops before it."""
+    for i, (t, text) in enumerate(lines):
+        if "Traceback (most recent call last)" in text:
+            rest = [line for _, line in lines[i:] if line.strip()]
+            error = rest[-1].strip() if rest else None
+            note = f"[traceback of {len(lines) - i} lines omitted (it quotes heretic's source), ending {error!r}; "
+            note += f"see {raw}]"
+            return [*lines[:i], (t, note)], error
+    return list(lines), None
+
+
+def write_log(path: Path, lines: list[tuple[float, str]]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(f"+{t:.3f} {text}\n" for t, text in lines), encoding="utf-8")
 
 
 def _median(values: list[float]) -> float | None:
@@ -634,28 +655,33 @@ def run_heretic(args: argparse.Namespace, model_dir: Path, prompts: dict, tag: s
     work.mkdir(parents=True)
     config = heretic_config(args, model_dir, prompts, work / "checkpoints")
     (work / "config.toml").write_text(config, encoding="utf-8")
+    raw_log = work / "output.log"  # git-ignored: its final traceback quotes heretic's source
     log_path = LOGS / f"heretic{tag}.log"
-    print(f"\n=== heretic {HERETIC_VERSION} (log: {log_path}) ===", flush=True)
+    print(f"\n=== heretic {HERETIC_VERSION} (log: {raw_log}) ===", flush=True)
     child = run_child(
         [str(venv / "bin" / "heretic")],
         work,
-        log_path,
+        raw_log,
         timeout_s=args.timeout,
         done_marker="Optimization finished!",
         echo=not args.quiet,
     )
     parsed = parse_heretic(child.lines)
+    kept, exit_error = without_traceback(child.lines, str(raw_log.relative_to(ROOT)))
+    write_log(log_path, kept)
     result = summarize(parsed)
     result.update(parsed.extra)
     result.update(
         {
             "rc": child.rc,
+            "exit_error": exit_error,
             "rc_note": "non-zero expected: heretic fails at its interactive trial menu without a TTY",
             "wall_s": child.wall_s,
             "peak_rss_mb": child.peak_rss_mb,
             "ru_maxrss_mb": child.ru_maxrss_mb,
             "config_toml": config,
             "log": str(log_path.relative_to(ROOT)),
+            "raw_log": str(raw_log.relative_to(ROOT)),
             "versions": _versions(_venv_python(venv), ("heretic-llm", "torch", "transformers", "optuna")),
         }
     )

@@ -83,3 +83,17 @@ def test_run_child_stamps_lines_splits_carriage_returns_and_reaps(tmp_path):
     assert child.lines[2][0] >= child.lines[0][0]
     assert child.ru_maxrss_mb > 0
     assert [text for _, text in side.read_log(tmp_path / "x.log")] == ["a", "b", "c"]
+
+
+def test_traceback_is_cut_from_the_kept_log():
+    lines = [
+        (1.0, "* Refusals: 1/8"),
+        (2.0, "╭──── Traceback (most recent call last) ────╮"),
+        (2.0, "│ src │"),
+        (2.1, "EOFError"),
+    ]
+    kept, error = side.without_traceback(lines, "raw.log")
+    assert error == "EOFError"
+    assert kept[0] == (1.0, "* Refusals: 1/8") and len(kept) == 2
+    assert "3 lines omitted" in kept[1][1] and "raw.log" in kept[1][1]
+    assert side.without_traceback(lines[:1], "raw.log") == (lines[:1], None)
