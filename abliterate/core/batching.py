@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Callable, Sequence, TypeVar
+from typing import Callable, Generic, NamedTuple, Sequence, TypeVar
 
 import torch
 
@@ -22,6 +22,14 @@ R = TypeVar("R")
 
 DEFAULT_BATCH_CAP = 64
 _MIN_GAIN = 1.05  # keep doubling only while throughput improves by at least 5 %
+
+
+class BatchedRun(NamedTuple, Generic[R]):
+    results: list[R]  # in the order of the items
+    batch_size: int  # the size given, or the automatic size found
+    #: False when automatic tuning ran out of items before it settled (every doubling still paid):
+    #: the size is right for inputs this small only, and a larger input should tune again.
+    settled: bool
 
 
 def is_oom(exc: BaseException) -> bool:
@@ -40,8 +48,8 @@ def run_batched(
     cap: int = DEFAULT_BATCH_CAP,
     progress: Callable[[int, int], None] | None = None,
     until_tuned: bool = False,
-) -> tuple[list[R], int]:
-    """Run ``fn`` over ``items`` in batches; return (results in order, batch size used).
+) -> BatchedRun[R]:
+    """Run ``fn`` over ``items`` in batches; return the results and the batch size used.
 
     ``until_tuned`` stops as soon as the automatic batch size is known (the
     results then cover only the items run so far): for work that must be
@@ -87,4 +95,6 @@ def run_batched(
                 log.info("automatic batch size: %d", size)
         if until_tuned and not tuning:
             break
-    return results, (best_size if batch_size == 0 else batch_size)
+    if batch_size:
+        return BatchedRun(results, batch_size, True)
+    return BatchedRun(results, best_size, not tuning)

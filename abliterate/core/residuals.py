@@ -63,12 +63,12 @@ def collect_residuals(
     # Longest first keeps padding waste low within a batch; order is restored below.
     order = sorted(range(len(texts)), key=lambda i: -len(texts[i]))
     # batches: N rows (L+1, d), in that order.
-    batches, _ = run_batched(
+    batches = run_batched(
         [texts[i] for i in order],
         lambda chunk: list(last_token_residuals(lm, chunk)),
         batch_size=batch_size,
         progress=progress,
-    )
+    ).results
     result = torch.empty((len(texts),) + tuple(batches[0].shape), dtype=torch.float32)  # (N, L+1, d)
     for slot, i in enumerate(order):
         result[i] = batches[slot]  # (L+1, d)

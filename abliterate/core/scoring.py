@@ -54,6 +54,13 @@ class TrialResult:
     pruned: RefusalLimit | None = None
 
 
+@dataclass(frozen=True)
+class _TunedSize:
+    size: int
+    settled: bool  # False: tuning ran out of items; right only for inputs of at most n_items
+    n_items: int
+
+
 class _Dominated(Exception):
     """Raised inside the refusal probes once the trial is certainly dominated; never leaves the engine."""
 
@@ -92,7 +99,7 @@ class TrialEngine:
         self.detector = detector or RefusalDetector()
         self.batch_size = batch_size
         self.share_prefix = share_prefix  # off only to measure what prefix sharing saves
-        self._tuned_sizes: dict[str, int] = {}  # per operation, so tuning happens once
+        self._tuned_sizes: dict[str, _TunedSize] = {}  # per operation, so tuning happens once per input size
         self.directions: DirectionSet | None = None
         self.baseline: Baseline | None = None
 
@@ -154,17 +161,30 @@ class TrialEngine:
 
     # ---- primitives ----------------------------------------------------------
     def _run(self, operation: str, items, fn):
-        size = self.batch_size or self._tuned_sizes.get(operation, 0)
-        results, used = run_batched(items, fn, batch_size=size)
-        self._tuned_sizes[operation] = used
-        return results
+        size = self.batch_size or self._tuned_size(operation, len(items))
+        run = run_batched(items, fn, batch_size=size)
+        if not size:
+            self._tuned_sizes[operation] = _TunedSize(run.batch_size, run.settled, len(items))
+        return run.results
 
     def _tune(self, operation: str, items, fn) -> None:
         """Settle the automatic batch size of ``operation`` on its first batches, keeping no results."""
-        if self.batch_size or operation in self._tuned_sizes:
+        if self.batch_size or self._tuned_size(operation, len(items)):
             return
-        _, used = run_batched(items, fn, until_tuned=True)
-        self._tuned_sizes[operation] = used
+        run = run_batched(items, fn, until_tuned=True)
+        self._tuned_sizes[operation] = _TunedSize(run.batch_size, run.settled, len(items))
+
+    def _tuned_size(self, operation: str, n_items: int) -> int:
+        """The batch size tuned for ``operation``, or 0 (tune now) if none fits ``n_items`` items.
+
+        A size tuned on a few items that ran out before tuning settled (two
+        prompts give batch size 1) would hold a later, larger input at that
+        size; it is kept only for inputs no larger than the one it was tuned on.
+        """
+        tuned = self._tuned_sizes.get(operation)
+        if tuned is None or not (tuned.settled or n_items <= tuned.n_items):
+            return 0
+        return tuned.size
 
     def _greedy_continuation(self, texts: list[str], n_tokens: int) -> torch.Tensor:
         """(N, n_tokens) greedy token ids of the unedited model for multi-token KL, padded with EOS.
