@@ -103,7 +103,8 @@ class OptimizerServicer(optimizer_pb2_grpc.OptimizerServiceServicer):
                 runner.trial_metrics = metrics.trials
         metrics.add_gauges(
             "abliterate_optimizer_trials_queued",
-            "Trials of a running study's target not yet dispatched to an evaluator (n_trials - COMPLETE - RUNNING)",
+            "Trials of a running study's target not yet dispatched to an evaluator "
+            "(n_trials - scored (COMPLETE or PRUNED) - RUNNING)",
             ["study"],
             lambda: {(r.name,): r.n_queued for r in self._active_runners()},
         )

@@ -394,31 +394,26 @@ def trial_to_pb(trial: FrozenTrial, space: SearchSpace, front: set[int]) -> comm
         msg.started_at.CopyFrom(timestamp(trial.datetime_start))
     if trial.datetime_complete is not None:
         msg.finished_at.CopyFrom(timestamp(trial.datetime_complete))
-    if trial.state == TrialState.COMPLETE and trial.values:
-        msg.scores.CopyFrom(
-            common_pb2.TrialScores(
-                kl=float(trial.values[0]),
-                refusals=int(round(trial.values[1])),
-                n_refusal_prompts=int(attrs.get("n_refusal_prompts", 0)),
-                n_kl_prompts=int(attrs.get("n_kl_prompts", 0)),
-                timings_s={k: float(v) for k, v in (attrs.get("timings") or {}).items()},
-            )
-        )
     pruned = attrs.get("pruned")
-    if trial.state == TrialState.PRUNED and pruned:
-        msg.scores.CopyFrom(
-            common_pb2.TrialScores(
-                kl=float(pruned["kl"]),
-                refusals=int(pruned["refusals_at_least"]),
-                n_refusal_prompts=int(attrs.get("n_refusal_prompts", 0)),
-                n_kl_prompts=int(attrs.get("n_kl_prompts", 0)),
-                timings_s={k: float(v) for k, v in (attrs.get("timings") or {}).items()},
-                pruned=True,
-            )
-        )
+    if trial.state == TrialState.COMPLETE and trial.values:
+        msg.scores.CopyFrom(_scores(attrs, kl=trial.values[0], refusals=trial.values[1]))
+    elif trial.state == TrialState.PRUNED and pruned:
+        # KL is exact; refusals is the bound at which ``dominated_by`` was proven to dominate.
+        msg.scores.CopyFrom(_scores(attrs, kl=pruned["kl"], refusals=pruned["refusals_at_least"], pruned=True))
         if pruned.get("dominated_by") is not None:
             msg.scores.dominated_by = int(pruned["dominated_by"])
     return msg
+
+
+def _scores(attrs: dict, kl: float, refusals: float, pruned: bool = False) -> common_pb2.TrialScores:
+    return common_pb2.TrialScores(
+        kl=float(kl),
+        refusals=int(round(refusals)),
+        n_refusal_prompts=int(attrs.get("n_refusal_prompts", 0)),
+        n_kl_prompts=int(attrs.get("n_kl_prompts", 0)),
+        timings_s={k: float(v) for k, v in (attrs.get("timings") or {}).items()},
+        pruned=pruned,
+    )
 
 
 def trial_finished(
