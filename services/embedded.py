@@ -100,6 +100,9 @@ class Embedded:
     # ----------------------------------------------------------------- start
 
     def start(self) -> "Embedded":
+        from abliterate.memory import limit_malloc_arenas
+
+        limit_malloc_arenas()  # before the servers' threads allocate (a MALLOC_ARENA_MAX setting wins)
         self.data_dir.mkdir(parents=True, exist_ok=True)
         try:
             if self.metrics_address:

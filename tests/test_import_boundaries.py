@@ -47,7 +47,9 @@ def test_rpc_and_stubs_do_not_import_torch():
     assert "torch" not in loaded
 
 
-@pytest.mark.parametrize("module", ["abliterate.params", "abliterate.errors", "abliterate.dominance"])
+@pytest.mark.parametrize(
+    "module", ["abliterate.params", "abliterate.errors", "abliterate.dominance", "abliterate.memory"]
+)
 def test_plain_modules_import_neither_torch_nor_grpc(module):
     loaded = imported_after([module])
     assert "torch" not in loaded
