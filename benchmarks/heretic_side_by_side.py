@@ -150,6 +150,8 @@ class Trial:
     start_t: float | None = None  # heretic: its "Running trial" line
     trial_s: float | None = None
     evaluator_s: float | None = None  # ours: the evaluator's own timings["total"]
+    #: ours: the probes stopped once the trial was certainly dominated; ``refusals`` is the proven lower bound
+    pruned: bool = False
 
 
 @dataclass
@@ -164,7 +166,10 @@ _H_REFUSALS = re.compile(r"^\s*\* Refusals: (\d+)/(\d+)")
 _H_INITIAL = re.compile(r"Initial refusals: (\d+)/(\d+)")
 _H_PREFIX = re.compile(r"\* Prefix found: (.*)$")
 _H_RAM = re.compile(r"Resident system RAM: ([0-9.]+) GB")
-_OURS_TRIAL = re.compile(r"trial (\d+): refusals (\d+)/(\d+), KL ([0-9.eE+-]+) \((\d+)/(\d+)\)")
+# "trial 4: refusals >= 4/64, KL 0.1110 (pruned: certainly dominated by trial 2) (5/8)" for a pruned trial.
+_OURS_TRIAL = re.compile(
+    r"trial (\d+): refusals (>= )?(\d+)/(\d+), KL ([0-9.eE+-]+) (?:\(pruned: [^)]*\) )?\((\d+)/(\d+)\)"
+)
 
 
 def parse_heretic(lines: list[tuple[float, str]]) -> Parsed:
@@ -209,10 +214,11 @@ def parse_ours(lines: list[tuple[float, str]]) -> Parsed:
             out.trials.append(
                 Trial(
                     number=int(m.group(1)),
-                    refusals=int(m.group(2)),
-                    n_prompts=int(m.group(3)),
-                    kl=float(m.group(4)),
+                    refusals=int(m.group(3)),
+                    n_prompts=int(m.group(4)),
+                    kl=float(m.group(5)),
                     result_t=t,
+                    pruned=m.group(2) is not None,
                 )
             )
         elif text.startswith("phase "):
@@ -221,10 +227,12 @@ def parse_ours(lines: list[tuple[float, str]]) -> Parsed:
 
 
 def pareto_front(trials: list[Trial]) -> list[Trial]:
-    """Trials not dominated in (refusals, KL), both minimised; by refusals, then KL."""
+    """Trials not dominated in (refusals, KL), both minimised; by refusals, then KL.
+
+    Pruned trials are left out: each was proven dominated by a complete one."""
     front: list[Trial] = []
     best_kl = float("inf")
-    for trial in sorted(trials, key=lambda tr: (tr.refusals, tr.kl)):
+    for trial in sorted((tr for tr in trials if not tr.pruned), key=lambda tr: (tr.refusals, tr.kl)):
         if trial.kl < best_kl:
             front.append(trial)
             best_kl = trial.kl
@@ -274,6 +282,9 @@ def summarize(parsed: Parsed) -> dict:
     return {
         "trial_s": [round(tr.trial_s, 3) for tr in trials if tr.trial_s is not None],
         "trial_s_median": _median([tr.trial_s for tr in trials if tr.trial_s is not None]),
+        # ours: pruned trials stop early; the median of the complete ones alone says what a full trial costs
+        "n_pruned": sum(tr.pruned for tr in trials),
+        "complete_trial_s_median": _median([tr.trial_s for tr in trials if tr.trial_s is not None and not tr.pruned]),
         "trial_interval_s": [round(x, 3) for x in intervals],
         "trial_interval_s_median": _median(intervals),
         "first_trial_s": round(result_ts[0], 3) if result_ts else None,
@@ -588,14 +599,21 @@ def ours_study_trials(db: Path) -> list[dict]:
     rows = []
     for study in storage.get_all_studies():
         for trial in storage.get_all_trials(study._study_id):
-            if trial.state != optuna.trial.TrialState.COMPLETE:
+            state = trial.state
+            if state == optuna.trial.TrialState.COMPLETE:
+                kl, refusals = trial.values[0], int(trial.values[1])
+            elif state == optuna.trial.TrialState.PRUNED and trial.user_attrs.get("pruned"):
+                # KL exact, refusals the bound at which a complete trial was proven to dominate it
+                kl, refusals = trial.user_attrs["pruned"]["kl"], int(trial.user_attrs["pruned"]["refusals_at_least"])
+            else:
                 continue
             timings = trial.user_attrs.get("timings", {})
             rows.append(
                 {
                     "number": trial.number,
-                    "kl": trial.values[0],
-                    "refusals": int(trial.values[1]),
+                    "kl": kl,
+                    "refusals": refusals,
+                    "pruned": state == optuna.trial.TrialState.PRUNED,
                     "wall_s": (trial.datetime_complete - trial.datetime_start).total_seconds(),
                     "evaluator_s": timings.get("total"),
                 }
@@ -810,7 +828,10 @@ def main(argv: list[str] | None = None) -> int:
     for key in ("trial_s_median", "trial_interval_s_median", "total_s", "first_trial_s", "peak_rss_mb", "wall_s"):
         summary[f"heretic_{key}"] = h.get(key)
         summary[f"ours_{key}"] = o.get(key)
+    summary["ours_n_pruned"] = o.get("n_pruned")
+    summary["ours_complete_trial_s_median"] = o.get("complete_trial_s_median")
     summary["trial_ratio"] = _ratio(o.get("trial_s_median"), h.get("trial_s_median"))
+    summary["complete_trial_ratio"] = _ratio(o.get("complete_trial_s_median"), h.get("trial_s_median"))
     summary["trial_interval_ratio"] = _ratio(o.get("trial_interval_s_median"), h.get("trial_interval_s_median"))
     summary["total_ratio"] = _ratio(o.get("total_s"), h.get("total_s"))
     summary["first_trial_ratio"] = _ratio(o.get("first_trial_s"), h.get("first_trial_s"))

@@ -38,6 +38,26 @@ def test_ours_log_gives_each_trial_its_scores():
     assert [p["line"].split(":")[0] for p in parsed.extra["phases"]] == ["phase OPTIMIZING", "phase SUCCEEDED"]
 
 
+def test_ours_pruned_trials_are_parsed_as_bounds_and_kept_off_the_front():
+    # The log of an 8-trial run (64 prompts, 30 tokens): trials 4-7 were pruned.
+    parsed = side.parse_ours(side.read_log(FIXTURES / "ours_pruned.log"))
+    assert [(t.number, t.refusals, t.pruned) for t in parsed.trials] == [
+        (0, 13, False),
+        (1, 6, False),
+        (2, 4, False),
+        (3, 7, False),
+        (4, 4, True),
+        (5, 4, True),
+        (6, 4, True),
+        (7, 13, True),
+    ]
+    assert parsed.trials[7].kl == 0.02 and parsed.trials[7].result_t == 146.21
+    summary = side.summarize(parsed)
+    assert summary["n_pruned"] == 4
+    assert summary["total_s"] == 146.21
+    assert [p["number"] for p in summary["pareto_front"]] == [2, 1, 3, 0]
+
+
 def test_summary_times_and_front():
     summary = side.summarize(side.parse_heretic(side.read_log(FIXTURES / "heretic_quick.log")))
     assert summary["first_trial_s"] == 70.565
