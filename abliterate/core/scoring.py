@@ -275,6 +275,26 @@ class TrialEngine:
             stop.outcomes = finished
             raise
 
+    def tune_generation(self, texts: list[str], max_new_tokens: int) -> None:
+        """Settle the automatic batch size of the refusal probes on their first batches, keeping no results.
+
+        What :meth:`count_refusals` would do on its first call, for a caller
+        that skips the unedited model's count: every trial then probes at the
+        same batch size. Nothing to do with a fixed batch size."""
+        detector = self.detector
+        self._tune(
+            "generate",
+            list(range(len(texts))),
+            lambda chunk: generate_greedy(
+                self.lm,
+                [texts[i] for i in chunk],
+                max_new_tokens,
+                decided=lambda text: detector.find_marker(text) is not None,
+                share_prefix=self.share_prefix,
+                keep_special_tokens=True,
+            ),
+        )
+
     # ---- the trial -----------------------------------------------------------
     def apply(self, params: AblationParams) -> int:
         if self.directions is None:

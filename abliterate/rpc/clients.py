@@ -130,10 +130,12 @@ class EvaluatorClient(ServiceClient):
                 f"evaluator {self.address} answered direction set {answer.direction_set_id}, not {direction_set_id}"
             )
 
-    def prepare_baseline(self, baseline: common_pb2.BaselineSpec, timeout_s: float) -> str:
-        """The id of the prepared baseline (generates on every refusal prompt: a long deadline)."""
+    def prepare_baseline(self, baseline: common_pb2.BaselineSpec, timeout_s: float, count_refusals: bool = True) -> str:
+        """The id of the prepared baseline (with ``count_refusals`` it generates on every refusal prompt:
+        a long deadline)."""
         return self.stub.PrepareBaseline(
-            evaluator_pb2.PrepareBaselineRequest(baseline=baseline), timeout=timeout_s
+            evaluator_pb2.PrepareBaselineRequest(baseline=baseline, skip_refusal_count=not count_refusals),
+            timeout=timeout_s,
         ).baseline_id
 
     def start_trial(self, request: evaluator_pb2.EvaluateTrialRequest, timeout_s: float) -> PendingCall:

@@ -35,13 +35,15 @@ class LoadDirectionsResponse(_message.Message):
     def __init__(self, direction_set_id: _Optional[str] = ..., already_loaded: _Optional[bool] = ..., tensor_names: _Optional[_Iterable[str]] = ..., timings_s: _Optional[_Mapping[str, float]] = ...) -> None: ...
 
 class PrepareBaselineRequest(_message.Message):
-    __slots__ = ("baseline",)
+    __slots__ = ("baseline", "skip_refusal_count")
     BASELINE_FIELD_NUMBER: _ClassVar[int]
+    SKIP_REFUSAL_COUNT_FIELD_NUMBER: _ClassVar[int]
     baseline: _common_pb2.BaselineSpec
-    def __init__(self, baseline: _Optional[_Union[_common_pb2.BaselineSpec, _Mapping]] = ...) -> None: ...
+    skip_refusal_count: bool
+    def __init__(self, baseline: _Optional[_Union[_common_pb2.BaselineSpec, _Mapping]] = ..., skip_refusal_count: _Optional[bool] = ...) -> None: ...
 
 class PrepareBaselineResponse(_message.Message):
-    __slots__ = ("baseline_id", "already_prepared", "n_kl_prompts", "n_refusal_prompts", "baseline_refusals", "timings_s")
+    __slots__ = ("baseline_id", "already_prepared", "n_kl_prompts", "n_refusal_prompts", "baseline_refusals", "timings_s", "refusals_counted")
     class TimingsSEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -55,13 +57,15 @@ class PrepareBaselineResponse(_message.Message):
     N_REFUSAL_PROMPTS_FIELD_NUMBER: _ClassVar[int]
     BASELINE_REFUSALS_FIELD_NUMBER: _ClassVar[int]
     TIMINGS_S_FIELD_NUMBER: _ClassVar[int]
+    REFUSALS_COUNTED_FIELD_NUMBER: _ClassVar[int]
     baseline_id: str
     already_prepared: bool
     n_kl_prompts: int
     n_refusal_prompts: int
     baseline_refusals: int
     timings_s: _containers.ScalarMap[str, float]
-    def __init__(self, baseline_id: _Optional[str] = ..., already_prepared: _Optional[bool] = ..., n_kl_prompts: _Optional[int] = ..., n_refusal_prompts: _Optional[int] = ..., baseline_refusals: _Optional[int] = ..., timings_s: _Optional[_Mapping[str, float]] = ...) -> None: ...
+    refusals_counted: bool
+    def __init__(self, baseline_id: _Optional[str] = ..., already_prepared: _Optional[bool] = ..., n_kl_prompts: _Optional[int] = ..., n_refusal_prompts: _Optional[int] = ..., baseline_refusals: _Optional[int] = ..., timings_s: _Optional[_Mapping[str, float]] = ..., refusals_counted: _Optional[bool] = ...) -> None: ...
 
 class EvaluateTrialRequest(_message.Message):
     __slots__ = ("direction_set_id", "params", "baseline_id", "trial_number", "prune_against")

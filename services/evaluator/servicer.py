@@ -131,14 +131,15 @@ class EvaluatorServicer(evaluator_pb2_grpc.EvaluatorServiceServicer):
     def PrepareBaseline(self, request, context):
         if not request.HasField("baseline"):
             raise InvalidArgument("baseline is required")
-        b = self._ready().prepare_baseline(request.baseline)
+        b = self._ready().prepare_baseline(request.baseline, count_refusals=not request.skip_refusal_count)
         return evaluator_pb2.PrepareBaselineResponse(
             baseline_id=b.baseline_id,
             already_prepared=b.already_prepared,
             n_kl_prompts=b.n_kl_prompts,
             n_refusal_prompts=b.n_refusal_prompts,
-            baseline_refusals=b.baseline_refusals,
+            baseline_refusals=b.baseline_refusals if b.refusals_counted else 0,
             timings_s=b.timings_s,
+            refusals_counted=b.refusals_counted,
         )
 
     def EvaluateTrial(self, request, context):

@@ -21,7 +21,7 @@ import time
 import uuid
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from abliterate.artifacts import tensor_names
 from abliterate.caps import (
@@ -86,8 +86,9 @@ class BaselineInfo:
     already_prepared: bool
     n_kl_prompts: int
     n_refusal_prompts: int
-    baseline_refusals: int
+    baseline_refusals: int  # meaningful when refusals_counted
     timings_s: dict[str, float]
+    refusals_counted: bool = True
 
 
 @dataclass
@@ -229,19 +230,20 @@ class EvaluatorSession:
         h.update(b"\0" + source.encode())
         return h.hexdigest()
 
-    def prepare_baseline(self, spec: common_pb2.BaselineSpec) -> BaselineInfo:
+    def prepare_baseline(self, spec: common_pb2.BaselineSpec, count_refusals: bool = True) -> BaselineInfo:
+        """Hold the baseline of ``spec``; with ``count_refusals``, also the unedited model's refusal count.
+
+        The count generates on every refusal prompt (as long as a trial's
+        probes) and no trial score depends on it, so a caller that does not
+        show it skips it. With the automatic batch size the generation batch
+        size is still tuned here, on the unedited model, so that every trial
+        probes at the same size.
+        """
         t_start = time.perf_counter()
         baseline_id = self.baseline_id_of(spec, self.lm.spec.source)
         held = self.baseline
-        if held is not None and held.baseline_id == baseline_id:
-            return BaselineInfo(
-                baseline_id,
-                True,
-                held.n_kl_prompts,
-                held.n_refusal_prompts,
-                held.baseline_refusals,
-                {"total": time.perf_counter() - t_start},
-            )
+        if held is not None and held.baseline_id == baseline_id and (held.refusals_counted or not count_refusals):
+            return replace(held, already_prepared=True, timings_s={"total": time.perf_counter() - t_start})
         view = job_view(self.lm, spec.model if spec.HasField("model") else None)
         if not spec.HasField("kl_prompts"):
             raise InvalidArgument("baseline.kl_prompts is required")
@@ -268,8 +270,13 @@ class EvaluatorSession:
                 baseline = engine.prepare_baseline(kl_prompts, refusal_prompts, max_new_tokens, kl_tokens)
                 timings["logprobs"] = time.perf_counter() - t0
                 t0 = time.perf_counter()
-                outcomes = engine.count_refusals(baseline.refusal_texts, baseline.refusal_prompts, max_new_tokens)
-                timings["refusals"] = time.perf_counter() - t0
+                if count_refusals:
+                    outcomes = engine.count_refusals(baseline.refusal_texts, baseline.refusal_prompts, max_new_tokens)
+                    timings["refusals"] = time.perf_counter() - t0
+                else:
+                    outcomes = []
+                    engine.tune_generation(baseline.refusal_texts, max_new_tokens)
+                    timings["tune_generation"] = time.perf_counter() - t0
             except BaseException:
                 engine.lm, engine.detector, engine.baseline = saved
                 raise
@@ -277,7 +284,13 @@ class EvaluatorSession:
                 engine.reset()
             timings["total"] = time.perf_counter() - t_start
             self.baseline = BaselineInfo(
-                baseline_id, False, len(kl_prompts), len(refusal_prompts), sum(o.refusal for o in outcomes), timings
+                baseline_id,
+                False,
+                len(kl_prompts),
+                len(refusal_prompts),
+                sum(o.refusal for o in outcomes),
+                timings,
+                refusals_counted=count_refusals,
             )
         log.info(
             "baseline prepared",
@@ -285,7 +298,7 @@ class EvaluatorSession:
                 "baseline_id": baseline_id,
                 "n_kl": len(kl_prompts),
                 "n_refusal": len(refusal_prompts),
-                "baseline_refusals": self.baseline.baseline_refusals,
+                "baseline_refusals": self.baseline.baseline_refusals if count_refusals else None,
             },
         )
         return self.baseline

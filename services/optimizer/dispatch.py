@@ -260,7 +260,10 @@ class EvaluatorWorker(threading.Thread):
             if problem:
                 return self._reject(problem)
             client.ensure_directions(settings.direction_set_id, runner.direction_bytes, self.options.rpc_timeout_s)
-            self.baseline_id = client.prepare_baseline(settings.baseline, self.options.prepare_timeout_s)
+            # The unedited model's refusal count is not used here: skipping it saves a full probe run.
+            self.baseline_id = client.prepare_baseline(
+                settings.baseline, self.options.prepare_timeout_s, count_refusals=False
+            )
         except (Unavailable, Cancelled) as exc:  # busy, restarting or gone (DeadlineExceeded is Unavailable)
             if self.healthy():
                 self.last_error = f"busy: {_error_text(exc)}"

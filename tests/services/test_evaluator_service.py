@@ -206,6 +206,47 @@ def test_baseline_is_idempotent_and_replaced_by_another_spec(stub):
     assert not other.already_prepared and other.baseline_id != first.baseline_id
 
 
+def counted_and_skipped_scores(lm, blob, skip: bool, batch_size: int) -> tuple[list, E.PrepareBaselineResponse, list]:
+    """One fresh evaluator: a baseline (the unedited model's count skipped or not), then three trials."""
+    # Markers that most replies of the random tiny model contain, so that the refusal counts are not all 0.
+    spec = baseline_spec()
+    spec.refusal_markers.extend(["e", "a"])
+    with serve([(ADD, EvaluatorServicer(lm, batch_size=batch_size))]) as served:
+        stub = evaluator_pb2_grpc.EvaluatorServiceStub(served.channel)
+        set_id = stub.LoadDirections(E.LoadDirectionsRequest(directions=blob)).direction_set_id
+        base = stub.PrepareBaseline(E.PrepareBaselineRequest(baseline=spec, skip_refusal_count=skip))
+        scores = []
+        for params in (kernel_params(), kernel_params(per_layer=True), kernel_params(weight=0.0)):
+            reply = stub.EvaluateTrial(E.EvaluateTrialRequest(direction_set_id=set_id, params=params))
+            scores.append((reply.scores.kl, reply.scores.refusals))
+        # Asking for the count later computes it on the held baseline; asking to skip then reuses it.
+        later = [
+            stub.PrepareBaseline(E.PrepareBaselineRequest(baseline=spec)),
+            stub.PrepareBaseline(E.PrepareBaselineRequest(baseline=spec, skip_refusal_count=True)),
+        ]
+        tuned = served.servicers[0].session.engine._tuned_size("generate", len(BAD))
+    return scores, base, [*later, tuned]
+
+
+def test_skipping_the_unedited_refusal_count_leaves_trial_scores_unchanged(lm, blob):
+    counted, counted_base, _ = counted_and_skipped_scores(lm, blob, skip=False, batch_size=4)
+    skipped, skipped_base, (later, reused, _) = counted_and_skipped_scores(lm, blob, skip=True, batch_size=4)
+    assert counted_base.refusals_counted and counted_base.baseline_refusals > 0
+    assert not skipped_base.refusals_counted and skipped_base.baseline_refusals == 0
+    assert "refusals" not in skipped_base.timings_s
+    assert skipped == counted  # exactly: same batches, same kernels
+    assert counted[2] == (0.0, counted_base.baseline_refusals)  # the zero edit: KL 0, the unedited count
+    assert later.refusals_counted and not later.already_prepared
+    assert later.baseline_refusals == counted_base.baseline_refusals
+    assert reused.already_prepared and reused.refusals_counted and reused.baseline_refusals == later.baseline_refusals
+
+
+def test_skipping_the_count_still_tunes_the_probe_batch_size(lm, blob):
+    _, base, (_, _, tuned) = counted_and_skipped_scores(lm, blob, skip=True, batch_size=0)
+    assert "tune_generation" in base.timings_s
+    assert tuned > 0  # every trial then probes at this size from its first batch
+
+
 def test_baseline_errors(stub, lm):
     empty = common_pb2.BaselineSpec(kl_prompts=prompts([]), refusal_prompts=prompts(BAD))
     assert code_of(stub.PrepareBaseline, E.PrepareBaselineRequest(baseline=empty)) == grpc.StatusCode.INVALID_ARGUMENT
