@@ -777,6 +777,8 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"shared prompt data not found at {smollm2.SHARED_DATA}; pass --shared-data")
     tag = "_quick" if args.quick else ""
     output = Path(args.output) if args.output else RESULTS / f"heretic_side_by_side{tag}.json"
+    if args.output:
+        tag = f"_{output.stem}"  # logs and work folders of their own: a second run does not overwrite the first's
 
     started = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     info = machine()

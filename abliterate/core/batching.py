@@ -98,3 +98,43 @@ def run_batched(
     if batch_size:
         return BatchedRun(results, batch_size, True)
     return BatchedRun(results, best_size, not tuning)
+
+
+def measure_batch_size(
+    n_items: int, run_sample: Callable[[int], object], cap: int = DEFAULT_BATCH_CAP, smallest: int = 8
+) -> int:
+    """The batch size with the best measured throughput for ``n_items`` items (results discarded).
+
+    ``run_sample(size)`` runs one batch of ``size`` representative items.
+    Sizes ``smallest``, 2x, 4x ... up to ``min(cap, n_items)`` (the last one
+    is ``n_items`` itself when it fits under the cap) are timed in turn, while
+    each beats the one before by 5 %; an out-of-memory error ends the climb at
+    the size before. For work whose cost per batch is mostly reading the
+    weights (decode steps on a CPU), so that larger batches keep paying, where
+    :func:`run_batched`'s climb from 1 on the real items would spend the first
+    items on tiny batches and never reach a size larger than half of them.
+    """
+    top = min(cap, n_items)
+    sizes, size = [], min(smallest, top)
+    while size < top:
+        sizes.append(size)
+        size *= 2
+    sizes.append(top)
+    best_size, best_rate = sizes[0], 0.0
+    for size in sizes:
+        start = time.perf_counter()
+        try:
+            run_sample(size)
+        except (RuntimeError, torch.OutOfMemoryError) as exc:
+            if not is_oom(exc):
+                raise
+            free_memory()
+            if best_rate == 0.0:
+                raise ResourceExhausted(f"out of memory at batch size {size}") from exc
+            break
+        rate = size / max(time.perf_counter() - start, 1e-9)
+        if rate <= best_rate * _MIN_GAIN:
+            break
+        best_size, best_rate = size, rate
+    log.info("measured batch size: %d", best_size)
+    return best_size

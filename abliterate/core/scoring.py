@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from abliterate.core.ablation import ablator_for
-from abliterate.core.batching import run_batched
+from abliterate.core.batching import measure_batch_size, run_batched
 from abliterate.core.directions import DirectionSet, protected_subspace
 from abliterate.core.generation import Generated, generate_greedy, prefill
 from abliterate.core.loading import LoadedModel
@@ -52,6 +52,10 @@ class TrialResult:
     details: list[PromptOutcome] = field(default_factory=list)
     timings_s: dict[str, float] = field(default_factory=dict)
     pruned: RefusalLimit | None = None
+
+
+#: Tokens each measured batch generates when the probes' batch size is tuned (prefill and a few decode steps).
+TUNING_TOKENS = 4
 
 
 @dataclass(frozen=True)
@@ -276,24 +280,25 @@ class TrialEngine:
             raise
 
     def tune_generation(self, texts: list[str], max_new_tokens: int) -> None:
-        """Settle the automatic batch size of the refusal probes on their first batches, keeping no results.
+        """Measure the automatic batch size of the refusal probes on the unedited model, keeping no results.
 
-        What :meth:`count_refusals` would do on its first call, for a caller
-        that skips the unedited model's count: every trial then probes at the
-        same batch size. Nothing to do with a fixed batch size."""
-        detector = self.detector
-        self._tune(
-            "generate",
-            list(range(len(texts))),
-            lambda chunk: generate_greedy(
-                self.lm,
-                [texts[i] for i in chunk],
-                max_new_tokens,
-                decided=lambda text: detector.find_marker(text) is not None,
-                share_prefix=self.share_prefix,
-                keep_special_tokens=True,
-            ),
-        )
+        Batches of 8, 16, 32 ... prompts spread over ``texts`` generate
+        :data:`TUNING_TOKENS` tokens each, without early stop, and the fastest
+        size per prompt is kept for every probe from then on (on SmolLM2 / 2
+        CPU cores: 64 prompts in one batch probe 21 % faster than 32, which a
+        climb from batch size 1 over 64 prompts never reaches). Nothing to do
+        with a fixed batch size or a size already measured for this many prompts.
+        """
+        if self.batch_size or self._tuned_size("generate", len(texts)):
+            return
+        tokens = min(TUNING_TOKENS, max_new_tokens)
+
+        def sample(size: int) -> None:
+            spread = [texts[i * len(texts) // size] for i in range(size)]  # short and long prompts alike
+            generate_greedy(self.lm, spread, tokens, None, share_prefix=self.share_prefix, keep_special_tokens=True)
+
+        size = measure_batch_size(len(texts), sample)
+        self._tuned_sizes["generate"] = _TunedSize(size, True, len(texts))
 
     # ---- the trial -----------------------------------------------------------
     def apply(self, params: AblationParams) -> int:

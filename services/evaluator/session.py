@@ -235,9 +235,9 @@ class EvaluatorSession:
 
         The count generates on every refusal prompt (as long as a trial's
         probes) and no trial score depends on it, so a caller that does not
-        show it skips it. With the automatic batch size the generation batch
-        size is still tuned here, on the unedited model, so that every trial
-        probes at the same size.
+        show it skips it. With the automatic batch size the probes' batch size
+        is measured here, on the unedited model, so that every trial (and the
+        count) probes at that one size.
         """
         t_start = time.perf_counter()
         baseline_id = self.baseline_id_of(spec, self.lm.spec.source)
@@ -270,13 +270,13 @@ class EvaluatorSession:
                 baseline = engine.prepare_baseline(kl_prompts, refusal_prompts, max_new_tokens, kl_tokens)
                 timings["logprobs"] = time.perf_counter() - t0
                 t0 = time.perf_counter()
+                engine.tune_generation(baseline.refusal_texts, max_new_tokens)  # automatic batch size only
+                timings["tune_generation"] = time.perf_counter() - t0
+                outcomes = []
                 if count_refusals:
+                    t0 = time.perf_counter()
                     outcomes = engine.count_refusals(baseline.refusal_texts, baseline.refusal_prompts, max_new_tokens)
                     timings["refusals"] = time.perf_counter() - t0
-                else:
-                    outcomes = []
-                    engine.tune_generation(baseline.refusal_texts, max_new_tokens)
-                    timings["tune_generation"] = time.perf_counter() - t0
             except BaseException:
                 engine.lm, engine.detector, engine.baseline = saved
                 raise
