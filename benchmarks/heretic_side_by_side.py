@@ -574,8 +574,8 @@ def ours_command(args: argparse.Namespace, model_dir: Path, prompts: dict, data_
         str(args.trials),
         "--n-startup-trials",
         "60",
-        "--batch-size",
-        str(args.batch_size),
+        # 0: the automatic size, which our CLI gets by leaving the flag out
+        *(["--batch-size", str(args.batch_size)] if args.batch_size else []),
         "--max-new-tokens",
         str(args.tokens),
         "--seed",

@@ -117,3 +117,15 @@ def test_traceback_is_cut_from_the_kept_log():
     assert kept[0] == (1.0, "* Refusals: 1/8") and len(kept) == 2
     assert "3 lines omitted" in kept[1][1] and "raw.log" in kept[1][1]
     assert side.without_traceback(lines[:1], "raw.log") == (lines[:1], None)
+
+
+def test_ours_command_leaves_the_batch_flag_out_for_the_automatic_size(tmp_path):
+    files = {name: f"/p/{name}.txt" for name in ("harmful_train", "harmless_train", "harmful_test", "harmless_test")}
+
+    def command(batch_size):
+        args = argparse.Namespace(prompts=64, trials=8, batch_size=batch_size, tokens=30, seed=42)
+        return side.ours_command(args, tmp_path / "model", {"files": files}, tmp_path / "data")
+
+    fixed = command(32)
+    assert fixed[fixed.index("--batch-size") + 1] == "32"
+    assert "--batch-size" not in command(0)  # our CLI refuses 0: automatic is the flag left out
