@@ -284,10 +284,11 @@ class TrialEngine:
 
         Batches of 8, 16, 32 ... prompts spread over ``texts`` generate
         :data:`TUNING_TOKENS` tokens each, without early stop, and the fastest
-        size per prompt is kept for every probe from then on (on SmolLM2 / 2
-        CPU cores: 64 prompts in one batch probe 21 % faster than 32, which a
-        climb from batch size 1 over 64 prompts never reaches). Nothing to do
-        with a fixed batch size or a size already measured for this many prompts.
+        size per prompt is kept for every probe from then on, so every trial
+        probes at one size from its first batch. (On SmolLM2 / 2 CPU cores full
+        probes are 21 % faster at 64 than at 32, but this short measurement
+        still picks 16 or 32: docs/benchmarks.md.) Nothing to do with a fixed
+        batch size or a size already measured for this many prompts.
         """
         if self.batch_size or self._tuned_size("generate", len(texts)):
             return

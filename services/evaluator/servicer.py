@@ -137,7 +137,7 @@ class EvaluatorServicer(evaluator_pb2_grpc.EvaluatorServiceServicer):
             already_prepared=b.already_prepared,
             n_kl_prompts=b.n_kl_prompts,
             n_refusal_prompts=b.n_refusal_prompts,
-            baseline_refusals=b.baseline_refusals if b.refusals_counted else 0,
+            baseline_refusals=b.baseline_refusals,  # 0 unless counted
             timings_s=b.timings_s,
             refusals_counted=b.refusals_counted,
         )

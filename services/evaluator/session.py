@@ -242,8 +242,10 @@ class EvaluatorSession:
         t_start = time.perf_counter()
         baseline_id = self.baseline_id_of(spec, self.lm.spec.source)
         held = self.baseline
-        if held is not None and held.baseline_id == baseline_id and (held.refusals_counted or not count_refusals):
-            return replace(held, already_prepared=True, timings_s={"total": time.perf_counter() - t_start})
+        if held is not None and held.baseline_id == baseline_id:
+            if held.refusals_counted or not count_refusals:
+                return replace(held, already_prepared=True, timings_s={"total": time.perf_counter() - t_start})
+            return self._count_held_refusals(held, t_start)  # the held logprobs stay: only the count is new
         view = job_view(self.lm, spec.model if spec.HasField("model") else None)
         if not spec.HasField("kl_prompts"):
             raise InvalidArgument("baseline.kl_prompts is required")
@@ -300,6 +302,29 @@ class EvaluatorSession:
                 "n_refusal": len(refusal_prompts),
                 "baseline_refusals": self.baseline.baseline_refusals if count_refusals else None,
             },
+        )
+        return self.baseline
+
+    def _count_held_refusals(self, held: BaselineInfo, t_start: float) -> BaselineInfo:
+        """The unedited model's refusal count for a baseline held without it (the engine still has its
+        model view, detector and prompts from :meth:`prepare_baseline`)."""
+        with self.lock.hold("PrepareBaseline", SERVICE):
+            engine = self.engine
+            baseline = engine.baseline
+            t0 = time.perf_counter()
+            try:
+                outcomes = engine.count_refusals(
+                    baseline.refusal_texts, baseline.refusal_prompts, baseline.max_new_tokens
+                )
+            finally:
+                engine.reset()
+            timings = {"refusals": time.perf_counter() - t0, "total": time.perf_counter() - t_start}
+        self.baseline = replace(
+            held,
+            already_prepared=False,
+            baseline_refusals=sum(o.refusal for o in outcomes),
+            timings_s=timings,
+            refusals_counted=True,
         )
         return self.baseline
 
