@@ -118,6 +118,22 @@ def shared_prefix_length(model, rows: list[list[int]], keep_per_row: int = 1, re
     return length
 
 
+def kept_positions(width: int, logits_to_keep: int, device) -> torch.Tensor | int:
+    """The last ``logits_to_keep`` of ``width`` positions, as the index tensor ``logits_to_keep`` also accepts.
+
+    Given an int, transformers slices ``hidden[:, -k:]``, a strided view that
+    ``F.linear`` runs as a batched matmul against the output head expanded to
+    (B, d, V): 6x slower on a CPU than one matmul (32 rows x 49,152: 177 ms
+    against 29 ms). Indexing gathers the rows into a contiguous tensor, so the
+    head is one matmul. The logits differ in the last bits only (another
+    accumulation order), and baseline and trials both come through here.
+    0 (every position) stays 0: that slice is the whole, contiguous tensor.
+    """
+    if logits_to_keep <= 0:
+        return 0
+    return torch.arange(width - logits_to_keep, width, device=device)  # (k,)
+
+
 def prefill(
     lm: LoadedModel,
     texts: list[str],
@@ -147,6 +163,7 @@ def prefill(
     cache = None
     if shared:
         # The prefix once, input_ids (1, shared); its cache is then repeated to B rows.
+        # Only its cache is used: one logit row, whichever way it is computed.
         head = model(input_ids=torch.tensor([rows[0][:shared]], device=device), use_cache=True, logits_to_keep=1)
         cache = _output_cache(head)
         try:
@@ -166,11 +183,118 @@ def prefill(
         attention_mask=mask,
         position_ids=_positions(mask)[:, shared:],
         use_cache=True,
-        logits_to_keep=logits_to_keep,
+        logits_to_keep=kept_positions(width, logits_to_keep, device),
         output_hidden_states=output_hidden_states,
         **kwargs,
     )
     return out, _output_cache(out), mask
+
+
+class GreedyBatch:
+    """One batch's greedy decode, advanced one step at a time so that several batches can take turns.
+
+    The constructor runs the prefill; each :meth:`step` settles the tokens just
+    predicted (EOS, ``decided``, the limit) and, for the rows still running,
+    runs one decode step. Interleaving the steps of several batches changes
+    nothing in any of them: each batch keeps its own rows, cache and shapes.
+
+    ``preallocate_cache``: decode steps write into preallocated KV room
+    (:mod:`abliterate.core.kv_cache`) instead of concatenating. Same tokens;
+    off by default because on SmolLM2 / 2 CPU cores it measured no gain
+    (64 prompts x 30 tokens, batch 32: 21.6 s against 21.2 s).
+
+    ``keep_special_tokens``: decode with special tokens kept (for ``decided``
+    and the returned text), so that channel and reasoning markers that are
+    special tokens (gpt-oss harmony) are still visible to the caller.
+    """
+
+    def __init__(
+        self,
+        lm: LoadedModel,
+        texts: list[str],
+        max_new_tokens: int,
+        decided: Callable[[str], bool] | None = None,
+        share_prefix: bool = True,
+        keep_special_tokens: bool = False,
+        preallocate_cache: bool = False,
+    ):
+        self.lm = lm
+        self.max_new_tokens = max_new_tokens
+        self.decided = decided
+        self.skip_special = not keep_special_tokens
+        self.eos = eos_token_ids(lm)
+        n = len(texts)
+        self.generated: list[list[int]] = [[] for _ in range(n)]
+        self.stopped: list[str | None] = [None] * n
+        self.active = torch.arange(n)  # (B,): the original row of each cache slot
+        self.compacting = True
+        self.step_index = 0
+        self.finished = n == 0 or max_new_tokens < 1
+        self._cache_arg = _cache_argument(lm.model)
+        if self.finished:
+            return
+        with torch.inference_mode():
+            out, self.cache, self.mask = prefill(lm, texts, share_prefix=share_prefix, reserve=max_new_tokens)
+            if preallocate_cache and max_new_tokens > 1:
+                preallocate(self.cache, max_new_tokens - 1)  # the last token is never fed back
+            self.next_tokens = out.logits[:, -1, :].argmax(-1)  # (B, 1, V) -> (B,)
+
+    def step(self) -> None:
+        """Settle the predicted tokens; if any row still runs, predict the next ones."""
+        if self.finished:
+            return
+        tok, step = self.lm.tokenizer, self.step_index
+        rows = self.active.tolist() if self.compacting else list(range(len(self.generated)))
+        still = []
+        for slot, seq in enumerate(rows):
+            if self.stopped[seq] is not None:
+                continue
+            token = int(self.next_tokens[slot])
+            if token in self.eos:
+                self.stopped[seq] = "eos"
+                continue
+            self.generated[seq].append(token)
+            if self.decided is not None and self.decided(
+                tok.decode(self.generated[seq], skip_special_tokens=self.skip_special)
+            ):
+                self.stopped[seq] = "decided"
+                continue
+            if step == self.max_new_tokens - 1:
+                self.stopped[seq] = "limit"
+                continue
+            still.append(slot)
+        self.step_index += 1
+        if not still:
+            self.finished = True
+            self.cache = self.mask = self.next_tokens = None  # the KV cache is the bulk of a batch's memory
+            return
+        with torch.inference_mode():
+            feed, mask = self.next_tokens, self.mask
+            if self.compacting and len(still) < len(rows):
+                keep = torch.tensor(still, device=mask.device)  # (B',): the slots still running
+                if _select(self.cache, keep):
+                    self.active = self.active[keep.cpu()]  # (B,) -> (B',)
+                    mask = mask[keep]  # (B, T) -> (B', T)
+                    feed = feed[keep]  # (B,) -> (B',)
+                else:
+                    self.compacting = False
+            mask = torch.cat([mask, mask.new_ones((mask.shape[0], 1))], dim=-1)  # (B, T) -> (B, T+1)
+            out = self.lm.model(
+                input_ids=feed[:, None],
+                attention_mask=mask,  # input_ids and position_ids (B, 1)
+                position_ids=_positions(mask)[:, -1:],
+                use_cache=True,
+                **{self._cache_arg: self.cache},
+            )
+            self.cache, self.mask = _output_cache(out), mask
+            self.next_tokens = out.logits[:, -1, :].argmax(-1)  # (B, 1, V) -> (B,)
+
+    def results(self) -> list[Generated]:
+        tok = self.lm.tokenizer
+        return [
+            Generated(tok.decode(g, skip_special_tokens=self.skip_special), len(g), s or "limit", g)
+            for g, s in zip(self.generated, self.stopped)
+        ]
 
 
 def generate_greedy(
@@ -182,74 +306,11 @@ def generate_greedy(
     keep_special_tokens: bool = False,
     preallocate_cache: bool = False,
 ) -> list[Generated]:
-    """Greedy continuation of already-rendered prompts (one batch).
-
-    ``preallocate_cache``: decode steps write into preallocated KV room
-    (:mod:`abliterate.core.kv_cache`) instead of concatenating. Same tokens;
-    off by default because on SmolLM2 / 2 CPU cores it measured no gain
-    (64 prompts x 30 tokens, batch 32: 21.6 s against 21.2 s).
-
-    ``keep_special_tokens``: decode with special tokens kept (for ``decided``
-    and the returned text), so that channel and reasoning markers that are
-    special tokens (gpt-oss harmony) are still visible to the caller.
-    """
-    skip_special = not keep_special_tokens
-    model, tok = lm.model, lm.tokenizer
-    eos = eos_token_ids(lm)
-    n = len(texts)
-    generated: list[list[int]] = [[] for _ in range(n)]
-    stopped: list[str | None] = [None] * n
-    active = torch.arange(n)
-    compacting = True
-    with torch.inference_mode():
-        out, cache, mask = prefill(lm, texts, share_prefix=share_prefix, reserve=max_new_tokens)
-        if preallocate_cache and max_new_tokens > 1:
-            preallocate(cache, max_new_tokens - 1)  # the last token is never fed back
-        cache_arg = _cache_argument(model)
-        next_tokens = out.logits[:, -1, :].argmax(-1)  # (B, 1, V) -> (B,)
-        for step in range(max_new_tokens):
-            rows = active.tolist() if compacting else list(range(n))
-            still = []
-            for slot, seq in enumerate(rows):
-                if stopped[seq] is not None:
-                    continue
-                token = int(next_tokens[slot])
-                if token in eos:
-                    stopped[seq] = "eos"
-                    continue
-                generated[seq].append(token)
-                if decided is not None and decided(tok.decode(generated[seq], skip_special_tokens=skip_special)):
-                    stopped[seq] = "decided"
-                    continue
-                if step == max_new_tokens - 1:
-                    stopped[seq] = "limit"
-                    continue
-                still.append(slot)
-            if not still:
-                break
-            feed = next_tokens
-            if compacting and len(still) < len(rows):
-                keep = torch.tensor(still, device=mask.device)  # (B',): the slots still running
-                if _select(cache, keep):
-                    active = active[keep.cpu()]  # (B,) -> (B',)
-                    mask = mask[keep]  # (B, T) -> (B', T)
-                    feed = next_tokens[keep]  # (B,) -> (B',)
-                else:
-                    compacting = False
-            mask = torch.cat([mask, mask.new_ones((mask.shape[0], 1))], dim=-1)  # (B, T) -> (B, T+1)
-            out = model(
-                input_ids=feed[:, None],
-                attention_mask=mask,  # input_ids and position_ids (B, 1)
-                position_ids=_positions(mask)[:, -1:],
-                use_cache=True,
-                **{cache_arg: cache},
-            )
-            cache = _output_cache(out)
-            next_tokens = out.logits[:, -1, :].argmax(-1)  # (B, 1, V) -> (B,)
-    return [
-        Generated(tok.decode(g, skip_special_tokens=skip_special), len(g), s or "limit", g)
-        for g, s in zip(generated, stopped)
-    ]
+    """Greedy continuation of already-rendered prompts (one batch); options as in :class:`GreedyBatch`."""
+    batch = GreedyBatch(lm, texts, max_new_tokens, decided, share_prefix, keep_special_tokens, preallocate_cache)
+    while not batch.finished:
+        batch.step()
+    return batch.results()
 
 
 def stream_generate(
