@@ -81,3 +81,61 @@ def test_a_lower_kl_point_without_refusals_prunes_before_any_probe(engine):
     assert pruned.kl == full.kl
     # The model is reset after a pruned trial, as after any other.
     assert engine.evaluate(PARAMS).refusals == full.refusals
+
+
+def _decode_forwards(engine, front, window) -> tuple[int, object]:
+    """How many decode forwards (one new token per row) a trial runs with this probe window, and its result."""
+    forwards = 0
+
+    def count(module, args, kwargs):
+        nonlocal forwards
+        forwards += kwargs["input_ids"].shape[1] == 1
+
+    by_windows = TrialEngine._probe_by_windows
+    TrialEngine._probe_by_windows = staticmethod(
+        lambda indices, size, decoder, settle: by_windows(indices, size, decoder, settle, window=window)
+    )
+    handle = engine.lm.model.register_forward_pre_hook(count, with_kwargs=True)
+    try:
+        result = engine.evaluate(PARAMS, front=front)
+    finally:
+        handle.remove()
+        TrialEngine._probe_by_windows = staticmethod(by_windows)
+    return forwards, result
+
+
+@pytest.fixture(scope="module")
+def late_refusal_engine():
+    """One refusal ("2" is the marker), in the last of four batches, found on its second token."""
+    lm = make_lm("llama", layers=2, seed=5)
+    generator = torch.Generator().manual_seed(1)
+    refusal = torch.nn.functional.normalize(torch.randn(lm.n_layers + 1, lm.hidden_size, generator=generator), dim=1)
+    engine = TrialEngine(lm, batch_size=3, detector=RefusalDetector(markers=("2",)))
+    engine.set_directions(DirectionSet(refusal=refusal, good_mean=refusal, bad_mean=refusal))
+    engine.prepare_baseline(PROMPTS[:4], PROMPTS, max_new_tokens=12)
+    return engine
+
+
+def test_windows_reach_a_bound_in_a_later_batch_without_decoding_the_earlier_ones_to_the_end(late_refusal_engine):
+    engine = late_refusal_engine
+    full = engine.evaluate(PARAMS)
+    refused = [number for number, o in enumerate(full.details) if o.refusal]
+    assert full.refusals == 1 and refused[0] >= 9  # the scenario: the only refusal is in the last batch
+    front = [ScorePoint(full.kl / 2, 1)]
+    one_batch_after_another, sequential = _decode_forwards(engine, front, window=10**6)
+    windowed_forwards, windowed = _decode_forwards(engine, front, window=3)
+    assert sequential.pruned is not None and windowed.pruned is not None
+    assert windowed.refusals == sequential.refusals == 1
+    assert windowed_forwards < one_batch_after_another / 2, (windowed_forwards, one_batch_after_another)
+
+
+@pytest.mark.parametrize("window", [1, 3, 10**6])
+def test_any_window_gives_the_scores_and_replies_of_the_plain_probes(engine, window):
+    full = engine.evaluate(PARAMS)
+    front = [ScorePoint(full.kl, full.refusals)]  # equal KL, needs one refusal more than there are: never prunes
+    _, windowed = _decode_forwards(engine, front, window=window)
+    assert windowed.pruned is None
+    assert (windowed.kl, windowed.refusals) == (full.kl, full.refusals)
+    assert [(o.prompt, o.response, o.tokens) for o in windowed.details] == [
+        (o.prompt, o.response, o.tokens) for o in full.details
+    ]

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from abliterate.core.ablation import ablator_for
 from abliterate.core.batching import measure_batch_size, run_batched
 from abliterate.core.directions import DirectionSet, protected_subspace
-from abliterate.core.generation import Generated, generate_greedy, prefill
+from abliterate.core.generation import Generated, GreedyBatch, generate_greedy, prefill
 from abliterate.core.loading import LoadedModel
 from abliterate.core.reasoning import final_answer, scoring_prompts, special_token_strings
 from abliterate.core.refusals import RefusalDetector
@@ -56,6 +56,10 @@ class TrialResult:
 
 #: Tokens each measured batch generates when the probes' batch size is tuned (prefill and a few decode steps).
 TUNING_TOKENS = 4
+
+#: Decode steps a refusal-probe batch runs before the next batch starts, when the probes can stop early:
+#: refusals open a reply ("I'm sorry", "I cannot": SmolLM2's markers come within its first 5 tokens).
+PROBE_WINDOW = 8
 
 
 @dataclass(frozen=True)
@@ -231,6 +235,12 @@ class TrialEngine:
         A reply that stopped on a marker is a refusal for good (it is scored
         as it stood when it stopped), and so is a finished reply the detector
         calls a refusal; the running count of both is the lower bound.
+
+        With ``stop_at`` and a known batch size, each batch runs only its first
+        :data:`PROBE_WINDOW` steps before the next one starts, then each runs
+        to its end (:meth:`_probe_by_windows`), so the bound is reached without
+        decoding whole batches first. Each batch computes exactly what it
+        computes alone; only the order of the steps changes.
         """
         detector = self.detector
         finished: list[PromptOutcome] = []
@@ -245,18 +255,8 @@ class TrialEngine:
                 raise _Dominated(certain)
             return True
 
-        def probe(chunk) -> list[Generated]:
+        def settle(indices: list[int], gens: list[Generated]) -> list[PromptOutcome]:
             nonlocal certain
-            indices = list(chunk)
-            # Decoded with special tokens kept, so harmony channels are seen; only the final answer is scored.
-            gens = generate_greedy(
-                self.lm,
-                [texts[i] for i in indices],
-                max_new_tokens,
-                decided=count_marker,
-                share_prefix=self.share_prefix,
-                keep_special_tokens=True,
-            )
             outcomes = [
                 PromptOutcome(
                     prompts[i],
@@ -273,11 +273,69 @@ class TrialEngine:
                 raise _Dominated(certain)
             return outcomes
 
+        def decoder(indices: list[int]) -> GreedyBatch:
+            # Decoded with special tokens kept, so harmony channels are seen; only the final answer is scored.
+            return GreedyBatch(
+                self.lm,
+                [texts[i] for i in indices],
+                max_new_tokens,
+                decided=count_marker,
+                share_prefix=self.share_prefix,
+                keep_special_tokens=True,
+            )
+
+        def probe(chunk) -> list[PromptOutcome]:
+            indices = list(chunk)
+            batch = decoder(indices)
+            while not batch.finished:
+                batch.step()
+            return settle(indices, batch.results())
+
+        indices = list(range(len(texts)))
+        size = self.batch_size or self._tuned_size("generate", len(texts))
         try:
-            return self._run("generate", list(range(len(texts))), probe)
+            if stop_at is None or not size or len(texts) <= size:
+                return self._run("generate", indices, probe)
+            return self._probe_by_windows(indices, size, decoder, settle)
         except _Dominated as stop:
             stop.outcomes = finished
             raise
+
+    @staticmethod
+    def _probe_by_windows(
+        indices: list[int], size: int, decoder, settle, window: int = PROBE_WINDOW
+    ) -> list[PromptOutcome]:
+        """Batches of ``size`` prompts, each started after the one before has run ``window`` steps.
+
+        Once every batch has started, each runs to its end in turn. Refusals
+        show in a reply's first tokens, so a dominated trial usually reaches
+        its bound within the windows, before the first batch has decoded its
+        compliant replies to the token limit; a trial whose first batch holds
+        enough early refusals stops just as it did one batch at a time (the
+        next batch has not started). What this can cost: a bound reached only
+        by a late marker of an early batch pays the later batches' prefills and
+        windows first. Outcomes come back in prompt order. The KV caches of the
+        started batches are held at once (on SmolLM2 about 150 MB per 32
+        prompts of 30 tokens), which is why this runs only when the probes can
+        stop early.
+        """
+        chunks = [indices[start : start + size] for start in range(0, len(indices), size)]
+        outcomes: list[list[PromptOutcome] | None] = [None] * len(chunks)
+        started: list[GreedyBatch] = []
+
+        def run(number: int, steps: int) -> None:
+            batch = started[number]
+            while not batch.finished and batch.step_index < steps:
+                batch.step()
+            if batch.finished and outcomes[number] is None:
+                outcomes[number] = settle(chunks[number], batch.results())
+
+        for number, chunk in enumerate(chunks):
+            started.append(decoder(chunk))
+            run(number, window)
+        for number in range(len(chunks)):
+            run(number, started[number].max_new_tokens)
+        return [outcome for chunk in outcomes for outcome in chunk]
 
     def tune_generation(self, texts: list[str], max_new_tokens: int) -> None:
         """Measure the automatic batch size of the refusal probes on the unedited model, keeping no results.

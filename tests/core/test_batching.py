@@ -31,7 +31,7 @@ def test_tuning_settles_at_the_cap():
 
 @pytest.fixture
 def batch_lengths(monkeypatch) -> list[int]:
-    """The number of prompts of every generate_greedy call the engine makes, in order."""
+    """The number of prompts of every batch the engine generates for (probes and continuations), in order."""
     lengths: list[int] = []
     real_generate = scoring.generate_greedy
 
@@ -39,7 +39,13 @@ def batch_lengths(monkeypatch) -> list[int]:
         lengths.append(len(batch))
         return real_generate(lm, batch, *args, **kwargs)
 
+    class RecordingBatch(scoring.GreedyBatch):
+        def __init__(self, lm, texts, *args, **kwargs):
+            lengths.append(len(texts))
+            super().__init__(lm, texts, *args, **kwargs)
+
     monkeypatch.setattr(scoring, "generate_greedy", recording_generate)
+    monkeypatch.setattr(scoring, "GreedyBatch", RecordingBatch)
     return lengths
 
 
