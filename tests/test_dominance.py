@@ -83,7 +83,7 @@ def test_a_lower_kl_point_without_refusals_prunes_before_any_probe(engine):
     assert engine.evaluate(PARAMS).refusals == full.refusals
 
 
-def _decode_forwards(engine, front, window) -> tuple[int, object]:
+def decode_forwards(engine, params, front, window) -> tuple[int, object]:
     """How many decode forwards (one new token per row) a trial runs with this probe window, and its result."""
     forwards = 0
 
@@ -97,7 +97,7 @@ def _decode_forwards(engine, front, window) -> tuple[int, object]:
     )
     handle = engine.lm.model.register_forward_pre_hook(count, with_kwargs=True)
     try:
-        result = engine.evaluate(PARAMS, front=front)
+        result = engine.evaluate(params, front=front)
     finally:
         handle.remove()
         TrialEngine._probe_by_windows = staticmethod(by_windows)
@@ -122,8 +122,8 @@ def test_windows_reach_a_bound_in_a_later_batch_without_decoding_the_earlier_one
     refused = [number for number, o in enumerate(full.details) if o.refusal]
     assert full.refusals == 1 and refused[0] >= 9  # the scenario: the only refusal is in the last batch
     front = [ScorePoint(full.kl / 2, 1)]
-    one_batch_after_another, sequential = _decode_forwards(engine, front, window=10**6)
-    windowed_forwards, windowed = _decode_forwards(engine, front, window=3)
+    one_batch_after_another, sequential = decode_forwards(engine, PARAMS, front, window=10**6)
+    windowed_forwards, windowed = decode_forwards(engine, PARAMS, front, window=3)
     assert sequential.pruned is not None and windowed.pruned is not None
     assert windowed.refusals == sequential.refusals == 1
     assert windowed_forwards < one_batch_after_another / 2, (windowed_forwards, one_batch_after_another)
@@ -133,7 +133,7 @@ def test_windows_reach_a_bound_in_a_later_batch_without_decoding_the_earlier_one
 def test_any_window_gives_the_scores_and_replies_of_the_plain_probes(engine, window):
     full = engine.evaluate(PARAMS)
     front = [ScorePoint(full.kl, full.refusals)]  # equal KL, needs one refusal more than there are: never prunes
-    _, windowed = _decode_forwards(engine, front, window=window)
+    _, windowed = decode_forwards(engine, PARAMS, front, window=window)
     assert windowed.pruned is None
     assert (windowed.kl, windowed.refusals) == (full.kl, full.refusals)
     assert [(o.prompt, o.response, o.tokens) for o in windowed.details] == [

@@ -85,3 +85,28 @@ def test_sacred_orthogonalization_protects_capability(smollm2, directions):
         f"sacred-orthogonalized {results['sacred']:.4f}"
     )
     assert results["sacred"] < results["plain"]
+
+
+def test_probe_windows_reach_a_bound_sooner_and_change_no_score(engine, smollm2):
+    """A trial whose bound needs refusals of both batches: the first batch is not decoded to its end first."""
+    from abliterate.dominance import ScorePoint
+    from tests.test_dominance import decode_forwards
+
+    params = AblationParams.uniform(MID_DEPTH, smollm2.n_layers, weight=0.4)
+    full = engine.evaluate(params)
+    first_batch = sum(o.refusal for o in full.details[:32])  # details follow the probes' (length-sorted) order
+    assert first_batch < full.refusals, "the test needs refusals in the second batch"
+    cannot_prune = [ScorePoint(full.kl, full.refusals)]  # equal KL: dominated only above its real count
+    _, windowed = decode_forwards(engine, params, cannot_prune, window=8)
+    assert windowed.pruned is None and (windowed.kl, windowed.refusals) == (full.kl, full.refusals)
+    assert [o.response for o in windowed.details] == [o.response for o in full.details]
+
+    bound = [ScorePoint(full.kl / 2, first_batch + 1)]
+    sequential_forwards, sequential = decode_forwards(engine, params, bound, window=10**6)
+    windowed_forwards, windowed = decode_forwards(engine, params, bound, window=8)
+    print(
+        f"\nSmolLM2 pruned at {first_batch + 1} refusals: {sequential_forwards} decode steps one batch after "
+        f"another, {windowed_forwards} with windows of 8"
+    )
+    assert sequential.pruned is not None and windowed.pruned is not None
+    assert windowed_forwards < sequential_forwards
