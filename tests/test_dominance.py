@@ -106,11 +106,11 @@ def decode_forwards(engine, params, front, window) -> tuple[int, object]:
 
 @pytest.fixture(scope="module")
 def late_refusal_engine():
-    """One refusal ("2" is the marker), in the last of four batches, found on its second token."""
+    """One refusal ("2" is the marker), in the second of two batches, found on its second token."""
     lm = make_lm("llama", layers=2, seed=5)
     generator = torch.Generator().manual_seed(1)
     refusal = torch.nn.functional.normalize(torch.randn(lm.n_layers + 1, lm.hidden_size, generator=generator), dim=1)
-    engine = TrialEngine(lm, batch_size=3, detector=RefusalDetector(markers=("2",)))
+    engine = TrialEngine(lm, batch_size=6, detector=RefusalDetector(markers=("2",)))
     engine.set_directions(DirectionSet(refusal=refusal, good_mean=refusal, bad_mean=refusal))
     engine.prepare_baseline(PROMPTS[:4], PROMPTS, max_new_tokens=12)
     return engine
@@ -139,3 +139,30 @@ def test_any_window_gives_the_scores_and_replies_of_the_plain_probes(engine, win
     assert [(o.prompt, o.response, o.tokens) for o in windowed.details] == [
         (o.prompt, o.response, o.tokens) for o in full.details
     ]
+
+
+def test_no_more_than_two_probe_batches_are_open_at_once(engine, monkeypatch):
+    """Four batches of three prompts: windows must not hold every batch's KV cache at once."""
+    import abliterate.core.scoring as scoring
+
+    open_now, most_open = 0, 0
+    real_step = scoring.GreedyBatch.step
+
+    class CountingBatch(scoring.GreedyBatch):
+        def __init__(self, *args, **kwargs):
+            nonlocal open_now, most_open
+            super().__init__(*args, **kwargs)
+            open_now += 1
+            most_open = max(most_open, open_now)
+
+        def step(self):
+            nonlocal open_now
+            was_finished = self.finished
+            real_step(self)
+            open_now -= self.finished and not was_finished
+
+    monkeypatch.setattr(scoring, "GreedyBatch", CountingBatch)
+    full = engine.evaluate(PARAMS)
+    _, windowed = decode_forwards(engine, PARAMS, [ScorePoint(full.kl, full.refusals)], window=1)
+    assert len(windowed.details) == len(PROMPTS) == 4 * engine.batch_size
+    assert most_open == scoring.OPEN_PROBE_BATCHES == 2

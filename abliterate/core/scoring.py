@@ -61,6 +61,10 @@ TUNING_TOKENS = 4
 #: refusals open a reply ("I'm sorry", "I cannot": SmolLM2's markers come within its first 5 tokens).
 PROBE_WINDOW = 8
 
+#: Probe batches started and not yet finished at any time, so that the KV caches held stay bounded
+#: however many prompts there are.
+OPEN_PROBE_BATCHES = 2
+
 
 @dataclass(frozen=True)
 class _TunedSize:
@@ -307,21 +311,23 @@ class TrialEngine:
     ) -> list[PromptOutcome]:
         """Batches of ``size`` prompts, each started after the one before has run ``window`` steps.
 
-        Once every batch has started, each runs to its end in turn. Refusals
-        show in a reply's first tokens, so a dominated trial usually reaches
-        its bound within the windows, before the first batch has decoded its
-        compliant replies to the token limit; a trial whose first batch holds
-        enough early refusals stops just as it did one batch at a time (the
-        next batch has not started). What this can cost: a bound reached only
-        by a late marker of an early batch pays the later batches' prefills and
-        windows first. Outcomes come back in prompt order. The KV caches of the
-        started batches are held at once (on SmolLM2 about 150 MB per 32
-        prompts of 30 tokens), which is why this runs only when the probes can
-        stop early.
+        At most :data:`OPEN_PROBE_BATCHES` batches are open at once: before
+        another starts, the oldest open one runs to its end; at the end each
+        open batch runs to its end in turn. Refusals show in a reply's first
+        tokens, so a dominated trial usually reaches its bound within the
+        windows, before the first batch has decoded its compliant replies to
+        the token limit; a trial whose first batch holds enough early
+        refusals stops just as it did one batch at a time (the next batch has
+        not started). What this can cost: a bound reached only by a late
+        marker of an early batch pays the next batch's prefill and window
+        first. Outcomes come back in prompt order. The open batches' KV caches
+        are held at once (on SmolLM2 about 150 MB per 32 prompts of 30
+        tokens), which is why this runs only when the probes can stop early.
         """
         chunks = [indices[start : start + size] for start in range(0, len(indices), size)]
         outcomes: list[list[PromptOutcome] | None] = [None] * len(chunks)
         started: list[GreedyBatch] = []
+        open_batches: list[int] = []
 
         def run(number: int, steps: int) -> None:
             batch = started[number]
@@ -331,9 +337,14 @@ class TrialEngine:
                 outcomes[number] = settle(chunks[number], batch.results())
 
         for number, chunk in enumerate(chunks):
+            if len(open_batches) == OPEN_PROBE_BATCHES:
+                oldest = open_batches.pop(0)
+                run(oldest, started[oldest].max_new_tokens)
             started.append(decoder(chunk))
             run(number, window)
-        for number in range(len(chunks)):
+            if outcomes[number] is None:
+                open_batches.append(number)
+        for number in open_batches:
             run(number, started[number].max_new_tokens)
         return [outcome for chunk in outcomes for outcome in chunk]
 
