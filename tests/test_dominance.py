@@ -35,15 +35,20 @@ def test_pareto_points_keep_only_the_non_dominated():
     assert [p.trial_number for p in pareto_points(points)] == [1, 0]
 
 
-@pytest.fixture(scope="module")
-def engine():
+def _prepared_engine(batch_size: int, markers: tuple[str, ...]) -> TrialEngine:
+    """The tiny seeded Llama with a random direction set and a baseline over PROMPTS (12 tokens)."""
     lm = make_lm("llama", layers=2, seed=5)
     generator = torch.Generator().manual_seed(1)
     refusal = torch.nn.functional.normalize(torch.randn(lm.n_layers + 1, lm.hidden_size, generator=generator), dim=1)
-    engine = TrialEngine(lm, batch_size=3, detector=RefusalDetector(markers=EVERY_LETTER))
+    engine = TrialEngine(lm, batch_size=batch_size, detector=RefusalDetector(markers=markers))
     engine.set_directions(DirectionSet(refusal=refusal, good_mean=refusal, bad_mean=refusal))
     engine.prepare_baseline(PROMPTS[:4], PROMPTS, max_new_tokens=12)
     return engine
+
+
+@pytest.fixture(scope="module")
+def engine():
+    return _prepared_engine(3, EVERY_LETTER)
 
 
 PARAMS = AblationParams.uniform(0.5, 2, weight=0.7)
@@ -107,13 +112,7 @@ def decode_forwards(engine, params, front, window) -> tuple[int, object]:
 @pytest.fixture(scope="module")
 def late_refusal_engine():
     """One refusal ("2" is the marker), in the second of two batches, found on its second token."""
-    lm = make_lm("llama", layers=2, seed=5)
-    generator = torch.Generator().manual_seed(1)
-    refusal = torch.nn.functional.normalize(torch.randn(lm.n_layers + 1, lm.hidden_size, generator=generator), dim=1)
-    engine = TrialEngine(lm, batch_size=6, detector=RefusalDetector(markers=("2",)))
-    engine.set_directions(DirectionSet(refusal=refusal, good_mean=refusal, bad_mean=refusal))
-    engine.prepare_baseline(PROMPTS[:4], PROMPTS, max_new_tokens=12)
-    return engine
+    return _prepared_engine(6, ("2",))
 
 
 def test_windows_reach_a_bound_in_a_later_batch_without_decoding_the_earlier_ones_to_the_end(late_refusal_engine):

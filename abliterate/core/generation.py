@@ -289,6 +289,12 @@ class GreedyBatch:
             self.cache, self.mask = _output_cache(out), mask
             self.next_tokens = out.logits[:, -1, :].argmax(-1)  # (B, 1, V) -> (B,)
 
+    def run(self, until_step: int | None = None) -> "GreedyBatch":
+        """Step until finished, or until ``until_step`` steps have run; returns the batch."""
+        while not self.finished and (until_step is None or self.step_index < until_step):
+            self.step()
+        return self
+
     def results(self) -> list[Generated]:
         tok = self.lm.tokenizer
         return [
@@ -308,9 +314,7 @@ def generate_greedy(
 ) -> list[Generated]:
     """Greedy continuation of already-rendered prompts (one batch); options as in :class:`GreedyBatch`."""
     batch = GreedyBatch(lm, texts, max_new_tokens, decided, share_prefix, keep_special_tokens, preallocate_cache)
-    while not batch.finished:
-        batch.step()
-    return batch.results()
+    return batch.run().results()
 
 
 def stream_generate(

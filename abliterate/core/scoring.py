@@ -290,10 +290,7 @@ class TrialEngine:
 
         def probe(chunk) -> list[PromptOutcome]:
             indices = list(chunk)
-            batch = decoder(indices)
-            while not batch.finished:
-                batch.step()
-            return settle(indices, batch.results())
+            return settle(indices, decoder(indices).run().results())
 
         indices = list(range(len(texts)))
         size = self.batch_size or self._tuned_size("generate", len(texts))
@@ -329,23 +326,20 @@ class TrialEngine:
         started: list[GreedyBatch] = []
         open_batches: list[int] = []
 
-        def run(number: int, steps: int) -> None:
-            batch = started[number]
-            while not batch.finished and batch.step_index < steps:
-                batch.step()
+        def run(number: int, until_step: int | None = None) -> None:
+            batch = started[number].run(until_step)
             if batch.finished and outcomes[number] is None:
                 outcomes[number] = settle(chunks[number], batch.results())
 
         for number, chunk in enumerate(chunks):
             if len(open_batches) == OPEN_PROBE_BATCHES:
-                oldest = open_batches.pop(0)
-                run(oldest, started[oldest].max_new_tokens)
+                run(open_batches.pop(0))
             started.append(decoder(chunk))
             run(number, window)
             if outcomes[number] is None:
                 open_batches.append(number)
         for number in open_batches:
-            run(number, started[number].max_new_tokens)
+            run(number)
         return [outcome for chunk in outcomes for outcome in chunk]
 
     def tune_generation(self, texts: list[str], max_new_tokens: int) -> None:
