@@ -8,15 +8,25 @@ from transformers.integrations import sdpa_attention
 
 from abliterate.core.chat import format_prompts
 from abliterate.core.generation import generate_greedy, prefill
-from abliterate.core.loading import SDPA_GQA_SWITCH
+from abliterate.core.loading import SDPA_GQA_SWITCH, prefer_gqa_in_sdpa
 from tests.tiny import ARCHITECTURES, make_lm
 
 PROMPTS = [("word " * n).strip() + f" number {n}" for n in range(1, 7)]
 
 
-def test_a_cpu_model_switches_it_on():
+def test_a_cpu_model_switches_it_on_unless_the_environment_says_otherwise(monkeypatch):
+    monkeypatch.delenv(SDPA_GQA_SWITCH, raising=False)
     make_lm("llama", layers=1)
     assert os.environ.get(SDPA_GQA_SWITCH) == "1"
+    monkeypatch.setenv(SDPA_GQA_SWITCH, "0")
+    make_lm("llama", layers=1)
+    assert os.environ.get(SDPA_GQA_SWITCH) == "0"
+
+
+def test_a_model_off_the_cpu_leaves_it_alone(monkeypatch):
+    monkeypatch.delenv(SDPA_GQA_SWITCH, raising=False)
+    prefer_gqa_in_sdpa(torch.nn.Linear(2, 2, device="meta"))
+    assert SDPA_GQA_SWITCH not in os.environ
 
 
 @pytest.mark.parametrize("arch", ARCHITECTURES)
