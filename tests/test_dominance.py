@@ -98,7 +98,7 @@ def decode_forwards(engine, params, front, window) -> tuple[int, object]:
 
     by_windows = TrialEngine._probe_by_windows
     TrialEngine._probe_by_windows = staticmethod(
-        lambda indices, size, decoder, settle: by_windows(indices, size, decoder, settle, window=window)
+        lambda indices, size, decoder, settle, _window, merge: by_windows(indices, size, decoder, settle, window, merge)
     )
     handle = engine.lm.model.register_forward_pre_hook(count, with_kwargs=True)
     try:
@@ -141,27 +141,42 @@ def test_any_window_gives_the_scores_and_replies_of_the_plain_probes(engine, win
 
 
 def test_no_more_than_two_probe_batches_are_open_at_once(engine, monkeypatch):
-    """Four batches of three prompts: windows must not hold every batch's KV cache at once."""
+    """Four batches of three prompts: windows must not hold every batch's KV cache at once.
+
+    A merged batch holds the rows of every batch it absorbed, so what is
+    counted is the prompt batches whose rows some unfinished batch holds.
+    """
     import abliterate.core.scoring as scoring
 
-    open_now, most_open = 0, 0
-    real_step = scoring.GreedyBatch.step
+    open_now, most_open, merges = 0, 0, 0
+    real_step, real_absorb = scoring.GreedyBatch.step, scoring.GreedyBatch.absorb
 
     class CountingBatch(scoring.GreedyBatch):
         def __init__(self, *args, **kwargs):
             nonlocal open_now, most_open
             super().__init__(*args, **kwargs)
+            self.held_batches = 1
             open_now += 1
             most_open = max(most_open, open_now)
+
+        def absorb(self, other):
+            nonlocal merges
+            real_absorb(self, other)
+            self.held_batches += other.held_batches
+            merges += 1
 
         def step(self):
             nonlocal open_now
             was_finished = self.finished
             real_step(self)
-            open_now -= self.finished and not was_finished
+            open_now -= self.held_batches if self.finished and not was_finished else 0
 
     monkeypatch.setattr(scoring, "GreedyBatch", CountingBatch)
     full = engine.evaluate(PARAMS)
+    assert merges == 2  # no front, no windows: batches 0 + 1 and 2 + 3 merge after their prefills
+    assert most_open == 2
+    merges = most_open = 0
     _, windowed = decode_forwards(engine, PARAMS, [ScorePoint(full.kl, full.refusals)], window=1)
     assert len(windowed.details) == len(PROMPTS) == 4 * engine.batch_size
     assert most_open == scoring.OPEN_PROBE_BATCHES == 2
+    assert merges >= 1  # a batch joined an open one: the merge is what runs here

@@ -94,6 +94,8 @@ class Ablator:
         self.module_map = module_map
         self._originals: dict[int, tuple[torch.nn.Parameter, torch.Tensor]] = {}
         self.applied: AblationParams | None = None
+        # The lowest block the applied edit changed (None: none); the blocks below compute as unedited.
+        self.first_edited_layer: int | None = None
 
     @property
     def n_layers(self) -> int:
@@ -104,6 +106,7 @@ class Ablator:
             for param, original in self._originals.values():
                 param.data.copy_(original)
         self.applied = None
+        self.first_edited_layer = None
 
     def cached_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for _, t in self._originals.values())
@@ -156,6 +159,8 @@ class Ablator:
                     for matrix in self.module_map.layers[layer].get(component, []):
                         self._edit(matrix, directions[layer], w, params.row_normalization, layer)
                         edited += 1
+                        first = self.first_edited_layer
+                        self.first_edited_layer = layer if first is None else min(first, layer)
         self.applied = params
         return edited
 

@@ -8,6 +8,7 @@ model, its module map and ablator, a direction set and a baseline, and
 from __future__ import annotations
 
 import time
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field, replace
 from typing import Sequence
 
@@ -18,7 +19,9 @@ from abliterate.core.ablation import ablator_for
 from abliterate.core.batching import measure_batch_size, run_batched
 from abliterate.core.directions import DirectionSet, protected_subspace
 from abliterate.core.generation import Generated, GreedyBatch, generate_greedy, prefill
+from abliterate.core.layer_reuse import recorded_blocks, recording_inputs, starting_at
 from abliterate.core.loading import LoadedModel
+from abliterate.core.modules import find_decoder_layers
 from abliterate.core.reasoning import final_answer, scoring_prompts, special_token_strings
 from abliterate.core.refusals import RefusalDetector
 from abliterate.dominance import RefusalLimit, ScorePoint, refusal_limit
@@ -61,6 +64,10 @@ TUNING_TOKENS = 4
 #: refusals open a reply ("I'm sorry", "I cannot": SmolLM2's markers come within its first 5 tokens).
 PROBE_WINDOW = 8
 
+#: Bytes the baseline may hold of recorded block inputs of the KL batches (layer_reuse); on SmolLM2 an
+#: input of every block for 64 prompts would take about 90 MB, so every second block is recorded.
+LAYER_REUSE_BUDGET = 48 * 2**20
+
 #: Probe batches started and not yet finished at any time, so that the KV caches held stay bounded
 #: however many prompts there are.
 OPEN_PROBE_BATCHES = 2
@@ -101,7 +108,13 @@ def kl_divergence(base_logprobs: torch.Tensor, trial_logprobs: torch.Tensor) -> 
 
 class TrialEngine:
     def __init__(
-        self, lm: LoadedModel, batch_size: int = 0, detector: RefusalDetector | None = None, share_prefix: bool = True
+        self,
+        lm: LoadedModel,
+        batch_size: int = 0,
+        detector: RefusalDetector | None = None,
+        share_prefix: bool = True,
+        merge_probe_batches: bool = True,
+        reuse_lower_layers: bool = True,
     ):
         if lm.quantized:
             raise FailedPrecondition("editing 4-bit quantized weights in place is not supported; load in bf16/fp16")
@@ -111,6 +124,13 @@ class TrialEngine:
         self.detector = detector or RefusalDetector()
         self.batch_size = batch_size
         self.share_prefix = share_prefix  # off only to measure what prefix sharing saves
+        # Probe batches decode merged in one forward per step (GreedyBatch.absorb); off only to measure it.
+        self.merge_probe_batches = merge_probe_batches
+        # A trial's KL pass starts at its first edited block (layer_reuse); off only to measure it.
+        self.reuse_lower_layers = reuse_lower_layers
+        self._blocks = find_decoder_layers(lm.model, self.module_map.n_layers)
+        self._reuse_blocks: list[int] = []  # blocks whose KL-batch inputs the baseline recorded
+        self._layer_inputs: dict[tuple[int, ...], dict[int, torch.Tensor]] = {}  # batch indices -> block -> input
         self._tuned_sizes: dict[str, _TunedSize] = {}  # per operation, so tuning happens once per input size
         self.directions: DirectionSet | None = None
         self.baseline: Baseline | None = None
@@ -159,7 +179,9 @@ class TrialEngine:
         # Logits depend (in the last bits) on the batch shapes, so the baseline is computed at the
         # trials' batch size: tune first, on the real work, then compute. A zero edit then gives KL 0.
         self._tune("kl", list(range(len(kl_texts))), self._kl_batch(kl_texts, continuation, kl_tokens))
-        logprobs = self._kl_logprobs(kl_texts, continuation, kl_tokens)
+        self._plan_layer_reuse(kl_texts, continuation)
+        logprobs = self._kl_logprobs(kl_texts, continuation, kl_tokens, record=bool(self._reuse_blocks))
+        self._check_layer_reuse(kl_texts, continuation, kl_tokens, logprobs)
         self.baseline = Baseline(
             kl_texts,
             [p for p, _ in refusal_pairs],
@@ -213,23 +235,85 @@ class TrialEngine:
         rows = [g.token_ids[:n_tokens] + [eos] * (n_tokens - len(g.token_ids[:n_tokens])) for g in outs]
         return torch.tensor(rows, dtype=torch.long)  # (N, n_tokens)
 
-    def _kl_batch(self, texts: list[str], continuation: torch.Tensor | None, k: int):
-        """The KL pass over one batch of prompt indices: (B, k, V) float32 log-probabilities, as a list of rows."""
+    def _kl_batch(
+        self, texts: list[str], continuation: torch.Tensor | None, k: int, record: bool = False, start: int = 0
+    ):
+        """The KL pass over one batch of prompt indices: (B, k, V) float32 log-probabilities, as a list of rows.
+
+        ``record``: keep each batch's inputs to the blocks of :attr:`_reuse_blocks`
+        (the baseline). ``start``: begin each batch's forward at that block from
+        its recorded input, where there is one (a trial; :mod:`layer_reuse`).
+        """
 
         def batch(indices):
             chunk = [texts[i] for i in indices]
             extra = continuation[list(indices)] if continuation is not None else None  # (B, k-1)
+            around, seen = nullcontext, {}
+            if record:
+
+                @contextmanager
+                def around():
+                    with recording_inputs(self._blocks, self._reuse_blocks) as inputs:
+                        yield
+                    seen.update(inputs)
+
+            elif start and start in self._layer_inputs.get(tuple(indices), {}):
+                hidden = self._layer_inputs[tuple(indices)][start]  # (B, width, d): block `start`'s input
+
+                def around():
+                    return starting_at(self._blocks, start, hidden)
+
             with torch.inference_mode():
-                out, _, _ = prefill(self.lm, chunk, extra=extra, logits_to_keep=k, share_prefix=self.share_prefix)
+                out, _, _ = prefill(
+                    self.lm, chunk, extra=extra, logits_to_keep=k, share_prefix=self.share_prefix, around_tail=around
+                )
+            if record:
+                # -1: a block returned something other than a tensor, which skipping could not reproduce.
+                self._layer_inputs[tuple(indices)] = seen if -1 not in seen else {}
             logits = out.logits[:, -k:, :]  # (B, k, V)
             return list(F.log_softmax(logits.float(), dim=-1).cpu())  # B rows (k, V)
 
         return batch
 
-    def _kl_logprobs(self, texts: list[str], continuation: torch.Tensor | None, k: int) -> torch.Tensor:
+    def _kl_logprobs(
+        self, texts: list[str], continuation: torch.Tensor | None, k: int, record: bool = False, start: int = 0
+    ) -> torch.Tensor:
         """Raw-logit log-probabilities at the last prompt position (and k-1 teacher-forced ones)."""
-        rows = self._run("kl", list(range(len(texts))), self._kl_batch(texts, continuation, k))
+        rows = self._run("kl", list(range(len(texts))), self._kl_batch(texts, continuation, k, record, start))
         return torch.stack(rows)  # N rows (k, V) -> (N, k, V)
+
+    def _plan_layer_reuse(self, texts: list[str], continuation: torch.Tensor | None) -> None:
+        """Choose the blocks whose inputs the baseline's KL pass records, within :data:`LAYER_REUSE_BUDGET`."""
+        self._layer_inputs, self._reuse_blocks = {}, []
+        if not self.reuse_lower_layers:
+            return
+        size = self.batch_size or self._tuned_size("kl", len(texts)) or len(texts)
+        lengths = [len(r) for r in self.lm.tokenizer(texts, add_special_tokens=False)["input_ids"]]
+        extra = 0 if continuation is None else continuation.shape[1]
+        # An upper bound: every batch as wide as its longest prompt, the shared prefix counted in every row.
+        chunks = [lengths[i : i + size] for i in range(0, len(texts), size)]
+        positions = sum(len(chunk) * (max(chunk) + extra) for chunk in chunks)
+        per_block = positions * self.lm.hidden_size * next(self.lm.model.parameters()).element_size()
+        self._reuse_blocks = recorded_blocks(len(self._blocks), per_block, LAYER_REUSE_BUDGET)
+
+    def _check_layer_reuse(self, texts: list[str], continuation: torch.Tensor | None, k: int, logprobs) -> None:
+        """Drop the recording unless starting one batch at the deepest recorded block gives the baseline's bits."""
+        recorded = [key for key, inputs in self._layer_inputs.items() if inputs]
+        if not recorded or len(recorded) != len(self._layer_inputs):
+            self._layer_inputs = {}
+            return
+        indices = list(recorded[0])
+        rows = self._kl_batch(texts, continuation, k, start=self._reuse_blocks[-1])(indices)
+        if not all(torch.equal(row, logprobs[i]) for row, i in zip(rows, indices)):
+            self._layer_inputs = {}
+
+    def _reuse_start(self) -> int:
+        """The deepest recorded block at or below the applied edit's first edited block (0: none)."""
+        if not self._layer_inputs:
+            return 0
+        first = self.ablator.first_edited_layer
+        first = len(self._blocks) if first is None else first
+        return max((block for block in self._reuse_blocks if block <= first), default=0)
 
     def count_refusals(
         self, texts: list[str], prompts: list[str], max_new_tokens: int, stop_at: int | None = None
@@ -295,16 +379,18 @@ class TrialEngine:
         indices = list(range(len(texts)))
         size = self.batch_size or self._tuned_size("generate", len(texts))
         try:
-            if stop_at is None or not size or len(texts) <= size:
+            if not size or len(texts) <= size or (stop_at is None and not self.merge_probe_batches):
                 return self._run("generate", indices, probe)
-            return self._probe_by_windows(indices, size, decoder, settle)
+            # Nothing to stop early for: no windows, the batches merge right after their prefills.
+            window = PROBE_WINDOW if stop_at is not None else 0
+            return self._probe_by_windows(indices, size, decoder, settle, window, merge=self.merge_probe_batches)
         except _Dominated as stop:
             stop.outcomes = finished
             raise
 
     @staticmethod
     def _probe_by_windows(
-        indices: list[int], size: int, decoder, settle, window: int = PROBE_WINDOW
+        indices: list[int], size: int, decoder, settle, window: int = PROBE_WINDOW, merge: bool = True
     ) -> list[PromptOutcome]:
         """Batches of ``size`` prompts, each started after the one before has run ``window`` steps.
 
@@ -319,27 +405,43 @@ class TrialEngine:
         marker of an early batch pays the next batch's prefill and window
         first. Outcomes come back in prompt order. The open batches' KV caches
         are held at once (on SmolLM2 about 150 MB per 32 prompts of 30
-        tokens), which is why this runs only when the probes can stop early.
+        tokens).
+
+        ``merge``: a batch that ends its window at the step an open batch is
+        at joins it (:meth:`GreedyBatch.absorb`), so the two decode in one
+        forward per step from then on (on SmolLM2, 64 rows cost about 1.6x 32).
+        Window 0 merges right after the prefills.
         """
         chunks = [indices[start : start + size] for start in range(0, len(indices), size)]
         outcomes: list[list[PromptOutcome] | None] = [None] * len(chunks)
-        started: list[GreedyBatch] = []
-        open_batches: list[int] = []
+        open_units: list[tuple[GreedyBatch, list[int]]] = []  # a batch and the chunks whose rows it holds, in order
 
-        def run(number: int, until_step: int | None = None) -> None:
-            batch = started[number].run(until_step)
-            if batch.finished and outcomes[number] is None:
-                outcomes[number] = settle(chunks[number], batch.results())
+        def run(unit: tuple[GreedyBatch, list[int]], until_step: int | None = None) -> bool:
+            """Step ``unit``; once finished, settle its chunks in order. True when it finished."""
+            batch, numbers = unit
+            batch.run(until_step)
+            if not batch.finished:
+                return False
+            results, start = batch.results(), 0
+            for number in numbers:
+                outcomes[number] = settle(chunks[number], results[start : start + len(chunks[number])])
+                start += len(chunks[number])
+            return True
 
         for number, chunk in enumerate(chunks):
-            if len(open_batches) == OPEN_PROBE_BATCHES:
-                run(open_batches.pop(0))
-            started.append(decoder(chunk))
-            run(number, window)
-            if outcomes[number] is None:
-                open_batches.append(number)
-        for number in open_batches:
-            run(number)
+            while sum(len(numbers) for _, numbers in open_units) >= OPEN_PROBE_BATCHES:
+                run(open_units.pop(0))
+            unit = (decoder(chunk), [number])
+            if run(unit, window):
+                continue
+            host = next((held for held in open_units if merge and held[0].can_absorb(unit[0])), None)
+            if host is None:
+                open_units.append(unit)
+            else:
+                host[0].absorb(unit[0])
+                host[1].append(number)
+        for unit in open_units:
+            run(unit)
         return [outcome for chunk in outcomes for outcome in chunk]
 
     def tune_generation(self, texts: list[str], max_new_tokens: int) -> None:
@@ -389,7 +491,7 @@ class TrialEngine:
         self.apply(params)
         timings["edit"] = time.perf_counter() - t0
         t0 = time.perf_counter()
-        trial = self._kl_logprobs(b.kl_texts, b.continuation, b.kl_tokens)
+        trial = self._kl_logprobs(b.kl_texts, b.continuation, b.kl_tokens, start=self._reuse_start())
         kl = kl_divergence(b.logprobs, trial)
         timings["kl"] = time.perf_counter() - t0
         t0 = time.perf_counter()

@@ -110,3 +110,29 @@ def test_probe_windows_reach_a_bound_sooner_and_change_no_score(engine, smollm2)
     )
     assert sequential.pruned is not None and windowed.pruned is not None
     assert windowed_forwards < sequential_forwards
+
+
+def test_merged_probe_batches_change_no_reply(engine, smollm2):
+    """Both probe batches decoding in one forward per step: the same replies and counts, in fewer forwards."""
+    from tests.test_dominance import decode_forwards
+
+    for weight in (0.0, 0.4, 1.0):
+        params = AblationParams.uniform(MID_DEPTH, smollm2.n_layers, weight=weight)
+        runs = {}
+        for merge in (False, True):
+            engine.merge_probe_batches = merge
+            try:
+                runs[merge] = decode_forwards(engine, params, (), window=0)
+            finally:
+                engine.merge_probe_batches = True
+        (separate_forwards, separate), (merged_forwards, merged) = runs[False], runs[True]
+        print(
+            f"\nweight {weight}: {separate.refusals} refusals; probes {separate.timings_s['refusals']:.2f} s in "
+            f"{separate_forwards} decode forwards separate, {merged.timings_s['refusals']:.2f} s in "
+            f"{merged_forwards} merged"
+        )
+        assert (merged.kl, merged.refusals) == (separate.kl, separate.refusals)
+        assert [(o.response, o.tokens, o.stopped_by) for o in merged.details] == [
+            (o.response, o.tokens, o.stopped_by) for o in separate.details
+        ]
+        assert merged_forwards < separate_forwards
