@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from abliterate.core.ablation import ablator_for
 from abliterate.core.batching import measure_batch_size, run_batched
 from abliterate.core.directions import DirectionSet, protected_subspace
-from abliterate.core.generation import Generated, GreedyBatch, generate_greedy, prefill
+from abliterate.core.generation import Generated, GreedyBatch, generate_greedy, prefill, shared_prefix_length
 from abliterate.core.layer_reuse import recorded_blocks, recording_inputs, starting_at
 from abliterate.core.loading import LoadedModel
 from abliterate.core.modules import find_decoder_layers
@@ -64,8 +64,8 @@ TUNING_TOKENS = 4
 #: refusals open a reply ("I'm sorry", "I cannot": SmolLM2's markers come within its first 5 tokens).
 PROBE_WINDOW = 8
 
-#: Bytes the baseline may hold of recorded block inputs of the KL batches (layer_reuse); on SmolLM2 an
-#: input of every block for 64 prompts would take about 90 MB, so every second block is recorded.
+#: Bytes the baseline may hold of recorded block inputs of the KL batches (layer_reuse). On SmolLM2 one
+#: block's inputs for 64 prompts take about 5 MB (150 MB for all 29), so every third block is recorded.
 LAYER_REUSE_BUDGET = 48 * 2**20
 
 #: Probe batches started and not yet finished at any time, so that the KV caches held stay bounded
@@ -288,11 +288,15 @@ class TrialEngine:
         if not self.reuse_lower_layers:
             return
         size = self.batch_size or self._tuned_size("kl", len(texts)) or len(texts)
-        lengths = [len(r) for r in self.lm.tokenizer(texts, add_special_tokens=False)["input_ids"]]
-        extra = 0 if continuation is None else continuation.shape[1]
-        # An upper bound: every batch as wide as its longest prompt, the shared prefix counted in every row.
-        chunks = [lengths[i : i + size] for i in range(0, len(texts), size)]
-        positions = sum(len(chunk) * (max(chunk) + extra) for chunk in chunks)
+        rows = self.lm.tokenizer(texts, add_special_tokens=(self.lm.spec.chat_template_mode == "plain"))["input_ids"]
+        if continuation is not None:
+            rows = [row + extra for row, extra in zip(rows, continuation.tolist())]
+        k = 1 if continuation is None else continuation.shape[1] + 1
+        positions = 0  # what the tail forwards hold per block: B x (width after the shared prefix), as prefill lays out
+        for start in range(0, len(rows), size):
+            chunk = rows[start : start + size]
+            shared = shared_prefix_length(self.lm.model, chunk, k) if self.share_prefix else 0
+            positions += len(chunk) * (max(len(row) for row in chunk) - shared)
         per_block = positions * self.lm.hidden_size * next(self.lm.model.parameters()).element_size()
         self._reuse_blocks = recorded_blocks(len(self._blocks), per_block, LAYER_REUSE_BUDGET)
 

@@ -136,3 +136,35 @@ def test_merged_probe_batches_change_no_reply(engine, smollm2):
             (o.response, o.tokens, o.stopped_by) for o in separate.details
         ]
         assert merged_forwards < separate_forwards
+
+
+def test_kl_pass_from_the_first_edited_block_changes_no_score(engine, smollm2):
+    """The baseline recorded block inputs; a trial editing blocks 20 and up starts its KL pass there, bit for bit."""
+    import time
+
+    import torch
+
+    from abliterate.params import ComponentParams, DirectionScope
+
+    blocks = engine._reuse_blocks
+    assert engine._layer_inputs and blocks == list(range(blocks[0], 30, blocks[0]))  # every n-th block (budget)
+    kernel = ComponentParams(max_weight=1.0, max_weight_position=25.0, min_weight=0.5, min_weight_distance=5.0)
+    params = AblationParams(
+        direction_scope=DirectionScope.GLOBAL,
+        direction_index=MID_DEPTH,
+        components={"attn.o_proj": kernel, "mlp.down_proj": kernel},
+    )
+    b = engine.baseline
+    engine.apply(params)
+    try:
+        start = engine._reuse_start()
+        assert start == max(block for block in blocks if block <= 20) and start >= 15
+        logprobs, seconds = {}, {}
+        for begin in (0, start):
+            clock = time.perf_counter()
+            logprobs[begin] = engine._kl_logprobs(b.kl_texts, b.continuation, b.kl_tokens, start=begin)
+            seconds[begin] = time.perf_counter() - clock
+    finally:
+        engine.reset()
+    print(f"\nKL pass from block 0: {seconds[0]:.2f} s; from block {start}: {seconds[start]:.2f} s")
+    assert torch.equal(logprobs[0], logprobs[start])
