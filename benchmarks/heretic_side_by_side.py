@@ -59,7 +59,7 @@ reads settings from CLI flags, ``HERETIC_*`` environment variables and ``config.
 | setting | heretic (config.toml key) | ours (``abliterate run`` flag) |
 | --- | --- | --- |
 | model | ``model`` = the safetensors folder | ``MODEL`` = the same folder |
-| dtype | ``dtypes = ["float32"]`` | ``--dtype float32`` |
+| dtype (``--dtype``, float32 unless said) | ``dtypes = ["float32"]`` | ``--dtype float32`` |
 | direction prompts | ``[bad_prompts]``, ``[good_prompts]``: ``dataset`` = .txt file | ``--harmful``, ``--harmless`` |
 | scoring prompts | ``[bad_evaluation_prompts]``, ``[good_...]`` | ``--harmful-eval``, ``--harmless-eval`` |
 | number of prompts | the files hold N lines each (no ``split``) | the same files, ``--n-prompts N`` |
@@ -532,7 +532,7 @@ def heretic_config(args: argparse.Namespace, model_dir: Path, prompts: dict, che
     f = prompts["files"]
     lines = [
         f"model = {_toml_str(str(model_dir))}",
-        'dtypes = ["float32"]',
+        f"dtypes = [{_toml_str(args.dtype)}]",
         'device_map = "auto"',
         f"batch_size = {args.batch_size}",
         f"max_response_length = {args.tokens}",
@@ -583,7 +583,7 @@ def ours_command(args: argparse.Namespace, model_dir: Path, prompts: dict, data_
         "--system-prompt",
         smollm2.SAFETY_SYSTEM_PROMPT,
         "--dtype",
-        "float32",
+        args.dtype,
         "--data-dir",
         str(data_dir),
         "--no-export",
@@ -752,6 +752,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tokens", type=int, default=30, help="max new tokens per refusal probe")
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--seed", type=int, default=42)
+    ap.add_argument(
+        "--dtype",
+        choices=("float32", "bfloat16"),
+        default="float32",
+        help="the weights' dtype in both tools (the converted folder stays float32; both load it in this dtype)",
+    )
     ap.add_argument("--quick", action="store_true", help="8 prompts, 2 trials, 8 tokens: checks the plumbing")
     ap.add_argument("--skip-heretic", action="store_true")
     ap.add_argument("--skip-ours", action="store_true")
@@ -794,7 +800,7 @@ def main(argv: list[str] | None = None) -> int:
             "seed": args.seed,
             "n_startup_trials": 60,
             "system_prompt": smollm2.SAFETY_SYSTEM_PROMPT,
-            "dtype": "float32",
+            "dtype": args.dtype,
             "quick": args.quick,
         },
         "model": {"dir": str(MODEL_CACHE.relative_to(ROOT)), **model_info},

@@ -10,6 +10,8 @@ import sys
 import tomllib
 from pathlib import Path
 
+import pytest
+
 from benchmarks import heretic_side_by_side as side
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -82,11 +84,12 @@ def test_pareto_front_keeps_only_non_dominated_trials():
     assert [t.number for t in side.pareto_front(trials)] == [3, 2, 5]
 
 
-def test_heretic_config_is_toml_with_every_matched_setting():
-    args = argparse.Namespace(batch_size=32, tokens=30, trials=8, seed=42, heretic_response_prefix=None)
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_heretic_config_is_toml_with_every_matched_setting(dtype):
+    args = argparse.Namespace(batch_size=32, tokens=30, trials=8, seed=42, heretic_response_prefix=None, dtype=dtype)
     files = {name: f"/p/{name}.txt" for name in side.SETS}
     config = tomllib.loads(side.heretic_config(args, Path("/m"), {"files": files}, Path("/c")))
-    assert config["model"] == "/m" and config["dtypes"] == ["float32"]
+    assert config["model"] == "/m" and config["dtypes"] == [dtype]
     assert (config["batch_size"], config["max_response_length"], config["n_trials"], config["seed"]) == (32, 30, 8, 42)
     assert config["system_prompt"] == side.smollm2.SAFETY_SYSTEM_PROMPT
     assert config["study_checkpoint_dir"] == "/c"
@@ -123,9 +126,10 @@ def test_ours_command_leaves_the_batch_flag_out_for_the_automatic_size(tmp_path)
     files = {name: f"/p/{name}.txt" for name in ("harmful_train", "harmless_train", "harmful_test", "harmless_test")}
 
     def command(batch_size):
-        args = argparse.Namespace(prompts=64, trials=8, batch_size=batch_size, tokens=30, seed=42)
+        args = argparse.Namespace(prompts=64, trials=8, batch_size=batch_size, tokens=30, seed=42, dtype="bfloat16")
         return side.ours_command(args, tmp_path / "model", {"files": files}, tmp_path / "data")
 
     fixed = command(32)
     assert fixed[fixed.index("--batch-size") + 1] == "32"
+    assert fixed[fixed.index("--dtype") + 1] == "bfloat16"
     assert "--batch-size" not in command(0)  # our CLI refuses 0: automatic is the flag left out

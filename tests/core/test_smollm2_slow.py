@@ -113,16 +113,20 @@ def test_probe_windows_reach_a_bound_sooner_and_change_no_score(engine, smollm2)
 
 
 def test_merged_probe_batches_change_no_reply(engine, smollm2):
-    """Both probe batches decoding in one forward per step: the same replies and counts, in fewer forwards."""
+    """Both probe batches decoding in one forward per step after their windows: the same replies, fewer forwards."""
+    from abliterate.core.scoring import PROBE_WINDOW
+    from abliterate.dominance import ScorePoint
     from tests.test_dominance import decode_forwards
 
     for weight in (0.0, 0.4, 1.0):
         params = AblationParams.uniform(MID_DEPTH, smollm2.n_layers, weight=weight)
+        full = engine.evaluate(params)
+        cannot_prune = [ScorePoint(full.kl, full.refusals)]  # windows on, never dominated
         runs = {}
         for merge in (False, True):
             engine.merge_probe_batches = merge
             try:
-                runs[merge] = decode_forwards(engine, params, (), window=0)
+                runs[merge] = decode_forwards(engine, params, cannot_prune, window=PROBE_WINDOW)
             finally:
                 engine.merge_probe_batches = True
         (separate_forwards, separate), (merged_forwards, merged) = runs[False], runs[True]
@@ -131,7 +135,8 @@ def test_merged_probe_batches_change_no_reply(engine, smollm2):
             f"{separate_forwards} decode forwards separate, {merged.timings_s['refusals']:.2f} s in "
             f"{merged_forwards} merged"
         )
-        assert (merged.kl, merged.refusals) == (separate.kl, separate.refusals)
+        assert merged.pruned is None and separate.pruned is None
+        assert (merged.kl, merged.refusals) == (separate.kl, separate.refusals) == (full.kl, full.refusals)
         assert [(o.response, o.tokens, o.stopped_by) for o in merged.details] == [
             (o.response, o.tokens, o.stopped_by) for o in separate.details
         ]
