@@ -49,3 +49,23 @@ def limit_malloc_arenas(count: int = DEFAULT_MALLOC_ARENAS) -> bool:
     if not applied:
         log.debug("mallopt(M_ARENA_MAX, %d) was refused", count)
     return applied
+
+
+def release_free_memory() -> bool:
+    """Hand the memory malloc holds free back to the system (glibc ``malloc_trim``); True when it did.
+
+    Freed tensors leave holes in glibc's heap that a later, larger tensor
+    cannot use: merging two probe batches' KV caches (64-row tensors replacing
+    32-row ones) otherwise keeps about 60 MB more resident at the peak. A
+    no-op without glibc.
+    """
+    name = ctypes.util.find_library("c")
+    if name is None:
+        return False
+    try:
+        trim = ctypes.CDLL(name).malloc_trim
+    except (OSError, AttributeError):
+        return False
+    trim.argtypes = [ctypes.c_size_t]
+    trim.restype = ctypes.c_int
+    return trim(0) == 1

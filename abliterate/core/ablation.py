@@ -31,6 +31,7 @@ import torch
 
 from abliterate.core.directions import global_direction, remove_subspace
 from abliterate.core.modules import EditableMatrix, ModuleMap, discover
+from abliterate.core.weight_files import WeightFiles
 from abliterate.errors import FailedPrecondition, InvalidArgument
 from abliterate.params import AblationParams, DirectionScope, RowNormalization
 
@@ -90,9 +91,15 @@ def edit_bias(
 class Ablator:
     """Applies trial parameters to a model in place and undoes them exactly."""
 
-    def __init__(self, module_map: ModuleMap):
+    def __init__(self, module_map: ModuleMap, weight_files: WeightFiles | None = None, names: dict | None = None):
         self.module_map = module_map
         self._originals: dict[int, tuple[torch.nn.Parameter, torch.Tensor]] = {}
+        # Parameters whose original is read back from the model's safetensors files on reset
+        # (weight_files.py): id -> (parameter, name). ``names``: id(parameter) -> its name in the model.
+        self._file_backed: dict[int, tuple[torch.nn.Parameter, str]] = {}
+        self._weight_files = weight_files
+        self._names = names or {}
+        self._dirty = False  # a parameter was written since the last reset
         self.applied: AblationParams | None = None
         # The lowest block the applied edit changed (None: none); the blocks below compute as unedited.
         self.first_edited_layer: int | None = None
@@ -105,6 +112,10 @@ class Ablator:
         with torch.no_grad():
             for param, original in self._originals.values():
                 param.data.copy_(original)
+            if self._dirty:  # nothing to read back right after a reset
+                for param, name in self._file_backed.values():
+                    param.data.copy_(self._weight_files.read(name))
+        self._dirty = False
         self.applied = None
         self.first_edited_layer = None
 
@@ -113,7 +124,12 @@ class Ablator:
 
     def _remember(self, param: torch.nn.Parameter) -> None:
         key = id(param)
-        if key not in self._originals:
+        if key in self._originals or key in self._file_backed:
+            return
+        name = self._names.get(key)
+        if self._weight_files is not None and name is not None and self._weight_files.matches(name, param):
+            self._file_backed[key] = (param, name)
+        else:
             self._originals[key] = (param, param.detach().clone())
 
     def directions_for(
@@ -176,6 +192,7 @@ class Ablator:
                 raise InvalidArgument(f"the edit made {matrix.name} of layer {layer} non-finite")
         for param, new in updates:
             self._remember(param)
+            self._dirty = True
             param.data.copy_(new)
 
 
@@ -187,6 +204,9 @@ def ablator_for(lm) -> Ablator:
     """
     ablator = lm.extra.get("ablator")
     if ablator is None:
-        ablator = Ablator(discover(lm.model))
+        path, gguf_file = lm.spec.resolved_source()
+        files = None if gguf_file else WeightFiles.open(path)
+        names = {id(param): name for name, param in lm.model.named_parameters()} if files else None
+        ablator = Ablator(discover(lm.model), files, names)
         lm.extra["ablator"] = ablator
     return ablator

@@ -19,6 +19,7 @@ from transformers.cache_utils import DynamicLayer
 from abliterate.core.chat import encode
 from abliterate.core.kv_cache import preallocate
 from abliterate.core.loading import LoadedModel
+from abliterate.memory import release_free_memory
 
 
 @dataclass
@@ -364,6 +365,7 @@ class GreedyBatch:
         self.stopped += other.stopped
         other.finished = True
         other.cache = other.mask = other.next_tokens = None
+        release_free_memory()  # the two 32-row caches' holes cannot hold the merged tensors' growth
 
     def run(self, until_step: int | None = None) -> "GreedyBatch":
         """Step until finished, or until ``until_step`` steps have run; returns the batch."""
