@@ -17,6 +17,8 @@ import os
 import torch
 from safetensors import safe_open
 
+from abliterate.errors import FailedPrecondition
+
 _INDEX = "model.safetensors.index.json"
 _SINGLE = "model.safetensors"
 
@@ -27,6 +29,8 @@ class WeightFiles:
     def __init__(self, folder: str, files_by_name: dict[str, str]):
         self.folder = folder
         self._files_by_name = files_by_name
+        # Each file's (size, mtime) when opened: a file rewritten since would hand back other weights.
+        self._stamps = {path: _stamp(path) for path in set(files_by_name.values())}
 
     @classmethod
     def open(cls, folder: str) -> "WeightFiles | None":
@@ -52,6 +56,11 @@ class WeightFiles:
         path = self._files_by_name.get(name)
         if path is None:
             return None
+        if _stamp(path) != self._stamps[path]:
+            raise FailedPrecondition(
+                f"{path} changed on disk after the model was loaded: its original weights cannot be restored "
+                "from it; reload the model"
+            )
         try:
             with safe_open(path, framework="pt") as weights:
                 return weights.get_tensor(name)
@@ -67,3 +76,11 @@ class WeightFiles:
             and stored.shape == param.shape
             and torch.equal(stored, param.detach().to("cpu"))
         )
+
+
+def _stamp(path: str) -> tuple[int, int] | None:
+    try:
+        status = os.stat(path)
+    except OSError:
+        return None
+    return status.st_size, status.st_mtime_ns

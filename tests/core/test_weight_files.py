@@ -48,3 +48,21 @@ def test_weights_that_differ_from_the_files_are_copied(folder):
     ablator, changed, restored = _edit_and_reset(lm)
     assert changed and restored
     assert not ablator._file_backed and ablator.cached_bytes() > 0
+
+
+def test_a_weight_file_rewritten_after_loading_is_refused_not_read(tmp_path):
+    import os
+
+    from abliterate.core.weight_files import WeightFiles
+    from abliterate.errors import FailedPrecondition
+
+    tokenizer = make_tokenizer()
+    make_model("llama", tokenizer, layers=1, seed=8).save_pretrained(tmp_path)
+    files = WeightFiles.open(str(tmp_path))
+    name = next(iter(files._files_by_name))
+    assert files.read(name) is not None
+    make_model("llama", tokenizer, layers=1, seed=9).save_pretrained(tmp_path)  # other weights, same names
+    os.utime(tmp_path / "model.safetensors", ns=(1, 1))  # even a same-size rewrite gets a new time
+    with pytest.raises(FailedPrecondition, match="changed on disk"):
+        files.read(name)
+    assert WeightFiles.open(str(tmp_path / "missing")) is None
