@@ -36,15 +36,9 @@ def limit_malloc_arenas(count: int = DEFAULT_MALLOC_ARENAS) -> bool:
     """
     if count <= 0 or os.environ.get("MALLOC_ARENA_MAX"):
         return False
-    name = ctypes.util.find_library("c")
-    if name is None:
+    mallopt = _libc_function("mallopt", [ctypes.c_int, ctypes.c_int])
+    if mallopt is None:
         return False
-    try:
-        mallopt = ctypes.CDLL(name).mallopt
-    except (OSError, AttributeError):
-        return False
-    mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
-    mallopt.restype = ctypes.c_int
     applied = mallopt(_M_ARENA_MAX, count) == 1  # mallopt returns 1 on success
     if not applied:
         log.debug("mallopt(M_ARENA_MAX, %d) was refused", count)
@@ -59,13 +53,19 @@ def release_free_memory() -> bool:
     32-row ones) otherwise keeps about 60 MB more resident at the peak. A
     no-op without glibc.
     """
-    name = ctypes.util.find_library("c")
-    if name is None:
-        return False
+    trim = _libc_function("malloc_trim", [ctypes.c_size_t])
+    return trim is not None and trim(0) == 1
+
+
+def _libc_function(name: str, argtypes: list):
+    """The C library's function ``name`` returning an int, or None where there is no such function."""
+    library = ctypes.util.find_library("c")
+    if library is None:
+        return None
     try:
-        trim = ctypes.CDLL(name).malloc_trim
+        function = getattr(ctypes.CDLL(library), name)
     except (OSError, AttributeError):
-        return False
-    trim.argtypes = [ctypes.c_size_t]
-    trim.restype = ctypes.c_int
-    return trim(0) == 1
+        return None
+    function.argtypes = argtypes
+    function.restype = ctypes.c_int
+    return function
