@@ -331,8 +331,10 @@ class TrialEngine:
         With ``stop_at`` and a known batch size, each batch runs only its first
         :data:`PROBE_WINDOW` steps before the next one starts, then each runs
         to its end (:meth:`_probe_by_windows`), so the bound is reached without
-        decoding whole batches first. Each batch computes exactly what it
-        computes alone; only the order of the steps changes.
+        decoding whole batches first; a batch that ends its window at the
+        step of an open one merges into it. Each batch decodes the tokens it
+        decodes alone (logits to 1e-6: :meth:`GreedyBatch.absorb`); only the
+        order and the grouping of the steps change.
         """
         detector = self.detector
         finished: list[PromptOutcome] = []
