@@ -17,7 +17,7 @@ import torch
 from transformers.cache_utils import DynamicLayer
 
 from abliterate.core.chat import encode
-from abliterate.core.kv_cache import preallocate
+from abliterate.core.kv_cache import PreallocatedLayer, preallocate
 from abliterate.core.loading import LoadedModel
 from abliterate.memory import release_free_memory
 
@@ -65,10 +65,14 @@ def _select(cache, keep: torch.Tensor) -> bool:
         return False
 
 
+#: The cache layers a merge can pad: full attention, exactly these types (subclasses keep other state).
+_MERGEABLE_LAYERS = (DynamicLayer, PreallocatedLayer)
+
+
 def _plain_layers(cache) -> bool:
-    """Every layer of ``cache`` is a filled full-attention ``DynamicLayer`` (not a subclass: those keep other state)."""
+    """Every layer of ``cache`` is a filled full-attention layer of one of :data:`_MERGEABLE_LAYERS`."""
     layers = getattr(cache, "layers", None)
-    return bool(layers) and all(type(layer) is DynamicLayer and layer.get_seq_length() > 0 for layer in layers)
+    return bool(layers) and all(type(layer) in _MERGEABLE_LAYERS and layer.get_seq_length() > 0 for layer in layers)
 
 
 def _left_pad(tensor: torch.Tensor, width: int, dim: int) -> torch.Tensor:
@@ -222,9 +226,10 @@ class GreedyBatch:
     nothing in any of them: each batch keeps its own rows, cache and shapes.
 
     ``preallocate_cache``: decode steps write into preallocated KV room
-    (:mod:`abliterate.core.kv_cache`) instead of concatenating. Same tokens;
-    off by default because on SmolLM2 / 2 CPU cores it measured no gain
-    (64 prompts x 30 tokens, batch 32: 21.6 s against 21.2 s).
+    (:mod:`abliterate.core.kv_cache`) instead of concatenating. Same tokens
+    (tests/core/test_kv_cache.py). Off here by default; the trial engine turns
+    it on for its probes, where the copies had become a large share of a
+    decode step (SmolLM2, 32 rows: 120 ms a step against 148 ms).
 
     ``keep_special_tokens``: decode with special tokens kept (for ``decided``
     and the returned text), so that channel and reasoning markers that are
@@ -316,8 +321,9 @@ class GreedyBatch:
         """Whether :meth:`absorb` can take ``other``'s rows: same step, both running, plain full-attention caches.
 
         Only caches whose every layer is exactly transformers' ``DynamicLayer``
-        merge: a sliding-window or chunked layer counts cache slots, so the
-        padding a merge adds would move what falls out of its window.
+        or a :class:`PreallocatedLayer` (the same layer types in both) merge:
+        a sliding-window or chunked layer counts cache slots, so the padding a
+        merge adds would move what falls out of its window.
         """
         return (
             other is not self
@@ -331,7 +337,7 @@ class GreedyBatch:
             == (other.decided, other.skip_special, other.max_new_tokens)
             and _plain_layers(self.cache)
             and _plain_layers(other.cache)
-            and len(self.cache.layers) == len(other.cache.layers)
+            and [type(layer) for layer in self.cache.layers] == [type(layer) for layer in other.cache.layers]
         )
 
     def absorb(self, other: "GreedyBatch") -> None:
@@ -353,6 +359,9 @@ class GreedyBatch:
         offset = len(self.generated)
         width = max(self.mask.shape[1], other.mask.shape[1])
         for mine, theirs in zip(self.cache.layers, other.cache.layers):
+            if isinstance(mine, PreallocatedLayer):
+                mine.absorb(theirs, width)
+                continue
             # keys/values (B, H, T, D) -> (B + B', H, width, D), one layer at a time so the old tensors go at once
             mine.keys = torch.cat([_left_pad(mine.keys, width, dim=2), _left_pad(theirs.keys, width, dim=2)])
             mine.values = torch.cat([_left_pad(mine.values, width, dim=2), _left_pad(theirs.values, width, dim=2)])

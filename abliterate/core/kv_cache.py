@@ -2,7 +2,9 @@
 
 transformers' ``DynamicLayer`` grows its keys and values with ``torch.cat``
 at every decode step, copying the whole cache of every layer once per token:
-on a CPU that copy was about a sixth of the refusal probes' time. This layer
+on a CPU that copy was about a sixth of the refusal probes' time (and a
+decode step of 32 SmolLM2 rows took 120 ms with this layer against 148 ms
+without, alternating in one process). This layer
 keeps a buffer with room for the tokens generation will add and exposes the
 filled part as a view, so a step writes only its own token. The values, the
 shapes and the attention over them are the same; only where they live differs.
@@ -73,6 +75,30 @@ class PreallocatedLayer(DynamicLayer):
         self._key_buffer = self._key_buffer.repeat_interleave(repeats, dim=0)
         self._value_buffer = self._value_buffer.repeat_interleave(repeats, dim=0)
         self._expose()
+
+    @property
+    def room(self) -> int:
+        """Token slots left before the buffer has to grow."""
+        return self._key_buffer.shape[2] - self._length
+
+    def absorb(self, other: "PreallocatedLayer", width: int) -> None:
+        """Take ``other``'s rows after this layer's: both filled parts right-aligned at ``width`` slots, zeros before.
+
+        The merged buffers keep the larger of the two layers' room, so the
+        decode steps still to come write in place (one copy of each, here).
+        """
+        room = max(self.room, other.room)
+        rows = self._key_buffer.shape[0]
+        for name in ("_key_buffer", "_value_buffer"):
+            mine, theirs = getattr(self, name), getattr(other, name)  # (B, H, capacity, D), (B', H, capacity', D)
+            merged = mine.new_zeros((rows + theirs.shape[0], mine.shape[1], width + room, mine.shape[3]))
+            merged[:rows, :, width - self._length : width] = mine[:, :, : self._length]
+            merged[rows:, :, width - other._length : width] = theirs[:, :, : other._length]
+            setattr(self, name, merged)  # (B + B', H, width + room, D)
+            setattr(other, name, None)
+        self._length = width
+        self._expose()
+        other.keys = other.values = None
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
         self._key_buffer = self._key_buffer[indices]  # (B, ...) -> (B', ...)

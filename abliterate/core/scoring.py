@@ -115,6 +115,7 @@ class TrialEngine:
         share_prefix: bool = True,
         merge_probe_batches: bool = True,
         reuse_lower_layers: bool = True,
+        preallocate_kv_cache: bool = True,
     ):
         if lm.quantized:
             raise FailedPrecondition("editing 4-bit quantized weights in place is not supported; load in bf16/fp16")
@@ -128,6 +129,8 @@ class TrialEngine:
         self.merge_probe_batches = merge_probe_batches
         # A trial's KL pass starts at its first edited block (layer_reuse); off only to measure it.
         self.reuse_lower_layers = reuse_lower_layers
+        # Probe decode steps write into preallocated KV room (kv_cache), not concatenate; off only to measure it.
+        self.preallocate_kv_cache = preallocate_kv_cache
         self._blocks = find_decoder_layers(lm.model, self.module_map.n_layers)
         self._reuse_blocks: list[int] = []  # blocks whose KL-batch inputs the baseline recorded
         self._layer_inputs: dict[tuple[int, ...], dict[int, torch.Tensor]] = {}  # batch indices -> block -> input
@@ -376,6 +379,7 @@ class TrialEngine:
                 decided=count_marker,
                 share_prefix=self.share_prefix,
                 keep_special_tokens=True,
+                preallocate_cache=self.preallocate_kv_cache,
             )
 
         def probe(chunk) -> list[PromptOutcome]:
@@ -468,7 +472,15 @@ class TrialEngine:
 
         def sample(size: int) -> None:
             spread = [texts[i * len(texts) // size] for i in range(size)]  # short and long prompts alike
-            generate_greedy(self.lm, spread, tokens, None, share_prefix=self.share_prefix, keep_special_tokens=True)
+            generate_greedy(
+                self.lm,
+                spread,
+                tokens,
+                None,
+                share_prefix=self.share_prefix,
+                keep_special_tokens=True,
+                preallocate_cache=self.preallocate_kv_cache,
+            )
 
         size = measure_batch_size(len(texts), sample)
         self._tuned_sizes["generate"] = _TunedSize(size, True, len(texts))

@@ -6,6 +6,7 @@ import torch
 from abliterate.core.chat import format_prompts
 from abliterate.core.directions import DirectionSet
 from abliterate.core.generation import GreedyBatch
+from abliterate.core.kv_cache import PreallocatedLayer
 from abliterate.core.refusals import RefusalDetector
 from abliterate.core.scoring import TrialEngine
 from abliterate.dominance import ScorePoint
@@ -29,8 +30,10 @@ def _decode_logits(lm):
     return seen, lm.model.register_forward_hook(record, with_kwargs=True)
 
 
+@pytest.mark.parametrize("preallocated", [False, True], ids=["concatenating", "preallocated"])
 @pytest.mark.parametrize("arch", ARCHITECTURES)
-def test_a_merged_batch_decodes_what_each_batch_decodes_alone(arch):
+def test_a_merged_batch_decodes_what_each_batch_decodes_alone(arch, preallocated):
+    """Against batches decoded alone with transformers' own (concatenating) cache, either cache kind merged."""
     lm = make_lm(arch, layers=2, seed=3)
     first = format_prompts(lm.tokenizer, FIRST, lm.spec.system_prompt)
     second = format_prompts(lm.tokenizer, SECOND, lm.spec.system_prompt)
@@ -38,7 +41,8 @@ def test_a_merged_batch_decodes_what_each_batch_decodes_alone(arch):
     alone = GreedyBatch(lm, first, TOKENS).run().results() + GreedyBatch(lm, second, TOKENS).run().results()
     handle.remove()
 
-    host, guest = GreedyBatch(lm, first, TOKENS), GreedyBatch(lm, second, TOKENS)
+    host = GreedyBatch(lm, first, TOKENS, preallocate_cache=preallocated)
+    guest = GreedyBatch(lm, second, TOKENS, preallocate_cache=preallocated)
     host.run(until_step=2)
     guest.run(until_step=2)
     if arch in SLIDING_ARCHITECTURES:
@@ -48,6 +52,8 @@ def test_a_merged_batch_decodes_what_each_batch_decodes_alone(arch):
     assert host.can_absorb(guest)
     merged_logits, handle = _decode_logits(lm)
     host.absorb(guest)
+    if preallocated:  # the merged layers keep the room for the steps still to come, so those write in place
+        assert {(type(layer), layer.room) for layer in host.cache.layers} == {(PreallocatedLayer, TOKENS - 3)}
     merged = host.run().results()
     handle.remove()
 
@@ -88,7 +94,7 @@ def test_batches_at_different_steps_or_finished_do_not_merge():
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2_moe", "gemma2"])
 def test_merged_probes_give_the_scores_and_replies_of_separate_batches(arch, monkeypatch):
-    """The engine's probes with merging (the default) against the same engine without it, every prompt.
+    """The engine's probes with merging and preallocated KV (the defaults) against neither, every prompt.
 
     Three batches of 5 (a merge, then one alone), a rare marker so that replies run long; with and
     without a front that keeps the windows on.
@@ -103,19 +109,28 @@ def test_merged_probes_give_the_scores_and_replies_of_separate_batches(arch, mon
     real_absorb = GreedyBatch.absorb
     monkeypatch.setattr(GreedyBatch, "absorb", lambda host, guest: merges.append(1) or real_absorb(host, guest))
     results = {}
-    for merge in (True, False):
-        engine = TrialEngine(lm, batch_size=5, detector=RefusalDetector(markers=("2",)), merge_probe_batches=merge)
+    # Merging and preallocated KV room (both on by default) against neither: each on and off.
+    for merge, preallocate in [(True, True), (True, False), (False, True), (False, False)]:
+        engine = TrialEngine(
+            lm,
+            batch_size=5,
+            detector=RefusalDetector(markers=("2",)),
+            merge_probe_batches=merge,
+            preallocate_kv_cache=preallocate,
+        )
         engine.set_directions(DirectionSet(refusal=refusal, good_mean=refusal, bad_mean=refusal))
         engine.prepare_baseline(prompts[:6], prompts, max_new_tokens=TOKENS)
         plain = engine.evaluate(params)
         windowed = engine.evaluate(params, front=[ScorePoint(plain.kl, plain.refusals)])  # never prunes
-        results[merge] = (plain, windowed)
+        results[merge, preallocate] = (plain, windowed)
         # Only the trial with a front has windows; sliding-window models never merge; only when asked.
         assert len(merges) == (1 if merge and arch not in SLIDING_ARCHITECTURES else 0), merges
         merges.clear()
-    for merged, separate in zip(results[True], results[False]):
-        assert merged.pruned is None and separate.pruned is None
-        assert (merged.kl, merged.refusals) == (separate.kl, separate.refusals)
-        assert [(o.prompt, o.response, o.tokens, o.stopped_by) for o in merged.details] == [
-            (o.prompt, o.response, o.tokens, o.stopped_by) for o in separate.details
-        ]
+    reference = results.pop((False, False))
+    for optimized in results.values():
+        for merged, separate in zip(optimized, reference):
+            assert merged.pruned is None and separate.pruned is None
+            assert (merged.kl, merged.refusals) == (separate.kl, separate.refusals)
+            assert [(o.prompt, o.response, o.tokens, o.stopped_by) for o in merged.details] == [
+                (o.prompt, o.response, o.tokens, o.stopped_by) for o in separate.details
+            ]

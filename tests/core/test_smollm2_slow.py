@@ -173,3 +173,25 @@ def test_kl_pass_from_the_first_edited_block_changes_no_score(engine, smollm2):
         engine.reset()
     print(f"\nKL pass from block 0: {seconds[0]:.2f} s; from block {start}: {seconds[start]:.2f} s")
     assert torch.equal(logprobs[0], logprobs[start])
+
+
+def test_preallocated_kv_cache_changes_no_reply(engine, smollm2):
+    """Probe decode steps writing into preallocated KV room (the default) against transformers' concatenation."""
+    for weight in (0.0, 1.0):
+        params = AblationParams.uniform(MID_DEPTH, smollm2.n_layers, weight=weight)
+        runs = {}
+        for preallocate in (False, True):
+            engine.preallocate_kv_cache = preallocate
+            try:
+                runs[preallocate] = engine.evaluate(params)
+            finally:
+                engine.preallocate_kv_cache = True
+        concatenating, preallocated = runs[False], runs[True]
+        print(
+            f"\nweight {weight}: {preallocated.refusals} refusals; probes {concatenating.timings_s['refusals']:.2f} s "
+            f"concatenating, {preallocated.timings_s['refusals']:.2f} s preallocated"
+        )
+        assert (preallocated.kl, preallocated.refusals) == (concatenating.kl, concatenating.refusals)
+        assert [(o.response, o.tokens, o.stopped_by) for o in preallocated.details] == [
+            (o.response, o.tokens, o.stopped_by) for o in concatenating.details
+        ]
