@@ -282,6 +282,50 @@ def cmd_run(args: argparse.Namespace, console: Any) -> int:
         embedded.stop()
 
 
+def cmd_reproduce(args: argparse.Namespace, console: Any) -> int:
+    """Exit 0 when the re-measured scores match the recorded ones, 1 when they do not (or none were recorded)."""
+    import json
+
+    from abliterate.core.manifest import read_manifest
+
+    read_manifest(args.path)  # a missing or unreadable manifest is refused before torch loads
+    from abliterate.core.reproduce import KL_TOLERANCE, reproduce  # torch, lazily
+
+    if args.json:
+        result = reproduce(args.path, args.model)
+    else:
+        with console.status("reproducing ...") as status:
+            result = reproduce(args.path, args.model, progress=status.update)
+    if args.json:
+        print(
+            json.dumps(
+                {
+                    "kl": result.kl,
+                    "refusals": result.refusals,
+                    "recorded_kl": result.recorded_kl,
+                    "recorded_refusals": result.recorded_refusals,
+                    "recorded_pruned": result.recorded_pruned,
+                    "kl_matches": result.kl_matches,
+                    "refusals_match": result.refusals_match,
+                    "matches": result.matches,
+                    "notes": result.notes,
+                }
+            )
+        )
+    else:
+        recorded_kl = "-" if result.recorded_kl is None else f"{result.recorded_kl:.6f}"
+        recorded_refusals = "-" if result.recorded_refusals is None else str(result.recorded_refusals)
+        if result.recorded_pruned:
+            recorded_refusals = f">= {recorded_refusals} (pruned)"
+        console.print(f"KL        recorded {recorded_kl}  measured {result.kl:.6f}  (tolerance {KL_TOLERANCE:g})")
+        console.print(f"refusals  recorded {recorded_refusals}  measured {result.refusals}/{result.n_refusal_prompts}")
+        for note in result.notes:
+            console.print(f"[yellow]note:[/yellow] {escape(note)}")
+        verdict = {True: "[green]reproduced[/green]", False: "[red]does not match[/red]", None: "nothing to compare"}
+        console.print(verdict[result.matches])
+    return 0 if result.matches else 1
+
+
 def cmd_serve(args: argparse.Namespace, console: Any) -> int:
     rest = [arg for arg in args.args if arg != "--"]
     if args.service == "gateway":
@@ -315,6 +359,7 @@ COMMANDS = {
     "chat": cmd_chat,
     "cancel": cmd_cancel,
     "resume": cmd_resume,
+    "reproduce": cmd_reproduce,
     "serve": cmd_serve,
     "vast": cmd_vast,
 }

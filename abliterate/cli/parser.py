@@ -222,6 +222,13 @@ def build_parser() -> argparse.ArgumentParser:
     command.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
     _add_client_flags(command)
 
+    command = sub.add_parser(
+        "reproduce", help="re-apply an exported trial from its manifest and re-measure its KL and refusals"
+    )
+    command.add_argument("path", help="an export folder, or its abliterate-manifest.json")
+    command.add_argument("--model", help="where the original model is now, if it moved (its weights must match)")
+    command.add_argument("--json", action="store_true", help="print the result as JSON")
+
     command = sub.add_parser("chat", help="chat with a trial's model")
     command.add_argument("job", help="job id or name")
     command.add_argument("--trial", type=non_negative_int, help="trial number (default: auto-selected)")

@@ -211,6 +211,23 @@ class TrialEngine:
         run = run_batched(items, fn, until_tuned=True)
         self._tuned_sizes[operation] = _TunedSize(run.batch_size, run.settled, len(items))
 
+    def batch_sizes(self) -> dict[str, int]:
+        """The batch size of each operation ("kl", "generate"): fixed, or as tuned so far.
+
+        Logits depend in their last bits on the batch shapes, so a re-measurement
+        of a trial (a manifest's ``reproduce``) pins these to get the same bits.
+        """
+        if self.batch_size:
+            return {"kl": self.batch_size, "generate": self.batch_size}
+        return {operation: tuned.size for operation, tuned in self._tuned_sizes.items()}
+
+    def pin_batch_sizes(self, sizes: dict[str, int]) -> None:
+        """Run the named operations at these sizes from now on, as if tuned to them (a fixed size still wins)."""
+        for operation, size in sizes.items():
+            if size < 1:
+                raise InvalidArgument(f"batch size of {operation!r} must be >= 1, got {size}")
+            self._tuned_sizes[operation] = _TunedSize(int(size), True, 0)
+
     def _tuned_size(self, operation: str, n_items: int) -> int:
         """The batch size tuned for ``operation``, or 0 (tune now) if none fits ``n_items`` items.
 

@@ -171,7 +171,7 @@ class EvaluatorServiceChatResponse(_message.Message):
     def __init__(self, text: _Optional[str] = ..., finish_reason: _Optional[_Union[_common_pb2.FinishReason, str]] = ..., n_tokens: _Optional[int] = ..., timings_s: _Optional[_Mapping[str, float]] = ...) -> None: ...
 
 class EvaluatorServiceExportModelRequest(_message.Message):
-    __slots__ = ("direction_set_id", "params", "path", "format", "hub_repo", "hub_private", "overwrite")
+    __slots__ = ("direction_set_id", "params", "path", "format", "hub_repo", "hub_private", "overwrite", "manifest_json", "baseline")
     DIRECTION_SET_ID_FIELD_NUMBER: _ClassVar[int]
     PARAMS_FIELD_NUMBER: _ClassVar[int]
     PATH_FIELD_NUMBER: _ClassVar[int]
@@ -179,6 +179,8 @@ class EvaluatorServiceExportModelRequest(_message.Message):
     HUB_REPO_FIELD_NUMBER: _ClassVar[int]
     HUB_PRIVATE_FIELD_NUMBER: _ClassVar[int]
     OVERWRITE_FIELD_NUMBER: _ClassVar[int]
+    MANIFEST_JSON_FIELD_NUMBER: _ClassVar[int]
+    BASELINE_FIELD_NUMBER: _ClassVar[int]
     direction_set_id: str
     params: _common_pb2.AblationParams
     path: str
@@ -186,7 +188,9 @@ class EvaluatorServiceExportModelRequest(_message.Message):
     hub_repo: str
     hub_private: bool
     overwrite: bool
-    def __init__(self, direction_set_id: _Optional[str] = ..., params: _Optional[_Union[_common_pb2.AblationParams, _Mapping]] = ..., path: _Optional[str] = ..., format: _Optional[_Union[_common_pb2.ExportFormat, str]] = ..., hub_repo: _Optional[str] = ..., hub_private: _Optional[bool] = ..., overwrite: _Optional[bool] = ...) -> None: ...
+    manifest_json: str
+    baseline: _common_pb2.BaselineSpec
+    def __init__(self, direction_set_id: _Optional[str] = ..., params: _Optional[_Union[_common_pb2.AblationParams, _Mapping]] = ..., path: _Optional[str] = ..., format: _Optional[_Union[_common_pb2.ExportFormat, str]] = ..., hub_repo: _Optional[str] = ..., hub_private: _Optional[bool] = ..., overwrite: _Optional[bool] = ..., manifest_json: _Optional[str] = ..., baseline: _Optional[_Union[_common_pb2.BaselineSpec, _Mapping]] = ...) -> None: ...
 
 class EvaluatorServiceExportModelResponse(_message.Message):
     __slots__ = ("path", "files", "bytes_written", "hub_url", "timings_s")

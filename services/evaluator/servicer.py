@@ -206,6 +206,8 @@ class EvaluatorServicer(evaluator_pb2_grpc.EvaluatorServiceServicer):
             hub_repo=request.hub_repo if request.HasField("hub_repo") else None,
             hub_private=request.hub_private,
             overwrite=request.overwrite,
+            manifest_json=request.manifest_json,
+            baseline=request.baseline if request.HasField("baseline") else None,
         )
         return evaluator_pb2.EvaluatorServiceExportModelResponse(
             path=r.path, files=r.files, bytes_written=r.bytes_written, hub_url=r.hub_url, timings_s=r.timings_s

@@ -12,6 +12,7 @@ between operations (the extractor relies on that when it shares the model).
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import math
 import os
@@ -22,6 +23,8 @@ import uuid
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
+from datetime import datetime, timezone
+from typing import Any
 
 from abliterate.artifacts import tensor_names
 from abliterate.caps import (
@@ -36,6 +39,14 @@ from abliterate.core.directions import DirectionSet, protected_subspace
 from abliterate.core.export import export_merged
 from abliterate.core.generation import stream_generate
 from abliterate.core.loading import LoadedModel
+from abliterate.core.manifest import (
+    DIRECTIONS_FILE,
+    package_versions,
+    prompts_sha256,
+    weights_sha256,
+    write_export_files,
+)
+from abliterate.core.manifest import SCHEMA as MANIFEST_SCHEMA
 from abliterate.core.refusals import RefusalDetector
 from abliterate.core.scoring import TrialEngine, TrialResult
 from abliterate.dominance import ScorePoint
@@ -54,6 +65,10 @@ SERVICE = "evaluator"
 DEFAULT_BASELINE_TOKENS = 100
 DEFAULT_GENERATE_TOKENS = 256
 ROLES = ("system", "user", "assistant")
+#: Manifest keys the evaluator writes; a caller's manifest_json may not set them.
+EVALUATOR_MANIFEST_KEYS = frozenset(
+    {"schema", "created_at", "format", "model", "directions", "params", "scoring", "versions"}
+)
 
 
 @dataclass
@@ -89,6 +104,13 @@ class BaselineInfo:
     baseline_refusals: int  # meaningful when refusals_counted
     timings_s: dict[str, float]
     refusals_counted: bool = True
+
+
+@dataclass
+class _HeldSet:
+    directions: DirectionSet
+    names: list[str]
+    data: bytes  # as received: its sha256 is the set's id, and an export's manifest carries it
 
 
 @dataclass
@@ -134,9 +156,11 @@ class EvaluatorSession:
         self.max_scoring_tokens = max_scoring_tokens
         self.max_kl_tokens = max_kl_tokens
         self.max_prompt_tokens = max_prompt_tokens
-        self._sets: OrderedDict[str, tuple[DirectionSet, list[str]]] = OrderedDict()
+        self._sets: OrderedDict[str, _HeldSet] = OrderedDict()
         self._store_lock = threading.Lock()
         self.baseline: BaselineInfo | None = None
+        self._scored_prompts: dict[str, list[str]] = {}  # the held baseline's prompts, as loaded ("kl", "refusal")
+        self._weights_sha256: str | None = None  # of the unedited weights, computed at the first export
 
     def model_info(self) -> common_pb2.ModelInfo:
         return model_info(self.lm, self.module_map)
@@ -152,7 +176,7 @@ class EvaluatorSession:
         with self._store_lock:
             if digest in self._sets:
                 self._sets.move_to_end(digest)
-                return LoadResult(digest, True, self._sets[digest][1], {"total": time.perf_counter() - t0})
+                return LoadResult(digest, True, self._sets[digest].names, {"total": time.perf_counter() - t0})
         ds = DirectionSet.from_bytes(data)
         expected = (self.module_map.n_layers + 1, self.module_map.hidden_size)
         if tuple(ds.refusal.shape) != expected:
@@ -179,7 +203,7 @@ class EvaluatorSession:
         with self._store_lock:
             already = digest in self._sets
             if not already:
-                self._sets[digest] = (ds, names)
+                self._sets[digest] = _HeldSet(ds, names, data)
             self._sets.move_to_end(digest)
             while len(self._sets) > self.max_direction_sets:
                 evicted, _ = self._sets.popitem(last=False)
@@ -195,7 +219,7 @@ class EvaluatorSession:
             if set_id not in self._sets:
                 raise NotFound(f"direction set {set_id!r} is not held by this evaluator; send its bytes")
             self._sets.move_to_end(set_id)
-            names = self._sets[set_id][1]
+            names = self._sets[set_id].names
         return LoadResult(set_id, True, names, {"total": time.perf_counter() - t0})
 
     def held_ids(self) -> list[str]:
@@ -218,7 +242,7 @@ class EvaluatorSession:
                     "(send LoadDirections with its bytes, then retry)"
                 )
             self._sets.move_to_end(set_id)
-            return set_id, self._sets[set_id][0]
+            return set_id, self._sets[set_id].directions
 
     def _check_params(self, params: AblationParams) -> None:
         params.validate(self.module_map.n_layers, self.module_map.components)
@@ -294,6 +318,7 @@ class EvaluatorSession:
                 timings,
                 refusals_counted=count_refusals,
             )
+            self._scored_prompts = {"kl": kl_prompts, "refusal": refusal_prompts}
         log.info(
             "baseline prepared",
             extra={
@@ -464,6 +489,91 @@ class EvaluatorSession:
             self.lock.release()
 
     # ---------------------------------------------------------------- export
+    def _held_bytes(self, set_id: str) -> bytes:
+        with self._store_lock:
+            return self._sets[set_id].data
+
+    def _original_weights_sha256(self) -> str:
+        """The unedited weights' hash, computed once (the model is unedited whenever the lock is free)."""
+        if self._weights_sha256 is None:
+            self._weights_sha256 = weights_sha256(self.lm.model)
+        return self._weights_sha256
+
+    def _manifest(
+        self,
+        set_id: str,
+        params: AblationParams,
+        fmt: str,
+        caller: dict[str, Any],
+        baseline: common_pb2.BaselineSpec | None,
+    ) -> tuple[dict[str, Any], dict[str, list[str]]]:
+        """The export's manifest and the prompts it was scored on (abliterate.core.manifest)."""
+        scoring, prompts = self._scoring_record(baseline)
+        spec = self.lm.spec
+        manifest = {
+            "schema": MANIFEST_SCHEMA,
+            "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "format": fmt,
+            "model": {
+                "source": spec.source,
+                "gguf_file": spec.gguf_file,
+                "dtype": str(next(self.lm.model.parameters()).dtype).removeprefix("torch."),
+                "weights_sha256": self._original_weights_sha256(),
+            },
+            "directions": {"id": set_id, "sha256": sha256_hex(self._held_bytes(set_id)), "file": DIRECTIONS_FILE},
+            "params": params.to_dict(),
+            "scoring": scoring,
+            "versions": package_versions(),
+        }
+        return {**caller, **manifest}, prompts
+
+    def _scoring_record(
+        self, spec: common_pb2.BaselineSpec | None
+    ) -> tuple[dict[str, Any] | None, dict[str, list[str]]]:
+        """How the trial was scored: the held baseline's settings and batch sizes, or ``spec``'s settings.
+
+        A spec that is not the held baseline (the evaluator has since scored
+        another job) gives its prompts and settings but no batch sizes: those
+        it ran at are not known here. Neither: None (nothing to re-measure).
+        """
+        held = self.baseline
+        if spec is None or (held is not None and self.baseline_id_of(spec, self.lm.spec.source) == held.baseline_id):
+            if held is None or not self._scored_prompts:
+                return None, {}
+            engine, prompts = self.engine, self._scored_prompts
+            scoring = {
+                "baseline_id": held.baseline_id,
+                "max_new_tokens": engine.baseline.max_new_tokens,
+                "kl_tokens": engine.baseline.kl_tokens,
+                "refusal_markers": list(engine.detector.markers),
+                "system_prompt": engine.lm.spec.system_prompt,
+                "chat_template_mode": engine.lm.spec.chat_template_mode,
+                "batch_sizes": engine.batch_sizes(),
+                "share_prefix": engine.share_prefix,
+            }
+        else:
+            view = job_view(self.lm, spec.model if spec.HasField("model") else None)
+            prompts = {
+                "kl": load_prompt_set(spec.kl_prompts, "KL", file_root=self.prompt_root),
+                "refusal": load_prompt_set(spec.refusal_prompts, "refusal", file_root=self.prompt_root),
+            }
+            markers = list(spec.refusal_markers)
+            scoring = {
+                "baseline_id": self.baseline_id_of(spec, self.lm.spec.source),
+                "max_new_tokens": spec.max_new_tokens or DEFAULT_BASELINE_TOKENS,
+                "kl_tokens": max(1, spec.kl_tokens),
+                "refusal_markers": list(
+                    RefusalDetector(tuple(markers)).markers if markers else RefusalDetector().markers
+                ),
+                "system_prompt": view.spec.system_prompt,
+                "chat_template_mode": view.spec.chat_template_mode,
+                "batch_sizes": {},
+                "share_prefix": self.engine.share_prefix,
+            }
+        for key, texts in prompts.items():
+            scoring[f"{key}_prompts"] = {"count": len(texts), "sha256": prompts_sha256(texts)}
+        return scoring, prompts
+
     def export(
         self,
         path: str,
@@ -473,8 +583,11 @@ class EvaluatorSession:
         hub_repo: str | None = None,
         hub_private: bool = False,
         overwrite: bool = False,
+        manifest_json: str = "",
+        baseline: common_pb2.BaselineSpec | None = None,
     ) -> ExportResult:
         t_start = time.perf_counter()
+        caller = _caller_manifest_fields(manifest_json)
         if not path or not path.strip():
             raise InvalidArgument("the export path is empty")
         if fmt not in ("merged", "lora"):
@@ -509,6 +622,9 @@ class EvaluatorSession:
         tmp = os.path.join(parent, f".{os.path.basename(path)}.tmp-{uuid.uuid4().hex[:8]}")
         with self.lock.hold("ExportModel", SERVICE):
             try:
+                t0 = time.perf_counter()
+                manifest, prompts = self._manifest(set_id, params, fmt, caller, baseline)  # unedited weights here
+                timings["manifest"] = time.perf_counter() - t0
                 if fmt == "merged":
                     t0 = time.perf_counter()
                     self.engine.set_directions(ds)
@@ -527,6 +643,7 @@ class EvaluatorSession:
                     os.makedirs(tmp)
                     lora.write_adapter(tmp, factors, self.lm.spec.source, metadata)
                     timings["save"] = time.perf_counter() - t0
+                write_export_files(tmp, manifest, prompts, self._held_bytes(set_id))
                 _swap_into_place(tmp, path)
             except OSError as exc:  # disk full, permissions: say so, never INTERNAL
                 shutil.rmtree(tmp, ignore_errors=True)
@@ -552,6 +669,22 @@ class EvaluatorSession:
         timings["total"] = time.perf_counter() - t_start
         log.info("exported", extra={"path": path, "format": fmt, "bytes": size, "hub_url": hub_url})
         return ExportResult(path, sorted(files), size, hub_url, timings)
+
+
+def _caller_manifest_fields(text: str) -> dict[str, Any]:
+    """The caller's part of an export manifest: a JSON object whose keys are not the evaluator's own."""
+    if not text.strip():
+        return {}
+    try:
+        fields = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise InvalidArgument(f"manifest_json is not JSON: {exc}") from None
+    if not isinstance(fields, dict):
+        raise InvalidArgument(f"manifest_json must be a JSON object, got {type(fields).__name__}")
+    clash = sorted(set(fields) & EVALUATOR_MANIFEST_KEYS)
+    if clash:
+        raise InvalidArgument(f"manifest_json sets {', '.join(clash)}, which the evaluator writes itself")
+    return fields
 
 
 def _swap_into_place(tmp: str, path: str) -> None:

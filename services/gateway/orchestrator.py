@@ -715,7 +715,9 @@ class Orchestrator:
         if not request.path:
             raise InvalidArgument("path is required")
         job = self.store.get(request.job_id)
-        trial = self.resolve_trial(job, request.trial_number if request.HasField("trial_number") else None)
+        requested = request.trial_number if request.HasField("trial_number") else None
+        trial = self.resolve_trial(job, requested)
+        study = self.optimizer().get_study(job.study_name, self.rpc_timeout_s)
         forward = evaluator_pb2.EvaluatorServiceExportModelRequest(
             direction_set_id=job.direction_set_id,
             params=trial.params,
@@ -723,6 +725,8 @@ class Orchestrator:
             format=request.format,
             hub_private=request.hub_private,
             overwrite=request.overwrite,
+            manifest_json=json.dumps(_manifest_fields(job, trial, study, auto_selected=requested is None)),
+            baseline=study.baseline,
         )
         if request.HasField("hub_repo"):
             forward.hub_repo = request.hub_repo
@@ -774,6 +778,32 @@ class Orchestrator:
             if trial is not None:
                 out.trial_number = trial.number
             yield out
+
+
+def _manifest_fields(
+    job: JobRecord, trial: common_pb2.Trial, study: optimizer_pb2.StudyInfo, auto_selected: bool
+) -> dict[str, Any]:
+    """What the gateway adds to an export's manifest: the job, the trial's recorded scores, the seed."""
+    scores = trial.scores
+    return {
+        "job": {
+            "id": job.id,
+            "name": job.name,
+            "study_name": job.study_name,
+            "spec": json_format.MessageToDict(job.spec, preserving_proto_field_name=True),
+        },
+        "trial": {
+            "number": trial.number,
+            "kl": scores.kl,
+            "refusals": scores.refusals,
+            "n_refusal_prompts": scores.n_refusal_prompts,
+            "n_kl_prompts": scores.n_kl_prompts,
+            "pruned": scores.pruned,  # then `refusals` is a lower bound
+            "on_pareto_front": trial.on_pareto_front,
+            "auto_selected": auto_selected,
+        },
+        "seed": study.seed,
+    }
 
 
 def _chain(first: list[Any], rest: Any) -> Iterator[Any]:

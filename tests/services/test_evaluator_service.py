@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import threading
 
@@ -14,6 +15,7 @@ from abliterate.core.ablation import edit_matrix
 from abliterate.core.chat import build_messages, render_chat
 from abliterate.core.directions import DirectionSet, global_direction
 from abliterate.core.generation import generate_greedy, stream_greedy
+from abliterate.core.manifest import DIRECTIONS_FILE, MANIFEST_FILE, PROMPTS_FILE, weights_sha256
 from abliterate.rpc.tensors import sha256_hex
 from abliterate.v1 import common_pb2, evaluator_pb2, evaluator_pb2_grpc, extractor_pb2
 from abliterate_services.evaluator.servicer import EvaluatorServicer
@@ -505,6 +507,11 @@ def test_export_merged(stub, ready, lm, snapshot, blob, tmp_path):
     assert torch.allclose(weights[name], expected, atol=1e-5)
     meta = json.loads((out / "abliterate.json").read_text())
     assert meta["direction_set_id"] == set_id and meta["params"]["direction_index"] == 1.5
+    manifest = json.loads((out / MANIFEST_FILE).read_text())
+    assert manifest["directions"]["id"] == set_id == hashlib.sha256((out / DIRECTIONS_FILE).read_bytes()).hexdigest()
+    assert manifest["params"] == meta["params"] and manifest["model"]["source"] == lm.spec.source
+    assert manifest["model"]["weights_sha256"] == weights_sha256(lm.model)  # of the unedited weights
+    assert "trial" not in manifest  # no caller said anything about the trial
     # Not empty: ALREADY_EXISTS unless overwrite.
     req = E.EvaluatorServiceExportModelRequest(direction_set_id=set_id, params=params, path=str(out))
     assert code_of(stub.ExportModel, req) == grpc.StatusCode.ALREADY_EXISTS
@@ -526,7 +533,14 @@ def test_export_lora_is_the_merged_edit(stub, ready, lm, snapshot, tmp_path):
                 direction_set_id=set_id, params=params, path=str(lora_dir), format=common_pb2.EXPORT_FORMAT_LORA
             )
         )
-        assert set(reply.files) == {"adapter_model.safetensors", "adapter_config.json", "abliterate.json"}
+        assert set(reply.files) == {
+            "adapter_model.safetensors",
+            "adapter_config.json",
+            "abliterate.json",
+            MANIFEST_FILE,
+            PROMPTS_FILE,
+            DIRECTIONS_FILE,
+        }
         config = json.loads((lora_dir / "adapter_config.json").read_text())
         assert config["peft_type"] == "LORA" and config["r"] == 1 and config["lora_alpha"] == 1
         assert config["base_model_name_or_path"] == lm.spec.source
@@ -568,6 +582,13 @@ def test_export_errors(stub, ready, tmp_path, monkeypatch):
         )
         == grpc.StatusCode.INVALID_ARGUMENT
     )
+    for caller, says in (("[1, 2]", "JSON object"), ('{"model": "mine"}', "model"), ("{not json", "not JSON")):
+        bad = E.EvaluatorServiceExportModelRequest(
+            direction_set_id=set_id, params=kernel_params(), path=str(tmp_path / "m"), manifest_json=caller
+        )
+        code, details = details_of(stub.ExportModel, bad)
+        assert code == grpc.StatusCode.INVALID_ARGUMENT and says in details, details
+        assert not (tmp_path / "m").exists()
     assert (
         code_of(
             stub.ExportModel, E.EvaluatorServiceExportModelRequest(direction_set_id=set_id, path=str(tmp_path / "x"))

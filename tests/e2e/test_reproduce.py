@@ -1,0 +1,141 @@
+"""An exported trial carries its manifest, and ``abliterate reproduce`` re-measures it from that alone.
+
+A job runs embedded on a tiny model saved as a folder (so that a new load of the same folder is the
+same weights), with the automatic batch size (so the sizes the scores were measured at must travel in
+the manifest), and the export is re-measured in this process from the export folder and the model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import sys
+
+import pytest
+
+from abliterate import cli
+from abliterate.core.manifest import DIRECTIONS_FILE, MANIFEST_FILE, PROMPTS_FILE, prompts_sha256
+from abliterate.specs import ModelSpec
+from abliterate.v1 import gateway_pb2
+from abliterate_services.embedded import Embedded
+
+# Marker letters common enough in a random model's byte-level replies that some count as refusals.
+MARKERS = list("abcdefghijklm")
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dirs(tmp_path_factory):
+    """The model the job runs on, and another one of the same shape (other weights)."""
+    from tests.tiny import make_model, make_tokenizer
+
+    folders = []
+    for seed in (0, 1):
+        path = tmp_path_factory.mktemp(f"tiny-model-{seed}")
+        tok = make_tokenizer()
+        make_model("llama", tok, layers=3, hidden=64, seed=seed).save_pretrained(path)
+        tok.save_pretrained(path)
+        folders.append(path)
+    return folders
+
+
+@pytest.fixture(scope="module")
+def export(tiny_model_dirs, tmp_path_factory):
+    """(export folder, the job's direction set id, its trials) of a 3-trial embedded job."""
+    from rich.console import Console
+
+    model_dir = tiny_model_dirs[0]
+    data = tmp_path_factory.mktemp("data")
+    args = cli.build_parser().parse_args(
+        ["run", str(model_dir), "--n-trials", "3", "--n-prompts", "8", "--max-new-tokens", "6", "--seed", "3"]
+    )
+    spec = cli.build_spec(args)
+    spec.name = "reproduce-me"
+    spec.options.refusal_markers.extend(MARKERS)
+    embedded = Embedded(ModelSpec(source=str(model_dir)), data).start()
+    try:
+        with cli.gateway_client(embedded.gateway_address) as client:
+            console = Console(file=sys.stdout, width=140)
+            job = cli.watch(client, cli.submit_or_resume(client, spec, console).id, console)
+            assert job.phase == gateway_pb2.JOB_PHASE_SUCCEEDED
+            trials = list(client.pareto_front(job.id).trials)
+        out = data / "export"
+        assert cli.main(["export", "reproduce-me", str(out), "--gateway", embedded.gateway_address]) == 0
+    finally:
+        embedded.stop()
+    return out, job.direction_set_id, trials
+
+
+def test_the_manifest_records_model_prompts_directions_settings_and_scores(export, tiny_model_dirs):
+    out, direction_set_id, trials = export
+    manifest = json.loads((out / MANIFEST_FILE).read_text())
+    prompts = json.loads((out / PROMPTS_FILE).read_text())
+    assert manifest["schema"] == 1 and manifest["format"] == "merged"
+    assert manifest["model"]["source"] == str(tiny_model_dirs[0]) and manifest["model"]["dtype"] == "float32"
+    assert len(manifest["model"]["weights_sha256"]) == 64
+    # The direction set file is the job's direction set: its sha256 is the set's id.
+    assert hashlib.sha256((out / DIRECTIONS_FILE).read_bytes()).hexdigest() == direction_set_id
+    assert manifest["directions"]["id"] == direction_set_id
+    scoring = manifest["scoring"]
+    for key in ("kl", "refusal"):
+        assert len(prompts[key]) == 8 == scoring[f"{key}_prompts"]["count"]
+        assert scoring[f"{key}_prompts"]["sha256"] == prompts_sha256(prompts[key])
+    assert scoring["max_new_tokens"] == 6 and scoring["refusal_markers"] == MARKERS
+    assert set(scoring["batch_sizes"]) >= {"kl", "generate"}  # automatic sizes, as tuned
+    trial = manifest["trial"]
+    recorded = next(t for t in trials if t.number == trial["number"])
+    assert (trial["kl"], trial["refusals"]) == (recorded.scores.kl, recorded.scores.refusals)
+    assert trial["auto_selected"] and manifest["seed"] == 3
+    assert manifest["job"]["spec"]["options"]["refusal_markers"] == MARKERS
+    assert manifest["params"] and {"torch", "transformers", "python"} <= set(manifest["versions"])
+
+
+def test_reproduce_matches_the_recorded_scores(export, capsys):
+    out, _, _ = export
+    capsys.readouterr()
+    assert cli.main(["reproduce", str(out), "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    print(f"\nreproduced: {result}")
+    assert result["matches"] is True and result["refusals_match"] and result["kl_matches"]
+    assert abs(result["kl"] - result["recorded_kl"]) <= 1e-6 and result["refusals"] == result["recorded_refusals"]
+    assert result["kl"] > 0  # an edit was applied: a zero edit would match a recorded 0 trivially
+    assert 0 < result["refusals"] < 8  # some replies hit a marker and some do not: the count can be wrong
+
+
+def _copy(out, tmp_path, change):
+    """A copy of the export whose manifest ``change`` edits."""
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    manifest = json.loads((copy / MANIFEST_FILE).read_text())
+    change(manifest)
+    (copy / MANIFEST_FILE).write_text(json.dumps(manifest))
+    return copy
+
+
+def test_reproduce_says_so_when_the_scores_differ(export, tmp_path, capsys):
+    out, _, _ = export
+
+    def other_scores(manifest):
+        manifest["trial"]["kl"] += 1e-3
+        manifest["trial"]["refusals"] += 1
+
+    assert cli.main(["reproduce", str(_copy(out, tmp_path, other_scores))]) == 1
+    text = capsys.readouterr().out
+    assert "does not match" in text and "measured" in text
+
+
+def test_reproduce_refuses_other_weights_and_tampered_prompts(export, tiny_model_dirs, tmp_path, capsys):
+    out, _, _ = export
+    assert cli.main(["reproduce", str(out), "--model", str(tiny_model_dirs[1])]) == 1
+    assert "not the model this trial was made from" in capsys.readouterr().out
+
+    copy = tmp_path / "tampered"
+    shutil.copytree(out, copy)
+    prompts = json.loads((copy / PROMPTS_FILE).read_text())
+    prompts["kl"][0] += " (edited)"
+    (copy / PROMPTS_FILE).write_text(json.dumps(prompts))
+    assert cli.main(["reproduce", str(copy)]) == 2
+    assert "not the ones the manifest recorded" in capsys.readouterr().out
+
+    assert cli.main(["reproduce", str(tmp_path / "nowhere")]) == 1
+    assert "no manifest" in capsys.readouterr().out
