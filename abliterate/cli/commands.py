@@ -326,6 +326,14 @@ def cmd_reproduce(args: argparse.Namespace, console: Any) -> int:
     return 0 if result.matches else 1
 
 
+def cmd_copy_study(args: argparse.Namespace, console: Any) -> int:
+    from abliterate.study_copy import copy_study
+
+    copied = copy_study(args.source, args.destination, args.study, args.new_name)
+    console.print(f"copied study {escape(copied.name)} ({copied.n_trials} trials) to {escape(args.destination)}")
+    return 0
+
+
 def cmd_serve(args: argparse.Namespace, console: Any) -> int:
     rest = [arg for arg in args.args if arg != "--"]
     if args.service == "gateway":
@@ -360,6 +368,7 @@ COMMANDS = {
     "cancel": cmd_cancel,
     "resume": cmd_resume,
     "reproduce": cmd_reproduce,
+    "copy-study": cmd_copy_study,
     "serve": cmd_serve,
     "vast": cmd_vast,
 }

@@ -229,6 +229,14 @@ def build_parser() -> argparse.ArgumentParser:
     command.add_argument("--model", help="where the original model is now, if it moved (its weights must match)")
     command.add_argument("--json", action="store_true", help="print the result as JSON")
 
+    command = sub.add_parser(
+        "copy-study", help="copy a study (all its trials) between storages: dump it to a file, or load one"
+    )
+    command.add_argument("source", help="storage URL (postgresql+psycopg://..., sqlite:///...) or SQLite file")
+    command.add_argument("destination", help="storage URL or SQLite file (created when missing)")
+    command.add_argument("--study", help="study name (default: the only study in the source)")
+    command.add_argument("--as", dest="new_name", help="name of the copy (default: the same name)")
+
     command = sub.add_parser("chat", help="chat with a trial's model")
     command.add_argument("job", help="job id or name")
     command.add_argument("--trial", type=non_negative_int, help="trial number (default: auto-selected)")

@@ -139,3 +139,43 @@ def test_reproduce_refuses_other_weights_and_tampered_prompts(export, tiny_model
 
     assert cli.main(["reproduce", str(tmp_path / "nowhere")]) == 1
     assert "no manifest" in capsys.readouterr().out
+
+
+PG_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
+
+
+def _trials(storage: str, name: str) -> list[tuple]:
+    import optuna
+
+    study = optuna.load_study(study_name=name, storage=storage)
+    return [(t.number, t.state, t.values, t.params, t.user_attrs) for t in study.get_trials(deepcopy=False)]
+
+
+def test_a_study_dumped_to_postgres_and_back_keeps_every_trial(export, tmp_path, capsys):
+    """The job's real study: its SQLite file -> Postgres under a new name -> another file, trial for trial."""
+    import uuid
+
+    import optuna
+
+    out, _, _ = export
+    source = out.parent / "optuna.db"
+    (name,) = [s.study_name for s in optuna.get_all_study_summaries(f"sqlite:///{source}", include_best_trial=False)]
+    original = _trials(f"sqlite:///{source}", name)
+    assert len(original) >= 3 and all(trial[4] for trial in original)  # the trials carry our attributes
+    handed = f"handed-{uuid.uuid4().hex[:8]}"
+    try:
+        assert cli.main(["copy-study", str(source), PG_URL, "--as", handed]) == 0
+        assert f"copied study {handed} ({len(original)} trials)" in capsys.readouterr().out
+        dump = tmp_path / "dump" / "study.db"
+        assert cli.main(["copy-study", PG_URL, str(dump), "--study", handed]) == 0
+        assert _trials(f"sqlite:///{dump}", handed) == original
+        # Nothing is overwritten; a storage of several studies needs a name; a missing file is said so.
+        assert cli.main(["copy-study", str(source), PG_URL, "--as", handed]) == 1
+        assert "already holds a study" in capsys.readouterr().out
+        assert cli.main(["copy-study", str(source), str(dump)]) == 0  # now the dump holds two studies
+        assert cli.main(["copy-study", str(dump), str(tmp_path / "other.db")]) == 2
+        assert "holds 2 studies" in capsys.readouterr().out
+        assert cli.main(["copy-study", str(tmp_path / "missing.db"), str(dump)]) == 1
+        assert "no study storage" in capsys.readouterr().out
+    finally:
+        optuna.delete_study(study_name=handed, storage=PG_URL)

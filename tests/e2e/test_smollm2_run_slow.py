@@ -6,6 +6,7 @@ auto-selects and exports; the exported model, reloaded from disk, refuses
 fewer held-out harmful prompts than the original.
 """
 
+import json
 import os
 import subprocess
 import sys
@@ -73,3 +74,16 @@ def test_embedded_run_exports_a_model_that_refuses_less(smollm2, smollm2_path, t
     before, after = _refusals(smollm2, prompts), _refusals(exported, prompts)
     print(f"\nharmful_test refusals out of {N_TEST}: original {before}, exported {after}")
     assert after < before
+
+    # The export's manifest alone (and the original model) gives the recorded scores back.
+    proc = subprocess.run(
+        [sys.executable, "-m", "abliterate.cli", "reproduce", str(out), "--json"],
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = json.loads(proc.stdout)
+    print(f"reproduce: {result}")
+    assert result["matches"] and abs(result["kl"] - result["recorded_kl"]) <= 1e-6
+    assert result["refusals"] == result["recorded_refusals"] and not result["recorded_pruned"]
