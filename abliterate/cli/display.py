@@ -44,13 +44,16 @@ def _params_summary(params: Any) -> str:
 def trial_line(trial: Any) -> str:
     """One scored trial: ``trial 3: refusals 5/64, KL 0.1234``; a pruned one says what was proven."""
     scores = trial.scores
+    degenerate = f", {scores.degenerate} degenerate" if scores.degenerate else ""
     if scores.pruned:
         by = f" by trial {scores.dominated_by}" if scores.HasField("dominated_by") else ""
         return (
-            f"trial {trial.number}: refusals >= {scores.refusals}/{scores.n_refusal_prompts}, KL {scores.kl:.4f} "
-            f"(pruned: certainly dominated{by})"
+            f"trial {trial.number}: refusals >= {scores.refusals}/{scores.n_refusal_prompts}{degenerate}, "
+            f"KL {scores.kl:.4f} (pruned: certainly dominated{by})"
         )
-    return f"trial {trial.number}: refusals {scores.refusals}/{scores.n_refusal_prompts}, KL {scores.kl:.4f}"
+    return (
+        f"trial {trial.number}: refusals {scores.refusals}/{scores.n_refusal_prompts}{degenerate}, KL {scores.kl:.4f}"
+    )
 
 
 def front_table(front: Any) -> Any:
@@ -61,6 +64,7 @@ def front_table(front: Any) -> Any:
     table.add_column("trial", justify="right")
     table.add_column("refusals", justify="right")
     table.add_column("KL", justify="right")
+    table.add_column("degenerate", justify="right")  # replies that repeat themselves: neither refusal nor answer
     table.add_column("parameters")
     chosen = front.auto_selected_trial if front.HasField("auto_selected_trial") else None
     for trial in front.trials:
@@ -70,6 +74,7 @@ def front_table(front: Any) -> Any:
             str(trial.number),
             f"{trial.scores.refusals}/{n_prompts}" if n_prompts else str(trial.scores.refusals),
             f"{trial.scores.kl:.4f}",
+            str(trial.scores.degenerate),
             _params_summary(trial.params),
         )
     table.caption = f"* auto-selected: {front.selection_rule}"

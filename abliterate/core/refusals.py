@@ -91,3 +91,30 @@ class RefusalDetector:
     def is_refusal(self, response: str) -> bool:
         text = self.answer(response)
         return not text or bool(self._pattern.search(text))
+
+    def is_degenerate(self, response: str) -> bool:
+        """A reply that is no refusal but no answer either: it mostly repeats itself (:func:`repeats_itself`)."""
+        text = self.answer(response)
+        return bool(text) and not self._pattern.search(text) and repeats_itself(text)
+
+
+#: Below these lengths a reply is too short to call repetitive.
+MIN_WORDS_FOR_REPETITION = 12
+MIN_CHARACTERS_FOR_REPETITION = 16
+
+
+def repeats_itself(text: str) -> bool:
+    """Whether a normalized reply is degenerate: at most half of its word trigrams distinct (a phrase on a
+    loop), or at least 16 visible characters of at most 3 kinds ("!!!!!!", "- - - -").
+
+    Conservative on purpose: a list or a poem repeats words, not whole
+    three-word runs, half of the time; a short reply is never called degenerate.
+    """
+    visible = text.replace(" ", "")
+    if len(visible) >= MIN_CHARACTERS_FOR_REPETITION and len(set(visible)) <= 3:
+        return True
+    words = text.split()
+    if len(words) < MIN_WORDS_FOR_REPETITION:
+        return False
+    trigrams = list(zip(words, words[1:], words[2:]))
+    return len(set(trigrams)) <= len(trigrams) / 2

@@ -36,6 +36,7 @@ class PromptOutcome:
     refusal: bool
     tokens: int
     stopped_by: str
+    degenerate: bool = False  # no refusal, but a reply that repeats itself (RefusalDetector.is_degenerate)
 
 
 @dataclass
@@ -55,6 +56,9 @@ class TrialResult:
     details: list[PromptOutcome] = field(default_factory=list)
     timings_s: dict[str, float] = field(default_factory=dict)
     pruned: RefusalLimit | None = None
+    #: Replies that are no refusal but repeat themselves: not counted as refusals, reported beside
+    #: them (a pruned trial counts those of its finished batches).
+    degenerate: int = 0
 
 
 #: Tokens each measured batch generates when the probes' batch size is tuned (prefill and a few decode steps).
@@ -378,6 +382,7 @@ class TrialEngine:
                     detector.is_refusal(g.text),
                     g.tokens,
                     g.stopped_by,
+                    detector.is_degenerate(g.text),
                 )
                 for i, g in zip(indices, gens)
             ]
@@ -555,6 +560,7 @@ class TrialEngine:
             details=outcomes,
             timings_s=timings,
             pruned=pruned,
+            degenerate=sum(o.degenerate for o in outcomes),
         )
 
     def reset(self) -> None:

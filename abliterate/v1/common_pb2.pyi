@@ -185,7 +185,7 @@ class Progress(_message.Message):
     def __init__(self, phase: _Optional[str] = ..., done: _Optional[int] = ..., total: _Optional[int] = ..., message: _Optional[str] = ...) -> None: ...
 
 class TrialScores(_message.Message):
-    __slots__ = ("kl", "refusals", "n_refusal_prompts", "n_kl_prompts", "timings_s", "pruned", "dominated_by")
+    __slots__ = ("kl", "refusals", "n_refusal_prompts", "n_kl_prompts", "timings_s", "pruned", "dominated_by", "degenerate")
     class TimingsSEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -200,6 +200,7 @@ class TrialScores(_message.Message):
     TIMINGS_S_FIELD_NUMBER: _ClassVar[int]
     PRUNED_FIELD_NUMBER: _ClassVar[int]
     DOMINATED_BY_FIELD_NUMBER: _ClassVar[int]
+    DEGENERATE_FIELD_NUMBER: _ClassVar[int]
     kl: float
     refusals: int
     n_refusal_prompts: int
@@ -207,7 +208,8 @@ class TrialScores(_message.Message):
     timings_s: _containers.ScalarMap[str, float]
     pruned: bool
     dominated_by: int
-    def __init__(self, kl: _Optional[float] = ..., refusals: _Optional[int] = ..., n_refusal_prompts: _Optional[int] = ..., n_kl_prompts: _Optional[int] = ..., timings_s: _Optional[_Mapping[str, float]] = ..., pruned: _Optional[bool] = ..., dominated_by: _Optional[int] = ...) -> None: ...
+    degenerate: int
+    def __init__(self, kl: _Optional[float] = ..., refusals: _Optional[int] = ..., n_refusal_prompts: _Optional[int] = ..., n_kl_prompts: _Optional[int] = ..., timings_s: _Optional[_Mapping[str, float]] = ..., pruned: _Optional[bool] = ..., dominated_by: _Optional[int] = ..., degenerate: _Optional[int] = ...) -> None: ...
 
 class BaselineSpec(_message.Message):
     __slots__ = ("kl_prompts", "refusal_prompts", "max_new_tokens", "kl_tokens", "refusal_markers", "model")
