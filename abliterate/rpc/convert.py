@@ -6,6 +6,8 @@ UNSPECIFIED) map to the dataclass defaults.
 
 from __future__ import annotations
 
+import json
+
 from abliterate.errors import InvalidArgument
 from abliterate.params import AblationParams, ComponentParams, DirectionScope, RowNormalization
 from abliterate.specs import ModelSpec
@@ -151,3 +153,19 @@ def load_prompt_set(msg: pb.PromptSetSpec, what: str, *, file_root: str | None =
     if not msg.source:
         raise InvalidArgument(f"the {what} prompt set has neither a source nor inline prompts")
     return load_prompts(spec, file_root=file_root)
+
+
+def parse_json_object(text: str, field: str) -> dict:
+    """A request's JSON-object string field (empty text = {}); INVALID_ARGUMENT naming ``field`` otherwise."""
+    if not text.strip():
+        return {}
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise InvalidArgument(f"{field} is not valid JSON: {exc}") from exc
+    except RecursionError as exc:
+        # json's decoder recurses once per level: thousands of nested brackets exhaust the stack.
+        raise InvalidArgument(f"{field} is nested too deeply") from exc
+    if not isinstance(value, dict):
+        raise InvalidArgument(f"{field} must be a JSON object, got {type(value).__name__}")
+    return value

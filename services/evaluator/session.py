@@ -12,7 +12,6 @@ between operations (the extractor relies on that when it shares the model).
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import math
 import os
@@ -52,7 +51,7 @@ from abliterate.core.scoring import TrialEngine, TrialResult
 from abliterate.dominance import ScorePoint
 from abliterate.errors import FailedPrecondition, InvalidArgument, NotFound, quoted
 from abliterate.params import AblationParams
-from abliterate.rpc.convert import load_prompt_set
+from abliterate.rpc.convert import load_prompt_set, parse_json_object
 from abliterate.rpc.tensors import sha256_hex
 from abliterate.v1 import common_pb2
 from abliterate_services.evaluator import lora
@@ -673,14 +672,7 @@ class EvaluatorSession:
 
 def _caller_manifest_fields(text: str) -> dict[str, Any]:
     """The caller's part of an export manifest: a JSON object whose keys are not the evaluator's own."""
-    if not text.strip():
-        return {}
-    try:
-        fields = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise InvalidArgument(f"manifest_json is not JSON: {exc}") from None
-    if not isinstance(fields, dict):
-        raise InvalidArgument(f"manifest_json must be a JSON object, got {type(fields).__name__}")
+    fields = parse_json_object(text, "manifest_json")
     clash = sorted(set(fields) & EVALUATOR_MANIFEST_KEYS)
     if clash:
         raise InvalidArgument(f"manifest_json sets {', '.join(clash)}, which the evaluator writes itself")

@@ -22,7 +22,6 @@ Torch-free; no gRPC server code here.
 from __future__ import annotations
 
 import datetime as dt
-import json
 import logging
 import random
 import threading
@@ -41,7 +40,7 @@ from abliterate.database import ensure_sqlite_folder
 from abliterate.dominance import ScorePoint
 from abliterate.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, Unavailable
 from abliterate.params import AblationParams
-from abliterate.rpc.convert import params_to_pb
+from abliterate.rpc.convert import params_to_pb, parse_json_object
 from abliterate.v1 import common_pb2, optimizer_pb2
 from abliterate_services.optimizer.search_space import SearchSpace
 
@@ -209,18 +208,7 @@ class StudySettings:
 
 def parse_job_settings(text: str) -> dict:
     """The job settings JSON object (empty text = {}); INVALID_ARGUMENT otherwise."""
-    if not text.strip():
-        return {}
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise InvalidArgument(f"job_settings_json is not valid JSON: {exc}") from exc
-    except RecursionError as exc:
-        # json's decoder recurses once per level: thousands of nested brackets exhaust the stack.
-        raise InvalidArgument("job_settings_json is nested too deeply") from exc
-    if not isinstance(value, dict):
-        raise InvalidArgument(f"job_settings_json must be a JSON object, got {type(value).__name__}")
-    return value
+    return parse_json_object(text, "job_settings_json")
 
 
 def random_seed() -> int:

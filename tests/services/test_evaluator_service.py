@@ -582,7 +582,7 @@ def test_export_errors(stub, ready, tmp_path, monkeypatch):
         )
         == grpc.StatusCode.INVALID_ARGUMENT
     )
-    for caller, says in (("[1, 2]", "JSON object"), ('{"model": "mine"}', "model"), ("{not json", "not JSON")):
+    for caller, says in (("[1, 2]", "JSON object"), ('{"model": "mine"}', "model"), ("{not json", "not valid JSON")):
         bad = E.EvaluatorServiceExportModelRequest(
             direction_set_id=set_id, params=kernel_params(), path=str(tmp_path / "m"), manifest_json=caller
         )
