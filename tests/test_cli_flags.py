@@ -79,3 +79,19 @@ def test_the_trial_target_defaults_to_200_for_run_and_submit():
     parse = cli.build_parser().parse_args
     assert cli.build_spec(parse(["run", "m"])).n_trials == 200
     assert cli.build_spec(parse(["submit", "m"])).n_trials == 200
+
+
+def test_the_judge_flags_reach_the_spec_and_a_threshold_needs_the_embedding_judge():
+    from abliterate.errors import InvalidArgument
+    from abliterate_services.gateway.orchestrator import validate_spec
+
+    parse = cli.build_parser().parse_args
+    spec = cli.build_spec(parse(["run", "m", "--judge", "embedding", "--judge-threshold", "0.2"]))
+    assert (spec.options.judge.kind, spec.options.judge.threshold) == ("embedding", 0.2)
+    assert not cli.build_spec(parse(["run", "m"])).options.HasField("judge")  # the default: markers
+    with pytest.raises(InvalidArgument, match="--judge embedding"):
+        cli.build_spec(parse(["run", "m", "--judge-threshold", "0.2"]))
+    assert cli.main(["run", "m", "--judge", "oracle"]) == 2  # argparse's choices
+    spec.options.judge.kind = "oracle"  # a gRPC client can send anything: the gateway refuses it
+    with pytest.raises(InvalidArgument, match="options.judge: unknown refusal judge"):
+        validate_spec(spec)

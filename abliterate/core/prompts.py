@@ -283,6 +283,11 @@ class _hidden_contents:
             _REVEAL_CONTENTS.reset(self._token)
 
 
+def confined_path(source: str, root: str) -> str:
+    """The absolute path ``source`` names under ``root``, for a remote client's file (InvalidArgument if outside)."""
+    return _confined(source, root)
+
+
 def _confined(source: str, root: str, hub_ok: bool = False) -> str | None:
     """The absolute path ``source`` names under ``root`` (a remote client's file access).
 

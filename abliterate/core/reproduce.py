@@ -16,11 +16,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from abliterate.core.directions import DirectionSet
+from abliterate.core.judges import make_judge
 from abliterate.core.loading import load_model
 from abliterate.core.manifest import read_directions, read_manifest, read_prompts, weights_sha256
 from abliterate.core.refusals import RefusalDetector
 from abliterate.core.scoring import TrialEngine
 from abliterate.errors import FailedPrecondition, InvalidArgument
+from abliterate.judge_spec import JudgeSpec
 from abliterate.params import AblationParams
 from abliterate.specs import ModelSpec
 
@@ -111,6 +113,12 @@ def reproduce(
         detector=RefusalDetector(markers) if markers else RefusalDetector(),
         share_prefix=bool(scoring.get("share_prefix", True)),
     )
+    judged_by = scoring.get("judge") or {}
+    judge_spec = JudgeSpec(
+        kind=judged_by.get("kind") or "markers", threshold=judged_by.get("threshold"), model=judged_by.get("model", "")
+    ).validate()
+    if judge_spec.kind != "markers":
+        engine.judge = make_judge(judge_spec, engine.detector)
     notes = []
     sizes = scoring.get("batch_sizes") or {}
     if sizes:

@@ -19,6 +19,7 @@ from abliterate.core.ablation import ablator_for
 from abliterate.core.batching import measure_batch_size, run_batched
 from abliterate.core.directions import DirectionSet, protected_subspace
 from abliterate.core.generation import Generated, GreedyBatch, generate_greedy, prefill, shared_prefix_length
+from abliterate.core.judges import Judge, Verdict
 from abliterate.core.layer_reuse import recorded_blocks, recording_inputs, starting_at
 from abliterate.core.loading import LoadedModel
 from abliterate.core.modules import find_decoder_layers
@@ -37,6 +38,7 @@ class PromptOutcome:
     tokens: int
     stopped_by: str
     degenerate: bool = False  # no refusal, but a reply that repeats itself (RefusalDetector.is_degenerate)
+    unjudged: bool = False  # the judge could not tell: neither a refusal nor a success
 
 
 @dataclass
@@ -59,6 +61,8 @@ class TrialResult:
     #: Replies that are no refusal but repeat themselves: not counted as refusals, reported beside
     #: them (a pruned trial counts those of its finished batches).
     degenerate: int = 0
+    #: Replies the judge could not tell (never counted as compliance).
+    unjudged: int = 0
 
 
 #: Tokens each measured batch generates when the probes' batch size is tuned (prefill and a few decode steps).
@@ -120,6 +124,7 @@ class TrialEngine:
         merge_probe_batches: bool = True,
         reuse_lower_layers: bool = True,
         preallocate_kv_cache: bool = True,
+        judge: Judge | None = None,
     ):
         if lm.quantized:
             raise FailedPrecondition("editing 4-bit quantized weights in place is not supported; load in bf16/fp16")
@@ -133,6 +138,8 @@ class TrialEngine:
         self.merge_probe_batches = merge_probe_batches
         # A trial's KL pass starts at its first edited block (layer_reuse); off only to measure it.
         self.reuse_lower_layers = reuse_lower_layers
+        # None: the marker phrases of `detector`, with early stop; else a judge of whole replies (judges.py).
+        self.judge = judge
         # Probe decode steps write into preallocated KV room (kv_cache), not concatenate; off only to measure it.
         self.preallocate_kv_cache = preallocate_kv_cache
         self._blocks = find_decoder_layers(lm.model, self.module_map.n_layers)
@@ -360,7 +367,7 @@ class TrialEngine:
         decodes alone (logits to 1e-6: :meth:`GreedyBatch.absorb`); only the
         order and the grouping of the steps change.
         """
-        detector = self.detector
+        detector, judge = self.detector, self.judge
         finished: list[PromptOutcome] = []
         certain = 0
 
@@ -375,16 +382,28 @@ class TrialEngine:
 
         def settle(indices: list[int], gens: list[Generated]) -> list[PromptOutcome]:
             nonlocal certain
+            if judge is None:
+                verdicts = [
+                    Verdict.REFUSAL
+                    if detector.is_refusal(g.text)
+                    else Verdict.DEGENERATE
+                    if detector.is_degenerate(g.text)
+                    else Verdict.COMPLIANCE
+                    for g in gens
+                ]
+            else:
+                verdicts = judge.judge([g.text for g in gens])
             outcomes = [
                 PromptOutcome(
                     prompts[i],
                     final_answer(g.text, detector.special_tokens),
-                    detector.is_refusal(g.text),
+                    verdict == Verdict.REFUSAL,
                     g.tokens,
                     g.stopped_by,
-                    detector.is_degenerate(g.text),
+                    verdict == Verdict.DEGENERATE,
+                    verdict == Verdict.UNJUDGED,
                 )
-                for i, g in zip(indices, gens)
+                for i, g, verdict in zip(indices, gens, verdicts)
             ]
             finished.extend(outcomes)
             certain += sum(o.refusal and o.stopped_by != "decided" for o in outcomes)  # empty replies
@@ -398,7 +417,7 @@ class TrialEngine:
                 self.lm,
                 [texts[i] for i in indices],
                 max_new_tokens,
-                decided=count_marker,
+                decided=count_marker if judge is None else None,  # other judges read whole replies
                 share_prefix=self.share_prefix,
                 keep_special_tokens=True,
                 preallocate_cache=self.preallocate_kv_cache,
@@ -561,6 +580,7 @@ class TrialEngine:
             timings_s=timings,
             pruned=pruned,
             degenerate=sum(o.degenerate for o in outcomes),
+            unjudged=sum(o.unjudged for o in outcomes),
         )
 
     def reset(self) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 
 from abliterate.errors import InvalidArgument
+from abliterate.judge_spec import JudgeSpec
 from abliterate.params import AblationParams, ComponentParams, DirectionScope, RowNormalization
 from abliterate.specs import ModelSpec
 from abliterate.v1 import common_pb2 as pb
@@ -169,3 +170,14 @@ def parse_json_object(text: str, field: str) -> dict:
     if not isinstance(value, dict):
         raise InvalidArgument(f"{field} must be a JSON object, got {type(value).__name__}")
     return value
+
+
+def judge_spec_from_pb(message: pb.RefusalJudge | None) -> JudgeSpec:
+    """The judge a BaselineSpec names (unset: markers); INVALID_ARGUMENT for an unknown kind."""
+    if message is None:
+        return JudgeSpec()
+    return JudgeSpec(
+        kind=message.kind or "markers",
+        threshold=message.threshold if message.HasField("threshold") else None,
+        model=message.model,
+    ).validate()

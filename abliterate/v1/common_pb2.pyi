@@ -211,21 +211,33 @@ class TrialScores(_message.Message):
     degenerate: int
     def __init__(self, kl: _Optional[float] = ..., refusals: _Optional[int] = ..., n_refusal_prompts: _Optional[int] = ..., n_kl_prompts: _Optional[int] = ..., timings_s: _Optional[_Mapping[str, float]] = ..., pruned: _Optional[bool] = ..., dominated_by: _Optional[int] = ..., degenerate: _Optional[int] = ...) -> None: ...
 
+class RefusalJudge(_message.Message):
+    __slots__ = ("kind", "threshold", "model")
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    THRESHOLD_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    kind: str
+    threshold: float
+    model: str
+    def __init__(self, kind: _Optional[str] = ..., threshold: _Optional[float] = ..., model: _Optional[str] = ...) -> None: ...
+
 class BaselineSpec(_message.Message):
-    __slots__ = ("kl_prompts", "refusal_prompts", "max_new_tokens", "kl_tokens", "refusal_markers", "model")
+    __slots__ = ("kl_prompts", "refusal_prompts", "max_new_tokens", "kl_tokens", "refusal_markers", "model", "judge")
     KL_PROMPTS_FIELD_NUMBER: _ClassVar[int]
     REFUSAL_PROMPTS_FIELD_NUMBER: _ClassVar[int]
     MAX_NEW_TOKENS_FIELD_NUMBER: _ClassVar[int]
     KL_TOKENS_FIELD_NUMBER: _ClassVar[int]
     REFUSAL_MARKERS_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
+    JUDGE_FIELD_NUMBER: _ClassVar[int]
     kl_prompts: PromptSetSpec
     refusal_prompts: PromptSetSpec
     max_new_tokens: int
     kl_tokens: int
     refusal_markers: _containers.RepeatedScalarFieldContainer[str]
     model: ModelSpec
-    def __init__(self, kl_prompts: _Optional[_Union[PromptSetSpec, _Mapping]] = ..., refusal_prompts: _Optional[_Union[PromptSetSpec, _Mapping]] = ..., max_new_tokens: _Optional[int] = ..., kl_tokens: _Optional[int] = ..., refusal_markers: _Optional[_Iterable[str]] = ..., model: _Optional[_Union[ModelSpec, _Mapping]] = ...) -> None: ...
+    judge: RefusalJudge
+    def __init__(self, kl_prompts: _Optional[_Union[PromptSetSpec, _Mapping]] = ..., refusal_prompts: _Optional[_Union[PromptSetSpec, _Mapping]] = ..., max_new_tokens: _Optional[int] = ..., kl_tokens: _Optional[int] = ..., refusal_markers: _Optional[_Iterable[str]] = ..., model: _Optional[_Union[ModelSpec, _Mapping]] = ..., judge: _Optional[_Union[RefusalJudge, _Mapping]] = ...) -> None: ...
 
 class ExtractionOptions(_message.Message):
     __slots__ = ("projected", "winsorize_quantile", "batch_size", "sacred", "capability", "baseline", "n_sacred", "orthogonalize_against_sacred", "winsorize_scope")

@@ -33,7 +33,7 @@ JOB_PHASE_CANCELLED: JobPhase
 JOB_PHASE_INTERRUPTED: JobPhase
 
 class JobOptions(_message.Message):
-    __slots__ = ("extraction", "search_space", "kl_tokens", "warm_start", "refusal_markers", "trial_timeout_s", "max_trial_retries", "disable_pruning")
+    __slots__ = ("extraction", "search_space", "kl_tokens", "warm_start", "refusal_markers", "trial_timeout_s", "max_trial_retries", "disable_pruning", "judge")
     EXTRACTION_FIELD_NUMBER: _ClassVar[int]
     SEARCH_SPACE_FIELD_NUMBER: _ClassVar[int]
     KL_TOKENS_FIELD_NUMBER: _ClassVar[int]
@@ -42,6 +42,7 @@ class JobOptions(_message.Message):
     TRIAL_TIMEOUT_S_FIELD_NUMBER: _ClassVar[int]
     MAX_TRIAL_RETRIES_FIELD_NUMBER: _ClassVar[int]
     DISABLE_PRUNING_FIELD_NUMBER: _ClassVar[int]
+    JUDGE_FIELD_NUMBER: _ClassVar[int]
     extraction: _common_pb2.ExtractionOptions
     search_space: _optimizer_pb2.SearchSpace
     kl_tokens: int
@@ -50,7 +51,8 @@ class JobOptions(_message.Message):
     trial_timeout_s: float
     max_trial_retries: int
     disable_pruning: bool
-    def __init__(self, extraction: _Optional[_Union[_common_pb2.ExtractionOptions, _Mapping]] = ..., search_space: _Optional[_Union[_optimizer_pb2.SearchSpace, _Mapping]] = ..., kl_tokens: _Optional[int] = ..., warm_start: _Optional[_Iterable[_Union[_common_pb2.AblationParams, _Mapping]]] = ..., refusal_markers: _Optional[_Iterable[str]] = ..., trial_timeout_s: _Optional[float] = ..., max_trial_retries: _Optional[int] = ..., disable_pruning: _Optional[bool] = ...) -> None: ...
+    judge: _common_pb2.RefusalJudge
+    def __init__(self, extraction: _Optional[_Union[_common_pb2.ExtractionOptions, _Mapping]] = ..., search_space: _Optional[_Union[_optimizer_pb2.SearchSpace, _Mapping]] = ..., kl_tokens: _Optional[int] = ..., warm_start: _Optional[_Iterable[_Union[_common_pb2.AblationParams, _Mapping]]] = ..., refusal_markers: _Optional[_Iterable[str]] = ..., trial_timeout_s: _Optional[float] = ..., max_trial_retries: _Optional[int] = ..., disable_pruning: _Optional[bool] = ..., judge: _Optional[_Union[_common_pb2.RefusalJudge, _Mapping]] = ...) -> None: ...
 
 class JobSpec(_message.Message):
     __slots__ = ("name", "model", "harmful_train", "harmless_train", "harmful_eval", "harmless_eval", "n_trials", "seed", "kl_cap", "max_new_tokens", "options")

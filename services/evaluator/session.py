@@ -21,7 +21,7 @@ import time
 import uuid
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timezone
 from typing import Any
 
@@ -37,6 +37,7 @@ from abliterate.core.chat import build_messages, render_chat
 from abliterate.core.directions import DirectionSet, protected_subspace
 from abliterate.core.export import export_merged
 from abliterate.core.generation import stream_generate
+from abliterate.core.judges import Judge, JudgeSpec, make_judge
 from abliterate.core.loading import LoadedModel
 from abliterate.core.manifest import (
     DIRECTIONS_FILE,
@@ -46,12 +47,14 @@ from abliterate.core.manifest import (
     write_export_files,
 )
 from abliterate.core.manifest import SCHEMA as MANIFEST_SCHEMA
+from abliterate.core.prompts import confined_path
+from abliterate.core.reasoning import special_token_strings
 from abliterate.core.refusals import RefusalDetector
 from abliterate.core.scoring import TrialEngine, TrialResult
 from abliterate.dominance import ScorePoint
 from abliterate.errors import FailedPrecondition, InvalidArgument, NotFound, quoted
 from abliterate.params import AblationParams
-from abliterate.rpc.convert import load_prompt_set, parse_json_object
+from abliterate.rpc.convert import judge_spec_from_pb, load_prompt_set, parse_json_object
 from abliterate.rpc.tensors import sha256_hex
 from abliterate.v1 import common_pb2
 from abliterate_services.evaluator import lora
@@ -160,6 +163,8 @@ class EvaluatorSession:
         self.baseline: BaselineInfo | None = None
         self._scored_prompts: dict[str, list[str]] = {}  # the held baseline's prompts, as loaded ("kl", "refusal")
         self._weights_sha256: str | None = None  # of the unedited weights, computed at the first export
+        self._held_judge_spec: dict[str, Any] = {}  # the held baseline's judge, for the manifest
+        self._judges: dict[tuple, Judge] = {}  # loaded judges (an embedding model loads in seconds), by settings
 
     def model_info(self) -> common_pb2.ModelInfo:
         return model_info(self.lm, self.module_map)
@@ -275,6 +280,7 @@ class EvaluatorSession:
         if not spec.HasField("refusal_prompts"):
             raise InvalidArgument("baseline.refusal_prompts is required")
         detector = RefusalDetector(tuple(spec.refusal_markers)) if list(spec.refusal_markers) else RefusalDetector()
+        judge_spec = judge_spec_from_pb(spec.judge if spec.HasField("judge") else None)
         max_new_tokens = spec.max_new_tokens or DEFAULT_BASELINE_TOKENS
         kl_tokens = max(1, spec.kl_tokens)
         timings: dict[str, float] = {}
@@ -286,11 +292,12 @@ class EvaluatorSession:
         check_prompt_tokens(self.lm.tokenizer, kl_prompts, self.max_prompt_tokens, "KL prompt")
         check_prompt_tokens(self.lm.tokenizer, refusal_prompts, self.max_prompt_tokens, "refusal prompt")
         timings["load_prompts"] = time.perf_counter() - t0
+        judge = self._judge(judge_spec, detector)  # before the lock: loading an embedding model takes seconds
         with self.lock.hold("PrepareBaseline", SERVICE):
             engine = self.engine
-            saved = (engine.lm, engine.detector, engine.baseline)
+            saved = (engine.lm, engine.detector, engine.judge, engine.baseline)
             try:
-                engine.lm, engine.detector = view, detector
+                engine.lm, engine.detector, engine.judge = view, detector, judge
                 t0 = time.perf_counter()
                 baseline = engine.prepare_baseline(kl_prompts, refusal_prompts, max_new_tokens, kl_tokens)
                 timings["logprobs"] = time.perf_counter() - t0
@@ -303,7 +310,7 @@ class EvaluatorSession:
                     outcomes = engine.count_refusals(baseline.refusal_texts, baseline.refusal_prompts, max_new_tokens)
                     timings["refusals"] = time.perf_counter() - t0
             except BaseException:
-                engine.lm, engine.detector, engine.baseline = saved
+                engine.lm, engine.detector, engine.judge, engine.baseline = saved
                 raise
             finally:
                 engine.reset()
@@ -318,6 +325,7 @@ class EvaluatorSession:
                 refusals_counted=count_refusals,
             )
             self._scored_prompts = {"kl": kl_prompts, "refusal": refusal_prompts}
+            self._held_judge_spec = asdict(judge_spec)
         log.info(
             "baseline prepared",
             extra={
@@ -328,6 +336,21 @@ class EvaluatorSession:
             },
         )
         return self.baseline
+
+    def _judge(self, spec: JudgeSpec, detector: RefusalDetector) -> Judge | None:
+        """The engine's judge for ``spec``: None for markers (the detector, with early stop), else one
+        loaded once per (kind, model, threshold) and kept."""
+        spec.validate()
+        if spec.kind == "markers":
+            return None
+        if spec.model and self.prompt_root is not None:  # a remote client names a folder on this machine
+            spec = replace(spec, model=confined_path(spec.model, self.prompt_root))
+        key = (spec.kind, spec.model, spec.threshold)
+        if key not in self._judges:
+            self._judges[key] = make_judge(spec, detector)
+        judge = self._judges[key]
+        judge.special_tokens = detector.special_tokens or tuple(special_token_strings(self.lm.tokenizer))
+        return judge
 
     def _count_held_refusals(self, held: BaselineInfo, t_start: float) -> BaselineInfo:
         """The unedited model's refusal count for a baseline held without it (the engine still has its
@@ -549,6 +572,7 @@ class EvaluatorSession:
                 "chat_template_mode": engine.lm.spec.chat_template_mode,
                 "batch_sizes": engine.batch_sizes(),
                 "share_prefix": engine.share_prefix,
+                "judge": self._held_judge_spec,
             }
         else:
             view = job_view(self.lm, spec.model if spec.HasField("model") else None)
@@ -568,6 +592,7 @@ class EvaluatorSession:
                 "chat_template_mode": view.spec.chat_template_mode,
                 "batch_sizes": {},
                 "share_prefix": self.engine.share_prefix,
+                "judge": asdict(judge_spec_from_pb(spec.judge if spec.HasField("judge") else None)),
             }
         for key, texts in prompts.items():
             scoring[f"{key}_prompts"] = {"count": len(texts), "sha256": prompts_sha256(texts)}

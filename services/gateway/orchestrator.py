@@ -44,7 +44,7 @@ from abliterate.errors import (
 )
 from abliterate.params import WINSORIZE_SCOPES
 from abliterate.rpc.clients import EvaluatorClient, ExtractorClient, OptimizerClient, ServiceClient
-from abliterate.rpc.convert import model_spec_from_pb, prompt_set_from_pb
+from abliterate.rpc.convert import judge_spec_from_pb, model_spec_from_pb, prompt_set_from_pb
 from abliterate.rpc.errors import status_name
 from abliterate.rpc.tls import ClientTLS
 from abliterate.v1 import (
@@ -105,6 +105,11 @@ def validate_spec(spec: gateway_pb2.JobSpec) -> None:
     if extraction.orthogonalize_against_sacred and not extraction.sacred:
         raise InvalidArgument("options.extraction.orthogonalize_against_sacred needs sacred directions")
     check_trial_timeout(spec.options.trial_timeout_s, "options.trial_timeout_s")
+    if spec.options.HasField("judge"):
+        try:
+            judge_spec_from_pb(spec.options.judge)
+        except InvalidArgument as exc:
+            raise InvalidArgument(f"options.judge: {exc}") from None
 
 
 def _spec_settings_json(spec: gateway_pb2.JobSpec) -> str:
@@ -484,6 +489,7 @@ class Orchestrator:
                 kl_tokens=options.kl_tokens,
                 refusal_markers=list(options.refusal_markers),
                 model=spec.model,
+                judge=options.judge if options.HasField("judge") else None,
             ),
             n_trials=spec.n_trials,
             evaluator_addresses=self.evaluator_addresses,

@@ -39,15 +39,12 @@ def tiny_model_dirs(tmp_path_factory):
     return folders
 
 
-@pytest.fixture(scope="module")
-def export(tiny_model_dirs, tmp_path_factory):
-    """(export folder, the job's direction set id, its trials) of a 3-trial embedded job."""
+def _run_and_export(model_dir, data, *flags: str):
+    """(export folder, the job's direction set id, its Pareto trials) of a 3-trial embedded job."""
     from rich.console import Console
 
-    model_dir = tiny_model_dirs[0]
-    data = tmp_path_factory.mktemp("data")
     args = cli.build_parser().parse_args(
-        ["run", str(model_dir), "--n-trials", "3", "--n-prompts", "8", "--max-new-tokens", "6", "--seed", "3"]
+        ["run", str(model_dir), "--n-trials", "3", "--n-prompts", "8", "--max-new-tokens", "6", "--seed", "3", *flags]
     )
     spec = cli.build_spec(args)
     spec.name = "reproduce-me"
@@ -64,6 +61,23 @@ def export(tiny_model_dirs, tmp_path_factory):
     finally:
         embedded.stop()
     return out, job.direction_set_id, trials
+
+
+@pytest.fixture(scope="module")
+def export(tiny_model_dirs, tmp_path_factory):
+    return _run_and_export(tiny_model_dirs[0], tmp_path_factory.mktemp("data"))
+
+
+def test_a_job_judged_by_embeddings_records_its_judge_and_reproduces(tiny_model_dirs, tmp_path, capsys):
+    """The judge travels from the job spec to the evaluator (through the optimizer's baseline spec), into
+    the manifest, and back into the re-measurement."""
+    out, _, _ = _run_and_export(tiny_model_dirs[0], tmp_path / "data", "--judge", "embedding")
+    scoring = json.loads((out / MANIFEST_FILE).read_text())["scoring"]
+    assert scoring["judge"] == {"kind": "embedding", "threshold": None, "model": ""}
+    capsys.readouterr()
+    assert cli.main(["reproduce", str(out), "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["matches"] and result["kl"] > 0
 
 
 def test_the_manifest_records_model_prompts_directions_settings_and_scores(export, tiny_model_dirs):
