@@ -63,12 +63,14 @@ def test_image_rules(dockerfile):
     assert len(health) == 1 and "abliterate.rpc.healthcheck" in health[0]
     volumes = [rest for word, rest in ins if word == "VOLUME"]
     assert volumes == ['["/data"]']
-    # Dependencies come from the generated lock, never from ad-hoc pip lines.
+    # Dependencies come from the generated lock, never from ad-hoc pip lines; the one exception is a
+    # data package pinned exactly and installed without dependencies (nothing else can come with it).
     pip_lines = [rest for word, rest in ins if word == "RUN" and "pip install" in rest]
     lock = "deploy/requirements/torch.txt" if dockerfile.name.endswith("torch") else "deploy/requirements/slim.txt"
     assert any(rest.startswith(lock) for word, rest in ins if word == "COPY")
     for line in pip_lines:
-        assert "--requirement" in line or "--no-deps ." in line, line
+        pinned_data = re.fullmatch(r"pip install --no-cache-dir --no-deps [a-z0-9-]+==[0-9.]+", line)
+        assert "--requirement" in line or "--no-deps ." in line or pinned_data, line
 
 
 def test_torch_image_has_torch_and_bitsandbytes_locked():
