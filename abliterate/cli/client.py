@@ -139,3 +139,28 @@ def no_gateway_message(address: str) -> str:
         f"no gateway answers at {address}; start one with `abliterate serve all --model MODEL` or "
         "`docker-compose up -d`, or pass --gateway HOST:PORT (env ABLITERATE_GATEWAY)"
     )
+
+
+def audit_job(
+    client: GatewayClient,
+    job_id: str,
+    trial: int | None = None,
+    min_new_tokens: int = 0,
+    max_new_tokens: int = 0,
+    judge: str | None = None,
+    judge_threshold: float | None = None,
+    prompts: Any = None,
+) -> Any:
+    """The audited trials (GatewayService.AuditJob); ``prompts`` a PromptSetSpec or None (the job's)."""
+    from abliterate.v1 import gateway_pb2
+
+    request = gateway_pb2.AuditJobRequest(job_id=job_id, min_new_tokens=min_new_tokens, max_new_tokens=max_new_tokens)
+    if trial is not None:
+        request.trial_number = trial
+    if judge:
+        request.judge.kind = judge
+    if judge_threshold is not None:
+        request.judge.threshold = judge_threshold
+    if prompts is not None:
+        request.prompts.CopyFrom(prompts)
+    return client.audit_job(request)

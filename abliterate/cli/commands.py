@@ -18,6 +18,7 @@ from rich.markup import escape
 
 from abliterate.cli.client import (
     all_trials,
+    audit_job,
     client_tls,
     export_trial,
     gateway_client,
@@ -26,15 +27,15 @@ from abliterate.cli.client import (
     submit_or_resume,
     watch,
 )
-from abliterate.cli.display import front_table, make_console, phase_label
+from abliterate.cli.display import audit_table, front_table, make_console, phase_label
 from abliterate.cli.parser import build_parser
 from abliterate.cli.plot import plot_trials, require_matplotlib
-from abliterate.cli.spec import build_spec, check_prompt_sets, derived_job_name, read_job_file
+from abliterate.cli.spec import build_spec, check_prompt_sets, derived_job_name, parse_prompt_set, read_job_file
 from abliterate.errors import AbliterateError, InvalidArgument, Unavailable
 
 EXIT_INTERRUPTED = 130
 #: Commands that talk to a gateway at --gateway (run starts its own on loopback ports).
-CLIENT_COMMANDS = frozenset({"submit", "watch", "jobs", "trials", "export", "chat", "cancel", "resume"})
+CLIENT_COMMANDS = frozenset({"submit", "watch", "jobs", "trials", "export", "chat", "cancel", "resume", "audit"})
 #: Status codes of a job failure caused by its input: resuming the job runs the same input again.
 INPUT_ERROR_CODES = frozenset(
     {
@@ -253,6 +254,9 @@ def cmd_run(args: argparse.Namespace, console: Any) -> int:
                 else:
                     console.print("resuming would fail the same way: fix the input and run again")
                 return 1
+            if args.audit:
+                with console.status("auditing the Pareto front on long replies ..."):
+                    audit_job(client, job.id)
             front = client.pareto_front(job.id)
             console.print(front_table(front))
             if args.no_export:
@@ -280,6 +284,26 @@ def cmd_run(args: argparse.Namespace, console: Any) -> int:
             os._exit(EXIT_INTERRUPTED)
     finally:
         embedded.stop()
+
+
+def cmd_audit(args: argparse.Namespace, console: Any) -> int:
+    if args.judge_threshold is not None and args.judge != "embedding":
+        raise InvalidArgument("--judge-threshold is for --judge embedding")
+    prompts = parse_prompt_set(args.prompts) if args.prompts else None
+    with gateway_client(args.gateway, args.token, client_tls(args)) as client:
+        with console.status("auditing on long replies ..."):
+            audited = audit_job(
+                client,
+                args.job,
+                args.trial,
+                args.min_new_tokens,
+                args.max_new_tokens,
+                args.judge,
+                args.judge_threshold,
+                prompts,
+            )
+        console.print(audit_table(audited.trials))
+    return 0
 
 
 def cmd_reproduce(args: argparse.Namespace, console: Any) -> int:
@@ -367,6 +391,7 @@ COMMANDS = {
     "chat": cmd_chat,
     "cancel": cmd_cancel,
     "resume": cmd_resume,
+    "audit": cmd_audit,
     "reproduce": cmd_reproduce,
     "copy-study": cmd_copy_study,
     "serve": cmd_serve,

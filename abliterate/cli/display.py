@@ -65,6 +65,7 @@ def front_table(front: Any) -> Any:
     table.add_column("refusals", justify="right")
     table.add_column("KL", justify="right")
     table.add_column("degenerate", justify="right")  # replies that repeat themselves: neither refusal nor answer
+    table.add_column("audited", justify="right")  # abliterate audit: refusals on long replies, judged whole
     table.add_column("parameters")
     chosen = front.auto_selected_trial if front.HasField("auto_selected_trial") else None
     for trial in front.trials:
@@ -75,9 +76,40 @@ def front_table(front: Any) -> Any:
             f"{trial.scores.refusals}/{n_prompts}" if n_prompts else str(trial.scores.refusals),
             f"{trial.scores.kl:.4f}",
             str(trial.scores.degenerate),
+            audit_cell(trial),
             _params_summary(trial.params),
         )
     table.caption = f"* auto-selected: {front.selection_rule}"
+    return table
+
+
+def audit_cell(trial: Any) -> str:
+    """``12/64 (markers, 100-150 tok)`` for an audited trial, ``-`` otherwise."""
+    if not trial.HasField("audit"):
+        return "-"
+    audit = trial.audit
+    degenerate = f", {audit.degenerate} degenerate" if audit.degenerate else ""
+    return (
+        f"{audit.refusals}/{audit.n_prompts}{degenerate} "
+        f"({audit.judge}, {audit.min_new_tokens}-{audit.max_new_tokens} tok)"
+    )
+
+
+def audit_table(trials: Any) -> Any:
+    """Search-time and audited refusals side by side, one row per audited trial."""
+    from rich.table import Table
+
+    table = Table(title=f"Audit on long replies ({len(trials)} trials)")
+    for name in ("trial", "search refusals", "audited refusals", "mean reply", "KL"):
+        table.add_column(name, justify="right")
+    for trial in trials:
+        table.add_row(
+            str(trial.number),
+            f"{trial.scores.refusals}/{trial.scores.n_refusal_prompts}",
+            audit_cell(trial),
+            f"{trial.audit.mean_tokens:.0f} tok",
+            f"{trial.scores.kl:.4f}",
+        )
     return table
 
 

@@ -142,6 +142,13 @@ def _add_job_flags(parser: argparse.ArgumentParser, defaults: bool) -> None:
         "--judge-threshold", type=_finite_float, help="embedding judge: refusal above this score (default calibrated)"
     )
     parser.add_argument("--name", help="job name (default: derived from the model and the settings)")
+    if defaults:  # run: after the search, before the export
+        parser.add_argument(
+            "--audit",
+            action="store_true",
+            help="audit the Pareto front on long replies (100-150 tokens) before exporting; the "
+            "auto-selection then counts audited refusals",
+        )
 
 
 def _add_client_flags(parser: argparse.ArgumentParser) -> None:
@@ -230,6 +237,18 @@ def build_parser() -> argparse.ArgumentParser:
     command.add_argument("--hub-repo", help="also push to this Hugging Face repo")
     command.add_argument("--private", action="store_true", help="create the Hub repo private")
     command.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
+    _add_client_flags(command)
+
+    command = sub.add_parser(
+        "audit", help="re-measure the Pareto front's (or one trial's) refusals on long replies, judged whole"
+    )
+    command.add_argument("job", help="job id or name")
+    command.add_argument("--trial", type=non_negative_int, help="one trial (default: every Pareto trial)")
+    command.add_argument("--min-new-tokens", type=non_negative_int, default=0, help="no EOS before this (default 100)")
+    command.add_argument("--max-new-tokens", type=non_negative_int, default=0, help="reply length limit (default 150)")
+    command.add_argument("--judge", choices=["markers", "embedding"], help="the judge (default: the job's)")
+    command.add_argument("--judge-threshold", type=_finite_float, help="embedding judge threshold")
+    command.add_argument("--prompts", metavar="SPEC", help="other prompts than the job's harmful evaluation set")
     _add_client_flags(command)
 
     command = sub.add_parser(

@@ -231,6 +231,9 @@ class GreedyBatch:
     it on for its probes, where the copies had become a large share of a
     decode step (SmolLM2, 32 rows: 120 ms a step against 148 ms).
 
+    ``min_new_tokens``: no end-of-sequence token before that many tokens (the
+    argmax runs over the other tokens), as a long-reply audit asks.
+
     ``keep_special_tokens``: decode with special tokens kept (for ``decided``
     and the returned text), so that channel and reasoning markers that are
     special tokens (gpt-oss harmony) are still visible to the caller.
@@ -245,9 +248,11 @@ class GreedyBatch:
         share_prefix: bool = True,
         keep_special_tokens: bool = False,
         preallocate_cache: bool = False,
+        min_new_tokens: int = 0,
     ):
         self.lm = lm
         self.max_new_tokens = max_new_tokens
+        self.min_new_tokens = min(min_new_tokens, max_new_tokens)
         self.decided = decided
         self.skip_special = not keep_special_tokens
         self.eos = eos_token_ids(lm)
@@ -265,7 +270,15 @@ class GreedyBatch:
             out, self.cache, self.mask = prefill(lm, texts, share_prefix=share_prefix, reserve=max_new_tokens)
             if preallocate_cache and max_new_tokens > 1:
                 preallocate(self.cache, max_new_tokens - 1)  # the last token is never fed back
-            self.next_tokens = out.logits[:, -1, :].argmax(-1)  # (B, 1, V) -> (B,)
+            self.next_tokens = self._pick(out.logits[:, -1, :], 0)  # (B, V) -> (B,)
+
+    def _pick(self, logits: torch.Tensor, position: int) -> torch.Tensor:
+        """Greedy tokens (B,) from next-token logits (B, V) for reply position ``position`` (0-based):
+        end-of-sequence tokens are barred before ``min_new_tokens`` (a long-reply audit)."""
+        if position < self.min_new_tokens and self.eos:
+            logits = logits.clone()
+            logits[:, sorted(self.eos)] = float("-inf")
+        return logits.argmax(-1)
 
     def step(self) -> None:
         """Settle the predicted tokens; if any row still runs, predict the next ones."""
@@ -315,7 +328,7 @@ class GreedyBatch:
                 **{self._cache_arg: self.cache},
             )
             self.cache, self.mask = _output_cache(out), mask
-            self.next_tokens = out.logits[:, -1, :].argmax(-1)  # (B, 1, V) -> (B,)
+            self.next_tokens = self._pick(out.logits[:, -1, :], self.step_index)  # (B, V) -> (B,)
 
     def can_absorb(self, other: "GreedyBatch") -> bool:
         """Whether :meth:`absorb` can take ``other``'s rows: same step, both running, plain full-attention caches.

@@ -73,6 +73,57 @@ def package_versions() -> dict[str, str]:
     return versions
 
 
+MODEL_CARD_FILE = "README.md"
+
+
+def model_card(manifest: dict[str, Any]) -> str:
+    """A model card (markdown) from the manifest: where the model comes from and its numbers, the
+    search's and the long-reply audit's side by side."""
+    model = manifest.get("model") or {}
+    trial = manifest.get("trial") or {}
+    audit = manifest.get("audit") or {}
+    scoring = manifest.get("scoring") or {}
+    judge = (scoring.get("judge") or {}).get("kind", "markers")
+    lines = [
+        f"# {os.path.basename(str(model.get('source', 'model')).rstrip('/'))}, abliterated",
+        "",
+        f"Directional ablation of `{model.get('source', '?')}` (weights sha256 "
+        f"`{str(model.get('weights_sha256', '?'))[:16]}...`) made by abliterate: direction set "
+        f"`{str((manifest.get('directions') or {}).get('id', '?'))[:12]}`, "
+        + (f"trial {trial['number']} of job `{(manifest.get('job') or {}).get('name', '?')}`." if trial else "."),
+        "",
+        "| measure | search | audit |",
+        "| --- | --- | --- |",
+    ]
+    if trial:
+        refusals = f"{'>= ' if trial.get('pruned') else ''}{trial.get('refusals')}/{trial.get('n_refusal_prompts')}"
+        search = (
+            f"{refusals} ({judge}, {scoring.get('max_new_tokens', '?')} tokens)"
+            f"{', ' + str(trial.get('degenerate')) + ' degenerate' if trial.get('degenerate') else ''}"
+        )
+        kl = f"{trial.get('kl', float('nan')):.4f}"
+    else:
+        search, kl = "-", "-"
+    audited = (
+        f"{audit.get('refusals', 0)}/{audit.get('n_prompts', 0)} ({audit.get('judge', '?')}, "
+        f"{audit.get('min_new_tokens', 0)}-{audit.get('max_new_tokens', 0)} tokens)"
+        f"{', ' + str(audit['degenerate']) + ' degenerate' if audit.get('degenerate') else ''}"
+        if audit
+        else "not audited"
+    )
+    lines += [
+        f"| refusals | {search} | {audited} |",
+        f"| KL divergence from the original (first token) | {kl} | |",
+        "",
+        f"The scores were measured on {(scoring.get('refusal_prompts') or {}).get('count', '?')} refusal and "
+        f"{(scoring.get('kl_prompts') or {}).get('count', '?')} KL prompts ({PROMPTS_FILE}). "
+        f"Everything needed to check them is in {MANIFEST_FILE}: `abliterate reproduce .` re-applies the "
+        "trial to the original model and re-measures it.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
 def write_export_files(
     folder: str, manifest: dict[str, Any], prompts: dict[str, list[str]], directions: bytes | None
 ) -> list[str]:
@@ -88,6 +139,9 @@ def write_export_files(
     with open(os.path.join(folder, MANIFEST_FILE), "w", encoding="utf-8") as handle:
         json.dump(manifest, handle, ensure_ascii=False, indent=2, sort_keys=True)
     written.append(MANIFEST_FILE)
+    with open(os.path.join(folder, MODEL_CARD_FILE), "w", encoding="utf-8") as handle:
+        handle.write(model_card(manifest))
+    written.append(MODEL_CARD_FILE)
     return written
 
 

@@ -147,6 +147,9 @@ class EvaluatorClient(ServiceClient):
     ) -> evaluator_pb2.EvaluatorServiceExportModelResponse:
         return self.stub.ExportModel(request)
 
+    def audit_trial(self, request: evaluator_pb2.AuditTrialRequest) -> evaluator_pb2.AuditTrialResponse:
+        return self.stub.AuditTrial(request)
+
     def chat(self, request: evaluator_pb2.EvaluatorServiceChatRequest) -> Iterator[Any]:
         return self.stub.Chat(request)
 
@@ -241,6 +244,9 @@ class GatewayClient(ServiceClient):
         request: gateway_pb2.GatewayServiceExportModelRequest,
     ) -> gateway_pb2.GatewayServiceExportModelResponse:
         return self.stub.ExportModel(request)
+
+    def audit_job(self, request: gateway_pb2.AuditJobRequest) -> gateway_pb2.AuditJobResponse:
+        return self.stub.AuditJob(request)
 
     def chat(self, request: gateway_pb2.GatewayServiceChatRequest) -> Iterator[Any]:
         return self.stub.Chat(request)

@@ -282,7 +282,7 @@ class ChatMessage(_message.Message):
     def __init__(self, role: _Optional[str] = ..., content: _Optional[str] = ...) -> None: ...
 
 class Trial(_message.Message):
-    __slots__ = ("number", "state", "params", "scores", "evaluator", "started_at", "finished_at", "on_pareto_front", "error", "retry_of", "warm_start")
+    __slots__ = ("number", "state", "params", "scores", "evaluator", "started_at", "finished_at", "on_pareto_front", "error", "retry_of", "warm_start", "audit")
     NUMBER_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
     PARAMS_FIELD_NUMBER: _ClassVar[int]
@@ -294,6 +294,7 @@ class Trial(_message.Message):
     ERROR_FIELD_NUMBER: _ClassVar[int]
     RETRY_OF_FIELD_NUMBER: _ClassVar[int]
     WARM_START_FIELD_NUMBER: _ClassVar[int]
+    AUDIT_FIELD_NUMBER: _ClassVar[int]
     number: int
     state: TrialState
     params: AblationParams
@@ -305,7 +306,32 @@ class Trial(_message.Message):
     error: str
     retry_of: int
     warm_start: bool
-    def __init__(self, number: _Optional[int] = ..., state: _Optional[_Union[TrialState, str]] = ..., params: _Optional[_Union[AblationParams, _Mapping]] = ..., scores: _Optional[_Union[TrialScores, _Mapping]] = ..., evaluator: _Optional[str] = ..., started_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., finished_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., on_pareto_front: _Optional[bool] = ..., error: _Optional[str] = ..., retry_of: _Optional[int] = ..., warm_start: _Optional[bool] = ...) -> None: ...
+    audit: TrialAudit
+    def __init__(self, number: _Optional[int] = ..., state: _Optional[_Union[TrialState, str]] = ..., params: _Optional[_Union[AblationParams, _Mapping]] = ..., scores: _Optional[_Union[TrialScores, _Mapping]] = ..., evaluator: _Optional[str] = ..., started_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., finished_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., on_pareto_front: _Optional[bool] = ..., error: _Optional[str] = ..., retry_of: _Optional[int] = ..., warm_start: _Optional[bool] = ..., audit: _Optional[_Union[TrialAudit, _Mapping]] = ...) -> None: ...
+
+class TrialAudit(_message.Message):
+    __slots__ = ("refusals", "degenerate", "unjudged", "n_prompts", "min_new_tokens", "max_new_tokens", "judge", "mean_tokens", "prompts", "audited_at")
+    REFUSALS_FIELD_NUMBER: _ClassVar[int]
+    DEGENERATE_FIELD_NUMBER: _ClassVar[int]
+    UNJUDGED_FIELD_NUMBER: _ClassVar[int]
+    N_PROMPTS_FIELD_NUMBER: _ClassVar[int]
+    MIN_NEW_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    MAX_NEW_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    JUDGE_FIELD_NUMBER: _ClassVar[int]
+    MEAN_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    PROMPTS_FIELD_NUMBER: _ClassVar[int]
+    AUDITED_AT_FIELD_NUMBER: _ClassVar[int]
+    refusals: int
+    degenerate: int
+    unjudged: int
+    n_prompts: int
+    min_new_tokens: int
+    max_new_tokens: int
+    judge: str
+    mean_tokens: float
+    prompts: PromptSetSpec
+    audited_at: _timestamp_pb2.Timestamp
+    def __init__(self, refusals: _Optional[int] = ..., degenerate: _Optional[int] = ..., unjudged: _Optional[int] = ..., n_prompts: _Optional[int] = ..., min_new_tokens: _Optional[int] = ..., max_new_tokens: _Optional[int] = ..., judge: _Optional[str] = ..., mean_tokens: _Optional[float] = ..., prompts: _Optional[_Union[PromptSetSpec, _Mapping]] = ..., audited_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
 
 class GetModelInfoRequest(_message.Message):
     __slots__ = ()

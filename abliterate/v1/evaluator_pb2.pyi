@@ -7,6 +7,43 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class AuditTrialRequest(_message.Message):
+    __slots__ = ("direction_set_id", "params", "prompts", "min_new_tokens", "max_new_tokens", "judge", "model")
+    DIRECTION_SET_ID_FIELD_NUMBER: _ClassVar[int]
+    PARAMS_FIELD_NUMBER: _ClassVar[int]
+    PROMPTS_FIELD_NUMBER: _ClassVar[int]
+    MIN_NEW_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    MAX_NEW_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    JUDGE_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    direction_set_id: str
+    params: _common_pb2.AblationParams
+    prompts: _common_pb2.PromptSetSpec
+    min_new_tokens: int
+    max_new_tokens: int
+    judge: _common_pb2.RefusalJudge
+    model: _common_pb2.ModelSpec
+    def __init__(self, direction_set_id: _Optional[str] = ..., params: _Optional[_Union[_common_pb2.AblationParams, _Mapping]] = ..., prompts: _Optional[_Union[_common_pb2.PromptSetSpec, _Mapping]] = ..., min_new_tokens: _Optional[int] = ..., max_new_tokens: _Optional[int] = ..., judge: _Optional[_Union[_common_pb2.RefusalJudge, _Mapping]] = ..., model: _Optional[_Union[_common_pb2.ModelSpec, _Mapping]] = ...) -> None: ...
+
+class AuditTrialResponse(_message.Message):
+    __slots__ = ("audit", "sample_refusals", "sample_compliances", "timings_s")
+    class TimingsSEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
+    AUDIT_FIELD_NUMBER: _ClassVar[int]
+    SAMPLE_REFUSALS_FIELD_NUMBER: _ClassVar[int]
+    SAMPLE_COMPLIANCES_FIELD_NUMBER: _ClassVar[int]
+    TIMINGS_S_FIELD_NUMBER: _ClassVar[int]
+    audit: _common_pb2.TrialAudit
+    sample_refusals: _containers.RepeatedScalarFieldContainer[str]
+    sample_compliances: _containers.RepeatedScalarFieldContainer[str]
+    timings_s: _containers.ScalarMap[str, float]
+    def __init__(self, audit: _Optional[_Union[_common_pb2.TrialAudit, _Mapping]] = ..., sample_refusals: _Optional[_Iterable[str]] = ..., sample_compliances: _Optional[_Iterable[str]] = ..., timings_s: _Optional[_Mapping[str, float]] = ...) -> None: ...
+
 class LoadDirectionsRequest(_message.Message):
     __slots__ = ("directions", "direction_set_id")
     DIRECTIONS_FIELD_NUMBER: _ClassVar[int]

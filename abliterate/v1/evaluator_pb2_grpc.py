@@ -71,6 +71,11 @@ class EvaluatorServiceStub:
                 request_serializer=abliterate_dot_v1_dot_evaluator__pb2.EvaluatorServiceExportModelRequest.SerializeToString,
                 response_deserializer=abliterate_dot_v1_dot_evaluator__pb2.EvaluatorServiceExportModelResponse.FromString,
                 _registered_method=True)
+        self.AuditTrial = channel.unary_unary(
+                '/abliterate.v1.EvaluatorService/AuditTrial',
+                request_serializer=abliterate_dot_v1_dot_evaluator__pb2.AuditTrialRequest.SerializeToString,
+                response_deserializer=abliterate_dot_v1_dot_evaluator__pb2.AuditTrialResponse.FromString,
+                _registered_method=True)
 
 
 class EvaluatorServiceServicer:
@@ -135,6 +140,15 @@ class EvaluatorServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def AuditTrial(self, request, context):
+        """Re-measures a trial's refusals on long replies (end-of-sequence barred
+        before min_new_tokens), judged whole: a check of the search's short
+        probes. The model is reset afterwards. UNAVAILABLE while busy.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_EvaluatorServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -172,6 +186,11 @@ def add_EvaluatorServiceServicer_to_server(servicer, server):
                     servicer.ExportModel,
                     request_deserializer=abliterate_dot_v1_dot_evaluator__pb2.EvaluatorServiceExportModelRequest.FromString,
                     response_serializer=abliterate_dot_v1_dot_evaluator__pb2.EvaluatorServiceExportModelResponse.SerializeToString,
+            ),
+            'AuditTrial': grpc.unary_unary_rpc_method_handler(
+                    servicer.AuditTrial,
+                    request_deserializer=abliterate_dot_v1_dot_evaluator__pb2.AuditTrialRequest.FromString,
+                    response_serializer=abliterate_dot_v1_dot_evaluator__pb2.AuditTrialResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -364,6 +383,33 @@ class EvaluatorService:
             '/abliterate.v1.EvaluatorService/ExportModel',
             abliterate_dot_v1_dot_evaluator__pb2.EvaluatorServiceExportModelRequest.SerializeToString,
             abliterate_dot_v1_dot_evaluator__pb2.EvaluatorServiceExportModelResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AuditTrial(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/abliterate.v1.EvaluatorService/AuditTrial',
+            abliterate_dot_v1_dot_evaluator__pb2.AuditTrialRequest.SerializeToString,
+            abliterate_dot_v1_dot_evaluator__pb2.AuditTrialResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -421,3 +421,25 @@ class GatewayServiceChatResponse(_message.Message):
     trial_number: int
     timings_s: _containers.ScalarMap[str, float]
     def __init__(self, text: _Optional[str] = ..., finish_reason: _Optional[_Union[_common_pb2.FinishReason, str]] = ..., n_tokens: _Optional[int] = ..., trial_number: _Optional[int] = ..., timings_s: _Optional[_Mapping[str, float]] = ...) -> None: ...
+
+class AuditJobRequest(_message.Message):
+    __slots__ = ("job_id", "trial_number", "min_new_tokens", "max_new_tokens", "judge", "prompts")
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    TRIAL_NUMBER_FIELD_NUMBER: _ClassVar[int]
+    MIN_NEW_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    MAX_NEW_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    JUDGE_FIELD_NUMBER: _ClassVar[int]
+    PROMPTS_FIELD_NUMBER: _ClassVar[int]
+    job_id: str
+    trial_number: int
+    min_new_tokens: int
+    max_new_tokens: int
+    judge: _common_pb2.RefusalJudge
+    prompts: _common_pb2.PromptSetSpec
+    def __init__(self, job_id: _Optional[str] = ..., trial_number: _Optional[int] = ..., min_new_tokens: _Optional[int] = ..., max_new_tokens: _Optional[int] = ..., judge: _Optional[_Union[_common_pb2.RefusalJudge, _Mapping]] = ..., prompts: _Optional[_Union[_common_pb2.PromptSetSpec, _Mapping]] = ...) -> None: ...
+
+class AuditJobResponse(_message.Message):
+    __slots__ = ("trials",)
+    TRIALS_FIELD_NUMBER: _ClassVar[int]
+    trials: _containers.RepeatedCompositeFieldContainer[_common_pb2.Trial]
+    def __init__(self, trials: _Optional[_Iterable[_Union[_common_pb2.Trial, _Mapping]]] = ...) -> None: ...

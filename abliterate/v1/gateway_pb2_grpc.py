@@ -75,6 +75,11 @@ class GatewayServiceStub:
                 request_serializer=abliterate_dot_v1_dot_gateway__pb2.GatewayServiceExportModelRequest.SerializeToString,
                 response_deserializer=abliterate_dot_v1_dot_gateway__pb2.GatewayServiceExportModelResponse.FromString,
                 _registered_method=True)
+        self.AuditJob = channel.unary_unary(
+                '/abliterate.v1.GatewayService/AuditJob',
+                request_serializer=abliterate_dot_v1_dot_gateway__pb2.AuditJobRequest.SerializeToString,
+                response_deserializer=abliterate_dot_v1_dot_gateway__pb2.AuditJobResponse.FromString,
+                _registered_method=True)
         self.Chat = channel.unary_stream(
                 '/abliterate.v1.GatewayService/Chat',
                 request_serializer=abliterate_dot_v1_dot_gateway__pb2.GatewayServiceChatRequest.SerializeToString,
@@ -144,6 +149,15 @@ class GatewayServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def AuditJob(self, request, context):
+        """Audits a job's Pareto front (or one trial) on long replies through an
+        evaluator and stores each audit with its trial (shown by GetParetoFront,
+        written into exports' manifests and model cards).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def Chat(self, request, context):
         """Chats with a trial's model through an evaluator.
         """
@@ -193,6 +207,11 @@ def add_GatewayServiceServicer_to_server(servicer, server):
                     servicer.ExportModel,
                     request_deserializer=abliterate_dot_v1_dot_gateway__pb2.GatewayServiceExportModelRequest.FromString,
                     response_serializer=abliterate_dot_v1_dot_gateway__pb2.GatewayServiceExportModelResponse.SerializeToString,
+            ),
+            'AuditJob': grpc.unary_unary_rpc_method_handler(
+                    servicer.AuditJob,
+                    request_deserializer=abliterate_dot_v1_dot_gateway__pb2.AuditJobRequest.FromString,
+                    response_serializer=abliterate_dot_v1_dot_gateway__pb2.AuditJobResponse.SerializeToString,
             ),
             'Chat': grpc.unary_stream_rpc_method_handler(
                     servicer.Chat,
@@ -417,6 +436,33 @@ class GatewayService:
             '/abliterate.v1.GatewayService/ExportModel',
             abliterate_dot_v1_dot_gateway__pb2.GatewayServiceExportModelRequest.SerializeToString,
             abliterate_dot_v1_dot_gateway__pb2.GatewayServiceExportModelResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AuditJob(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/abliterate.v1.GatewayService/AuditJob',
+            abliterate_dot_v1_dot_gateway__pb2.AuditJobRequest.SerializeToString,
+            abliterate_dot_v1_dot_gateway__pb2.AuditJobResponse.FromString,
             options,
             channel_credentials,
             insecure,

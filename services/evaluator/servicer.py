@@ -5,6 +5,7 @@ from __future__ import annotations
 from abliterate.caps import DEFAULT_MAX_KL_TOKENS, DEFAULT_MAX_PROMPT_TOKENS, DEFAULT_MAX_SCORING_TOKENS
 from abliterate.dominance import ScorePoint
 from abliterate.errors import InvalidArgument, Unavailable
+from abliterate.judge_spec import Verdict
 from abliterate.rpc.convert import params_from_pb
 from abliterate.v1 import common_pb2, evaluator_pb2, evaluator_pb2_grpc
 from abliterate_services.runtime import DeviceLock, register_state_gauge
@@ -194,6 +195,37 @@ class EvaluatorServicer(evaluator_pb2_grpc.EvaluatorServiceServicer):
             yield evaluator_pb2.EvaluatorServiceChatResponse(
                 text=c.text, n_tokens=c.n_tokens, finish_reason=_FINISH.get(c.finish, 0), timings_s=c.timings_s
             )
+
+    def AuditTrial(self, request, context):
+        result, timings = self._ready().audit(
+            request.direction_set_id,
+            _params(request, required=True),
+            prompts=request.prompts if request.HasField("prompts") else None,
+            min_new_tokens=request.min_new_tokens,
+            max_new_tokens=request.max_new_tokens,
+            judge=request.judge if request.HasField("judge") else None,
+            model=request.model if request.HasField("model") else None,
+        )
+        audit = common_pb2.TrialAudit(
+            refusals=result.refusals,
+            degenerate=result.degenerate,
+            unjudged=result.unjudged,
+            n_prompts=result.n_prompts,
+            min_new_tokens=result.min_new_tokens,
+            max_new_tokens=result.max_new_tokens,
+            judge=result.judge,
+            mean_tokens=result.mean_tokens,
+        )
+        if request.HasField("prompts"):
+            audit.prompts.CopyFrom(request.prompts)
+        audit.audited_at.GetCurrentTime()
+        samples = {verdict: [r.reply for r in result.replies if r.verdict == verdict][:3] for verdict in Verdict}
+        return evaluator_pb2.AuditTrialResponse(
+            audit=audit,
+            sample_refusals=samples[Verdict.REFUSAL],
+            sample_compliances=samples[Verdict.COMPLIANCE],
+            timings_s=timings,
+        )
 
     def ExportModel(self, request, context):
         fmt = _FORMATS.get(request.format)

@@ -33,11 +33,14 @@ from abliterate.caps import (
     check_at_most,
     check_prompt_tokens,
 )
+from abliterate.core.audit import DEFAULT_MAX_NEW_TOKENS as DEFAULT_AUDIT_MAX_TOKENS
+from abliterate.core.audit import DEFAULT_MIN_NEW_TOKENS as DEFAULT_AUDIT_MIN_TOKENS
+from abliterate.core.audit import AuditResult, audit_replies
 from abliterate.core.chat import build_messages, render_chat
 from abliterate.core.directions import DirectionSet, protected_subspace
 from abliterate.core.export import export_merged
 from abliterate.core.generation import stream_generate
-from abliterate.core.judges import Judge, JudgeSpec, make_judge
+from abliterate.core.judges import Judge, make_judge
 from abliterate.core.loading import LoadedModel
 from abliterate.core.manifest import (
     DIRECTIONS_FILE,
@@ -53,6 +56,7 @@ from abliterate.core.refusals import RefusalDetector
 from abliterate.core.scoring import TrialEngine, TrialResult
 from abliterate.dominance import ScorePoint
 from abliterate.errors import FailedPrecondition, InvalidArgument, NotFound, quoted
+from abliterate.judge_spec import JudgeSpec
 from abliterate.params import AblationParams
 from abliterate.rpc.convert import judge_spec_from_pb, load_prompt_set, parse_json_object
 from abliterate.rpc.tensors import sha256_hex
@@ -511,6 +515,58 @@ class EvaluatorSession:
             self.lock.release()
 
     # ---------------------------------------------------------------- export
+    # ----------------------------------------------------------------- audit
+    def audit(
+        self,
+        set_id: str,
+        params: AblationParams,
+        prompts: common_pb2.PromptSetSpec | None = None,
+        min_new_tokens: int = 0,
+        max_new_tokens: int = 0,
+        judge: common_pb2.RefusalJudge | None = None,
+        model: common_pb2.ModelSpec | None = None,
+    ) -> tuple[AuditResult, dict[str, float]]:
+        """Re-measure ``params``' refusals on long replies judged whole (abliterate.core.audit)."""
+        t_start = time.perf_counter()
+        maximum = max_new_tokens or DEFAULT_AUDIT_MAX_TOKENS
+        minimum = min_new_tokens if min_new_tokens else min(DEFAULT_AUDIT_MIN_TOKENS, maximum)
+        if minimum > maximum:
+            raise InvalidArgument(f"min_new_tokens ({minimum}) is above max_new_tokens ({maximum})")
+        check_at_most(maximum, self.max_scoring_tokens, "max_new_tokens", "max_scoring_tokens")
+        set_id, ds = self._lookup(set_id)
+        self._check_params(params)
+        engine = self.engine
+        if prompts is not None:
+            texts = load_prompt_set(prompts, "audit", file_root=self.prompt_root)
+            check_prompt_tokens(self.lm.tokenizer, texts, self.max_prompt_tokens, "audit prompt")
+        elif self._scored_prompts:
+            texts = self._scored_prompts["refusal"]
+        else:
+            raise FailedPrecondition("no prompts to audit: name them, or prepare a baseline first")
+        view = job_view(self.lm, model) if model is not None else engine.lm
+        if judge is not None:
+            judge_spec = judge_spec_from_pb(judge)
+            chosen = self._judge(judge_spec, engine.detector)
+        else:
+            judge_spec = JudgeSpec(**self._held_judge_spec) if self._held_judge_spec else JudgeSpec()
+            chosen = engine.judge
+        timings: dict[str, float] = {}
+        size = engine.batch_sizes().get("generate") or 16
+        with self.lock.hold("AuditTrial", SERVICE):
+            try:
+                t0 = time.perf_counter()
+                engine.set_directions(ds)
+                engine.apply(params)
+                timings["ablate"] = time.perf_counter() - t0
+                t0 = time.perf_counter()
+                result = audit_replies(view, texts, minimum, maximum, chosen, engine.detector, batch_size=size)
+                timings["generate"] = time.perf_counter() - t0
+            finally:
+                engine.reset()
+        timings["total"] = time.perf_counter() - t_start
+        log.info("trial audited", extra={"refusals": result.refusals, "n": result.n_prompts, "judge": judge_spec.kind})
+        return result, timings
+
     def _held_bytes(self, set_id: str) -> bytes:
         with self._store_lock:
             return self._sets[set_id].data

@@ -17,11 +17,18 @@ from abliterate_services.gateway.jobs import TERMINAL_PHASES, JobStore
 DEFAULT_KL_CAP = 1.0
 
 
-def selection_rule(kl_cap: float) -> str:
+def selection_rule(kl_cap: float, audited: bool = False) -> str:
+    counted = "audited refusals (long replies)" if audited else "refusals"
     return (
-        f"fewest refusals among Pareto trials with KL <= {kl_cap:g}, ties by lower KL; "
+        f"fewest {counted} among Pareto trials with KL <= {kl_cap:g}, ties by lower KL; "
         f"if none is under the cap: lowest KL"
     )
+
+
+def all_audited(trials: Sequence[common_pb2.Trial]) -> bool:
+    """Whether every scored trial carries an audit (then the auto-selection counts audited refusals)."""
+    scored = [t for t in trials if t.HasField("scores")]
+    return bool(scored) and all(t.HasField("audit") for t in scored)
 
 
 def effective_kl_cap(spec: gateway_pb2.JobSpec, override: float | None = None) -> float:
@@ -32,7 +39,8 @@ def effective_kl_cap(spec: gateway_pb2.JobSpec, override: float | None = None) -
 
 def auto_select(trials: Sequence[common_pb2.Trial], kl_cap: float) -> common_pb2.Trial | None:
     """The rule: fewest refusals among trials with KL <= kl_cap (then lowest KL); none under the cap:
-    lowest KL. Non-finite KLs are never preferred."""
+    lowest KL. Non-finite KLs are never preferred. When every trial carries an audit, its refusal
+    rate on long replies is what counts."""
     scored = [t for t in trials if t.HasField("scores")]
     if not scored:
         return None
@@ -40,17 +48,22 @@ def auto_select(trials: Sequence[common_pb2.Trial], kl_cap: float) -> common_pb2
     def kl(t: common_pb2.Trial) -> float:
         return t.scores.kl if math.isfinite(t.scores.kl) else math.inf
 
+    audited = all_audited(scored)  # the audit's counts on one prompt set, or the search's: never mixed
+
+    def refusals(t: common_pb2.Trial) -> float:
+        return t.audit.refusals / max(1, t.audit.n_prompts) if audited else t.scores.refusals
+
     under = [t for t in scored if kl(t) <= kl_cap]
     if under:
-        return min(under, key=lambda t: (t.scores.refusals, kl(t), t.number))
-    return min(scored, key=lambda t: (kl(t), t.scores.refusals, t.number))
+        return min(under, key=lambda t: (refusals(t), kl(t), t.number))
+    return min(scored, key=lambda t: (kl(t), refusals(t), t.number))
 
 
 def front_message(front: Sequence[common_pb2.Trial], kl_cap: float) -> gateway_pb2.ParetoFront:
     """The ParetoFront message of the optimizer's front (its trials, listed by refusals, then KL, then
     number) with the auto-selected trial."""
     front = sorted(front, key=lambda t: (t.scores.refusals, t.scores.kl, t.number))
-    msg = gateway_pb2.ParetoFront(selection_rule=selection_rule(kl_cap), kl_cap=kl_cap)
+    msg = gateway_pb2.ParetoFront(selection_rule=selection_rule(kl_cap, all_audited(front)), kl_cap=kl_cap)
     for t in front:
         copy = msg.trials.add()
         copy.CopyFrom(t)

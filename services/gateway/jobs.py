@@ -61,6 +61,16 @@ events_table = sa.Table(
     sa.Column("event_json", sa.Text, nullable=False),
 )
 
+# The latest long-reply audit of each audited trial (GatewayService.AuditJob).
+audits_table = sa.Table(
+    "gateway_trial_audits",
+    metadata,
+    sa.Column("job_id", sa.String(32), sa.ForeignKey("gateway_jobs.id", ondelete="CASCADE"), primary_key=True),
+    sa.Column("trial_number", sa.Integer, primary_key=True, autoincrement=False),
+    sa.Column("audit_json", sa.Text, nullable=False),
+    sa.Column("audited_at", sa.Float, nullable=False),
+)
+
 # Direction-set bytes of earlier versions (now in abliterate_blobs; read once and moved over).
 artifacts_table = sa.Table(
     "gateway_artifacts",
@@ -359,6 +369,30 @@ class JobStore:
                 ).scalar()
                 or 0
             )
+
+    # ---------------------------------------------------------------- audits
+
+    def put_audit(self, job_id: str, trial_number: int, audit: common_pb2.TrialAudit) -> None:
+        """Keep ``audit`` as the trial's latest (an earlier one is replaced)."""
+        with self._lock, self.engine.begin() as conn:
+            conn.execute(
+                audits_table.delete().where(
+                    audits_table.c.job_id == job_id, audits_table.c.trial_number == trial_number
+                )
+            )
+            conn.execute(
+                audits_table.insert().values(
+                    job_id=job_id, trial_number=trial_number, audit_json=_to_json(audit), audited_at=time.time()
+                )
+            )
+
+    def audits(self, job_id: str) -> dict[int, common_pb2.TrialAudit]:
+        """The latest audit of each audited trial of the job, by trial number."""
+        with self.engine.connect() as conn:
+            rows = conn.execute(
+                sa.select(audits_table.c.trial_number, audits_table.c.audit_json).where(audits_table.c.job_id == job_id)
+            ).all()
+        return {int(row.trial_number): _from_json(row.audit_json, common_pb2.TrialAudit) for row in rows}
 
     # ------------------------------------------------------------- artifacts
 

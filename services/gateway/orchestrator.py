@@ -678,17 +678,66 @@ class Orchestrator:
         cap = ev.effective_kl_cap(job.spec, kl_cap)
         if not job.study_name:
             return ev.front_message([], cap)
-        return ev.front_message(self._list_trials(job.study_name, pareto_only=True), cap)
+        return ev.front_message(self._job_trials(job, pareto_only=True), cap)
+
+    def _job_trials(self, job: JobRecord, pareto_only: bool = False) -> list[common_pb2.Trial]:
+        """The study's trials with the audits this gateway stored for them."""
+        trials = self._list_trials(job.study_name, pareto_only)
+        audits = self._store_call(lambda: self.store.audits(job.id), "reading audits")
+        for trial in trials:
+            if trial.number in audits:
+                trial.audit.CopyFrom(audits[trial.number])
+        return trials
+
+    def audit(self, request: gateway_pb2.AuditJobRequest) -> gateway_pb2.AuditJobResponse:
+        """Audit the front (or one trial) on an evaluator, one trial after another; store each audit."""
+        job = self.store.get(request.job_id)
+        if request.HasField("trial_number"):
+            trials = [self.resolve_trial(job, request.trial_number)]
+        else:
+            if not job.study_name:
+                raise FailedPrecondition(f"job {job.name} has no study yet (phase {phase_name(job.phase)})")
+            trials = self._job_trials(job, pareto_only=True)
+            if not trials:
+                raise FailedPrecondition(f"job {job.name} has no scored trial to audit yet")
+        forward = evaluator_pb2.AuditTrialRequest(
+            direction_set_id=job.direction_set_id,
+            min_new_tokens=request.min_new_tokens,
+            max_new_tokens=request.max_new_tokens,
+            model=job.spec.model,
+            prompts=request.prompts if request.HasField("prompts") else job.spec.harmful_eval,
+        )
+        judge = request.judge if request.HasField("judge") else job.spec.options.judge
+        if request.HasField("judge") or job.spec.options.HasField("judge"):
+            try:
+                judge_spec_from_pb(judge)
+            except InvalidArgument as exc:
+                raise InvalidArgument(f"judge: {exc}") from None
+            forward.judge.CopyFrom(judge)
+        response = gateway_pb2.AuditJobResponse()
+        for trial in sorted(trials, key=lambda t: t.number):
+            forward.params.CopyFrom(trial.params)
+
+            def call(client: EvaluatorClient) -> Any:
+                self._ensure_directions(client, job)
+                return client.audit_trial(forward)
+
+            result = self._on_evaluator(call)
+            self._store_call(lambda: self.store.put_audit(job.id, trial.number, result.audit), "storing an audit")
+            audited = response.trials.add()
+            audited.CopyFrom(trial)
+            audited.audit.CopyFrom(result.audit)
+        return response
 
     def resolve_trial(self, job: JobRecord, number: int | None) -> common_pb2.Trial:
         if not job.study_name:
             raise FailedPrecondition(f"job {job.name} has no study yet (phase {phase_name(job.phase)})")
         if number is None:
-            chosen = ev.auto_select(self._list_trials(job.study_name, pareto_only=True), ev.effective_kl_cap(job.spec))
+            chosen = ev.auto_select(self._job_trials(job, pareto_only=True), ev.effective_kl_cap(job.spec))
             if chosen is None:
                 raise FailedPrecondition(f"job {job.name} has no COMPLETE trial yet")
             return chosen
-        trials = self._list_trials(job.study_name)
+        trials = self._job_trials(job)
         for trial in trials:
             if trial.number == number:
                 # A PRUNED trial's parameters are whole: only its refusal count stopped at a bound.
@@ -810,6 +859,9 @@ def _manifest_fields(
             "auto_selected": auto_selected,
         },
         "seed": study.seed,
+        "audit": json_format.MessageToDict(trial.audit, preserving_proto_field_name=True)
+        if trial.HasField("audit")
+        else None,
     }
 
 

@@ -134,6 +134,9 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
     def ExportModel(self, request: gateway_pb2.GatewayServiceExportModelRequest, context: grpc.ServicerContext) -> Any:
         return self.orchestrator.export(request)
 
+    def AuditJob(self, request: gateway_pb2.AuditJobRequest, context: grpc.ServicerContext) -> Any:
+        return self.orchestrator.audit(request)
+
     def Chat(
         self, request: gateway_pb2.GatewayServiceChatRequest, context: grpc.ServicerContext
     ) -> Iterator[gateway_pb2.GatewayServiceChatResponse]:

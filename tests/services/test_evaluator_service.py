@@ -540,6 +540,7 @@ def test_export_lora_is_the_merged_edit(stub, ready, lm, snapshot, tmp_path):
             MANIFEST_FILE,
             PROMPTS_FILE,
             DIRECTIONS_FILE,
+            "README.md",
         }
         config = json.loads((lora_dir / "adapter_config.json").read_text())
         assert config["peft_type"] == "LORA" and config["r"] == 1 and config["lora_alpha"] == 1
