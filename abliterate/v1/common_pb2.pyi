@@ -310,7 +310,7 @@ class Trial(_message.Message):
     def __init__(self, number: _Optional[int] = ..., state: _Optional[_Union[TrialState, str]] = ..., params: _Optional[_Union[AblationParams, _Mapping]] = ..., scores: _Optional[_Union[TrialScores, _Mapping]] = ..., evaluator: _Optional[str] = ..., started_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., finished_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., on_pareto_front: _Optional[bool] = ..., error: _Optional[str] = ..., retry_of: _Optional[int] = ..., warm_start: _Optional[bool] = ..., audit: _Optional[_Union[TrialAudit, _Mapping]] = ...) -> None: ...
 
 class TrialAudit(_message.Message):
-    __slots__ = ("refusals", "degenerate", "unjudged", "n_prompts", "min_new_tokens", "max_new_tokens", "judge", "mean_tokens", "prompts", "audited_at")
+    __slots__ = ("refusals", "degenerate", "unjudged", "n_prompts", "min_new_tokens", "max_new_tokens", "judge", "mean_tokens", "prompts", "audited_at", "capability_accuracy", "capability_original", "capability_questions")
     REFUSALS_FIELD_NUMBER: _ClassVar[int]
     DEGENERATE_FIELD_NUMBER: _ClassVar[int]
     UNJUDGED_FIELD_NUMBER: _ClassVar[int]
@@ -321,6 +321,9 @@ class TrialAudit(_message.Message):
     MEAN_TOKENS_FIELD_NUMBER: _ClassVar[int]
     PROMPTS_FIELD_NUMBER: _ClassVar[int]
     AUDITED_AT_FIELD_NUMBER: _ClassVar[int]
+    CAPABILITY_ACCURACY_FIELD_NUMBER: _ClassVar[int]
+    CAPABILITY_ORIGINAL_FIELD_NUMBER: _ClassVar[int]
+    CAPABILITY_QUESTIONS_FIELD_NUMBER: _ClassVar[int]
     refusals: int
     degenerate: int
     unjudged: int
@@ -331,7 +334,10 @@ class TrialAudit(_message.Message):
     mean_tokens: float
     prompts: PromptSetSpec
     audited_at: _timestamp_pb2.Timestamp
-    def __init__(self, refusals: _Optional[int] = ..., degenerate: _Optional[int] = ..., unjudged: _Optional[int] = ..., n_prompts: _Optional[int] = ..., min_new_tokens: _Optional[int] = ..., max_new_tokens: _Optional[int] = ..., judge: _Optional[str] = ..., mean_tokens: _Optional[float] = ..., prompts: _Optional[_Union[PromptSetSpec, _Mapping]] = ..., audited_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+    capability_accuracy: float
+    capability_original: float
+    capability_questions: int
+    def __init__(self, refusals: _Optional[int] = ..., degenerate: _Optional[int] = ..., unjudged: _Optional[int] = ..., n_prompts: _Optional[int] = ..., min_new_tokens: _Optional[int] = ..., max_new_tokens: _Optional[int] = ..., judge: _Optional[str] = ..., mean_tokens: _Optional[float] = ..., prompts: _Optional[_Union[PromptSetSpec, _Mapping]] = ..., audited_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., capability_accuracy: _Optional[float] = ..., capability_original: _Optional[float] = ..., capability_questions: _Optional[int] = ...) -> None: ...
 
 class GetModelInfoRequest(_message.Message):
     __slots__ = ()

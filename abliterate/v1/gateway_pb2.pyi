@@ -439,7 +439,16 @@ class AuditJobRequest(_message.Message):
     def __init__(self, job_id: _Optional[str] = ..., trial_number: _Optional[int] = ..., min_new_tokens: _Optional[int] = ..., max_new_tokens: _Optional[int] = ..., judge: _Optional[_Union[_common_pb2.RefusalJudge, _Mapping]] = ..., prompts: _Optional[_Union[_common_pb2.PromptSetSpec, _Mapping]] = ...) -> None: ...
 
 class AuditJobResponse(_message.Message):
-    __slots__ = ("trials",)
+    __slots__ = ("trials", "timings_s")
+    class TimingsSEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
     TRIALS_FIELD_NUMBER: _ClassVar[int]
+    TIMINGS_S_FIELD_NUMBER: _ClassVar[int]
     trials: _containers.RepeatedCompositeFieldContainer[_common_pb2.Trial]
-    def __init__(self, trials: _Optional[_Iterable[_Union[_common_pb2.Trial, _Mapping]]] = ...) -> None: ...
+    timings_s: _containers.ScalarMap[str, float]
+    def __init__(self, trials: _Optional[_Iterable[_Union[_common_pb2.Trial, _Mapping]]] = ..., timings_s: _Optional[_Mapping[str, float]] = ...) -> None: ...

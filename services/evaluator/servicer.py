@@ -218,6 +218,10 @@ class EvaluatorServicer(evaluator_pb2_grpc.EvaluatorServiceServicer):
         )
         if request.HasField("prompts"):
             audit.prompts.CopyFrom(request.prompts)
+        if result.capability is not None and result.capability_original is not None:
+            audit.capability_accuracy = result.capability.accuracy
+            audit.capability_original = result.capability_original.accuracy
+            audit.capability_questions = result.capability.n_questions
         audit.audited_at.GetCurrentTime()
         samples = {verdict: [r.reply for r in result.replies if r.verdict == verdict][:3] for verdict in Verdict}
         return evaluator_pb2.AuditTrialResponse(

@@ -36,6 +36,7 @@ from abliterate.caps import (
 from abliterate.core.audit import DEFAULT_MAX_NEW_TOKENS as DEFAULT_AUDIT_MAX_TOKENS
 from abliterate.core.audit import DEFAULT_MIN_NEW_TOKENS as DEFAULT_AUDIT_MIN_TOKENS
 from abliterate.core.audit import AuditResult, audit_replies
+from abliterate.core.capability import CapabilityResult, capability_check
 from abliterate.core.chat import build_messages, render_chat
 from abliterate.core.directions import DirectionSet, protected_subspace
 from abliterate.core.export import export_merged
@@ -168,7 +169,10 @@ class EvaluatorSession:
         self._scored_prompts: dict[str, list[str]] = {}  # the held baseline's prompts, as loaded ("kl", "refusal")
         self._weights_sha256: str | None = None  # of the unedited weights, computed at the first export
         self._held_judge_spec: dict[str, Any] = {}  # the held baseline's judge, for the manifest
-        self._judges: dict[tuple, Judge] = {}  # loaded judges (an embedding model loads in seconds), by settings
+        self._judges: dict[tuple, Judge] = {}
+        self._original_capabilities: dict[
+            tuple[str, str], CapabilityResult
+        ] = {}  # loaded judges (an embedding model loads in seconds), by settings
 
     def model_info(self) -> common_pb2.ModelInfo:
         return model_info(self.lm, self.module_map)
@@ -561,11 +565,25 @@ class EvaluatorSession:
                 t0 = time.perf_counter()
                 result = audit_replies(view, texts, minimum, maximum, chosen, engine.detector, batch_size=size)
                 timings["generate"] = time.perf_counter() - t0
+                t0 = time.perf_counter()
+                capability = capability_check(view)
+                engine.reset()
+                original = self._original_capability(view)
+                timings["capability"] = time.perf_counter() - t0
             finally:
                 engine.reset()
+        result.capability, result.capability_original = capability, original
         timings["total"] = time.perf_counter() - t_start
         log.info("trial audited", extra={"refusals": result.refusals, "n": result.n_prompts, "judge": judge_spec.kind})
         return result, timings
+
+    def _original_capability(self, view: LoadedModel) -> CapabilityResult:
+        """The unedited model's capability check under ``view``'s formatting, computed once per system prompt
+        (call with the model reset and the lock held)."""
+        key = (view.spec.system_prompt, view.spec.chat_template_mode)
+        if key not in self._original_capabilities:
+            self._original_capabilities[key] = capability_check(view)
+        return self._original_capabilities[key]
 
     def _held_bytes(self, set_id: str) -> bytes:
         with self._store_lock:

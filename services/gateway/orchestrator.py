@@ -714,7 +714,7 @@ class Orchestrator:
             except InvalidArgument as exc:
                 raise InvalidArgument(f"judge: {exc}") from None
             forward.judge.CopyFrom(judge)
-        response = gateway_pb2.AuditJobResponse()
+        response, started = gateway_pb2.AuditJobResponse(), time.perf_counter()
         for trial in sorted(trials, key=lambda t: t.number):
             forward.params.CopyFrom(trial.params)
 
@@ -727,6 +727,7 @@ class Orchestrator:
             audited = response.trials.add()
             audited.CopyFrom(trial)
             audited.audit.CopyFrom(result.audit)
+        response.timings_s["audit"] = response.timings_s["total"] = time.perf_counter() - started
         return response
 
     def resolve_trial(self, job: JobRecord, number: int | None) -> common_pb2.Trial:

@@ -61,11 +61,13 @@ def test_audit_of_one_trial_then_of_the_front_through_the_gateway(tmp_path, caps
             base = ["--gateway", address, "--min-new-tokens", "8", "--max-new-tokens", "12"]
             capsys.readouterr()
             assert cli.main(["audit", "audit-me", "--trial", str(first), *base]) == 0
-            assert "audited refusals" in capsys.readouterr().out
+            assert "Audit on long replies (1 trials)" in capsys.readouterr().out
             front = client.pareto_front(job.id)
             audited = {t.number: t.audit for t in front.trials if t.HasField("audit")}
             assert set(audited) == {first} and "audited" not in front.selection_rule  # not every trial yet
             assert audited[first].n_prompts == 6 and audited[first].mean_tokens >= 8
+            assert audited[first].capability_questions == 40  # the bundled multiple-choice check ran too
+            assert 0 <= audited[first].capability_accuracy <= 1 and 0 <= audited[first].capability_original <= 1
             assert cli.main(["audit", "audit-me", *base]) == 0
             front = client.pareto_front(job.id)
             assert all(t.HasField("audit") for t in front.trials)

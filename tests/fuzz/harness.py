@@ -466,6 +466,9 @@ def valid_requests(state: ProbeState) -> dict[str, Message]:
             job_id=state.job_id, path=export_path, format=common_pb2.EXPORT_FORMAT_MERGED, overwrite=True
         ),
         "GatewayService.Chat": g.GatewayServiceChatRequest(job_id=state.job_id, messages=chat, options=generation),
+        "GatewayService.AuditJob": g.AuditJobRequest(
+            job_id=state.job_id, trial_number=0, min_new_tokens=2, max_new_tokens=4
+        ),
         "OptimizerService.CreateStudy": o.CreateStudyRequest(
             study_name="fuzz-study",
             direction_set_id=state.direction_set_id,
@@ -513,6 +516,9 @@ def valid_requests(state: ProbeState) -> dict[str, Message]:
             format=common_pb2.EXPORT_FORMAT_MERGED,
             overwrite=True,
         ),
+        "EvaluatorService.AuditTrial": e.AuditTrialRequest(
+            direction_set_id=state.direction_set_id, params=params(), min_new_tokens=2, max_new_tokens=4
+        ),
         "ExtractorService.GetModelInfo": common_pb2.GetModelInfoRequest(),
         "ExtractorService.ExtractDirections": extract_request(state.model_dir),
     }
@@ -530,6 +536,8 @@ DEADLINES_S = {
     "EvaluatorService.PrepareBaseline": 20.0,
     "EvaluatorService.EvaluateTrial": 20.0,
     "EvaluatorService.ExportModel": 30.0,
+    "EvaluatorService.AuditTrial": 20.0,
+    "GatewayService.AuditJob": 30.0,
     "EvaluatorService.Generate": 8.0,
     "EvaluatorService.Chat": 8.0,
     "ExtractorService.ExtractDirections": 30.0,

@@ -65,7 +65,7 @@ def test_large_fuzz_run_with_10_mib_values(tmp_path):
 
 def test_every_rpc_is_found_from_the_descriptors():
     keys = {r.key for r in public_rpcs()}
-    assert len(keys) == 24
+    assert len(keys) == 26
     assert {"GatewayService.WatchJob", "OptimizerService.RunStudy", "EvaluatorService.LoadDirections"} <= keys
     streaming = {r.key for r in public_rpcs() if r.server_streaming}
     assert streaming == {

@@ -95,6 +95,7 @@ def test_expected_rpcs():
             "Generate",
             "Chat",
             "ExportModel",
+            "AuditTrial",
         },
         "OptimizerService": {"CreateStudy", "RunStudy", "GetStudy", "ListTrials", "StopStudy", "RegisterEvaluator"},
         "GatewayService": {
@@ -107,6 +108,7 @@ def test_expected_rpcs():
             "GetParetoFront",
             "ExportModel",
             "Chat",
+            "AuditJob",
         },
     }
     streaming = {"ExtractDirections", "Generate", "Chat", "RunStudy", "WatchJob"}
