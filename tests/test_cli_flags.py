@@ -95,3 +95,10 @@ def test_the_judge_flags_reach_the_spec_and_a_threshold_needs_the_embedding_judg
     spec.options.judge.kind = "oracle"  # a gRPC client can send anything: the gateway refuses it
     with pytest.raises(InvalidArgument, match="options.judge: unknown refusal judge"):
         validate_spec(spec)
+
+
+def test_multi_token_kl_is_a_flag():
+    parse = cli.build_parser().parse_args
+    assert cli.build_spec(parse(["run", "m", "--kl-tokens", "3"])).options.kl_tokens == 3
+    assert cli.build_spec(parse(["run", "m"])).options.kl_tokens == 0  # 0 = the first token only
+    assert cli.main(["run", "m", "--kl-tokens", "0"]) == 2

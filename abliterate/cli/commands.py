@@ -7,6 +7,7 @@ import it lazily, once their input has been checked.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
@@ -27,15 +28,17 @@ from abliterate.cli.client import (
     submit_or_resume,
     watch,
 )
-from abliterate.cli.display import audit_table, front_table, make_console, phase_label
+from abliterate.cli.display import audit_table, front_table, geometry_table, make_console, phase_label
 from abliterate.cli.parser import build_parser
-from abliterate.cli.plot import plot_trials, require_matplotlib
+from abliterate.cli.plot import plot_geometry, plot_trials, require_matplotlib
 from abliterate.cli.spec import build_spec, check_prompt_sets, derived_job_name, parse_prompt_set, read_job_file
-from abliterate.errors import AbliterateError, InvalidArgument, Unavailable
+from abliterate.errors import AbliterateError, FailedPrecondition, InvalidArgument, Unavailable
 
 EXIT_INTERRUPTED = 130
 #: Commands that talk to a gateway at --gateway (run starts its own on loopback ports).
-CLIENT_COMMANDS = frozenset({"submit", "watch", "jobs", "trials", "export", "chat", "cancel", "resume", "audit"})
+CLIENT_COMMANDS = frozenset(
+    {"submit", "watch", "jobs", "trials", "export", "chat", "cancel", "resume", "audit", "geometry"}
+)
 #: Status codes of a job failure caused by its input: resuming the job runs the same input again.
 INPUT_ERROR_CODES = frozenset(
     {
@@ -286,6 +289,34 @@ def cmd_run(args: argparse.Namespace, console: Any) -> int:
         embedded.stop()
 
 
+def cmd_geometry(args: argparse.Namespace, console: Any) -> int:
+    from google.protobuf import json_format
+
+    if args.plot:
+        require_matplotlib()
+    with gateway_client(args.gateway, args.token, client_tls(args)) as client:
+        job = client.get_job(args.job)
+    if not job.diagnostics:
+        raise FailedPrecondition(f"job {job.name} has no direction set yet (phase {phase_label(job.phase)})")
+    if args.json:
+        print(
+            json.dumps(
+                [
+                    json_format.MessageToDict(
+                        layer, preserving_proto_field_name=True, always_print_fields_with_no_presence=True
+                    )
+                    for layer in job.diagnostics
+                ]
+            )
+        )
+    else:
+        console.print(geometry_table(job))
+    if args.plot:
+        plot_geometry(job, args.plot)
+        console.print(f"plot written to {args.plot}")
+    return 0
+
+
 def cmd_audit(args: argparse.Namespace, console: Any) -> int:
     if args.judge_threshold is not None and args.judge != "embedding":
         raise InvalidArgument("--judge-threshold is for --judge embedding")
@@ -392,6 +423,7 @@ COMMANDS = {
     "cancel": cmd_cancel,
     "resume": cmd_resume,
     "audit": cmd_audit,
+    "geometry": cmd_geometry,
     "reproduce": cmd_reproduce,
     "copy-study": cmd_copy_study,
     "serve": cmd_serve,

@@ -83,6 +83,25 @@ def front_table(front: Any) -> Any:
     return table
 
 
+def geometry_table(job: Any) -> Any:
+    """The residual geometry of a job's direction set, one row per residual (extractor diagnostics)."""
+    from rich.table import Table
+
+    table = Table(title=f"Residual geometry of job {job.name} (direction set {job.direction_set_id[:12]})")
+    for name in ("residual", "mean-diff norm", "separation (d)", "cos(means)", "cos to next", "sacred overlap"):
+        table.add_column(name, justify="right")
+    for layer in job.diagnostics:
+        table.add_row(
+            str(layer.residual_index),
+            f"{layer.mean_diff_norm:.3f}",
+            f"{layer.separation:.2f}",
+            f"{layer.means_cosine:.3f}",
+            f"{layer.cosine_to_next:.3f}" if layer.HasField("cosine_to_next") else "-",
+            f"{layer.sacred_overlap:.3f}" if layer.HasField("sacred_overlap") else "-",
+        )
+    return table
+
+
 def audit_cell(trial: Any) -> str:
     """``12/64 (markers, 100-150 tok)`` for an audited trial, ``-`` otherwise."""
     if not trial.HasField("audit"):

@@ -117,6 +117,12 @@ def _add_job_flags(parser: argparse.ArgumentParser, defaults: bool) -> None:
     parser.add_argument("--n-prompts", type=positive_int, help="keep at most N prompts of each set")
     parser.add_argument("--max-new-tokens", type=positive_int, help="tokens generated per refusal prompt (default 100)")
     parser.add_argument("--system-prompt", help="system prompt put in front of every prompt")
+    parser.add_argument(
+        "--kl-tokens",
+        type=positive_int,
+        help="reply positions the KL objective averages over (default 1: the first token; more: teacher-forced "
+        "on the original model's greedy reply)",
+    )
     parser.add_argument("--kl-cap", type=positive_float, help="auto-selection KL cap (default 1.0)")
     parser.add_argument("--seed", type=seed, help="sampler seed, 0 <= SEED < 2**64")
     parser.add_argument(
@@ -237,6 +243,14 @@ def build_parser() -> argparse.ArgumentParser:
     command.add_argument("--hub-repo", help="also push to this Hugging Face repo")
     command.add_argument("--private", action="store_true", help="create the Hub repo private")
     command.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
+    _add_client_flags(command)
+
+    command = sub.add_parser(
+        "geometry", help="show the residual geometry of a job's direction set, per residual (table, PNG)"
+    )
+    command.add_argument("job", help="job id or name")
+    command.add_argument("--plot", metavar="FILE.png", help="also draw it (needs: pip install 'abliterate[plot]')")
+    command.add_argument("--json", action="store_true", help="print the diagnostics as JSON")
     _add_client_flags(command)
 
     command = sub.add_parser(

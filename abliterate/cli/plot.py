@@ -86,3 +86,47 @@ def plot_trials(trials: Sequence[Any], front: Any, path: str) -> None:
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path)
     plt.close(figure)
+
+
+def plot_geometry(job: Any, path: str) -> None:
+    """Four panels over the residual index: mean-difference norm, separation, cosine of each direction
+    with the next residual's, and (when asked for) overlap with the sacred directions."""
+    require_matplotlib()
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    layers = list(job.diagnostics)
+    if not layers:
+        raise FailedPrecondition(f"job {job.name} has no direction set diagnostics yet")
+    index = [layer.residual_index for layer in layers]
+    panels = [
+        ("||mean(harmful) - mean(harmless)||", [layer.mean_diff_norm for layer in layers], index),
+        ("separation along r (Cohen's d)", [layer.separation for layer in layers], index),
+        (
+            "cos(r_i, r_i+1)",
+            [layer.cosine_to_next for layer in layers if layer.HasField("cosine_to_next")],
+            [layer.residual_index for layer in layers if layer.HasField("cosine_to_next")],
+        ),
+        (
+            "max |cos(r, sacred)|",
+            [layer.sacred_overlap for layer in layers if layer.HasField("sacred_overlap")],
+            [layer.residual_index for layer in layers if layer.HasField("sacred_overlap")],
+        ),
+    ]
+    figure, grid = plt.subplots(2, 2, figsize=(10, 7), dpi=100, sharex=True)
+    for axes, (title, values, where) in zip(grid.flat, panels):
+        axes.set_title(title, fontsize=10)
+        if values:
+            axes.plot(where, values, marker="o", markersize=3, color="tab:blue")
+        else:
+            axes.text(0.5, 0.5, "no sacred directions in this job", ha="center", va="center", transform=axes.transAxes)
+        axes.grid(alpha=0.3)
+    for axes in grid[1]:
+        axes.set_xlabel("residual index (0 = embeddings, i = output of block i-1)")
+    figure.suptitle(f"Residual geometry: job {job.name}, direction set {job.direction_set_id[:12]}")
+    figure.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path)
+    plt.close(figure)

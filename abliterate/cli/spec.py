@@ -105,6 +105,8 @@ def build_spec(args: argparse.Namespace, file_data: dict | None = None) -> Any:
         spec.options.extraction.batch_size = args.batch_size
     if args.no_pruning:
         spec.options.disable_pruning = True
+    if args.kl_tokens is not None:
+        spec.options.kl_tokens = args.kl_tokens
     if args.judge:
         spec.options.judge.kind = args.judge
     if args.judge_threshold is not None:

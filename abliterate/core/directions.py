@@ -14,6 +14,7 @@ import math
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
@@ -338,3 +339,8 @@ def global_direction(refusal: torch.Tensor, index: float) -> torch.Tensor:
         return _normalize(lo.double()).float()
     hi = refusal[base + 2]  # (d,)
     return _normalize(torch.lerp(lo.double(), hi.double(), frac)).float()  # (d,)
+
+
+def neighbour_cosines(refusal: torch.Tensor) -> list[float]:
+    """cos(r_i, r_{i+1}) for each residual but the last: refusal (L+1, d) -> L values."""
+    return F.cosine_similarity(refusal[:-1].float(), refusal[1:].float(), dim=-1).tolist()  # (L,)

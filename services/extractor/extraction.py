@@ -22,7 +22,7 @@ import torch
 from google.protobuf import json_format
 
 from abliterate.caps import DEFAULT_MAX_PROMPT_TOKENS, check_prompt_tokens
-from abliterate.core.directions import protect_sacred, refusal_directions, sacred_directions
+from abliterate.core.directions import neighbour_cosines, protect_sacred, refusal_directions, sacred_directions
 from abliterate.core.loading import LoadedModel
 from abliterate.core.modules import discover
 from abliterate.core.residuals import collect_residuals
@@ -227,6 +227,7 @@ class Extractor:
         data = ds.to_bytes()
         digest = ds.artifact_id(data)
         layers = []
+        neighbours = neighbour_cosines(ds.refusal)
         for index, diag in enumerate(ds.diagnostics):
             entry = extractor_pb2.LayerDiagnostics(
                 residual_index=index,
@@ -236,6 +237,8 @@ class Extractor:
             )
             if max_cos is not None:
                 entry.sacred_overlap = float(max_cos[index])
+            if index < len(neighbours):
+                entry.cosine_to_next = neighbours[index]
             layers.append(entry)
         timings["total"] = time.perf_counter() - t_start
         result = extractor_pb2.DirectionSetResult(

@@ -74,6 +74,16 @@ def test_audit_of_one_trial_then_of_the_front_through_the_gateway(tmp_path, caps
             assert "audited refusals" in front.selection_rule  # now the auto-selection counts them
             # Long replies hold more letters than 5-token ones: the audit counts at least as many refusals.
             assert sum(t.audit.refusals for t in front.trials) >= sum(t.scores.refusals for t in front.trials)
+            capsys.readouterr()
+            assert cli.main(["geometry", "audit-me", "--gateway", address, "--json"]) == 0
+            layers = json.loads(capsys.readouterr().out)
+            assert [layer["residual_index"] for layer in layers] == [0, 1, 2]  # 2 blocks: 3 residuals
+            assert (
+                all(-1 <= layer["cosine_to_next"] <= 1 for layer in layers[:-1]) and "cosine_to_next" not in layers[-1]
+            )
+            picture = tmp_path / "geometry.png"
+            assert cli.main(["geometry", "audit-me", "--gateway", address, "--plot", str(picture)]) == 0
+            assert picture.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
             assert cli.main(["audit", "audit-me", "--judge-threshold", "0.1", *base]) == 2
             assert cli.main(["audit", "audit-me", "--trial", "999", *base]) == 1
             assert "no trial 999" in capsys.readouterr().out
