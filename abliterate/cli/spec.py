@@ -107,17 +107,43 @@ def build_spec(args: argparse.Namespace, file_data: dict | None = None) -> Any:
         spec.options.disable_pruning = True
     if args.kl_tokens is not None:
         spec.options.kl_tokens = args.kl_tokens
-    if args.judge:
-        spec.options.judge.kind = args.judge
-    if args.judge_threshold is not None:
-        if (args.judge or spec.options.judge.kind or "markers") == "markers":
-            raise InvalidArgument("--judge-threshold is for --judge embedding")
-        spec.options.judge.threshold = args.judge_threshold
+    judge = judge_from_flags(args, spec.options.judge if spec.options.HasField("judge") else None)
+    if judge is not None:
+        spec.options.judge.CopyFrom(judge)
     if args.name:
         spec.name = args.name
     if spec.n_trials == 0:  # neither the flag nor the job file set it
         spec.n_trials = DEFAULT_N_TRIALS
     return spec
+
+
+def judge_from_flags(args: argparse.Namespace, base: Any = None) -> Any:
+    """The RefusalJudge the --judge* flags describe (on top of ``base``, a job file's), or None when no flag
+    is given; INVALID_ARGUMENT for a combination no judge takes (a threshold for markers, ...)."""
+    from abliterate.rpc.convert import judge_spec_from_pb
+    from abliterate.v1 import common_pb2
+
+    given = {
+        "kind": args.judge,
+        "threshold": args.judge_threshold,
+        "endpoint": args.judge_endpoint,
+        "model": args.judge_model,
+        "api_key_env": args.judge_key_env,
+        "timeout_s": args.judge_timeout,
+    }
+    if all(value is None for value in given.values()):
+        return None
+    judge = common_pb2.RefusalJudge()
+    if base is not None:
+        judge.CopyFrom(base)
+    for field, value in given.items():
+        if value is not None:
+            setattr(judge, field, value)
+    try:
+        judge_spec_from_pb(judge)
+    except InvalidArgument as exc:
+        raise InvalidArgument(f"--judge flags: {exc}") from None
+    return judge
 
 
 def normalize_model(model: str) -> str:

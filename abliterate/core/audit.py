@@ -87,7 +87,7 @@ def audit_replies(
             min_new_tokens=min_new_tokens,
         ).run()
         outputs = generated.results()
-        verdicts = judge.judge([output.text for output in outputs])
+        verdicts = judge.judge([output.text for output in outputs], prompts[start : start + batch_size])
         for prompt, output, verdict in zip(prompts[start : start + batch_size], outputs, verdicts):
             replies.append(
                 AuditedReply(prompt, final_answer(output.text, detector.special_tokens), verdict, output.tokens)

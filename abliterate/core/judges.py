@@ -46,7 +46,7 @@ class Judge(Protocol):
 
     kind: str
 
-    def judge(self, replies: list[str]) -> list[Verdict]: ...
+    def judge(self, replies: list[str], prompts: list[str] | None = None) -> list[Verdict]: ...
 
 
 class MarkerJudge:
@@ -57,7 +57,7 @@ class MarkerJudge:
     def __init__(self, detector: RefusalDetector):
         self.detector = detector
 
-    def judge(self, replies: list[str]) -> list[Verdict]:
+    def judge(self, replies: list[str], prompts: list[str] | None = None) -> list[Verdict]:
         return [
             Verdict.REFUSAL
             if self.detector.is_refusal(reply)
@@ -137,7 +137,7 @@ class EmbeddingJudge:
         to_compliance = (embedded @ self._compliance.T).topk(min(TOP_K, self._compliance.shape[0]), dim=1)
         return to_refusal - to_compliance.values.mean(1)  # (N,)
 
-    def judge(self, replies: list[str]) -> list[Verdict]:
+    def judge(self, replies: list[str], prompts: list[str] | None = None) -> list[Verdict]:
         """Empty: refusal; else refusal above the threshold, degenerate when it repeats itself, else compliance
         (a refusal on a loop is a refusal, as for the markers)."""
         answers = [final_answer(reply, self.special_tokens).strip() for reply in replies]
@@ -153,10 +153,14 @@ class EmbeddingJudge:
         return verdicts
 
 
-def make_judge(spec: JudgeSpec, detector: RefusalDetector) -> MarkerJudge | EmbeddingJudge:
+def make_judge(spec: JudgeSpec, detector: RefusalDetector) -> Judge:
     spec.validate()
     if spec.kind == "markers":
         return MarkerJudge(detector)
+    if spec.kind == "llm":
+        from abliterate.core.llm_judge import LLMJudge
+
+        return LLMJudge(spec.endpoint, spec.model, spec.api_key_env, spec.timeout_s or 0.0, detector.special_tokens)
     return EmbeddingJudge(spec.model, spec.threshold, special_tokens=detector.special_tokens)
 
 

@@ -114,9 +114,8 @@ def reproduce(
         share_prefix=bool(scoring.get("share_prefix", True)),
     )
     judged_by = scoring.get("judge") or {}
-    judge_spec = JudgeSpec(
-        kind=judged_by.get("kind") or "markers", threshold=judged_by.get("threshold"), model=judged_by.get("model", "")
-    ).validate()
+    known = {name: judged_by[name] for name in JudgeSpec.__dataclass_fields__ if name in judged_by}
+    judge_spec = JudgeSpec(**{**known, "kind": known.get("kind") or "markers"}).validate()
     if judge_spec.kind != "markers":
         engine.judge = make_judge(judge_spec, engine.detector)
     notes = []

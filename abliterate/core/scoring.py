@@ -38,7 +38,7 @@ class PromptOutcome:
     tokens: int
     stopped_by: str
     degenerate: bool = False  # no refusal, but a reply that repeats itself (RefusalDetector.is_degenerate)
-    unjudged: bool = False  # the judge could not tell: neither a refusal nor a success
+    unjudged: bool = False  # the judge could not tell: counted with the refusals (it is no success), and apart
 
 
 @dataclass
@@ -61,7 +61,7 @@ class TrialResult:
     #: Replies that are no refusal but repeat themselves: not counted as refusals, reported beside
     #: them (a pruned trial counts those of its finished batches).
     degenerate: int = 0
-    #: Replies the judge could not tell (never counted as compliance).
+    #: Replies the judge could not tell: counted in ``refusals`` too (never as compliance), and here.
     unjudged: int = 0
 
 
@@ -392,12 +392,12 @@ class TrialEngine:
                     for g in gens
                 ]
             else:
-                verdicts = judge.judge([g.text for g in gens])
+                verdicts = judge.judge([g.text for g in gens], [prompts[i] for i in indices])
             outcomes = [
                 PromptOutcome(
                     prompts[i],
                     final_answer(g.text, detector.special_tokens),
-                    verdict == Verdict.REFUSAL,
+                    verdict in (Verdict.REFUSAL, Verdict.UNJUDGED),  # a reply no judge could tell is no success
                     g.tokens,
                     g.stopped_by,
                     verdict == Verdict.DEGENERATE,

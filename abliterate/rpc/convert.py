@@ -180,4 +180,7 @@ def judge_spec_from_pb(message: pb.RefusalJudge | None) -> JudgeSpec:
         kind=message.kind or "markers",
         threshold=message.threshold if message.HasField("threshold") else None,
         model=message.model,
+        endpoint=message.endpoint,
+        api_key_env=message.api_key_env,
+        timeout_s=message.timeout_s or None,
     ).validate()

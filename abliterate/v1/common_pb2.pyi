@@ -185,7 +185,7 @@ class Progress(_message.Message):
     def __init__(self, phase: _Optional[str] = ..., done: _Optional[int] = ..., total: _Optional[int] = ..., message: _Optional[str] = ...) -> None: ...
 
 class TrialScores(_message.Message):
-    __slots__ = ("kl", "refusals", "n_refusal_prompts", "n_kl_prompts", "timings_s", "pruned", "dominated_by", "degenerate")
+    __slots__ = ("kl", "refusals", "n_refusal_prompts", "n_kl_prompts", "timings_s", "pruned", "dominated_by", "degenerate", "unjudged")
     class TimingsSEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -201,6 +201,7 @@ class TrialScores(_message.Message):
     PRUNED_FIELD_NUMBER: _ClassVar[int]
     DOMINATED_BY_FIELD_NUMBER: _ClassVar[int]
     DEGENERATE_FIELD_NUMBER: _ClassVar[int]
+    UNJUDGED_FIELD_NUMBER: _ClassVar[int]
     kl: float
     refusals: int
     n_refusal_prompts: int
@@ -209,17 +210,24 @@ class TrialScores(_message.Message):
     pruned: bool
     dominated_by: int
     degenerate: int
-    def __init__(self, kl: _Optional[float] = ..., refusals: _Optional[int] = ..., n_refusal_prompts: _Optional[int] = ..., n_kl_prompts: _Optional[int] = ..., timings_s: _Optional[_Mapping[str, float]] = ..., pruned: _Optional[bool] = ..., dominated_by: _Optional[int] = ..., degenerate: _Optional[int] = ...) -> None: ...
+    unjudged: int
+    def __init__(self, kl: _Optional[float] = ..., refusals: _Optional[int] = ..., n_refusal_prompts: _Optional[int] = ..., n_kl_prompts: _Optional[int] = ..., timings_s: _Optional[_Mapping[str, float]] = ..., pruned: _Optional[bool] = ..., dominated_by: _Optional[int] = ..., degenerate: _Optional[int] = ..., unjudged: _Optional[int] = ...) -> None: ...
 
 class RefusalJudge(_message.Message):
-    __slots__ = ("kind", "threshold", "model")
+    __slots__ = ("kind", "threshold", "model", "endpoint", "api_key_env", "timeout_s")
     KIND_FIELD_NUMBER: _ClassVar[int]
     THRESHOLD_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
+    ENDPOINT_FIELD_NUMBER: _ClassVar[int]
+    API_KEY_ENV_FIELD_NUMBER: _ClassVar[int]
+    TIMEOUT_S_FIELD_NUMBER: _ClassVar[int]
     kind: str
     threshold: float
     model: str
-    def __init__(self, kind: _Optional[str] = ..., threshold: _Optional[float] = ..., model: _Optional[str] = ...) -> None: ...
+    endpoint: str
+    api_key_env: str
+    timeout_s: float
+    def __init__(self, kind: _Optional[str] = ..., threshold: _Optional[float] = ..., model: _Optional[str] = ..., endpoint: _Optional[str] = ..., api_key_env: _Optional[str] = ..., timeout_s: _Optional[float] = ...) -> None: ...
 
 class BaselineSpec(_message.Message):
     __slots__ = ("kl_prompts", "refusal_prompts", "max_new_tokens", "kl_tokens", "refusal_markers", "model", "judge")

@@ -163,6 +163,7 @@ class EvaluatorServicer(evaluator_pb2_grpc.EvaluatorServiceServicer):
             timings_s=result.timings_s,
             pruned=result.pruned is not None,
             degenerate=result.degenerate,
+            unjudged=result.unjudged,
         )
         if result.pruned is not None and result.pruned.dominated_by.trial_number is not None:
             scores.dominated_by = result.pruned.dominated_by.trial_number

@@ -169,7 +169,7 @@ class EvaluatorSession:
         self._scored_prompts: dict[str, list[str]] = {}  # the held baseline's prompts, as loaded ("kl", "refusal")
         self._weights_sha256: str | None = None  # of the unedited weights, computed at the first export
         self._held_judge_spec: dict[str, Any] = {}  # the held baseline's judge, for the manifest
-        self._judges: dict[tuple, Judge] = {}
+        self._judges: dict[JudgeSpec, Judge] = {}
         self._original_capabilities: dict[
             tuple[str, str], CapabilityResult
         ] = {}  # loaded judges (an embedding model loads in seconds), by settings
@@ -351,9 +351,9 @@ class EvaluatorSession:
         spec.validate()
         if spec.kind == "markers":
             return None
-        if spec.model and self.prompt_root is not None:  # a remote client names a folder on this machine
-            spec = replace(spec, model=confined_path(spec.model, self.prompt_root))
-        key = (spec.kind, spec.model, spec.threshold)
+        if spec.kind == "embedding" and spec.model and self.prompt_root is not None:
+            spec = replace(spec, model=confined_path(spec.model, self.prompt_root))  # a folder on this machine
+        key = spec  # frozen: the judge's whole settings
         if key not in self._judges:
             self._judges[key] = make_judge(spec, detector)
         judge = self._judges[key]

@@ -855,6 +855,7 @@ def _manifest_fields(
             "n_refusal_prompts": scores.n_refusal_prompts,
             "n_kl_prompts": scores.n_kl_prompts,
             "degenerate": scores.degenerate,
+            "unjudged": scores.unjudged,
             "pruned": scores.pruned,  # then `refusals` is a lower bound
             "on_pareto_front": trial.on_pareto_front,
             "auto_selected": auto_selected,

@@ -819,6 +819,7 @@ class StudyRunner:
                 trial.set_user_attr("n_refusal_prompts", int(scores.n_refusal_prompts))
                 trial.set_user_attr("n_kl_prompts", int(scores.n_kl_prompts))
                 trial.set_user_attr("degenerate", int(scores.degenerate))
+                trial.set_user_attr("unjudged", int(scores.unjudged))
                 if scores.pruned:
                     # Certainly dominated: PRUNED, with what was proven. TPE puts pruned trials with
                     # the worse ("above") group; the front is what it would be without pruning.

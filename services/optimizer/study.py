@@ -12,7 +12,8 @@ needed to resume it lives in the storage:
   process: the index of a run seeds its sampler);
 - trial user attrs: ``params`` (``AblationParams.to_dict()``), ``evaluator``,
   ``timings`` (seconds), ``n_refusal_prompts``/``n_kl_prompts``, ``degenerate``
-  (replies that repeat themselves, beside the refusals), ``error``
+  (replies that repeat themselves, beside the refusals), ``unjudged`` (replies the judge could
+  not tell), ``error``
   (FAIL), ``retry_of``/``attempt`` (retries), ``warm_start``, ``run_id`` (the
   optimizer loop that asked it, to recognise trials orphaned by a killed one).
 
@@ -401,6 +402,7 @@ def _scores(attrs: dict, kl: float, refusals: float, pruned: bool = False) -> co
         n_refusal_prompts=int(attrs.get("n_refusal_prompts", 0)),
         n_kl_prompts=int(attrs.get("n_kl_prompts", 0)),
         degenerate=int(attrs.get("degenerate", 0)),
+        unjudged=int(attrs.get("unjudged", 0)),
         timings_s={k: float(v) for k, v in (attrs.get("timings") or {}).items()},
         pruned=pruned,
     )

@@ -89,3 +89,28 @@ def test_audit_of_one_trial_then_of_the_front_through_the_gateway(tmp_path, caps
             assert "no trial 999" in capsys.readouterr().out
     finally:
         embedded.stop()
+
+
+def test_a_job_judged_by_an_unreachable_llm_counts_no_success(tmp_path, capsys):
+    """Through the whole stack: the judge's settings reach the evaluator, and replies no judge could tell
+    count with the refusals (and apart), so a judge outage never looks like a model that refuses nothing."""
+    import socket
+
+    import optuna
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        closed = sock.getsockname()[1]
+    model = _tiny_model_dir(tmp_path)
+    argv = ["run", str(model), "--n-trials", "2", "--n-prompts", "4", "--max-new-tokens", "3", "--seed", "2"]
+    judge = ["--judge", "llm", "--judge-endpoint", f"http://127.0.0.1:{closed}/v1", "--judge-model", "m"]
+    assert cli.main([*argv, *judge, "--judge-timeout", "1", "--no-export", "--data-dir", str(tmp_path / "d")]) == 0
+    study = optuna.load_study(study_name=None, storage=f"sqlite:///{tmp_path / 'd' / 'optuna.db'}")
+    complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    assert complete and all(t.user_attrs["unjudged"] == 4 and t.values[1] == 4 for t in complete)
+    assert "4 unjudged" in capsys.readouterr().out
+    # A key variable that is named but unset is refused before the model loads.
+    missing = ["--judge-key-env", "ABLITERATE_TEST_UNSET_KEY"]
+    assert cli.main([*argv, *judge, *missing, "--data-dir", str(tmp_path / "e")]) == 1
+    assert "ABLITERATE_TEST_UNSET_KEY is not set" in capsys.readouterr().out
+    assert not (tmp_path / "e" / "optuna.db").exists()

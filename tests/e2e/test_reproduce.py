@@ -73,7 +73,11 @@ def test_a_job_judged_by_embeddings_records_its_judge_and_reproduces(tiny_model_
     the manifest, and back into the re-measurement."""
     out, _, _ = _run_and_export(tiny_model_dirs[0], tmp_path / "data", "--judge", "embedding")
     scoring = json.loads((out / MANIFEST_FILE).read_text())["scoring"]
-    assert scoring["judge"] == {"kind": "embedding", "threshold": None, "model": ""}
+    assert {key: scoring["judge"][key] for key in ("kind", "threshold", "model")} == {
+        "kind": "embedding",
+        "threshold": None,
+        "model": "",
+    }
     capsys.readouterr()
     assert cli.main(["reproduce", str(out), "--json"]) == 0
     result = json.loads(capsys.readouterr().out)
