@@ -268,9 +268,6 @@ def cmd_run(args: argparse.Namespace, console: Any) -> int:
                 else:
                     console.print("resuming would fail the same way: fix the input and run again")
                 return 1
-            if args.audit:
-                with console.status("auditing the Pareto front on long replies ..."):
-                    audit_job(client, job.id)
             front = client.pareto_front(job.id)
             console.print(front_table(front))
             if args.no_export:

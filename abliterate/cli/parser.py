@@ -157,13 +157,12 @@ def _add_job_flags(parser: argparse.ArgumentParser, defaults: bool) -> None:
     )
     _add_judge_flags(parser)
     parser.add_argument("--name", help="job name (default: derived from the model and the settings)")
-    if defaults:  # run: after the search, before the export
-        parser.add_argument(
-            "--audit",
-            action="store_true",
-            help="audit the Pareto front on long replies (100-150 tokens) before exporting; the "
-            "auto-selection then counts audited refusals",
-        )
+    parser.add_argument(
+        "--audit",
+        action="store_true",
+        help="after the search, audit the Pareto front on long replies (100-150 tokens, judged whole) and a "
+        "multiple-choice capability check; the auto-selection then counts audited refusals",
+    )
 
 
 def _add_client_flags(parser: argparse.ArgumentParser) -> None:

@@ -105,6 +105,8 @@ def build_spec(args: argparse.Namespace, file_data: dict | None = None) -> Any:
         spec.options.extraction.batch_size = args.batch_size
     if args.no_pruning:
         spec.options.disable_pruning = True
+    if args.audit:
+        spec.options.audit_front = True
     if args.kl_tokens is not None:
         spec.options.kl_tokens = args.kl_tokens
     judge = judge_from_flags(args, spec.options.judge if spec.options.HasField("judge") else None)

@@ -652,6 +652,33 @@ class Orchestrator:
         )
         self._write(runner, front_event)
 
+    def _audit_after_study(self, runner: _Runner, job: JobRecord, kl_cap: float) -> dict[str, Any]:
+        """The job's requested audit of its front; progress events around it, the new auto-selection."""
+        options = job.spec.options
+        self._write(
+            runner,
+            ev.progress_event(
+                common_pb2.Progress(phase="audit", done=0, total=1, message="auditing the Pareto front on long replies")
+            ),
+        )
+        try:
+            audited = self.audit(
+                gateway_pb2.AuditJobRequest(
+                    job_id=job.id,
+                    min_new_tokens=options.audit_min_new_tokens,
+                    max_new_tokens=options.audit_max_new_tokens,
+                )
+            )
+        except AbliterateError as exc:
+            log.warning("audit of job %s failed: %s", job.name, exc)
+            message = f"audit failed ({exc}); run AuditJob again"
+            self._write(runner, ev.progress_event(common_pb2.Progress(phase="audit", done=0, total=1, message=message)))
+            return {}
+        message = f"{len(audited.trials)} Pareto trials audited"
+        self._write(runner, ev.progress_event(common_pb2.Progress(phase="audit", done=1, total=1, message=message)))
+        front = ev.front_message(self._job_trials(job, pareto_only=True), kl_cap)
+        return {"auto_selected_trial": front.auto_selected_trial if front.HasField("auto_selected_trial") else None}
+
     def _on_done(self, runner: _Runner, job: JobRecord, done: optimizer_pb2.StudyDone, kl_cap: float) -> None:
         fields: dict[str, Any] = dict(n_trials_complete=done.n_complete, n_trials_failed=done.n_failed, eta_s=None)
         try:
@@ -661,6 +688,8 @@ class Orchestrator:
             log.warning("ListTrials after the study ended failed: %s", exc)
         state = done.state
         if state == optimizer_pb2.STUDY_STATE_DONE:
+            if job.spec.options.audit_front:
+                fields.update(self._audit_after_study(runner, job, kl_cap))
             self._transition(job.id, P.JOB_PHASE_SUCCEEDED, f"{done.n_complete} trials scored", runner=runner, **fields)
         elif state == optimizer_pb2.STUDY_STATE_STOPPED:
             # CancelJob detaches the runner before it stops the study, so a STOPPED seen here comes from
