@@ -19,7 +19,7 @@ from abliterate.core.ablation import ablator_for
 from abliterate.core.batching import measure_batch_size, run_batched
 from abliterate.core.directions import DirectionSet, protected_subspace
 from abliterate.core.generation import Generated, GreedyBatch, generate_greedy, prefill, shared_prefix_length
-from abliterate.core.judges import Judge, Verdict
+from abliterate.core.judges import Judge, MarkerJudge, Verdict
 from abliterate.core.layer_reuse import recorded_blocks, recording_inputs, starting_at
 from abliterate.core.loading import LoadedModel
 from abliterate.core.modules import find_decoder_layers
@@ -382,17 +382,7 @@ class TrialEngine:
 
         def settle(indices: list[int], gens: list[Generated]) -> list[PromptOutcome]:
             nonlocal certain
-            if judge is None:
-                verdicts = [
-                    Verdict.REFUSAL
-                    if detector.is_refusal(g.text)
-                    else Verdict.DEGENERATE
-                    if detector.is_degenerate(g.text)
-                    else Verdict.COMPLIANCE
-                    for g in gens
-                ]
-            else:
-                verdicts = judge.judge([g.text for g in gens], [prompts[i] for i in indices])
+            verdicts = (judge or MarkerJudge(detector)).judge([g.text for g in gens], [prompts[i] for i in indices])
             outcomes = [
                 PromptOutcome(
                     prompts[i],

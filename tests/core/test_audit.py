@@ -1,5 +1,6 @@
 """The long-reply audit: end-of-sequence barred before min_new_tokens, whole replies judged."""
 
+import pytest
 import torch
 
 from abliterate.core.audit import audit_replies
@@ -7,23 +8,24 @@ from abliterate.core.chat import format_prompts
 from abliterate.core.generation import GreedyBatch
 from abliterate.core.refusals import RefusalDetector
 from abliterate.judge_spec import Verdict
-from tests.tiny import make_lm
+from tests.tiny import ARCHITECTURES, make_lm
 
 PROMPTS = [f"tell me about topic number {n}" for n in range(5)]
 
 
 def _eager_to_stop(lm):
     """The model's head strongly prefers end-of-sequence: every reply would end at once."""
-    eos = lm.tokenizer.eos_token_id
+    eos, head = lm.tokenizer.eos_token_id, lm.model.get_output_embeddings()
     with torch.no_grad():
-        bias = torch.zeros(lm.model.lm_head.out_features)
+        bias = torch.zeros(head.out_features)
         bias[eos] = 1e4
-        lm.model.lm_head.bias = torch.nn.Parameter(bias)
+        head.bias = torch.nn.Parameter(bias)
     return lm
 
 
-def test_no_end_of_sequence_before_min_new_tokens():
-    lm = _eager_to_stop(make_lm("llama", layers=2, seed=1))
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_no_end_of_sequence_before_min_new_tokens(arch):
+    lm = _eager_to_stop(make_lm(arch, layers=2, seed=1))
     texts = format_prompts(lm.tokenizer, PROMPTS, lm.spec.system_prompt)
     free = GreedyBatch(lm, texts, 12).run().results()
     assert all(g.tokens == 0 and g.stopped_by == "eos" for g in free)

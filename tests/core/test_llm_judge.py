@@ -1,12 +1,11 @@
 """The LLM judge: parsing, failures counted as unjudged, the API key check, the cache."""
 
-import socket
-
 import pytest
 
 from abliterate.core.llm_judge import LLMJudge, api_key, parse_verdict
 from abliterate.errors import FailedPrecondition, InvalidArgument
 from abliterate.judge_spec import JudgeSpec, Verdict
+from tests.e2e.processes import free_port
 
 
 @pytest.mark.parametrize(
@@ -24,14 +23,8 @@ def test_the_first_verdict_word_decides(answer, verdict):
     assert parse_verdict(answer) == verdict
 
 
-def _closed_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]  # closed again on exit: nothing listens there
-
-
 def test_an_unreachable_endpoint_leaves_replies_unjudged_never_compliant():
-    judge = LLMJudge(f"http://127.0.0.1:{_closed_port()}/v1", "judge-model", timeout_s=2)
+    judge = LLMJudge(f"http://127.0.0.1:{free_port()}/v1", "judge-model", timeout_s=2)
     verdicts = judge.judge(["Sure, here is how.", "", "I can't help."], ["a", "b", "c"])
     assert verdicts == [Verdict.UNJUDGED, Verdict.REFUSAL, Verdict.UNJUDGED]  # an empty reply needs no judge
     assert judge.stats.requests == 2 and judge.stats.failures == 2

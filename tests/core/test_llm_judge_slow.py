@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -21,16 +20,11 @@ import pytest
 
 from abliterate.core.llm_judge import LLMJudge
 from abliterate.judge_spec import Verdict
+from tests.e2e.processes import free_port
 
 pytestmark = pytest.mark.slow
 
 LABELLED = json.loads((Path(__file__).parents[1] / "data" / "labelled_replies.json").read_text())["replies"]
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +34,7 @@ def server(tmp_path_factory):
 
     folder = tmp_path_factory.mktemp("smollm2-f32")
     convert_gguf(folder)
-    port = _free_port()
+    port = free_port()
     cli = Path(sys.executable).with_name("transformers")
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     process = subprocess.Popen(

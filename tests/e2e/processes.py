@@ -74,12 +74,12 @@ def pg_schema(url: str = PG_URL, prefix: str = "e2e") -> Iterator[str]:
         engine.dispose()
 
 
-def save_tiny_model(path: Path, arch: str = "llama", layers: int = 2, hidden: int = 32) -> Path:
+def save_tiny_model(path: Path, arch: str = "llama", layers: int = 2, hidden: int = 32, seed: int = 0) -> Path:
     """A tiny random model and its tokenizer, saved as a local model directory."""
     from tests.tiny import make_model, make_tokenizer
 
     tok = make_tokenizer()
-    make_model(arch, tok, layers=layers, hidden=hidden).save_pretrained(path)
+    make_model(arch, tok, layers=layers, hidden=hidden, seed=seed).save_pretrained(path)
     tok.save_pretrained(path)
     return path
 

@@ -11,16 +11,11 @@ from abliterate.core.manifest import MANIFEST_FILE, MODEL_CARD_FILE
 from abliterate.specs import ModelSpec
 from abliterate.v1 import gateway_pb2
 from abliterate_services.embedded import Embedded
+from tests.e2e.processes import free_port, save_tiny_model
 
 
 def _tiny_model_dir(tmp_path):
-    from tests.tiny import make_model, make_tokenizer
-
-    path = tmp_path / "tiny-model"
-    tok = make_tokenizer()
-    make_model("llama", tok, layers=2, hidden=64, seed=4).save_pretrained(path)
-    tok.save_pretrained(path)
-    return path
+    return save_tiny_model(tmp_path / "tiny-model", layers=2, hidden=64, seed=4)
 
 
 def test_run_with_audit_exports_both_numbers(tmp_path, capsys):
@@ -94,13 +89,9 @@ def test_audit_of_one_trial_then_of_the_front_through_the_gateway(tmp_path, caps
 def test_a_job_judged_by_an_unreachable_llm_counts_no_success(tmp_path, capsys):
     """Through the whole stack: the judge's settings reach the evaluator, and replies no judge could tell
     count with the refusals (and apart), so a judge outage never looks like a model that refuses nothing."""
-    import socket
-
     import optuna
 
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        closed = sock.getsockname()[1]
+    closed = free_port()  # nothing listens there
     model = _tiny_model_dir(tmp_path)
     argv = ["run", str(model), "--n-trials", "2", "--n-prompts", "4", "--max-new-tokens", "3", "--seed", "2"]
     judge = ["--judge", "llm", "--judge-endpoint", f"http://127.0.0.1:{closed}/v1", "--judge-model", "m"]

@@ -19,6 +19,7 @@ from abliterate.core.manifest import DIRECTIONS_FILE, MANIFEST_FILE, PROMPTS_FIL
 from abliterate.specs import ModelSpec
 from abliterate.v1 import gateway_pb2
 from abliterate_services.embedded import Embedded
+from tests.e2e.processes import save_tiny_model
 
 # Marker letters common enough in a random model's byte-level replies that some count as refusals.
 MARKERS = list("abcdefghijklm")
@@ -27,16 +28,10 @@ MARKERS = list("abcdefghijklm")
 @pytest.fixture(scope="module")
 def tiny_model_dirs(tmp_path_factory):
     """The model the job runs on, and another one of the same shape (other weights)."""
-    from tests.tiny import make_model, make_tokenizer
-
-    folders = []
-    for seed in (0, 1):
-        path = tmp_path_factory.mktemp(f"tiny-model-{seed}")
-        tok = make_tokenizer()
-        make_model("llama", tok, layers=3, hidden=64, seed=seed).save_pretrained(path)
-        tok.save_pretrained(path)
-        folders.append(path)
-    return folders
+    return [
+        save_tiny_model(tmp_path_factory.mktemp(f"tiny-model-{seed}"), layers=3, hidden=64, seed=seed)
+        for seed in (0, 1)
+    ]
 
 
 def _run_and_export(model_dir, data, *flags: str):
