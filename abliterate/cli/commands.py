@@ -28,7 +28,14 @@ from abliterate.cli.client import (
     submit_or_resume,
     watch,
 )
-from abliterate.cli.display import audit_table, front_table, geometry_table, make_console, phase_label
+from abliterate.cli.display import (
+    audit_table,
+    front_table,
+    geometry_table,
+    harness_table,
+    make_console,
+    phase_label,
+)
 from abliterate.cli.parser import build_parser
 from abliterate.cli.plot import plot_geometry, plot_trials, require_matplotlib
 from abliterate.cli.spec import (
@@ -387,6 +394,34 @@ def cmd_reproduce(args: argparse.Namespace, console: Any) -> int:
     return 0 if result.matches else 1
 
 
+def cmd_lm_eval(args: argparse.Namespace, console: Any) -> int:
+    import json
+
+    from abliterate.core.manifest import read_manifest
+
+    read_manifest(args.path)  # a missing or unreadable manifest is refused before torch loads
+    from abliterate.core.harness import HARNESS_FILE, compare, harness_rows  # torch, lazily
+
+    settings = dict(
+        tasks=[task.strip() for task in args.tasks.split(",") if task.strip()],
+        include_path=args.include_path,
+        model_source=args.model,
+        limit=args.limit,
+        num_fewshot=args.num_fewshot,
+        batch_size=args.batch_size,
+        apply_chat_template=args.apply_chat_template,
+    )
+    if args.json:
+        table = compare(args.path, **settings)
+        print(json.dumps({key: table[key] for key in table if key != "results"}))
+        return 0
+    with console.status("lm-eval ...") as status:
+        table = compare(args.path, **settings, progress=status.update)
+    console.print(harness_table(harness_rows(table)))
+    console.print(f"stored in {HARNESS_FILE} and the model card of the export")
+    return 0
+
+
 def cmd_copy_study(args: argparse.Namespace, console: Any) -> int:
     from abliterate.study_copy import copy_study
 
@@ -431,6 +466,7 @@ COMMANDS = {
     "audit": cmd_audit,
     "geometry": cmd_geometry,
     "reproduce": cmd_reproduce,
+    "lm-eval": cmd_lm_eval,
     "copy-study": cmd_copy_study,
     "serve": cmd_serve,
     "vast": cmd_vast,

@@ -140,6 +140,19 @@ def audit_table(trials: Any) -> Any:
     return table
 
 
+def harness_table(rows: Any) -> Any:
+    """lm-eval's metrics of the original and of the export side by side (core/harness.HarnessRow rows)."""
+    from rich.table import Table
+
+    table = Table(title="lm-evaluation-harness")
+    for name, justify in (("task", "left"), ("metric", "left"), ("original", "right"), ("abliterated", "right")):
+        table.add_column(name, justify=justify)
+    table.add_column("change", justify="right")
+    for row in rows:
+        table.add_row(row.task, row.metric, f"{row.original:.4f}", f"{row.edited:.4f}", f"{row.delta:+.4f}")
+    return table
+
+
 class JobWatcher:
     """Follows a WatchJob stream with a rich progress display; returns the final phase."""
 

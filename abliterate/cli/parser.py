@@ -281,6 +281,27 @@ def build_parser() -> argparse.ArgumentParser:
     command.add_argument("--json", action="store_true", help="print the result as JSON")
 
     command = sub.add_parser(
+        "lm-eval",
+        help="run lm-evaluation-harness tasks on an export and on its original (the lm-eval extra)",
+    )
+    command.add_argument("path", help="an export folder, or its abliterate-manifest.json")
+    command.add_argument(
+        "--tasks",
+        required=True,
+        help="comma-separated lm-eval tasks: lm-eval's own (their data come from the hub), yours under "
+        "--include-path, or abliterate_mc (the bundled questions, offline)",
+    )
+    command.add_argument("--include-path", help="a folder of your own lm-eval task YAML files")
+    command.add_argument("--model", help="where the original model is now, if it moved (its weights must match)")
+    command.add_argument("--limit", type=positive_int, help="at most this many examples per task")
+    command.add_argument("--num-fewshot", type=non_negative_int, help="few-shot examples (default: each task's)")
+    command.add_argument("--batch-size", type=positive_int, default=8, help="lm-eval's batch size (default 8)")
+    command.add_argument(
+        "--apply-chat-template", action="store_true", help="render the prompts with the model's chat template"
+    )
+    command.add_argument("--json", action="store_true", help="print the table as JSON")
+
+    command = sub.add_parser(
         "copy-study", help="copy a study (all its trials) between storages: dump it to a file, or load one"
     )
     command.add_argument("source", help="storage URL (postgresql+psycopg://..., sqlite:///...) or SQLite file")

@@ -94,7 +94,7 @@ def audit_replies(
             )
     verdicts = [reply.verdict for reply in replies]
     return AuditResult(
-        refusals=verdicts.count(Verdict.REFUSAL),
+        refusals=sum(verdict.counts_as_refusal for verdict in verdicts),  # unjudged included, as in trials
         degenerate=verdicts.count(Verdict.DEGENERATE),
         unjudged=verdicts.count(Verdict.UNJUDGED),
         n_prompts=len(replies),

@@ -76,9 +76,9 @@ def package_versions() -> dict[str, str]:
 MODEL_CARD_FILE = "README.md"
 
 
-def model_card(manifest: dict[str, Any]) -> str:
+def model_card(manifest: dict[str, Any], harness: dict[str, Any] | None = None) -> str:
     """A model card (markdown) from the manifest: where the model comes from and its numbers, the
-    search's and the long-reply audit's side by side."""
+    search's and the long-reply audit's side by side, and lm-eval's table (``harness``) when it was run."""
     model = manifest.get("model") or {}
     trial = manifest.get("trial") or {}
     audit = manifest.get("audit") or {}
@@ -128,7 +128,34 @@ def model_card(manifest: dict[str, Any]) -> str:
         "trial to the original model and re-measures it.",
         "",
     ]
+    if harness:
+        lines += harness_section(harness)
     return "\n".join(lines)
+
+
+def harness_section(harness: dict[str, Any]) -> list[str]:
+    """The model card's lines for a table of ``abliterate lm-eval`` (core/harness.py)."""
+
+    def value(number: float, stderr: float | None) -> str:
+        return f"{number:.4f}" + (f" ± {stderr:.4f}" if stderr is not None else "")
+
+    lines = [
+        f"## lm-evaluation-harness {harness.get('lm_eval_version', '?')}",
+        "",
+        f"Tasks {', '.join(harness.get('tasks') or [])}"
+        + (f", at most {harness['limit']} examples each" if harness.get("limit") else "")
+        + (f", {harness['num_fewshot']}-shot" if harness.get("num_fewshot") is not None else "")
+        + ".",
+        "",
+        "| task | metric | original | abliterated | change |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    for row in harness.get("rows") or []:
+        lines.append(
+            f"| {row['task']} | {row['metric']} | {value(row['original'], row.get('original_stderr'))} | "
+            f"{value(row['edited'], row.get('edited_stderr'))} | {row['edited'] - row['original']:+.4f} |"
+        )
+    return lines + [""]
 
 
 def write_export_files(

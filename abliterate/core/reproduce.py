@@ -17,7 +17,7 @@ from typing import Any
 
 from abliterate.core.directions import DirectionSet
 from abliterate.core.judges import make_judge
-from abliterate.core.loading import load_model
+from abliterate.core.loading import LoadedModel, load_model
 from abliterate.core.manifest import read_directions, read_manifest, read_prompts, weights_sha256
 from abliterate.core.refusals import RefusalDetector
 from abliterate.core.scoring import TrialEngine
@@ -62,8 +62,10 @@ class Reproduction:
         return all(checks) if checks else None
 
 
-def _model_spec(manifest: dict[str, Any], scoring: dict[str, Any], model_source: str | None) -> ModelSpec:
+def original_model_spec(manifest: dict[str, Any], model_source: str | None = None) -> ModelSpec:
+    """The spec of the unedited model the manifest records (``model_source``: where it is now, if it moved)."""
     model = manifest.get("model") or {}
+    scoring = manifest.get("scoring") or {}
     source = model_source or model.get("source")
     if not source:
         raise InvalidArgument("the manifest names no model source; pass one (--model)")
@@ -75,6 +77,24 @@ def _model_spec(manifest: dict[str, Any], scoring: dict[str, Any], model_source:
         system_prompt=scoring.get("system_prompt", ""),
         chat_template_mode=scoring.get("chat_template_mode", "chat"),
     ).validate()
+
+
+def load_original(
+    manifest: dict[str, Any], model_source: str | None = None, progress: Callable[[str], None] = lambda message: None
+) -> LoadedModel:
+    """Load the unedited model the manifest records and check that its weights hash to the recorded sha256."""
+    spec = original_model_spec(manifest, model_source)
+    progress(f"loading {spec.source} ...")
+    lm = load_model(spec)
+    progress("hashing its weights ...")
+    recorded_hash = (manifest.get("model") or {}).get("weights_sha256")
+    found_hash = weights_sha256(lm.model)
+    if found_hash != recorded_hash:
+        raise FailedPrecondition(
+            f"the weights of {spec.source} hash to {found_hash[:16]}..., the manifest recorded "
+            f"{str(recorded_hash)[:16]}...: not the model this trial was made from"
+        )
+    return lm
 
 
 def reproduce(
@@ -95,17 +115,7 @@ def reproduce(
     prompts = read_prompts(folder, manifest)
     directions = DirectionSet.from_bytes(read_directions(folder, manifest))
     params = AblationParams.from_dict(manifest.get("params") or {})
-    spec = _model_spec(manifest, scoring, model_source)
-    progress(f"loading {spec.source} ...")
-    lm = load_model(spec)
-    progress("hashing its weights ...")
-    recorded_hash = (manifest.get("model") or {}).get("weights_sha256")
-    found_hash = weights_sha256(lm.model)
-    if found_hash != recorded_hash:
-        raise FailedPrecondition(
-            f"the weights of {spec.source} hash to {found_hash[:16]}..., the manifest recorded "
-            f"{str(recorded_hash)[:16]}...: not the model this trial was made from"
-        )
+    lm = load_original(manifest, model_source, progress)
     params.validate(lm.n_layers)
     markers = tuple(scoring.get("refusal_markers") or ())
     engine = TrialEngine(

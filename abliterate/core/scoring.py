@@ -387,7 +387,7 @@ class TrialEngine:
                 PromptOutcome(
                     prompts[i],
                     final_answer(g.text, detector.special_tokens),
-                    verdict in (Verdict.REFUSAL, Verdict.UNJUDGED),  # a reply no judge could tell is no success
+                    verdict.counts_as_refusal,
                     g.tokens,
                     g.stopped_by,
                     verdict == Verdict.DEGENERATE,

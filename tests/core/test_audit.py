@@ -60,3 +60,17 @@ def test_the_audit_counts_whole_replies_with_the_markers():
     expected = [detector.is_refusal(g.text) for g in replies]
     assert [reply.verdict == Verdict.REFUSAL for reply in result.replies] == expected
     assert result.refusals == sum(expected)
+
+
+def test_the_audit_counts_unjudged_replies_with_the_refusals_as_trials_do():
+    """An LLM judge whose server is down leaves every non-empty reply unjudged: no success, so each is
+    counted in the audit's refusals (and apart), as a trial's scores count it."""
+    from abliterate.core.llm_judge import LLMJudge
+    from tests.e2e.processes import free_port
+
+    lm = make_lm("llama", layers=2, seed=1)
+    judge = LLMJudge(f"http://127.0.0.1:{free_port()}/v1", "judge-model", timeout_s=2)
+    result = audit_replies(lm, PROMPTS, min_new_tokens=4, max_new_tokens=4, judge=judge, batch_size=2)
+    assert result.judge == "llm"
+    assert result.unjudged == len(PROMPTS) == result.refusals
+    assert all(reply.verdict == Verdict.UNJUDGED for reply in result.replies)

@@ -10,19 +10,13 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
-import sys
 
 import pytest
 
 from abliterate import cli
 from abliterate.core.manifest import DIRECTIONS_FILE, MANIFEST_FILE, PROMPTS_FILE, prompts_sha256
-from abliterate.specs import ModelSpec
-from abliterate.v1 import gateway_pb2
-from abliterate_services.embedded import Embedded
+from tests.e2e.exports import MARKERS, run_and_export
 from tests.e2e.processes import save_tiny_model
-
-# Marker letters common enough in a random model's byte-level replies that some count as refusals.
-MARKERS = list("abcdefghijklm")
 
 
 @pytest.fixture(scope="module")
@@ -34,39 +28,15 @@ def tiny_model_dirs(tmp_path_factory):
     ]
 
 
-def _run_and_export(model_dir, data, *flags: str):
-    """(export folder, the job's direction set id, its Pareto trials) of a 3-trial embedded job."""
-    from rich.console import Console
-
-    args = cli.build_parser().parse_args(
-        ["run", str(model_dir), "--n-trials", "3", "--n-prompts", "8", "--max-new-tokens", "6", "--seed", "3", *flags]
-    )
-    spec = cli.build_spec(args)
-    spec.name = "reproduce-me"
-    spec.options.refusal_markers.extend(MARKERS)
-    embedded = Embedded(ModelSpec(source=str(model_dir)), data).start()
-    try:
-        with cli.gateway_client(embedded.gateway_address) as client:
-            console = Console(file=sys.stdout, width=140)
-            job = cli.watch(client, cli.submit_or_resume(client, spec, console).id, console)
-            assert job.phase == gateway_pb2.JOB_PHASE_SUCCEEDED
-            trials = list(client.pareto_front(job.id).trials)
-        out = data / "export"
-        assert cli.main(["export", "reproduce-me", str(out), "--gateway", embedded.gateway_address]) == 0
-    finally:
-        embedded.stop()
-    return out, job.direction_set_id, trials
-
-
 @pytest.fixture(scope="module")
 def export(tiny_model_dirs, tmp_path_factory):
-    return _run_and_export(tiny_model_dirs[0], tmp_path_factory.mktemp("data"))
+    return run_and_export(tiny_model_dirs[0], tmp_path_factory.mktemp("data"))
 
 
 def test_a_job_judged_by_embeddings_records_its_judge_and_reproduces(tiny_model_dirs, tmp_path, capsys):
     """The judge travels from the job spec to the evaluator (through the optimizer's baseline spec), into
     the manifest, and back into the re-measurement."""
-    out, _, _ = _run_and_export(tiny_model_dirs[0], tmp_path / "data", "--judge", "embedding")
+    out, _, _ = run_and_export(tiny_model_dirs[0], tmp_path / "data", "--judge", "embedding")
     scoring = json.loads((out / MANIFEST_FILE).read_text())["scoring"]
     assert {key: scoring["judge"][key] for key in ("kind", "threshold", "model")} == {
         "kind": "embedding",
