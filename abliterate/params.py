@@ -91,6 +91,9 @@ class AblationParams:
     direction_index: float | None = None
     components: dict[str, ComponentParams] = field(default_factory=dict)
     row_normalization: RowNormalization = RowNormalization.NONE
+    # Relative weights of a subspace's directions after the first (whose weight is the kernel's): the
+    # edit removes sum_j w * s_j u_j u_j^T jointly. Empty: the first direction alone.
+    subspace_weights: tuple[float, ...] = ()
 
     def validate(self, n_layers: int, known_components: list[str] | None = None) -> None:
         if self.direction_scope == DirectionScope.GLOBAL:
@@ -102,6 +105,9 @@ class AblationParams:
                 raise InvalidArgument(f"direction_index {self.direction_index} is outside [0, {n_layers - 1}]")
         if not self.components:
             raise InvalidArgument("no component parameters given: nothing would be edited")
+        for index, value in enumerate(self.subspace_weights):
+            if not isinstance(value, (int, float)) or not math.isfinite(value) or not 0 <= value <= 1:
+                raise InvalidArgument(f"subspace_weights[{index}] must be a number in [0, 1], got {value!r}")
         for name, comp in self.components.items():
             if known_components is not None and name not in known_components:
                 raise InvalidArgument(f"unknown component {name!r}; this model has {sorted(known_components)}")
@@ -119,6 +125,7 @@ class AblationParams:
             "direction_index": self.direction_index,
             "row_normalization": self.row_normalization.value,
             "components": {name: asdict(c) for name, c in self.components.items()},
+            **({"subspace_weights": list(self.subspace_weights)} if self.subspace_weights else {}),
         }
 
     @classmethod
@@ -129,6 +136,7 @@ class AblationParams:
                 direction_index=data.get("direction_index"),
                 row_normalization=RowNormalization(data.get("row_normalization", "none")),
                 components={name: ComponentParams(**c) for name, c in data.get("components", {}).items()},
+                subspace_weights=tuple(float(value) for value in data.get("subspace_weights", ())),
             )
         except (TypeError, ValueError) as exc:
             raise InvalidArgument(f"bad ablation parameters: {exc}") from exc

@@ -102,3 +102,21 @@ def test_multi_token_kl_is_a_flag():
     assert cli.build_spec(parse(["run", "m", "--kl-tokens", "3"])).options.kl_tokens == 3
     assert cli.build_spec(parse(["run", "m"])).options.kl_tokens == 0  # 0 = the first token only
     assert cli.main(["run", "m", "--kl-tokens", "0"]) == 2
+
+
+def test_direction_method_flags_and_the_job_file_reach_the_spec_and_conflicts_are_refused(tmp_path):
+    from abliterate.cli.spec import read_job_file
+    from abliterate.errors import InvalidArgument
+    from abliterate.v1 import common_pb2
+    from abliterate_services.gateway.orchestrator import validate_spec
+
+    parse = cli.build_parser().parse_args
+    spec = cli.build_spec(parse(["run", "m", "--direction-method", "subspace", "--n-directions", "3"]))
+    extraction = spec.options.extraction
+    assert (extraction.direction_method, extraction.n_directions) == (common_pb2.DIRECTION_METHOD_SUBSPACE, 3)
+    job_file = tmp_path / "job.toml"
+    job_file.write_text('[options.extraction]\ndirection_method = "DIRECTION_METHOD_SUBSPACE"\nn_directions = 4\n')
+    from_file = cli.build_spec(parse(["run", "m"]), read_job_file(str(job_file))).options.extraction
+    assert (from_file.direction_method, from_file.n_directions) == (common_pb2.DIRECTION_METHOD_SUBSPACE, 4)
+    with pytest.raises(InvalidArgument, match="n_directions .* needs direction_method"):
+        validate_spec(cli.build_spec(parse(["run", "m", "--n-directions", "3"])))

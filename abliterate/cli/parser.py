@@ -106,6 +106,10 @@ def _add_judge_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--judge-timeout", type=positive_float, help="llm judge: seconds per request (default 60)")
 
 
+# --direction-method choices -> the ExtractionOptions.direction_method enum value's name.
+DIRECTION_METHODS = {"mean_difference": "DIRECTION_METHOD_MEAN_DIFFERENCE", "subspace": "DIRECTION_METHOD_SUBSPACE"}
+
+
 def _add_job_flags(parser: argparse.ArgumentParser, defaults: bool) -> None:
     """Flags that build a JobSpec (shared by run and submit)."""
     parser.add_argument("--gguf-file", help="GGUF file name inside MODEL (a repo or directory)")
@@ -140,6 +144,13 @@ def _add_job_flags(parser: argparse.ArgumentParser, defaults: bool) -> None:
     )
     parser.add_argument("--n-ei-candidates", type=positive_int, help="candidates TPE scores per trial (default 128)")
     parser.add_argument("--batch-size", type=positive_int, help="prompts per forward pass (default: automatic)")
+    parser.add_argument(
+        "--direction-method",
+        choices=list(DIRECTION_METHODS),
+        help="how the extractor finds the directions: mean_difference (default, one per residual) or "
+        "subspace (k per residual, removed jointly; the search weighs the further ones; docs/methods.md)",
+    )
+    parser.add_argument("--n-directions", type=positive_int, help="subspace: directions per residual (default 2)")
     parser.add_argument("--dtype", help="auto, bfloat16, float16 or float32")
     parser.add_argument(
         "--no-pruning",

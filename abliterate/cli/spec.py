@@ -10,7 +10,7 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
-from abliterate.cli.parser import DEFAULT_N_TRIALS, DEFAULT_SETS, PROMPT_SET_FLAGS
+from abliterate.cli.parser import DEFAULT_N_TRIALS, DEFAULT_SETS, DIRECTION_METHODS, PROMPT_SET_FLAGS
 from abliterate.errors import AbliterateError, InvalidArgument
 
 # Plain files that abliterate.core.prompts reads itself; other local sources (dataset directories,
@@ -103,6 +103,14 @@ def build_spec(args: argparse.Namespace, file_data: dict | None = None) -> Any:
             setattr(spec.options.search_space, flag, value)
     if args.batch_size is not None:
         spec.options.extraction.batch_size = args.batch_size
+    if args.direction_method is not None:
+        from abliterate.v1 import common_pb2
+
+        spec.options.extraction.direction_method = common_pb2.DirectionMethod.Value(
+            DIRECTION_METHODS[args.direction_method]
+        )
+    if args.n_directions is not None:
+        spec.options.extraction.n_directions = args.n_directions
     if args.no_pruning:
         spec.options.disable_pruning = True
     if args.audit:

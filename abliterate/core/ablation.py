@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import torch
 
-from abliterate.core.directions import global_direction, remove_subspace
+from abliterate.core.directions import global_direction, remove_subspace, subspace_basis
 from abliterate.core.modules import EditableMatrix, ModuleMap, discover
 from abliterate.core.weight_files import WeightFiles
 from abliterate.errors import FailedPrecondition, InvalidArgument
@@ -38,8 +38,15 @@ from abliterate.params import AblationParams, DirectionScope, RowNormalization
 _EPS = 1e-8
 
 
-def _project_out(vectors: torch.Tensor, r: torch.Tensor, w: float) -> torch.Tensor:
-    """``v - w r (r . v)`` for every column of ``vectors`` (..., out, n)."""
+def _project_out(vectors: torch.Tensor, r: torch.Tensor, w) -> torch.Tensor:
+    """``v - w r (r . v)`` for every column of ``vectors`` (..., out, n).
+
+    ``r`` (k, out) orthonormal rows with ``w`` (k,) weights: the joint edit ``v - U^T diag(w) (U v)``
+    (at weights 1 the projection off the whole span, not k sequential ones).
+    """
+    if r.dim() == 2:
+        coefficients = (r @ vectors) * w[:, None]  # (k, out) @ (..., out, n) -> (..., k, n), weighted
+        return vectors - r.transpose(0, 1) @ coefficients  # (out, k) @ (..., k, n) -> (..., out, n)
     return vectors - w * r[:, None] * (r @ vectors).unsqueeze(-2)  # (out, 1) * (..., 1, n) -> (..., out, n)
 
 
@@ -50,7 +57,10 @@ def edit_matrix(
     out_axis: int,
     row_normalization: RowNormalization = RowNormalization.NONE,
 ) -> torch.Tensor:
-    """Return the edited copy of ``weight`` (any of (out, in), (E, out, in), (E, in, out))."""
+    """Return the edited copy of ``weight`` (any of (out, in), (E, out, in), (E, in, out)).
+
+    ``r``: a unit direction (out,) with weight ``w``, or a subspace (k, out) with weights ``w`` (k,).
+    """
     # View as (..., out, in) so every case is the same matrix algebra.
     mat = weight.float()
     if weight.dim() == 3 and out_axis == 2:
@@ -58,6 +68,8 @@ def edit_matrix(
     elif weight.dim() == 2 and out_axis != 0:
         raise InvalidArgument(f"a 2-D matrix must have its output on axis 0, got {out_axis}")
     r = r.to(device=mat.device, dtype=torch.float32)
+    if r.dim() == 2:
+        w = torch.as_tensor(w, dtype=torch.float32, device=mat.device)  # (k,)
     if row_normalization == RowNormalization.NONE:
         edited = _project_out(mat, r, w)  # (..., out, in)
     elif row_normalization == RowNormalization.COLUMN:
@@ -82,7 +94,11 @@ def edit_bias(
     """Return the edited copy of an output bias, (out,) or per expert (E, out)."""
     vec = bias.float()
     r = r.to(device=vec.device, dtype=torch.float32)
-    edited = vec - w * (vec @ r)[..., None] * r  # (..., 1) * (out,) -> (..., out), with ... = () or (E,)
+    if r.dim() == 2:  # a subspace (k, out), weights (k,)
+        weights = torch.as_tensor(w, dtype=torch.float32, device=vec.device)
+        edited = vec - ((vec @ r.transpose(0, 1)) * weights) @ r  # (..., k) @ (k, out) -> (..., out)
+    else:
+        edited = vec - w * (vec @ r)[..., None] * r  # (..., 1) * (out,) -> (..., out), with ... = () or (E,)
     if row_normalization == RowNormalization.COLUMN:
         edited = edited * (vec.norm(dim=-1, keepdim=True) / edited.norm(dim=-1, keepdim=True).clamp_min(_EPS))
     return edited.to(bias.dtype)
@@ -133,9 +149,14 @@ class Ablator:
             self._originals[key] = (param, param.detach().clone())
 
     def directions_for(
-        self, params: AblationParams, refusal: torch.Tensor, protected: torch.Tensor | None = None
+        self,
+        params: AblationParams,
+        refusal: torch.Tensor,
+        protected: torch.Tensor | None = None,
+        subspace: torch.Tensor | None = None,
     ) -> list[torch.Tensor]:
-        """The direction each block uses.
+        """The direction each block uses: (d,), or a basis (1 + len(subspace_weights), d) when the
+        parameters weight a subspace's further directions (``subspace`` (L+1, k, d), row 0 = refusal).
 
         ``protected`` (L+1, k, d): per residual index an orthonormal basis the
         edit must not touch (sacred directions). Per-layer directions were
@@ -151,6 +172,26 @@ class Ablator:
             raise FailedPrecondition(
                 f"direction set has hidden size {refusal.shape[1]}; this model has {self.module_map.hidden_size}"
             )
+        primary = self._primary_directions(params, refusal, protected)
+        extra = len(params.subspace_weights)
+        if not extra:
+            return primary
+        available = 0 if subspace is None else subspace.shape[1] - 1
+        if extra > available:
+            raise FailedPrecondition(
+                f"the parameters weight {extra} subspace direction(s) beyond the first; the direction set has "
+                f"{available} (extract it with direction_method SUBSPACE and n_directions >= {extra + 1})"
+            )
+        kept = subspace[:, : extra + 1]  # (L+1, 1 + extra, d)
+        if params.direction_scope == DirectionScope.GLOBAL:
+            bases = subspace_basis(kept, params.direction_index, torch.stack(primary), protected)  # (L, k, d)
+        else:
+            bases = kept[1:]  # (L, k, d): block l uses residual l+1
+        return list(bases)
+
+    def _primary_directions(
+        self, params: AblationParams, refusal: torch.Tensor, protected: torch.Tensor | None
+    ) -> list[torch.Tensor]:
         if params.direction_scope == DirectionScope.GLOBAL:
             r = global_direction(refusal, params.direction_index)  # (d,)
             if protected is None:
@@ -160,10 +201,21 @@ class Ablator:
             return list(remove_subspace(stacked, protected[1:], what="the global refusal direction"))
         return [refusal[layer + 1] for layer in range(self.n_layers)]  # (L+1, d) -> L rows (d,), block l: row l+1
 
-    def apply(self, params: AblationParams, refusal: torch.Tensor, protected: torch.Tensor | None = None) -> int:
+    @staticmethod
+    def weights_for(params: AblationParams, w: float) -> float | list[float]:
+        """A block's kernel weight ``w``, or per direction ``[w, w * s_1, ...]`` for a subspace edit."""
+        return [w] + [w * s for s in params.subspace_weights] if params.subspace_weights else w
+
+    def apply(
+        self,
+        params: AblationParams,
+        refusal: torch.Tensor,
+        protected: torch.Tensor | None = None,
+        subspace: torch.Tensor | None = None,
+    ) -> int:
         """Reset, then edit. Returns the number of matrices edited."""
         params.validate(self.n_layers, self.module_map.components)
-        directions = self.directions_for(params, refusal, protected)
+        directions = self.directions_for(params, refusal, protected, subspace)
         self.reset()
         edited = 0
         with torch.no_grad():
@@ -173,7 +225,8 @@ class Ablator:
                     if w == 0:  # weights are >= 0 (validated); 0 leaves the block alone
                         continue
                     for matrix in self.module_map.layers[layer].get(component, []):
-                        self._edit(matrix, directions[layer], w, params.row_normalization, layer)
+                        block_weights = self.weights_for(params, w)
+                        self._edit(matrix, directions[layer], block_weights, params.row_normalization, layer)
                         edited += 1
                         first = self.first_edited_layer
                         self.first_edited_layer = layer if first is None else min(first, layer)
@@ -181,7 +234,7 @@ class Ablator:
         return edited
 
     def _edit(
-        self, matrix: EditableMatrix, r: torch.Tensor, w: float, row_normalization: RowNormalization, layer: int
+        self, matrix: EditableMatrix, r: torch.Tensor, w, row_normalization: RowNormalization, layer: int
     ) -> None:
         updates = [(matrix.param, edit_matrix(matrix.param.data, r, w, matrix.out_axis, row_normalization))]
         if matrix.bias is not None:

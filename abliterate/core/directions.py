@@ -87,6 +87,15 @@ class DirectionSet:
     sacred: torch.Tensor | None = None
     refusal_raw: torch.Tensor | None = None
     metadata: dict[str, str] = field(default_factory=dict)
+    # (L+1, k, d) orthonormal rows per residual, row 0 = ``refusal``: the subspace a multi-direction edit
+    # removes jointly (refusal_subspace), or None for a single direction.
+    subspace: torch.Tensor | None = None
+    # (L+1, k): the share of the harmful prompts' offsets from the harmless mean along each subspace row.
+    subspace_energy: torch.Tensor | None = None
+
+    @property
+    def n_directions(self) -> int:
+        return 1 if self.subspace is None else self.subspace.shape[1]
 
     @property
     def n_residuals(self) -> int:
@@ -102,6 +111,10 @@ class DirectionSet:
             out["sacred"] = self.sacred
         if self.refusal_raw is not None:
             out["refusal_raw"] = self.refusal_raw
+        if self.subspace is not None:
+            out["subspace"] = self.subspace
+            if self.subspace_energy is not None:
+                out["subspace_energy"] = self.subspace_energy
         if self.diagnostics:
             out["diagnostics"] = torch.tensor(  # (L+1, 4)
                 [
@@ -145,6 +158,14 @@ class DirectionSet:
                     f"{key} must have the refusal directions' shape {list(refusal.shape)}, "
                     f"got {list(tensors[key].shape)}"
                 )
+        subspace = tensors.get("subspace")
+        if subspace is not None:
+            if subspace.dim() != 3 or subspace.shape[0] != refusal.shape[0] or subspace.shape[2] != refusal.shape[1]:
+                raise InvalidArgument(
+                    f"subspace must be 3-D ({refusal.shape[0]}, k, {refusal.shape[1]}), got {list(subspace.shape)}"
+                )
+            if not torch.isfinite(subspace).all():
+                raise InvalidArgument("the subspace contains NaN or Inf")
         diagnostics = []
         if "diagnostics" in tensors:
             shape = tuple(tensors["diagnostics"].shape)
@@ -161,6 +182,8 @@ class DirectionSet:
             sacred=tensors.get("sacred"),
             refusal_raw=tensors.get("refusal_raw"),
             metadata=metadata,
+            subspace=subspace,
+            subspace_energy=tensors.get("subspace_energy"),
         )
 
 
@@ -323,6 +346,75 @@ def protect_sacred(directions: DirectionSet, sacred: torch.Tensor) -> DirectionS
     directions.metadata["sacred_orthogonalized"] = "True"
     directions.refusal = orthogonalize_against(directions.refusal, protected_subspace(directions))  # (L+1, d)
     return directions
+
+
+def complete_basis(primary: torch.Tensor, extras: torch.Tensor, protected: torch.Tensor | None = None) -> torch.Tensor:
+    """Per row, ``primary`` (n, d) unit followed by an orthonormal basis of what of ``extras`` (n, m, d) lies
+    outside span(primary, protected (n, p, d)): (n, 1 + m, d).
+
+    The primary row is kept as it is, so a subspace always contains the single-direction edit's ``r``.
+    A row of ``extras`` with nothing left (within 1e-6 of its norm) becomes zero, which the joint
+    projection ``v - U^T (U v)`` ignores.
+    """
+    p, e = primary.double(), extras.double()
+    excluded = p[:, None, :] if protected is None else joint_basis(protected, primary).double()  # (n, q, d)
+    rest = e - torch.einsum("nmq,nqd->nmd", torch.einsum("nmd,nqd->nmq", e, excluded), excluded)  # (n, m, d)
+    q, upper = torch.linalg.qr(rest.transpose(1, 2))  # (n, d, m) orthonormal columns, (n, m, m)
+    scale = e.norm(dim=2).clamp_min(EPS)  # (n, m)
+    kept = upper.diagonal(dim1=1, dim2=2).abs() > 1e-6 * scale  # (n, m): a column with something left
+    rows = q.transpose(1, 2) * kept[..., None]  # (n, m, d)
+    return torch.cat([_normalize(p)[:, None, :], rows], dim=1).float().contiguous()  # (n, 1 + m, d)
+
+
+def refusal_subspace(h_bad: torch.Tensor, h_good: torch.Tensor, directions: DirectionSet, k: int) -> DirectionSet:
+    """Attach a k-direction subspace per residual to ``directions`` (built from the same residuals).
+
+    Row 0 is the set's refusal direction ``r`` (projected and sacred-protected as the set is). The
+    others are the top right singular vectors of the harmful prompts' offsets from the harmless mean,
+    ``D = H_bad - mean(H_good)`` (N_bad, d) per residual, after the components along ``r`` and the
+    protected subspace are taken out of ``D``: the directions of the harmful-vs-harmless shift that
+    ``r`` misses. Each is signed so that the harmful prompts' mean offset projects positively (the
+    edit depends only on the span). ``subspace_energy[l, j]``: the share of ``||D||^2`` along row j.
+    """
+    if k < 2:
+        raise InvalidArgument(f"a subspace needs at least 2 directions, got {k}")
+    n_bad = h_bad.shape[0]
+    if n_bad < k:
+        raise InvalidArgument(f"{k} subspace directions need at least {k} harmful prompts, got {n_bad}")
+    offsets = h_bad.double().transpose(0, 1) - h_good.double().mean(0)[:, None, :]  # (L+1, N_bad, d)
+    refusal = directions.refusal.double()  # (L+1, d)
+    protected = protected_subspace(directions)
+    if protected is None and directions.metadata.get("projected") == "True":
+        # Projected directions leave the harmless mean alone; so do the extra ones.
+        protected = _normalize(directions.good_mean.double())[:, None, :].float()  # (L+1, 1, d)
+    excluded = joint_basis(protected, directions.refusal).double() if protected is not None else refusal[:, None, :]
+    # (L+1, N, d) minus its part in the excluded span (L+1, q, d)
+    rest = offsets - torch.einsum("lnq,lqd->lnd", torch.einsum("lnd,lqd->lnq", offsets, excluded), excluded)
+    _, _, vh = torch.linalg.svd(rest, full_matrices=False)  # vh: (L+1, min(N, d), d), batched over residuals
+    extras = vh[:, : k - 1]  # (L+1, k-1, d)
+    mean_offset = rest.mean(1)  # (L+1, d)
+    signs = torch.sign(torch.einsum("lmd,ld->lm", extras, mean_offset))  # (L+1, k-1)
+    extras = extras * torch.where(signs == 0, torch.ones_like(signs), signs)[..., None]
+    basis = complete_basis(directions.refusal, extras.float(), protected)  # (L+1, k, d)
+    along = torch.einsum("lnd,lkd->lnk", offsets, basis.double())  # (L+1, N, k)
+    energy = along.pow(2).sum(1) / offsets.pow(2).sum((1, 2))[:, None].clamp_min(EPS)  # (L+1, k)
+    directions.subspace = basis
+    directions.subspace_energy = energy.float()
+    directions.metadata["direction_method"] = "subspace"
+    directions.metadata["n_directions"] = str(k)
+    return directions
+
+
+def subspace_basis(subspace: torch.Tensor, index: float, primary: torch.Tensor, protected=None) -> torch.Tensor:
+    """The basis a global-scope subspace edit uses at every block: (L, k, d).
+
+    ``primary`` (L, d): each block's global direction. The other rows are those of the residual the
+    global direction starts from (``floor(index) + 1``, as in global_direction), completed per block
+    against that block's primary and protected subspace (complete_basis).
+    """
+    extras = subspace[math.floor(index) + 1, 1:]  # (k-1, d)
+    n_blocks = primary.shape[0]
+    return complete_basis(primary, extras.expand(n_blocks, -1, -1), None if protected is None else protected[1:])
 
 
 def global_direction(refusal: torch.Tensor, index: float) -> torch.Tensor:

@@ -520,7 +520,9 @@ class TrialEngine:
     def apply(self, params: AblationParams) -> int:
         if self.directions is None:
             raise FailedPrecondition("no direction set loaded")
-        return self.ablator.apply(params, self.directions.refusal, protected_subspace(self.directions))
+        return self.ablator.apply(
+            params, self.directions.refusal, protected_subspace(self.directions), self.directions.subspace
+        )
 
     def evaluate(
         self, params: AblationParams, keep_edited: bool = False, front: Sequence[ScorePoint] = ()

@@ -45,6 +45,7 @@ def params_to_pb(params: AblationParams) -> pb.AblationParams:
                 min_weight_distance=c.min_weight_distance,
             )
         )
+    msg.subspace_weights.extend(params.subspace_weights)
     return msg
 
 
@@ -67,6 +68,7 @@ def params_from_pb(msg: pb.AblationParams) -> AblationParams:
             name: ComponentParams(k.max_weight, k.max_weight_position, k.min_weight, k.min_weight_distance)
             for name, k in msg.components.items()
         },
+        subspace_weights=tuple(msg.subspace_weights),
     )
 
 
@@ -184,3 +186,25 @@ def judge_spec_from_pb(message: pb.RefusalJudge | None) -> JudgeSpec:
         api_key_env=message.api_key_env,
         timeout_s=message.timeout_s or None,
     ).validate()
+
+
+# A subspace of more directions than this removes more than the refusal behaviour and costs a
+# (L+1, N, d) SVD; 16 is far past where the measured energy shares flatten out (docs/methods.md).
+MAX_SUBSPACE_DIRECTIONS = 16
+
+
+def check_direction_method(options: pb.ExtractionOptions, prefix: str = "options") -> None:
+    """INVALID_ARGUMENT for a direction method and count that do not go together (gateway and extractor)."""
+    if options.direction_method not in pb.DirectionMethod.values():
+        raise InvalidArgument(f"{prefix}.direction_method: unknown value {options.direction_method}")
+    if options.direction_method == pb.DIRECTION_METHOD_SUBSPACE:
+        if options.n_directions == 1 or options.n_directions > MAX_SUBSPACE_DIRECTIONS:
+            raise InvalidArgument(
+                f"{prefix}.n_directions must be 0 (= 2) or in [2, {MAX_SUBSPACE_DIRECTIONS}] for the subspace "
+                f"method, got {options.n_directions}"
+            )
+    elif options.n_directions:
+        raise InvalidArgument(
+            f"{prefix}.n_directions ({options.n_directions}) needs direction_method DIRECTION_METHOD_SUBSPACE; "
+            "the mean difference is one direction"
+        )

@@ -24,6 +24,11 @@ class RowNormalization(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     ROW_NORMALIZATION_FULL: _ClassVar[RowNormalization]
     ROW_NORMALIZATION_COLUMN: _ClassVar[RowNormalization]
 
+class DirectionMethod(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    DIRECTION_METHOD_MEAN_DIFFERENCE: _ClassVar[DirectionMethod]
+    DIRECTION_METHOD_SUBSPACE: _ClassVar[DirectionMethod]
+
 class FinishReason(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     FINISH_REASON_UNSPECIFIED: _ClassVar[FinishReason]
@@ -52,6 +57,8 @@ ROW_NORMALIZATION_NONE: RowNormalization
 ROW_NORMALIZATION_PRE: RowNormalization
 ROW_NORMALIZATION_FULL: RowNormalization
 ROW_NORMALIZATION_COLUMN: RowNormalization
+DIRECTION_METHOD_MEAN_DIFFERENCE: DirectionMethod
+DIRECTION_METHOD_SUBSPACE: DirectionMethod
 FINISH_REASON_UNSPECIFIED: FinishReason
 FINISH_REASON_STOP: FinishReason
 FINISH_REASON_LENGTH: FinishReason
@@ -86,7 +93,7 @@ class ComponentKernel(_message.Message):
     def __init__(self, max_weight: _Optional[float] = ..., max_weight_position: _Optional[float] = ..., min_weight: _Optional[float] = ..., min_weight_distance: _Optional[float] = ...) -> None: ...
 
 class AblationParams(_message.Message):
-    __slots__ = ("direction_scope", "direction_index", "components", "row_normalization")
+    __slots__ = ("direction_scope", "direction_index", "components", "row_normalization", "subspace_weights")
     class ComponentsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -98,11 +105,13 @@ class AblationParams(_message.Message):
     DIRECTION_INDEX_FIELD_NUMBER: _ClassVar[int]
     COMPONENTS_FIELD_NUMBER: _ClassVar[int]
     ROW_NORMALIZATION_FIELD_NUMBER: _ClassVar[int]
+    SUBSPACE_WEIGHTS_FIELD_NUMBER: _ClassVar[int]
     direction_scope: DirectionScope
     direction_index: float
     components: _containers.MessageMap[str, ComponentKernel]
     row_normalization: RowNormalization
-    def __init__(self, direction_scope: _Optional[_Union[DirectionScope, str]] = ..., direction_index: _Optional[float] = ..., components: _Optional[_Mapping[str, ComponentKernel]] = ..., row_normalization: _Optional[_Union[RowNormalization, str]] = ...) -> None: ...
+    subspace_weights: _containers.RepeatedScalarFieldContainer[float]
+    def __init__(self, direction_scope: _Optional[_Union[DirectionScope, str]] = ..., direction_index: _Optional[float] = ..., components: _Optional[_Mapping[str, ComponentKernel]] = ..., row_normalization: _Optional[_Union[RowNormalization, str]] = ..., subspace_weights: _Optional[_Iterable[float]] = ...) -> None: ...
 
 class ModelSpec(_message.Message):
     __slots__ = ("source", "gguf_file", "dtype", "device_map", "load_in_4bit", "trust_remote_code", "system_prompt", "chat_template_mode")
@@ -248,7 +257,7 @@ class BaselineSpec(_message.Message):
     def __init__(self, kl_prompts: _Optional[_Union[PromptSetSpec, _Mapping]] = ..., refusal_prompts: _Optional[_Union[PromptSetSpec, _Mapping]] = ..., max_new_tokens: _Optional[int] = ..., kl_tokens: _Optional[int] = ..., refusal_markers: _Optional[_Iterable[str]] = ..., model: _Optional[_Union[ModelSpec, _Mapping]] = ..., judge: _Optional[_Union[RefusalJudge, _Mapping]] = ...) -> None: ...
 
 class ExtractionOptions(_message.Message):
-    __slots__ = ("projected", "winsorize_quantile", "batch_size", "sacred", "capability", "baseline", "n_sacred", "orthogonalize_against_sacred", "winsorize_scope")
+    __slots__ = ("projected", "winsorize_quantile", "batch_size", "sacred", "capability", "baseline", "n_sacred", "orthogonalize_against_sacred", "winsorize_scope", "direction_method", "n_directions")
     PROJECTED_FIELD_NUMBER: _ClassVar[int]
     WINSORIZE_QUANTILE_FIELD_NUMBER: _ClassVar[int]
     BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
@@ -258,6 +267,8 @@ class ExtractionOptions(_message.Message):
     N_SACRED_FIELD_NUMBER: _ClassVar[int]
     ORTHOGONALIZE_AGAINST_SACRED_FIELD_NUMBER: _ClassVar[int]
     WINSORIZE_SCOPE_FIELD_NUMBER: _ClassVar[int]
+    DIRECTION_METHOD_FIELD_NUMBER: _ClassVar[int]
+    N_DIRECTIONS_FIELD_NUMBER: _ClassVar[int]
     projected: bool
     winsorize_quantile: float
     batch_size: int
@@ -267,7 +278,9 @@ class ExtractionOptions(_message.Message):
     n_sacred: int
     orthogonalize_against_sacred: bool
     winsorize_scope: str
-    def __init__(self, projected: _Optional[bool] = ..., winsorize_quantile: _Optional[float] = ..., batch_size: _Optional[int] = ..., sacred: _Optional[bool] = ..., capability: _Optional[_Union[PromptSetSpec, _Mapping]] = ..., baseline: _Optional[_Union[PromptSetSpec, _Mapping]] = ..., n_sacred: _Optional[int] = ..., orthogonalize_against_sacred: _Optional[bool] = ..., winsorize_scope: _Optional[str] = ...) -> None: ...
+    direction_method: DirectionMethod
+    n_directions: int
+    def __init__(self, projected: _Optional[bool] = ..., winsorize_quantile: _Optional[float] = ..., batch_size: _Optional[int] = ..., sacred: _Optional[bool] = ..., capability: _Optional[_Union[PromptSetSpec, _Mapping]] = ..., baseline: _Optional[_Union[PromptSetSpec, _Mapping]] = ..., n_sacred: _Optional[int] = ..., orthogonalize_against_sacred: _Optional[bool] = ..., winsorize_scope: _Optional[str] = ..., direction_method: _Optional[_Union[DirectionMethod, str]] = ..., n_directions: _Optional[int] = ...) -> None: ...
 
 class GenerationOptions(_message.Message):
     __slots__ = ("max_new_tokens", "temperature", "top_p", "seed")

@@ -20,20 +20,22 @@ class ExtractDirectionsRequest(_message.Message):
     def __init__(self, harmful: _Optional[_Union[_common_pb2.PromptSetSpec, _Mapping]] = ..., harmless: _Optional[_Union[_common_pb2.PromptSetSpec, _Mapping]] = ..., options: _Optional[_Union[_common_pb2.ExtractionOptions, _Mapping]] = ..., model: _Optional[_Union[_common_pb2.ModelSpec, _Mapping]] = ...) -> None: ...
 
 class LayerDiagnostics(_message.Message):
-    __slots__ = ("residual_index", "mean_diff_norm", "means_cosine", "separation", "sacred_overlap", "cosine_to_next")
+    __slots__ = ("residual_index", "mean_diff_norm", "means_cosine", "separation", "sacred_overlap", "cosine_to_next", "subspace_energy")
     RESIDUAL_INDEX_FIELD_NUMBER: _ClassVar[int]
     MEAN_DIFF_NORM_FIELD_NUMBER: _ClassVar[int]
     MEANS_COSINE_FIELD_NUMBER: _ClassVar[int]
     SEPARATION_FIELD_NUMBER: _ClassVar[int]
     SACRED_OVERLAP_FIELD_NUMBER: _ClassVar[int]
     COSINE_TO_NEXT_FIELD_NUMBER: _ClassVar[int]
+    SUBSPACE_ENERGY_FIELD_NUMBER: _ClassVar[int]
     residual_index: int
     mean_diff_norm: float
     means_cosine: float
     separation: float
     sacred_overlap: float
     cosine_to_next: float
-    def __init__(self, residual_index: _Optional[int] = ..., mean_diff_norm: _Optional[float] = ..., means_cosine: _Optional[float] = ..., separation: _Optional[float] = ..., sacred_overlap: _Optional[float] = ..., cosine_to_next: _Optional[float] = ...) -> None: ...
+    subspace_energy: _containers.RepeatedScalarFieldContainer[float]
+    def __init__(self, residual_index: _Optional[int] = ..., mean_diff_norm: _Optional[float] = ..., means_cosine: _Optional[float] = ..., separation: _Optional[float] = ..., sacred_overlap: _Optional[float] = ..., cosine_to_next: _Optional[float] = ..., subspace_energy: _Optional[_Iterable[float]] = ...) -> None: ...
 
 class DirectionSetResult(_message.Message):
     __slots__ = ("directions", "direction_set_id", "layers", "n_harmful", "n_harmless", "batch_size", "timings_s")

@@ -1,4 +1,4 @@
-"""A trial's edit as a PEFT LoRA adapter: rank 1 per edited matrix.
+"""A trial's edit as a PEFT LoRA adapter: rank 1 per edited matrix (rank k for a k-direction subspace).
 
 For an edited ``nn.Linear`` weight ``W`` (out, in), block weight ``w`` and
 unit direction ``r`` (out):
@@ -12,7 +12,7 @@ unit direction ``r`` (out):
 An edited matrix whose output bias has a component along ``r`` (gpt-oss) is
 refused too: the edit changes that bias, and a LoRA adapter carries no bias.
 
-With ``r = lora_alpha = 1`` PEFT's scaling is 1, so ``W + B A`` is exactly the
+With ``r = lora_alpha`` (the rank) PEFT's scaling is 1, so ``W + B A`` is exactly the
 merged edit (up to float rounding). Layout: ``adapter_model.safetensors`` with
 keys ``base_model.model.<module>.lora_A.weight`` / ``.lora_B.weight`` and
 ``adapter_config.json``. Fused 3-D expert tensors (some MoE models) are not
@@ -43,8 +43,13 @@ def lora_factors(
     refusal: torch.Tensor,
     params: AblationParams,
     protected: torch.Tensor | None = None,
+    subspace: torch.Tensor | None = None,
 ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """Module name -> (A (1, in), B (out, 1)) float32 on the CPU, for the unedited ``model``."""
+    """Module name -> (A (k, in), B (out, k)) float32 on the CPU, for the unedited ``model``.
+
+    k = 1 for a single direction; a subspace edit of k directions (``U`` (k, out), weights ``w_j``) is
+    rank k: ``W' = W - U^T diag(w) (U W)``, so ``B = -U^T diag(w)`` and ``A = U W``.
+    """
     if params.row_normalization in (RowNormalization.FULL, RowNormalization.COLUMN):
         raise InvalidArgument(
             f"row_normalization {params.row_normalization.value.upper()} is not a rank-1 edit: it "
@@ -52,7 +57,7 @@ def lora_factors(
         )
     module_map = ablator.module_map
     params.validate(module_map.n_layers, module_map.components)
-    directions = ablator.directions_for(params, refusal, protected)
+    directions = ablator.directions_for(params, refusal, protected, subspace)
     names = {id(p): n for n, p in model.named_parameters()}
     factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     for component in params.components:
@@ -70,19 +75,21 @@ def lora_factors(
                 if not isinstance(model.get_submodule(module_name), torch.nn.Linear):
                     raise FailedPrecondition(f"{module_name} is not an nn.Linear; export MERGED instead")
                 weight = matrix.param.detach().float().cpu()
-                r = directions[layer].detach().float().cpu()
-                if matrix.bias is not None and (matrix.bias.detach().float().cpu() @ r).abs().max() > 0:
+                basis = directions[layer].detach().float().cpu()
+                basis = basis[None, :] if basis.dim() == 1 else basis  # (k, out)
+                weights = torch.tensor(ablator.weights_for(params, w), dtype=torch.float32).reshape(-1)  # (k,)
+                if matrix.bias is not None and (matrix.bias.detach().float().cpu() @ basis.T).abs().max() > 0:
                     raise FailedPrecondition(
                         f"{module_name} has an output bias that the edit changes; a LoRA adapter cannot carry it: "
                         "export MERGED instead"
                     )
                 if params.row_normalization == RowNormalization.PRE:
-                    norms = weight.norm(dim=1)
-                    a = (r @ (weight / norms.clamp_min(_EPS)[:, None]))[None, :]
-                    b = (-w * norms * r)[:, None]
+                    norms = weight.norm(dim=1)  # (out,)
+                    a = basis @ (weight / norms.clamp_min(_EPS)[:, None])  # (k, in)
+                    b = -(norms[:, None] * basis.T * weights)  # (out, k)
                 else:
-                    a = (r @ weight)[None, :]
-                    b = (-w * r)[:, None]
+                    a = basis @ weight  # (k, in)
+                    b = -(basis.T * weights)  # (out, k)
                 factors[module_name] = (a.contiguous(), b.contiguous())
     if not factors:
         raise InvalidArgument("these parameters edit no matrix: nothing to export")
@@ -94,6 +101,7 @@ def write_adapter(
 ) -> list[str]:
     """Write the adapter files into ``path`` (which must exist); return the file names."""
     tensors = {}
+    rank = max((a.shape[0] for a, _ in factors.values()), default=1)
     for module, (a, b) in factors.items():
         tensors[f"base_model.model.{module}.lora_A.weight"] = a
         tensors[f"base_model.model.{module}.lora_B.weight"] = b
@@ -102,8 +110,8 @@ def write_adapter(
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM",
         "base_model_name_or_path": base_model,
-        "r": 1,
-        "lora_alpha": 1,
+        "r": rank,
+        "lora_alpha": rank,  # scaling alpha / r = 1: W + B A is the edit
         "lora_dropout": 0.0,
         "bias": "none",
         "fan_in_fan_out": False,

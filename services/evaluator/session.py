@@ -734,7 +734,7 @@ class EvaluatorSession:
                 else:
                     t0 = time.perf_counter()
                     factors = lora.lora_factors(
-                        self.lm.model, self.engine.ablator, ds.refusal, params, protected_subspace(ds)
+                        self.lm.model, self.engine.ablator, ds.refusal, params, protected_subspace(ds), ds.subspace
                     )
                     timings["ablate"] = time.perf_counter() - t0
                     t0 = time.perf_counter()

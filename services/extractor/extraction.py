@@ -22,13 +22,19 @@ import torch
 from google.protobuf import json_format
 
 from abliterate.caps import DEFAULT_MAX_PROMPT_TOKENS, check_prompt_tokens
-from abliterate.core.directions import neighbour_cosines, protect_sacred, refusal_directions, sacred_directions
+from abliterate.core.directions import (
+    neighbour_cosines,
+    protect_sacred,
+    refusal_directions,
+    refusal_subspace,
+    sacred_directions,
+)
 from abliterate.core.loading import LoadedModel
 from abliterate.core.modules import discover
 from abliterate.core.residuals import collect_residuals
 from abliterate.errors import InvalidArgument
 from abliterate.params import WINSORIZE_SCOPES
-from abliterate.rpc.convert import load_prompt_set
+from abliterate.rpc.convert import check_direction_method, load_prompt_set
 from abliterate.rpc.tensors import check_message_size
 from abliterate.v1 import common_pb2, extractor_pb2
 from abliterate_services.runtime import DeviceLock, job_view, model_info
@@ -96,6 +102,7 @@ class Extractor:
             )
         if opts.orthogonalize_against_sacred and not opts.sacred:
             raise InvalidArgument("options.orthogonalize_against_sacred needs options.sacred")
+        check_direction_method(opts)
         if not request.HasField("harmful"):
             raise InvalidArgument("the harmful prompt set is required")
         if not request.HasField("harmless"):
@@ -208,6 +215,14 @@ class Extractor:
             timings["sacred"] = time.perf_counter() - t0
             emit(_progress("sacred", 1, 1, f"{sacred.shape[1]} sacred direction(s) per residual index"))
 
+        if opts.direction_method == common_pb2.DIRECTION_METHOD_SUBSPACE:
+            t0 = time.perf_counter()
+            k = opts.n_directions or 2
+            # After sacred protection, so that the further directions avoid the protected subspace too.
+            refusal_subspace(residuals["harmful"], residuals["harmless"], ds, k)
+            timings["subspace"] = time.perf_counter() - t0
+            emit(_progress("subspace", 1, 1, f"{k} directions per residual index"))
+
         ds.metadata.update(
             {
                 "format": FORMAT,
@@ -239,6 +254,8 @@ class Extractor:
                 entry.sacred_overlap = float(max_cos[index])
             if index < len(neighbours):
                 entry.cosine_to_next = neighbours[index]
+            if ds.subspace_energy is not None:
+                entry.subspace_energy.extend(ds.subspace_energy[index].tolist())
             layers.append(entry)
         timings["total"] = time.perf_counter() - t_start
         result = extractor_pb2.DirectionSetResult(

@@ -44,7 +44,12 @@ from abliterate.errors import (
 )
 from abliterate.params import WINSORIZE_SCOPES
 from abliterate.rpc.clients import EvaluatorClient, ExtractorClient, OptimizerClient, ServiceClient
-from abliterate.rpc.convert import judge_spec_from_pb, model_spec_from_pb, prompt_set_from_pb
+from abliterate.rpc.convert import (
+    check_direction_method,
+    judge_spec_from_pb,
+    model_spec_from_pb,
+    prompt_set_from_pb,
+)
 from abliterate.rpc.errors import status_name
 from abliterate.rpc.tls import ClientTLS
 from abliterate.v1 import (
@@ -104,6 +109,7 @@ def validate_spec(spec: gateway_pb2.JobSpec) -> None:
         )
     if extraction.orthogonalize_against_sacred and not extraction.sacred:
         raise InvalidArgument("options.extraction.orthogonalize_against_sacred needs sacred directions")
+    check_direction_method(extraction, "options.extraction")
     check_trial_timeout(spec.options.trial_timeout_s, "options.trial_timeout_s")
     if spec.options.HasField("judge"):
         try:

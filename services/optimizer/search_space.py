@@ -12,7 +12,9 @@ global direction index) and scaled to the model's depth at sampling time:
   ``c.max_weight_position`` in ``[0.6, 1.0] * (L - 1)``,
   ``c.min_weight_fraction`` in ``[0, 1]`` (``min_weight = fraction * max_weight``),
   ``c.min_weight_distance`` in ``[1, 0.6 * (L - 1)]`` (never below one block);
-- ``row_normalization``: categorical, only when more than one is allowed.
+- ``row_normalization``: categorical, only when more than one is allowed;
+- ``subspace_weight_j`` for j = 1..k-1 in ``[0, 1]``, only when the direction
+  set holds a k-direction subspace (``n_directions``, read from the set).
 
 :meth:`SearchSpace.suggest` turns an Optuna trial into :class:`AblationParams`;
 :meth:`SearchSpace.to_optuna_params` is the inverse, for warm starts and retries.
@@ -123,6 +125,9 @@ class SearchSpace:
     row_normalizations: tuple[RowNormalization, ...] = (RowNormalization.NONE,)
     n_startup_trials: int = DEFAULT_N_STARTUP_TRIALS
     n_ei_candidates: int = DEFAULT_N_EI_CANDIDATES
+    # Directions of the direction set's subspace (1: none); each after the first gets a searched weight.
+    n_directions: int = 1
+    subspace_weight: Range = Range(0.0, 1.0)
 
     # ------------------------------------------------------------ construction
 
@@ -190,12 +195,14 @@ class SearchSpace:
             row_normalizations=tuple(norms) or (RowNormalization.NONE,),
             n_startup_trials=int(msg.n_startup_trials) or DEFAULT_N_STARTUP_TRIALS,
             n_ei_candidates=int(msg.n_ei_candidates) or DEFAULT_N_EI_CANDIDATES,
+            subspace_weight=_range_from_pb(msg.subspace_weight, msg, "subspace_weight", Range(0.0, 1.0)),
         )
         space.validate()
         return space
 
     def validate(self) -> None:
         self.direction_index.check("search_space.direction_index", 0.0, 1.0)
+        self.subspace_weight.check("search_space.subspace_weight", 0.0, 1.0)
         if not self.components:
             raise InvalidArgument("search_space: no component to search")
         for name, comp in self.components.items():
@@ -208,6 +215,7 @@ class SearchSpace:
             row_normalizations=[_ROWNORM_TO_PB[r] for r in self.row_normalizations],
             n_startup_trials=self.n_startup_trials,
             n_ei_candidates=self.n_ei_candidates,
+            subspace_weight=optimizer_pb2.FloatRange(low=self.subspace_weight.low, high=self.subspace_weight.high),
         )
         for name, c in self.components.items():
             msg.components[name].CopyFrom(
@@ -235,6 +243,8 @@ class SearchSpace:
             "row_normalizations": [r.value for r in self.row_normalizations],
             "n_startup_trials": self.n_startup_trials,
             "n_ei_candidates": self.n_ei_candidates,
+            "n_directions": self.n_directions,
+            "subspace_weight": self.subspace_weight.to_list(),
             "components": {
                 name: {
                     "max_weight": c.max_weight.to_list(),
@@ -256,6 +266,8 @@ class SearchSpace:
             row_normalizations=tuple(RowNormalization(r) for r in data["row_normalizations"]),
             n_startup_trials=int(data.get("n_startup_trials", DEFAULT_N_STARTUP_TRIALS)),
             n_ei_candidates=int(data.get("n_ei_candidates", DEFAULT_N_EI_CANDIDATES)),
+            n_directions=int(data.get("n_directions", 1)),
+            subspace_weight=Range(*data.get("subspace_weight", (0.0, 1.0))),
             components={
                 name: ComponentSpace(
                     max_weight=Range(*c["max_weight"]),
@@ -270,6 +282,9 @@ class SearchSpace:
 
     def with_n_layers(self, n_layers: int) -> "SearchSpace":
         return replace(self, n_layers=int(n_layers))
+
+    def with_n_directions(self, n_directions: int) -> "SearchSpace":
+        return replace(self, n_directions=max(1, int(n_directions)))
 
     # ------------------------------------------------------------ scaled bounds
 
@@ -317,11 +332,16 @@ class SearchSpace:
             )
         else:
             row_norm = self.row_normalizations[0]
+        subspace_weights = tuple(
+            float(trial.suggest_float(f"subspace_weight_{j}", self.subspace_weight.low, self.subspace_weight.high))
+            for j in range(1, self.n_directions)
+        )
         return AblationParams(
             direction_scope=scope,
             direction_index=float(index) if scope == DirectionScope.GLOBAL else None,
             components=components,
             row_normalization=row_norm,
+            subspace_weights=subspace_weights,
         )
 
     def to_optuna_params(self, params: AblationParams) -> dict[str, Any]:
@@ -354,6 +374,15 @@ class SearchSpace:
             out[f"{name}.min_weight_distance"] = float(kernel.min_weight_distance)
         if len(self.row_normalizations) > 1:
             out["row_normalization"] = params.row_normalization.value
+        if len(params.subspace_weights) > self.n_directions - 1:
+            raise InvalidArgument(
+                f"parameters weight {len(params.subspace_weights)} subspace directions; the direction set has "
+                f"{self.n_directions - 1} beyond the first"
+            )
+        for j in range(1, self.n_directions):
+            # A set of parameters without further weights edits along the first direction alone: weight 0.
+            given = params.subspace_weights[j - 1] if j - 1 < len(params.subspace_weights) else 0.0
+            out[f"subspace_weight_{j}"] = float(given)
         return out
 
     def params_from_optuna(self, values: dict[str, Any]) -> AblationParams:

@@ -59,6 +59,13 @@ def check_address(address: str, what: str = "evaluator address") -> str:
     return address
 
 
+def n_directions_of(data: bytes) -> int:
+    """Directions per residual of a direction set: k of its "subspace" tensor (L + 1, k, d), else 1."""
+    arrays, _ = decode_tensors(data)
+    subspace = arrays.get("subspace")
+    return 1 if subspace is None or subspace.ndim != 3 else int(subspace.shape[1])
+
+
 def n_layers_of(data: bytes) -> int:
     """Depth L of a direction set: its "refusal" tensor has shape (L + 1, d)."""
     arrays, _ = decode_tensors(data)
@@ -292,7 +299,7 @@ class OptimizerServicer(optimizer_pb2_grpc.OptimizerServiceServicer):
                 request.search_space if request.HasField("search_space") else None,
                 n_layers,
                 list(model.components) if model is not None else None,
-            )
+            ).with_n_directions(n_directions_of(data))
             warm = []
             for i, msg in enumerate(request.warm_start):
                 params = params_from_pb(msg)
