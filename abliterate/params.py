@@ -76,6 +76,27 @@ class ComponentParams:
                 raise InvalidArgument(f"{name}.{key} {value} is outside [0, 10]")
 
 
+# Activation calibration (abliterate.core.calibration): quantile of the harmful projections onto r over
+# their mean, clamped.
+DEFAULT_CALIBRATION_PERCENTILE = 0.75
+DEFAULT_CALIBRATION_MIN_FACTOR = 0.5
+DEFAULT_CALIBRATION_MAX_FACTOR = 2.0
+
+
+def check_calibration(percentile: float, min_factor: float, max_factor: float, what: str = "calibration") -> None:
+    if not (0 < percentile < 1 and math.isfinite(percentile)):
+        raise InvalidArgument(f"{what}.percentile must be in (0, 1), got {percentile}")
+    if not (0 < min_factor <= 1 and math.isfinite(min_factor)):
+        raise InvalidArgument(f"{what}.min_factor must be in (0, 1], got {min_factor}")
+    if not (1 <= max_factor and math.isfinite(max_factor)):
+        raise InvalidArgument(f"{what}.max_factor must be a number >= 1, got {max_factor}")
+
+
+# Multiples of the compliance vector (mean complied minus mean refused residual) CAA may add: at 1 the
+# refused prompts' mean moves to the complied ones' at that residual; past a few it swamps the stream.
+MAX_COMPLIANCE_STRENGTH = 4.0
+
+
 @dataclass(frozen=True)
 class AblationParams:
     """One trial's parameters.
@@ -94,6 +115,22 @@ class AblationParams:
     # Relative weights of a subspace's directions after the first (whose weight is the kernel's): the
     # edit removes sum_j w * s_j u_j u_j^T jointly. Empty: the first direction alone.
     subspace_weights: tuple[float, ...] = ()
+    # CAA: block ``compliance_layer``'s attention out-projection gets the output bias
+    # ``compliance_strength * c[compliance_layer + 1]`` (c: the set's compliance vectors); 0 = none.
+    compliance_strength: float = 0.0
+    compliance_layer: int = 0
+    # Head ablation: r projected out of the column blocks of the ``head_count`` attention heads of
+    # highest refusal attribution (the set's head scores), at ``head_weight``; 0 heads = none.
+    head_count: int = 0
+    head_weight: float = 0.0
+
+    @property
+    def adds_compliance(self) -> bool:
+        return self.compliance_strength > 0
+
+    @property
+    def ablates_heads(self) -> bool:
+        return self.head_count > 0 and self.head_weight > 0
 
     def validate(self, n_layers: int, known_components: list[str] | None = None) -> None:
         if self.direction_scope == DirectionScope.GLOBAL:
@@ -103,8 +140,16 @@ class AblationParams:
                 raise InvalidArgument(f"direction_index must be a finite number, got {self.direction_index!r}")
             if not 0 <= self.direction_index <= n_layers - 1:
                 raise InvalidArgument(f"direction_index {self.direction_index} is outside [0, {n_layers - 1}]")
-        if not self.components:
+        if not self.components and not self.adds_compliance and not self.ablates_heads:
             raise InvalidArgument("no component parameters given: nothing would be edited")
+        for key, low, high in (("compliance_strength", 0, MAX_COMPLIANCE_STRENGTH), ("head_weight", 0, 1.5)):
+            value = getattr(self, key)
+            if not isinstance(value, (int, float)) or not math.isfinite(value) or not low <= value <= high:
+                raise InvalidArgument(f"{key} must be a number in [{low}, {high}], got {value!r}")
+        if not isinstance(self.compliance_layer, int) or not 0 <= self.compliance_layer < n_layers:
+            raise InvalidArgument(f"compliance_layer {self.compliance_layer!r} is outside [0, {n_layers - 1}]")
+        if not isinstance(self.head_count, int) or self.head_count < 0:
+            raise InvalidArgument(f"head_count must be an integer >= 0, got {self.head_count!r}")
         for index, value in enumerate(self.subspace_weights):
             if not isinstance(value, (int, float)) or not math.isfinite(value) or not 0 <= value <= 1:
                 raise InvalidArgument(f"subspace_weights[{index}] must be a number in [0, 1], got {value!r}")
@@ -126,6 +171,12 @@ class AblationParams:
             "row_normalization": self.row_normalization.value,
             "components": {name: asdict(c) for name, c in self.components.items()},
             **({"subspace_weights": list(self.subspace_weights)} if self.subspace_weights else {}),
+            **(
+                {"compliance_strength": self.compliance_strength, "compliance_layer": self.compliance_layer}
+                if self.adds_compliance
+                else {}
+            ),
+            **({"head_count": self.head_count, "head_weight": self.head_weight} if self.ablates_heads else {}),
         }
 
     @classmethod
@@ -137,6 +188,10 @@ class AblationParams:
                 row_normalization=RowNormalization(data.get("row_normalization", "none")),
                 components={name: ComponentParams(**c) for name, c in data.get("components", {}).items()},
                 subspace_weights=tuple(float(value) for value in data.get("subspace_weights", ())),
+                compliance_strength=float(data.get("compliance_strength", 0.0)),
+                compliance_layer=int(data.get("compliance_layer", 0)),
+                head_count=int(data.get("head_count", 0)),
+                head_weight=float(data.get("head_weight", 0.0)),
             )
         except (TypeError, ValueError) as exc:
             raise InvalidArgument(f"bad ablation parameters: {exc}") from exc

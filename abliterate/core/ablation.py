@@ -27,10 +27,12 @@ costs memory and time only for what was edited.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
-from abliterate.core.directions import global_direction, remove_subspace, subspace_basis
-from abliterate.core.modules import EditableMatrix, ModuleMap, discover
+from abliterate.core.directions import DirectionSet, global_direction, remove_subspace, subspace_basis
+from abliterate.core.modules import ATTN, EditableMatrix, ModuleMap, discover
 from abliterate.core.weight_files import WeightFiles
 from abliterate.errors import FailedPrecondition, InvalidArgument
 from abliterate.params import AblationParams, DirectionScope, RowNormalization
@@ -104,6 +106,20 @@ def edit_bias(
     return edited.to(bias.dtype)
 
 
+@dataclass
+class MethodTensors:
+    """What a direction set carries beyond ``r`` for the edit methods (all optional, CPU float32)."""
+
+    subspace: torch.Tensor | None = None  # (L+1, k, d): joint multi-direction edit
+    calibration: torch.Tensor | None = None  # (L+1,): block l's weights times calibration[l + 1]
+    compliance: torch.Tensor | None = None  # (L+1, d): CAA vectors
+    head_scores: torch.Tensor | None = None  # (L, n_heads): head ablation picks the top ones
+
+    @classmethod
+    def of(cls, directions: DirectionSet) -> "MethodTensors":
+        return cls(directions.subspace, directions.calibration, directions.compliance, directions.head_scores)
+
+
 class Ablator:
     """Applies trial parameters to a model in place and undoes them exactly."""
 
@@ -119,6 +135,8 @@ class Ablator:
         self.applied: AblationParams | None = None
         # The lowest block the applied edit changed (None: none); the blocks below compute as unedited.
         self.first_edited_layer: int | None = None
+        # Linear modules given a CAA bias they did not have: reset removes it again.
+        self._added_biases: list[torch.nn.Linear] = []
 
     @property
     def n_layers(self) -> int:
@@ -131,6 +149,9 @@ class Ablator:
             if self._dirty:  # nothing to read back right after a reset
                 for param, name in self._file_backed.values():
                     param.data.copy_(self._weight_files.read(name))
+            for module in self._added_biases:
+                module.bias = None
+        self._added_biases = []
         self._dirty = False
         self.applied = None
         self.first_edited_layer = None
@@ -206,32 +227,135 @@ class Ablator:
         """A block's kernel weight ``w``, or per direction ``[w, w * s_1, ...]`` for a subspace edit."""
         return [w] + [w * s for s in params.subspace_weights] if params.subspace_weights else w
 
+    def block_weights(self, params: AblationParams, component: str, calibration: torch.Tensor | None) -> list[float]:
+        """Each block's kernel weight for ``component``, times its calibration factor when the set has one."""
+        weights = params.layer_weights(component, self.n_layers)
+        if calibration is None:
+            return weights
+        if tuple(calibration.shape) != (self.n_layers + 1,):
+            raise FailedPrecondition(
+                f"the calibration factors have shape {list(calibration.shape)}; this model needs [{self.n_layers + 1}]"
+            )
+        return [w * float(calibration[layer + 1]) for layer, w in enumerate(weights)]  # block l writes residual l+1
+
     def apply(
         self,
         params: AblationParams,
         refusal: torch.Tensor,
         protected: torch.Tensor | None = None,
         subspace: torch.Tensor | None = None,
+        methods: MethodTensors | None = None,
     ) -> int:
-        """Reset, then edit. Returns the number of matrices edited."""
+        """Reset, then edit. Returns the number of matrices edited.
+
+        ``methods`` (with ``subspace`` as given, when that is not None) carries the set's calibration,
+        compliance vectors and head scores; parameters that need one the set lacks are refused.
+        """
+        methods = methods or MethodTensors()
+        subspace = subspace if subspace is not None else methods.subspace
         params.validate(self.n_layers, self.module_map.components)
+        self._check_method_tensors(params, methods)
         directions = self.directions_for(params, refusal, protected, subspace)
         self.reset()
         edited = 0
         with torch.no_grad():
             for component in params.components:
-                weights = params.layer_weights(component, self.n_layers)
-                for layer, w in enumerate(weights):
+                for layer, w in enumerate(self.block_weights(params, component, methods.calibration)):
                     if w == 0:  # weights are >= 0 (validated); 0 leaves the block alone
                         continue
                     for matrix in self.module_map.layers[layer].get(component, []):
                         block_weights = self.weights_for(params, w)
                         self._edit(matrix, directions[layer], block_weights, params.row_normalization, layer)
                         edited += 1
-                        first = self.first_edited_layer
-                        self.first_edited_layer = layer if first is None else min(first, layer)
+                        self._mark_edited(layer)
+            if params.ablates_heads:
+                edited += self._ablate_heads(params, directions, methods.head_scores)
+            if params.adds_compliance:
+                edited += self._add_compliance(params, methods.compliance)
         self.applied = params
         return edited
+
+    def _mark_edited(self, layer: int) -> None:
+        first = self.first_edited_layer
+        self.first_edited_layer = layer if first is None else min(first, layer)
+
+    def _check_method_tensors(self, params: AblationParams, methods: MethodTensors) -> None:
+        if params.ablates_heads:
+            if methods.head_scores is None:
+                raise FailedPrecondition(
+                    "head_ablation needs head scores: extract the direction set with head_scores (--head-scores)"
+                )
+            n_heads = methods.head_scores.shape[1]
+            if methods.head_scores.shape[0] != self.n_layers or params.head_count > self.n_layers * n_heads:
+                raise FailedPrecondition(
+                    f"head_ablation.top_heads {params.head_count} exceeds the set's {self.n_layers} x {n_heads} heads"
+                    if methods.head_scores.shape[0] == self.n_layers
+                    else f"the head scores cover {methods.head_scores.shape[0]} blocks; this model has {self.n_layers}"
+                )
+        if params.adds_compliance and methods.compliance is None:
+            raise FailedPrecondition(
+                "compliance_addition needs compliance vectors: extract the direction set with compliance (--compliance)"
+            )
+
+    def _attention_out(self, layer: int) -> EditableMatrix:
+        matrices = [m for m in self.module_map.layers[layer].get(ATTN, []) if m.param.dim() == 2]
+        if len(matrices) != 1:
+            raise FailedPrecondition(
+                f"block {layer} has {len(matrices)} attention out-projections; head ablation and "
+                "compliance addition need exactly one"
+            )
+        return matrices[0]
+
+    def _ablate_heads(self, params: AblationParams, directions: list[torch.Tensor], scores: torch.Tensor) -> int:
+        """Project r out of the top heads' column blocks of each block's attention out-projection
+        (after the kernel's edit of the same matrix, if any: the two projections compose)."""
+        from abliterate.core.heads import edit_head_columns, top_heads
+
+        by_layer: dict[int, list[int]] = {}
+        for layer, head in top_heads(scores, params.head_count):
+            by_layer.setdefault(layer, []).append(head)
+        n_heads = scores.shape[1]
+        for layer, heads in sorted(by_layer.items()):
+            matrix = self._attention_out(layer)
+            head_dim, remainder = divmod(matrix.param.shape[1], n_heads)
+            if remainder:
+                raise FailedPrecondition(
+                    f"block {layer}'s attention out-projection reads {matrix.param.shape[1]} inputs, not a multiple "
+                    f"of the head scores' {n_heads} heads"
+                )
+            weights = self.weights_for(params, params.head_weight)
+            edited = edit_head_columns(matrix.param.data, heads, head_dim, directions[layer], weights)
+            self._write(matrix.param, edited, f"{matrix.name} of layer {layer}")
+            self._mark_edited(layer)
+        return len(by_layer)
+
+    def _add_compliance(self, params: AblationParams, compliance: torch.Tensor) -> int:
+        """CAA: block ``compliance_layer``'s attention out-projection gets the output bias
+        ``strength * c[layer + 1]`` (a zero bias is created where it has none; reset removes it)."""
+        layer = params.compliance_layer
+        matrix = self._attention_out(layer)
+        module = matrix.linear
+        if module is None:
+            raise FailedPrecondition(f"{matrix.name} of layer {layer} is not an nn.Linear: it cannot take a bias")
+        vector = params.compliance_strength * compliance[layer + 1].to(matrix.param.device, torch.float32)  # (d,)
+        if module.bias is None:
+            module.bias = torch.nn.Parameter(torch.zeros_like(vector, dtype=matrix.param.dtype), requires_grad=False)
+            self._added_biases.append(module)
+            self._dirty = True
+        else:
+            self._remember(module.bias)
+            self._dirty = True
+        module.bias.data.copy_((module.bias.data.float() + vector).to(module.bias.dtype))
+        self._mark_edited(layer)
+        return 1
+
+    def _write(self, param: torch.nn.Parameter, new: torch.Tensor, what: str) -> None:
+        if not torch.isfinite(new).all():
+            self.reset()
+            raise InvalidArgument(f"the edit made {what} non-finite")
+        self._remember(param)
+        self._dirty = True
+        param.data.copy_(new)
 
     def _edit(
         self, matrix: EditableMatrix, r: torch.Tensor, w, row_normalization: RowNormalization, layer: int

@@ -92,6 +92,16 @@ class DirectionSet:
     subspace: torch.Tensor | None = None
     # (L+1, k): the share of the harmful prompts' offsets from the harmless mean along each subspace row.
     subspace_energy: torch.Tensor | None = None
+    # (L+1, d): mean complied minus mean refused harmful residual (CAA adds a multiple of it); not unit.
+    compliance: torch.Tensor | None = None
+    # (L, n_heads): each attention head's refusal attribution (abliterate.core.heads).
+    head_scores: torch.Tensor | None = None
+    # (L+1,): factor block l's edit weight is multiplied by, at row l+1 (abliterate.core.calibration).
+    calibration: torch.Tensor | None = None
+    # (L+1, d) unit rows: the helpfulness direction kept out of every edit, or None.
+    helpfulness: torch.Tensor | None = None
+    # (L+1,): the supervised probe's cross-validated accuracy per residual (DIRECTION_METHOD_PROBE).
+    probe_accuracy: torch.Tensor | None = None
 
     @property
     def n_directions(self) -> int:
@@ -115,6 +125,9 @@ class DirectionSet:
             out["subspace"] = self.subspace
             if self.subspace_energy is not None:
                 out["subspace_energy"] = self.subspace_energy
+        for key in OPTIONAL_TENSORS:
+            if getattr(self, key) is not None:
+                out[key] = getattr(self, key)
         if self.diagnostics:
             out["diagnostics"] = torch.tensor(  # (L+1, 4)
                 [
@@ -166,6 +179,18 @@ class DirectionSet:
                 )
             if not torch.isfinite(subspace).all():
                 raise InvalidArgument("the subspace contains NaN or Inf")
+        for key, shape_of in OPTIONAL_TENSORS.items():
+            expected = shape_of(refusal.shape[0], refusal.shape[1])
+            value = tensors.get(key)
+            if value is None:
+                continue
+            if value.dim() != len(expected) or any(
+                want is not None and have != want for have, want in zip(value.shape, expected)
+            ):
+                shown = ["n" if want is None else want for want in expected]
+                raise InvalidArgument(f"{key} must have shape {shown}, got {list(value.shape)}")
+            if not torch.isfinite(value).all():
+                raise InvalidArgument(f"{key} contains NaN or Inf")
         diagnostics = []
         if "diagnostics" in tensors:
             shape = tuple(tensors["diagnostics"].shape)
@@ -184,7 +209,18 @@ class DirectionSet:
             metadata=metadata,
             subspace=subspace,
             subspace_energy=tensors.get("subspace_energy"),
+            **{key: tensors.get(key) for key in OPTIONAL_TENSORS},
         )
+
+
+# The method tensors a direction set may carry: name -> its shape from (L+1, d), None = any size.
+OPTIONAL_TENSORS = {
+    "compliance": lambda residuals, hidden: (residuals, hidden),
+    "head_scores": lambda residuals, hidden: (residuals - 1, None),
+    "calibration": lambda residuals, hidden: (residuals,),
+    "helpfulness": lambda residuals, hidden: (residuals, hidden),
+    "probe_accuracy": lambda residuals, hidden: (residuals,),
+}
 
 
 def refusal_directions(
@@ -323,12 +359,19 @@ def orthogonalize_against(refusal: torch.Tensor, sacred: torch.Tensor) -> torch.
 
 
 def protected_subspace(directions: DirectionSet) -> torch.Tensor | None:
-    """Per layer the orthonormal basis an edit must leave alone: the sacred subspace, plus the harmless
-    mean when the set is projected (so protecting sacred directions cannot undo the projection)."""
-    if directions.sacred is None or directions.metadata.get("sacred_orthogonalized") != "True":
+    """Per layer the orthonormal basis an edit must leave alone: the sacred subspace and the helpfulness
+    direction, plus the harmless mean when the set is projected (so protecting them cannot undo the
+    projection). None when nothing is protected."""
+    basis = None
+    if directions.sacred is not None and directions.metadata.get("sacred_orthogonalized") == "True":
+        basis = directions.sacred  # (L+1, k, d)
+    if directions.helpfulness is not None:
+        helpful = directions.helpfulness  # (L+1, d)
+        basis = helpful[:, None, :].contiguous() if basis is None else joint_basis(basis, helpful)
+    if basis is None:
         return None
     projected = directions.metadata.get("projected") == "True"
-    return joint_basis(directions.sacred, directions.good_mean if projected else None)  # (L+1, k or k+1, d)
+    return joint_basis(basis, directions.good_mean if projected else None)  # (L+1, k or k+1, d)
 
 
 def protect_sacred(directions: DirectionSet, sacred: torch.Tensor) -> DirectionSet:
@@ -346,6 +389,24 @@ def protect_sacred(directions: DirectionSet, sacred: torch.Tensor) -> DirectionS
     directions.metadata["sacred_orthogonalized"] = "True"
     directions.refusal = orthogonalize_against(directions.refusal, protected_subspace(directions))  # (L+1, d)
     return directions
+
+
+def protect_helpfulness(directions: DirectionSet, h_helpful: torch.Tensor, h_unhelpful: torch.Tensor) -> torch.Tensor:
+    """Helpfulness orthogonalization: remove ``h[l] = normalize(mean(H_helpful[l]) - mean(H_unhelpful[l]))``
+    from every refusal direction (jointly with what is protected already) and keep it out of every edit.
+
+    Returns the angle in degrees (L+1,) between each ``r`` before and after: how much of the refusal
+    direction was really "helpfulness".
+    """
+    helpful = _normalize(mean64(h_helpful) - mean64(h_unhelpful)).float()  # (L+1, d)
+    before = directions.refusal  # (L+1, d)
+    if directions.refusal_raw is None:
+        directions.refusal_raw = before
+    directions.helpfulness = helpful
+    directions.metadata["helpfulness_orthogonalized"] = "True"
+    directions.refusal = orthogonalize_against(before, protected_subspace(directions))  # (L+1, d)
+    cosines = (before.double() * directions.refusal.double()).sum(1).clamp(-1, 1)  # (L+1,)
+    return torch.rad2deg(torch.arccos(cosines)).float()
 
 
 def complete_basis(primary: torch.Tensor, extras: torch.Tensor, protected: torch.Tensor | None = None) -> torch.Tensor:
@@ -373,8 +434,7 @@ def refusal_subspace(h_bad: torch.Tensor, h_good: torch.Tensor, directions: Dire
     others are the top right singular vectors of the harmful prompts' offsets from the harmless mean,
     ``D = H_bad - mean(H_good)`` (N_bad, d) per residual, after the components along ``r`` and the
     protected subspace are taken out of ``D``: the directions of the harmful-vs-harmless shift that
-    ``r`` misses. Each is signed so that the harmful prompts' mean offset projects positively (the
-    edit depends only on the span). ``subspace_energy[l, j]``: the share of ``||D||^2`` along row j.
+    ``r`` misses. ``subspace_energy[l, j]``: the share of ``||D||^2`` along row j.
     """
     if k < 2:
         raise InvalidArgument(f"a subspace needs at least 2 directions, got {k}")
@@ -382,26 +442,40 @@ def refusal_subspace(h_bad: torch.Tensor, h_good: torch.Tensor, directions: Dire
     if n_bad < k:
         raise InvalidArgument(f"{k} subspace directions need at least {k} harmful prompts, got {n_bad}")
     offsets = h_bad.double().transpose(0, 1) - h_good.double().mean(0)[:, None, :]  # (L+1, N_bad, d)
+    attach_subspace(offsets, directions, k)
+    directions.metadata["direction_method"] = "subspace"
+    directions.metadata["n_directions"] = str(k)
+    return directions
+
+
+def attach_subspace(offsets: torch.Tensor, directions: DirectionSet, k: int) -> DirectionSet:
+    """Set ``directions.subspace`` (L+1, k, d): ``r``, then the top k-1 right singular vectors of what of
+    ``offsets`` (L+1, M, d) lies outside span(r, protected subspace), orthonormal.
+
+    ``offsets``: per residual, vectors whose span the edit should remove (the harmful prompts' offsets
+    from the harmless mean; a concept cone's mean offsets). Each further row is signed so that the
+    offsets' mean projects positively (the edit depends only on the span, the sign keeps it readable).
+    ``subspace_energy[l, j]``: the share of ``||offsets[l]||^2`` along row j.
+    """
+    offsets = offsets.double()
     refusal = directions.refusal.double()  # (L+1, d)
     protected = protected_subspace(directions)
     if protected is None and directions.metadata.get("projected") == "True":
         # Projected directions leave the harmless mean alone; so do the extra ones.
         protected = _normalize(directions.good_mean.double())[:, None, :].float()  # (L+1, 1, d)
     excluded = joint_basis(protected, directions.refusal).double() if protected is not None else refusal[:, None, :]
-    # (L+1, N, d) minus its part in the excluded span (L+1, q, d)
+    # (L+1, M, d) minus its part in the excluded span (L+1, q, d)
     rest = offsets - torch.einsum("lnq,lqd->lnd", torch.einsum("lnd,lqd->lnq", offsets, excluded), excluded)
-    _, _, vh = torch.linalg.svd(rest, full_matrices=False)  # vh: (L+1, min(N, d), d), batched over residuals
+    _, _, vh = torch.linalg.svd(rest, full_matrices=False)  # vh: (L+1, min(M, d), d), batched over residuals
     extras = vh[:, : k - 1]  # (L+1, k-1, d)
     mean_offset = rest.mean(1)  # (L+1, d)
     signs = torch.sign(torch.einsum("lmd,ld->lm", extras, mean_offset))  # (L+1, k-1)
     extras = extras * torch.where(signs == 0, torch.ones_like(signs), signs)[..., None]
     basis = complete_basis(directions.refusal, extras.float(), protected)  # (L+1, k, d)
-    along = torch.einsum("lnd,lkd->lnk", offsets, basis.double())  # (L+1, N, k)
+    along = torch.einsum("lnd,lkd->lnk", offsets, basis.double())  # (L+1, M, k)
     energy = along.pow(2).sum(1) / offsets.pow(2).sum((1, 2))[:, None].clamp_min(EPS)  # (L+1, k)
     directions.subspace = basis
     directions.subspace_energy = energy.float()
-    directions.metadata["direction_method"] = "subspace"
-    directions.metadata["n_directions"] = str(k)
     return directions
 
 

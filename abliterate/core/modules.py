@@ -52,6 +52,8 @@ class EditableMatrix:
     # The output bias added after this matrix, (hidden,) or per expert (E, hidden): it writes into the
     # residual stream too (gpt-oss o_proj and expert down_proj biases), so the edit covers it.
     bias: nn.Parameter | None = None
+    # The nn.Linear holding ``param`` (None for a fused expert tensor): CAA gives it an output bias.
+    linear: nn.Linear | None = None
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -137,7 +139,7 @@ def discover_layer(layer: nn.Module, index: int, hidden: int) -> dict[str, list[
             component = _classify_linear(path, hidden, module)
             if component:
                 # nn.Linear: weight (out, in), output axis 0; bias (out,)
-                found[component].append(EditableMatrix(index, component, path, module.weight, 0, module.bias))
+                found[component].append(EditableMatrix(index, component, path, module.weight, 0, module.bias, module))
             continue
         # Fused experts: a module holding a 3-D ``down_proj`` parameter directly.
         for pname, param in module.named_parameters(recurse=False):

@@ -15,7 +15,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from abliterate.core.ablation import ablator_for
+from abliterate.core.ablation import MethodTensors, ablator_for
 from abliterate.core.batching import measure_batch_size, run_batched
 from abliterate.core.directions import DirectionSet, protected_subspace
 from abliterate.core.generation import Generated, GreedyBatch, generate_greedy, prefill, shared_prefix_length
@@ -521,7 +521,10 @@ class TrialEngine:
         if self.directions is None:
             raise FailedPrecondition("no direction set loaded")
         return self.ablator.apply(
-            params, self.directions.refusal, protected_subspace(self.directions), self.directions.subspace
+            params,
+            self.directions.refusal,
+            protected_subspace(self.directions),
+            methods=MethodTensors.of(self.directions),
         )
 
     def evaluate(

@@ -7,10 +7,20 @@ UNSPECIFIED) map to the dataclass defaults.
 from __future__ import annotations
 
 import json
+import math
 
 from abliterate.errors import InvalidArgument
 from abliterate.judge_spec import JudgeSpec
-from abliterate.params import AblationParams, ComponentParams, DirectionScope, RowNormalization
+from abliterate.params import (
+    DEFAULT_CALIBRATION_MAX_FACTOR,
+    DEFAULT_CALIBRATION_MIN_FACTOR,
+    DEFAULT_CALIBRATION_PERCENTILE,
+    AblationParams,
+    ComponentParams,
+    DirectionScope,
+    RowNormalization,
+    check_calibration,
+)
 from abliterate.specs import ModelSpec
 from abliterate.v1 import common_pb2 as pb
 
@@ -46,6 +56,12 @@ def params_to_pb(params: AblationParams) -> pb.AblationParams:
             )
         )
     msg.subspace_weights.extend(params.subspace_weights)
+    if params.adds_compliance:
+        msg.compliance_addition.CopyFrom(
+            pb.ComplianceAddition(strength=params.compliance_strength, layer=params.compliance_layer)
+        )
+    if params.ablates_heads:
+        msg.head_ablation.CopyFrom(pb.HeadAblation(top_heads=params.head_count, weight=params.head_weight))
     return msg
 
 
@@ -69,6 +85,10 @@ def params_from_pb(msg: pb.AblationParams) -> AblationParams:
             for name, k in msg.components.items()
         },
         subspace_weights=tuple(msg.subspace_weights),
+        compliance_strength=msg.compliance_addition.strength,
+        compliance_layer=msg.compliance_addition.layer,
+        head_count=msg.head_ablation.top_heads,
+        head_weight=msg.head_ablation.weight,
     )
 
 
@@ -191,20 +211,62 @@ def judge_spec_from_pb(message: pb.RefusalJudge | None) -> JudgeSpec:
 # A subspace of more directions than this removes more than the refusal behaviour and costs a
 # (L+1, N, d) SVD; 16 is far past where the measured energy shares flatten out (docs/methods.md).
 MAX_SUBSPACE_DIRECTIONS = 16
+# Tokens per labelling reply: refusals show in the first sentence; longer replies only cost time.
+MAX_LABEL_TOKENS = 512
 
 
 def check_direction_method(options: pb.ExtractionOptions, prefix: str = "options") -> None:
-    """INVALID_ARGUMENT for a direction method and count that do not go together (gateway and extractor)."""
-    if options.direction_method not in pb.DirectionMethod.values():
-        raise InvalidArgument(f"{prefix}.direction_method: unknown value {options.direction_method}")
-    if options.direction_method == pb.DIRECTION_METHOD_SUBSPACE:
+    """INVALID_ARGUMENT for direction-method options that do not go together (gateway and extractor),
+    with a message that names the conflict."""
+    method = options.direction_method
+    if method not in pb.DirectionMethod.values():
+        raise InvalidArgument(f"{prefix}.direction_method: unknown value {method}")
+    if method == pb.DIRECTION_METHOD_SUBSPACE:
         if options.n_directions == 1 or options.n_directions > MAX_SUBSPACE_DIRECTIONS:
             raise InvalidArgument(
                 f"{prefix}.n_directions must be 0 (= 2) or in [2, {MAX_SUBSPACE_DIRECTIONS}] for the subspace "
                 f"method, got {options.n_directions}"
             )
+    elif method == pb.DIRECTION_METHOD_CONES:
+        if options.n_directions == 1 or options.n_directions > MAX_SUBSPACE_DIRECTIONS:
+            raise InvalidArgument(
+                f"{prefix}.n_directions (cones) must be 0 (= 3) or in [2, {MAX_SUBSPACE_DIRECTIONS}], "
+                f"got {options.n_directions}"
+            )
     elif options.n_directions:
         raise InvalidArgument(
-            f"{prefix}.n_directions ({options.n_directions}) needs direction_method DIRECTION_METHOD_SUBSPACE; "
-            "the mean difference is one direction"
+            f"{prefix}.n_directions ({options.n_directions}) needs direction_method DIRECTION_METHOD_SUBSPACE or "
+            f"DIRECTION_METHOD_CONES; {pb.DirectionMethod.Name(method)} gives one direction"
+        )
+    if options.HasField("cone_layer") and method != pb.DIRECTION_METHOD_CONES:
+        raise InvalidArgument(f"{prefix}.cone_layer needs direction_method DIRECTION_METHOD_CONES")
+    if options.HasField("probe_weight"):
+        if method != pb.DIRECTION_METHOD_PROBE:
+            raise InvalidArgument(f"{prefix}.probe_weight needs direction_method DIRECTION_METHOD_PROBE")
+        if not (0 <= options.probe_weight <= 1 and math.isfinite(options.probe_weight)):
+            raise InvalidArgument(f"{prefix}.probe_weight must be in [0, 1], got {options.probe_weight}")
+    if options.label_max_new_tokens and not (method == pb.DIRECTION_METHOD_PROBE or options.compliance):
+        raise InvalidArgument(
+            f"{prefix}.label_max_new_tokens labels replies for DIRECTION_METHOD_PROBE or compliance; neither is asked"
+        )
+    if options.label_max_new_tokens > MAX_LABEL_TOKENS:
+        raise InvalidArgument(
+            f"{prefix}.label_max_new_tokens must be at most {MAX_LABEL_TOKENS}, got {options.label_max_new_tokens}"
+        )
+    if options.HasField("helpful") != options.HasField("unhelpful"):
+        given, missing = ("helpful", "unhelpful") if options.HasField("helpful") else ("unhelpful", "helpful")
+        raise InvalidArgument(f"{prefix}.{given} needs {prefix}.{missing}: the helpfulness direction contrasts the two")
+    calibration = options.calibration
+    if (
+        options.HasField("calibration")
+        and not calibration.enabled
+        and (calibration.percentile or calibration.min_factor or calibration.max_factor)
+    ):
+        raise InvalidArgument(f"{prefix}.calibration sets values but not enabled")
+    if calibration.enabled:
+        check_calibration(
+            calibration.percentile or DEFAULT_CALIBRATION_PERCENTILE,
+            calibration.min_factor or DEFAULT_CALIBRATION_MIN_FACTOR,
+            calibration.max_factor or DEFAULT_CALIBRATION_MAX_FACTOR,
+            f"{prefix}.calibration",
         )

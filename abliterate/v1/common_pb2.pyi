@@ -28,6 +28,8 @@ class DirectionMethod(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     DIRECTION_METHOD_MEAN_DIFFERENCE: _ClassVar[DirectionMethod]
     DIRECTION_METHOD_SUBSPACE: _ClassVar[DirectionMethod]
+    DIRECTION_METHOD_CONES: _ClassVar[DirectionMethod]
+    DIRECTION_METHOD_PROBE: _ClassVar[DirectionMethod]
 
 class FinishReason(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -59,6 +61,8 @@ ROW_NORMALIZATION_FULL: RowNormalization
 ROW_NORMALIZATION_COLUMN: RowNormalization
 DIRECTION_METHOD_MEAN_DIFFERENCE: DirectionMethod
 DIRECTION_METHOD_SUBSPACE: DirectionMethod
+DIRECTION_METHOD_CONES: DirectionMethod
+DIRECTION_METHOD_PROBE: DirectionMethod
 FINISH_REASON_UNSPECIFIED: FinishReason
 FINISH_REASON_STOP: FinishReason
 FINISH_REASON_LENGTH: FinishReason
@@ -93,7 +97,7 @@ class ComponentKernel(_message.Message):
     def __init__(self, max_weight: _Optional[float] = ..., max_weight_position: _Optional[float] = ..., min_weight: _Optional[float] = ..., min_weight_distance: _Optional[float] = ...) -> None: ...
 
 class AblationParams(_message.Message):
-    __slots__ = ("direction_scope", "direction_index", "components", "row_normalization", "subspace_weights")
+    __slots__ = ("direction_scope", "direction_index", "components", "row_normalization", "subspace_weights", "compliance_addition", "head_ablation")
     class ComponentsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -106,12 +110,32 @@ class AblationParams(_message.Message):
     COMPONENTS_FIELD_NUMBER: _ClassVar[int]
     ROW_NORMALIZATION_FIELD_NUMBER: _ClassVar[int]
     SUBSPACE_WEIGHTS_FIELD_NUMBER: _ClassVar[int]
+    COMPLIANCE_ADDITION_FIELD_NUMBER: _ClassVar[int]
+    HEAD_ABLATION_FIELD_NUMBER: _ClassVar[int]
     direction_scope: DirectionScope
     direction_index: float
     components: _containers.MessageMap[str, ComponentKernel]
     row_normalization: RowNormalization
     subspace_weights: _containers.RepeatedScalarFieldContainer[float]
-    def __init__(self, direction_scope: _Optional[_Union[DirectionScope, str]] = ..., direction_index: _Optional[float] = ..., components: _Optional[_Mapping[str, ComponentKernel]] = ..., row_normalization: _Optional[_Union[RowNormalization, str]] = ..., subspace_weights: _Optional[_Iterable[float]] = ...) -> None: ...
+    compliance_addition: ComplianceAddition
+    head_ablation: HeadAblation
+    def __init__(self, direction_scope: _Optional[_Union[DirectionScope, str]] = ..., direction_index: _Optional[float] = ..., components: _Optional[_Mapping[str, ComponentKernel]] = ..., row_normalization: _Optional[_Union[RowNormalization, str]] = ..., subspace_weights: _Optional[_Iterable[float]] = ..., compliance_addition: _Optional[_Union[ComplianceAddition, _Mapping]] = ..., head_ablation: _Optional[_Union[HeadAblation, _Mapping]] = ...) -> None: ...
+
+class ComplianceAddition(_message.Message):
+    __slots__ = ("strength", "layer")
+    STRENGTH_FIELD_NUMBER: _ClassVar[int]
+    LAYER_FIELD_NUMBER: _ClassVar[int]
+    strength: float
+    layer: int
+    def __init__(self, strength: _Optional[float] = ..., layer: _Optional[int] = ...) -> None: ...
+
+class HeadAblation(_message.Message):
+    __slots__ = ("top_heads", "weight")
+    TOP_HEADS_FIELD_NUMBER: _ClassVar[int]
+    WEIGHT_FIELD_NUMBER: _ClassVar[int]
+    top_heads: int
+    weight: float
+    def __init__(self, top_heads: _Optional[int] = ..., weight: _Optional[float] = ...) -> None: ...
 
 class ModelSpec(_message.Message):
     __slots__ = ("source", "gguf_file", "dtype", "device_map", "load_in_4bit", "trust_remote_code", "system_prompt", "chat_template_mode")
@@ -257,7 +281,7 @@ class BaselineSpec(_message.Message):
     def __init__(self, kl_prompts: _Optional[_Union[PromptSetSpec, _Mapping]] = ..., refusal_prompts: _Optional[_Union[PromptSetSpec, _Mapping]] = ..., max_new_tokens: _Optional[int] = ..., kl_tokens: _Optional[int] = ..., refusal_markers: _Optional[_Iterable[str]] = ..., model: _Optional[_Union[ModelSpec, _Mapping]] = ..., judge: _Optional[_Union[RefusalJudge, _Mapping]] = ...) -> None: ...
 
 class ExtractionOptions(_message.Message):
-    __slots__ = ("projected", "winsorize_quantile", "batch_size", "sacred", "capability", "baseline", "n_sacred", "orthogonalize_against_sacred", "winsorize_scope", "direction_method", "n_directions")
+    __slots__ = ("projected", "winsorize_quantile", "batch_size", "sacred", "capability", "baseline", "n_sacred", "orthogonalize_against_sacred", "winsorize_scope", "direction_method", "n_directions", "cone_layer", "probe_weight", "label_max_new_tokens", "compliance", "head_scores", "calibration", "helpful", "unhelpful", "label_markers")
     PROJECTED_FIELD_NUMBER: _ClassVar[int]
     WINSORIZE_QUANTILE_FIELD_NUMBER: _ClassVar[int]
     BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
@@ -269,6 +293,15 @@ class ExtractionOptions(_message.Message):
     WINSORIZE_SCOPE_FIELD_NUMBER: _ClassVar[int]
     DIRECTION_METHOD_FIELD_NUMBER: _ClassVar[int]
     N_DIRECTIONS_FIELD_NUMBER: _ClassVar[int]
+    CONE_LAYER_FIELD_NUMBER: _ClassVar[int]
+    PROBE_WEIGHT_FIELD_NUMBER: _ClassVar[int]
+    LABEL_MAX_NEW_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    COMPLIANCE_FIELD_NUMBER: _ClassVar[int]
+    HEAD_SCORES_FIELD_NUMBER: _ClassVar[int]
+    CALIBRATION_FIELD_NUMBER: _ClassVar[int]
+    HELPFUL_FIELD_NUMBER: _ClassVar[int]
+    UNHELPFUL_FIELD_NUMBER: _ClassVar[int]
+    LABEL_MARKERS_FIELD_NUMBER: _ClassVar[int]
     projected: bool
     winsorize_quantile: float
     batch_size: int
@@ -280,7 +313,28 @@ class ExtractionOptions(_message.Message):
     winsorize_scope: str
     direction_method: DirectionMethod
     n_directions: int
-    def __init__(self, projected: _Optional[bool] = ..., winsorize_quantile: _Optional[float] = ..., batch_size: _Optional[int] = ..., sacred: _Optional[bool] = ..., capability: _Optional[_Union[PromptSetSpec, _Mapping]] = ..., baseline: _Optional[_Union[PromptSetSpec, _Mapping]] = ..., n_sacred: _Optional[int] = ..., orthogonalize_against_sacred: _Optional[bool] = ..., winsorize_scope: _Optional[str] = ..., direction_method: _Optional[_Union[DirectionMethod, str]] = ..., n_directions: _Optional[int] = ...) -> None: ...
+    cone_layer: int
+    probe_weight: float
+    label_max_new_tokens: int
+    compliance: bool
+    head_scores: bool
+    calibration: ActivationCalibration
+    helpful: PromptSetSpec
+    unhelpful: PromptSetSpec
+    label_markers: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, projected: _Optional[bool] = ..., winsorize_quantile: _Optional[float] = ..., batch_size: _Optional[int] = ..., sacred: _Optional[bool] = ..., capability: _Optional[_Union[PromptSetSpec, _Mapping]] = ..., baseline: _Optional[_Union[PromptSetSpec, _Mapping]] = ..., n_sacred: _Optional[int] = ..., orthogonalize_against_sacred: _Optional[bool] = ..., winsorize_scope: _Optional[str] = ..., direction_method: _Optional[_Union[DirectionMethod, str]] = ..., n_directions: _Optional[int] = ..., cone_layer: _Optional[int] = ..., probe_weight: _Optional[float] = ..., label_max_new_tokens: _Optional[int] = ..., compliance: _Optional[bool] = ..., head_scores: _Optional[bool] = ..., calibration: _Optional[_Union[ActivationCalibration, _Mapping]] = ..., helpful: _Optional[_Union[PromptSetSpec, _Mapping]] = ..., unhelpful: _Optional[_Union[PromptSetSpec, _Mapping]] = ..., label_markers: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class ActivationCalibration(_message.Message):
+    __slots__ = ("enabled", "percentile", "min_factor", "max_factor")
+    ENABLED_FIELD_NUMBER: _ClassVar[int]
+    PERCENTILE_FIELD_NUMBER: _ClassVar[int]
+    MIN_FACTOR_FIELD_NUMBER: _ClassVar[int]
+    MAX_FACTOR_FIELD_NUMBER: _ClassVar[int]
+    enabled: bool
+    percentile: float
+    min_factor: float
+    max_factor: float
+    def __init__(self, enabled: _Optional[bool] = ..., percentile: _Optional[float] = ..., min_factor: _Optional[float] = ..., max_factor: _Optional[float] = ...) -> None: ...
 
 class GenerationOptions(_message.Message):
     __slots__ = ("max_new_tokens", "temperature", "top_p", "seed")

@@ -64,7 +64,7 @@ class ComponentSearchSpace(_message.Message):
     def __init__(self, max_weight: _Optional[_Union[FloatRange, _Mapping]] = ..., max_weight_position: _Optional[_Union[FloatRange, _Mapping]] = ..., min_weight_fraction: _Optional[_Union[FloatRange, _Mapping]] = ..., min_weight_distance: _Optional[_Union[FloatRange, _Mapping]] = ..., clamp_negative_to_zero: _Optional[bool] = ...) -> None: ...
 
 class SearchSpace(_message.Message):
-    __slots__ = ("direction_scopes", "direction_index", "components", "row_normalizations", "n_startup_trials", "n_ei_candidates", "subspace_weight")
+    __slots__ = ("direction_scopes", "direction_index", "components", "row_normalizations", "n_startup_trials", "n_ei_candidates", "subspace_weight", "compliance_strength", "top_heads", "head_weight")
     class ComponentsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -79,6 +79,9 @@ class SearchSpace(_message.Message):
     N_STARTUP_TRIALS_FIELD_NUMBER: _ClassVar[int]
     N_EI_CANDIDATES_FIELD_NUMBER: _ClassVar[int]
     SUBSPACE_WEIGHT_FIELD_NUMBER: _ClassVar[int]
+    COMPLIANCE_STRENGTH_FIELD_NUMBER: _ClassVar[int]
+    TOP_HEADS_FIELD_NUMBER: _ClassVar[int]
+    HEAD_WEIGHT_FIELD_NUMBER: _ClassVar[int]
     direction_scopes: _containers.RepeatedScalarFieldContainer[_common_pb2.DirectionScope]
     direction_index: FloatRange
     components: _containers.MessageMap[str, ComponentSearchSpace]
@@ -86,7 +89,10 @@ class SearchSpace(_message.Message):
     n_startup_trials: int
     n_ei_candidates: int
     subspace_weight: FloatRange
-    def __init__(self, direction_scopes: _Optional[_Iterable[_Union[_common_pb2.DirectionScope, str]]] = ..., direction_index: _Optional[_Union[FloatRange, _Mapping]] = ..., components: _Optional[_Mapping[str, ComponentSearchSpace]] = ..., row_normalizations: _Optional[_Iterable[_Union[_common_pb2.RowNormalization, str]]] = ..., n_startup_trials: _Optional[int] = ..., n_ei_candidates: _Optional[int] = ..., subspace_weight: _Optional[_Union[FloatRange, _Mapping]] = ...) -> None: ...
+    compliance_strength: FloatRange
+    top_heads: FloatRange
+    head_weight: FloatRange
+    def __init__(self, direction_scopes: _Optional[_Iterable[_Union[_common_pb2.DirectionScope, str]]] = ..., direction_index: _Optional[_Union[FloatRange, _Mapping]] = ..., components: _Optional[_Mapping[str, ComponentSearchSpace]] = ..., row_normalizations: _Optional[_Iterable[_Union[_common_pb2.RowNormalization, str]]] = ..., n_startup_trials: _Optional[int] = ..., n_ei_candidates: _Optional[int] = ..., subspace_weight: _Optional[_Union[FloatRange, _Mapping]] = ..., compliance_strength: _Optional[_Union[FloatRange, _Mapping]] = ..., top_heads: _Optional[_Union[FloatRange, _Mapping]] = ..., head_weight: _Optional[_Union[FloatRange, _Mapping]] = ...) -> None: ...
 
 class CreateStudyRequest(_message.Message):
     __slots__ = ("study_name", "direction_set_id", "directions", "baseline", "search_space", "n_trials", "seed", "evaluator_addresses", "job_settings_json", "warm_start", "trial_timeout_s", "max_trial_retries", "load_if_exists", "disable_pruning")

@@ -44,6 +44,7 @@ def lora_factors(
     params: AblationParams,
     protected: torch.Tensor | None = None,
     subspace: torch.Tensor | None = None,
+    calibration: torch.Tensor | None = None,
 ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """Module name -> (A (k, in), B (out, k)) float32 on the CPU, for the unedited ``model``.
 
@@ -55,13 +56,16 @@ def lora_factors(
             f"row_normalization {params.row_normalization.value.upper()} is not a rank-1 edit: it "
             "cannot be exported as a LoRA adapter; export MERGED instead"
         )
+    if params.adds_compliance or params.ablates_heads:
+        method = "compliance_addition (a bias)" if params.adds_compliance else "head_ablation (per-head column blocks)"
+        raise InvalidArgument(f"{method} is not part of a LoRA adapter's W + B A; export MERGED instead")
     module_map = ablator.module_map
     params.validate(module_map.n_layers, module_map.components)
     directions = ablator.directions_for(params, refusal, protected, subspace)
     names = {id(p): n for n, p in model.named_parameters()}
     factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     for component in params.components:
-        for layer, w in enumerate(params.layer_weights(component, module_map.n_layers)):
+        for layer, w in enumerate(ablator.block_weights(params, component, calibration)):
             if w == 0:  # as the ablator: weight 0 leaves the block alone
                 continue
             for matrix in module_map.layers[layer].get(component, []):

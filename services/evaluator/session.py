@@ -734,7 +734,13 @@ class EvaluatorSession:
                 else:
                     t0 = time.perf_counter()
                     factors = lora.lora_factors(
-                        self.lm.model, self.engine.ablator, ds.refusal, params, protected_subspace(ds), ds.subspace
+                        self.lm.model,
+                        self.engine.ablator,
+                        ds.refusal,
+                        params,
+                        protected_subspace(ds),
+                        ds.subspace,
+                        ds.calibration,
                     )
                     timings["ablate"] = time.perf_counter() - t0
                     t0 = time.perf_counter()

@@ -22,13 +22,7 @@ import torch
 from google.protobuf import json_format
 
 from abliterate.caps import DEFAULT_MAX_PROMPT_TOKENS, check_prompt_tokens
-from abliterate.core.directions import (
-    neighbour_cosines,
-    protect_sacred,
-    refusal_directions,
-    refusal_subspace,
-    sacred_directions,
-)
+from abliterate.core.directions import neighbour_cosines, protect_sacred, refusal_directions, sacred_directions
 from abliterate.core.loading import LoadedModel
 from abliterate.core.modules import discover
 from abliterate.core.residuals import collect_residuals
@@ -37,6 +31,7 @@ from abliterate.params import WINSORIZE_SCOPES
 from abliterate.rpc.convert import check_direction_method, load_prompt_set
 from abliterate.rpc.tensors import check_message_size
 from abliterate.v1 import common_pb2, extractor_pb2
+from abliterate_services.extractor import methods
 from abliterate_services.runtime import DeviceLock, job_view, model_info
 
 log = logging.getLogger(__name__)
@@ -158,6 +153,8 @@ class Extractor:
                 ("capability", _set_or_default(opts.capability, opts.HasField("capability"), DEFAULT_CAPABILITY))
             )
             sets.append(("baseline", _set_or_default(opts.baseline, opts.HasField("baseline"), DEFAULT_BASELINE)))
+        if opts.HasField("helpful"):  # with unhelpful: _validate checked both are given
+            sets += [("helpful", opts.helpful), ("unhelpful", opts.unhelpful)]
         t0 = time.perf_counter()
         prompts: dict[str, list[str]] = {}
         emit(_progress("loading_prompts", 0, len(sets)))
@@ -198,6 +195,17 @@ class Extractor:
         timings["directions"] = time.perf_counter() - t0
         emit(_progress("directions", 1, 1, f"{ds.n_residuals} residual indices"))
 
+        def timed(phase: str, message: str, step):
+            """Run one method step between its progress events, timed under ``phase``."""
+            emit(_progress(phase, 0, 1, message))
+            started = time.perf_counter()
+            value = step()
+            timings[phase] = timings.get(phase, 0.0) + time.perf_counter() - started
+            emit(_progress(phase, 1, 1, message))
+            return value
+
+        report, labels = methods.run_before_protection(lm, opts, prompts, residuals, ds, batch_size, timed)
+
         max_cos = None
         if opts.sacred:
             t0 = time.perf_counter()
@@ -215,13 +223,9 @@ class Extractor:
             timings["sacred"] = time.perf_counter() - t0
             emit(_progress("sacred", 1, 1, f"{sacred.shape[1]} sacred direction(s) per residual index"))
 
-        if opts.direction_method == common_pb2.DIRECTION_METHOD_SUBSPACE:
-            t0 = time.perf_counter()
-            k = opts.n_directions or 2
-            # After sacred protection, so that the further directions avoid the protected subspace too.
-            refusal_subspace(residuals["harmful"], residuals["harmless"], ds, k)
-            timings["subspace"] = time.perf_counter() - t0
-            emit(_progress("subspace", 1, 1, f"{k} directions per residual index"))
+        # After sacred protection, so that helpfulness, the further directions and everything computed
+        # from r see the final, protected r.
+        methods.run_after_protection(lm, opts, prompts, residuals, labels, ds, report, batch_size, timed)
 
         ds.metadata.update(
             {
@@ -256,6 +260,14 @@ class Extractor:
                 entry.cosine_to_next = neighbours[index]
             if ds.subspace_energy is not None:
                 entry.subspace_energy.extend(ds.subspace_energy[index].tolist())
+            if ds.probe_accuracy is not None:
+                entry.probe_accuracy = float(ds.probe_accuracy[index])
+            if report.compliance_cosines is not None:
+                entry.compliance_cosine = float(report.compliance_cosines[index])
+            if ds.calibration is not None:
+                entry.calibration_factor = float(ds.calibration[index])
+            if report.helpfulness_angles is not None:
+                entry.helpfulness_angle_deg = float(report.helpfulness_angles[index])
             layers.append(entry)
         timings["total"] = time.perf_counter() - t_start
         result = extractor_pb2.DirectionSetResult(
@@ -267,6 +279,17 @@ class Extractor:
             batch_size=batch_size or largest_batch[0],
             timings_s=timings,
         )
+        if report.cones is not None:
+            cones = report.cones
+            result.cones.CopyFrom(
+                extractor_pb2.ConeReport(
+                    layer=cones.layer, silhouette=cones.silhouette, sizes=cones.sizes, labels=cones.labels
+                )
+            )
+        for layer, head, score in report.top_heads:
+            result.top_heads.add(layer=layer, head=head, score=score)
+        if report.labels:
+            result.labels.CopyFrom(extractor_pb2.ReplyLabels(**report.labels))
         response = extractor_pb2.ExtractDirectionsResponse(result=result)
         if self.max_message_bytes:
             check_message_size(response, self.max_message_bytes)

@@ -435,6 +435,9 @@ class Orchestrator:
         request = extractor_pb2.ExtractDirectionsRequest(
             harmful=spec.harmful_train, harmless=spec.harmless_train, options=spec.options.extraction, model=spec.model
         )
+        if not request.options.label_markers:
+            # Replies that label prompts (probe, compliance) are judged as the job's trials judge them.
+            request.options.label_markers.extend(spec.options.refusal_markers)
         call = self.extractor().extract(request)
         self._set_call(runner, call)
         result = None
