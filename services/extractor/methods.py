@@ -60,7 +60,6 @@ def run_before_protection(
     labels: dict[str, torch.Tensor] = {}
     if needs_labels(opts):
         from abliterate.core.probes import generation_labels
-
         from abliterate.core.refusals import RefusalDetector
 
         tokens = opts.label_max_new_tokens or 30

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from abliterate.errors import InvalidArgument
-from abliterate.params import AblationParams, ComponentParams, DirectionScope, RowNormalization
+from abliterate.params import MAX_COMPLIANCE_STRENGTH, AblationParams, ComponentParams, DirectionScope, RowNormalization
 from abliterate.v1 import common_pb2, optimizer_pb2
 
 #: Components searched when neither the request nor the evaluators name any.
@@ -128,6 +128,13 @@ class SearchSpace:
     # Directions of the direction set's subspace (1: none); each after the first gets a searched weight.
     n_directions: int = 1
     subspace_weight: Range = Range(0.0, 1.0)
+    # Set from the direction set: whether it holds compliance vectors (CAA is searched: strength and
+    # block) and how many attention heads it scored (0: none; head ablation is searched: count, weight).
+    has_compliance: bool = False
+    n_scored_heads: int = 0
+    compliance_strength: Range = Range(0.0, 1.0)
+    top_heads: Range = Range(0.0, 16.0)
+    head_weight: Range = Range(0.0, 1.0)
 
     # ------------------------------------------------------------ construction
 
@@ -196,6 +203,9 @@ class SearchSpace:
             n_startup_trials=int(msg.n_startup_trials) or DEFAULT_N_STARTUP_TRIALS,
             n_ei_candidates=int(msg.n_ei_candidates) or DEFAULT_N_EI_CANDIDATES,
             subspace_weight=_range_from_pb(msg.subspace_weight, msg, "subspace_weight", Range(0.0, 1.0)),
+            compliance_strength=_range_from_pb(msg.compliance_strength, msg, "compliance_strength", Range(0.0, 1.0)),
+            top_heads=_range_from_pb(msg.top_heads, msg, "top_heads", Range(0.0, 16.0)),
+            head_weight=_range_from_pb(msg.head_weight, msg, "head_weight", Range(0.0, 1.0)),
         )
         space.validate()
         return space
@@ -203,6 +213,9 @@ class SearchSpace:
     def validate(self) -> None:
         self.direction_index.check("search_space.direction_index", 0.0, 1.0)
         self.subspace_weight.check("search_space.subspace_weight", 0.0, 1.0)
+        self.compliance_strength.check("search_space.compliance_strength", 0.0, MAX_COMPLIANCE_STRENGTH)
+        self.top_heads.check("search_space.top_heads", 0.0, 4096.0)
+        self.head_weight.check("search_space.head_weight", 0.0, 1.5)
         if not self.components:
             raise InvalidArgument("search_space: no component to search")
         for name, comp in self.components.items():
@@ -216,6 +229,11 @@ class SearchSpace:
             n_startup_trials=self.n_startup_trials,
             n_ei_candidates=self.n_ei_candidates,
             subspace_weight=optimizer_pb2.FloatRange(low=self.subspace_weight.low, high=self.subspace_weight.high),
+            compliance_strength=optimizer_pb2.FloatRange(
+                low=self.compliance_strength.low, high=self.compliance_strength.high
+            ),
+            top_heads=optimizer_pb2.FloatRange(low=self.top_heads.low, high=self.top_heads.high),
+            head_weight=optimizer_pb2.FloatRange(low=self.head_weight.low, high=self.head_weight.high),
         )
         for name, c in self.components.items():
             msg.components[name].CopyFrom(
@@ -245,6 +263,11 @@ class SearchSpace:
             "n_ei_candidates": self.n_ei_candidates,
             "n_directions": self.n_directions,
             "subspace_weight": self.subspace_weight.to_list(),
+            "has_compliance": self.has_compliance,
+            "n_scored_heads": self.n_scored_heads,
+            "compliance_strength": self.compliance_strength.to_list(),
+            "top_heads": self.top_heads.to_list(),
+            "head_weight": self.head_weight.to_list(),
             "components": {
                 name: {
                     "max_weight": c.max_weight.to_list(),
@@ -268,6 +291,11 @@ class SearchSpace:
             n_ei_candidates=int(data.get("n_ei_candidates", DEFAULT_N_EI_CANDIDATES)),
             n_directions=int(data.get("n_directions", 1)),
             subspace_weight=Range(*data.get("subspace_weight", (0.0, 1.0))),
+            has_compliance=bool(data.get("has_compliance", False)),
+            n_scored_heads=int(data.get("n_scored_heads", 0)),
+            compliance_strength=Range(*data.get("compliance_strength", (0.0, 1.0))),
+            top_heads=Range(*data.get("top_heads", (0.0, 16.0))),
+            head_weight=Range(*data.get("head_weight", (0.0, 1.0))),
             components={
                 name: ComponentSpace(
                     max_weight=Range(*c["max_weight"]),
@@ -285,6 +313,19 @@ class SearchSpace:
 
     def with_n_directions(self, n_directions: int) -> "SearchSpace":
         return replace(self, n_directions=max(1, int(n_directions)))
+
+    def with_methods(self, n_directions: int, has_compliance: bool, n_scored_heads: int) -> "SearchSpace":
+        """The dimensions the direction set's method tensors open (see the module docstring)."""
+        return replace(
+            self,
+            n_directions=max(1, int(n_directions)),
+            has_compliance=bool(has_compliance),
+            n_scored_heads=max(0, int(n_scored_heads)),
+        )
+
+    def head_count_bounds(self) -> tuple[int, int]:
+        high = min(int(self.top_heads.high), self.n_scored_heads)
+        return min(int(math.ceil(self.top_heads.low)), high), high
 
     # ------------------------------------------------------------ scaled bounds
 
@@ -336,12 +377,25 @@ class SearchSpace:
             float(trial.suggest_float(f"subspace_weight_{j}", self.subspace_weight.low, self.subspace_weight.high))
             for j in range(1, self.n_directions)
         )
+        methods: dict[str, Any] = {}
+        if self.has_compliance:
+            low, high = self.index_bounds()
+            methods["compliance_strength"] = float(
+                trial.suggest_float("compliance_strength", self.compliance_strength.low, self.compliance_strength.high)
+            )
+            methods["compliance_layer"] = int(trial.suggest_int("compliance_layer", math.floor(low), math.ceil(high)))
+        if self.n_scored_heads:
+            methods["head_count"] = int(trial.suggest_int("top_heads", *self.head_count_bounds()))
+            methods["head_weight"] = float(
+                trial.suggest_float("head_weight", self.head_weight.low, self.head_weight.high)
+            )
         return AblationParams(
             direction_scope=scope,
             direction_index=float(index) if scope == DirectionScope.GLOBAL else None,
             components=components,
             row_normalization=row_norm,
             subspace_weights=subspace_weights,
+            **methods,
         )
 
     def to_optuna_params(self, params: AblationParams) -> dict[str, Any]:
@@ -383,6 +437,17 @@ class SearchSpace:
             # A set of parameters without further weights edits along the first direction alone: weight 0.
             given = params.subspace_weights[j - 1] if j - 1 < len(params.subspace_weights) else 0.0
             out[f"subspace_weight_{j}"] = float(given)
+        if self.has_compliance:
+            # Parameters without an addition add nothing: strength 0 (the block is then irrelevant).
+            out["compliance_strength"] = float(params.compliance_strength)
+            out["compliance_layer"] = int(params.compliance_layer)
+        elif params.adds_compliance:
+            raise InvalidArgument("parameters add compliance vectors; the direction set has none")
+        if self.n_scored_heads:
+            out["top_heads"] = int(params.head_count)
+            out["head_weight"] = float(params.head_weight)
+        elif params.ablates_heads:
+            raise InvalidArgument("parameters ablate attention heads; the direction set has no head scores")
         return out
 
     def params_from_optuna(self, values: dict[str, Any]) -> AblationParams:
@@ -401,3 +466,6 @@ class _FixedTrial:
 
     def suggest_float(self, name: str, low: float, high: float) -> float:
         return float(self._values.get(name, (low + high) / 2))
+
+    def suggest_int(self, name: str, low: int, high: int) -> int:
+        return int(self._values.get(name, (low + high) // 2))

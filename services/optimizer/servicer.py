@@ -59,11 +59,16 @@ def check_address(address: str, what: str = "evaluator address") -> str:
     return address
 
 
-def n_directions_of(data: bytes) -> int:
-    """Directions per residual of a direction set: k of its "subspace" tensor (L + 1, k, d), else 1."""
+def method_dimensions_of(data: bytes) -> tuple[int, bool, int]:
+    """What a direction set opens in the search space: directions per residual (k of its "subspace"
+    tensor (L + 1, k, d), else 1), whether it holds "compliance" vectors, and how many heads its
+    "head_scores" (L, n_heads) score (0: none)."""
     arrays, _ = decode_tensors(data)
     subspace = arrays.get("subspace")
-    return 1 if subspace is None or subspace.ndim != 3 else int(subspace.shape[1])
+    n_directions = 1 if subspace is None or subspace.ndim != 3 else int(subspace.shape[1])
+    heads = arrays.get("head_scores")
+    n_heads = 0 if heads is None or heads.ndim != 2 else int(heads.shape[0] * heads.shape[1])
+    return n_directions, "compliance" in arrays, n_heads
 
 
 def n_layers_of(data: bytes) -> int:
@@ -299,7 +304,7 @@ class OptimizerServicer(optimizer_pb2_grpc.OptimizerServiceServicer):
                 request.search_space if request.HasField("search_space") else None,
                 n_layers,
                 list(model.components) if model is not None else None,
-            ).with_n_directions(n_directions_of(data))
+            ).with_methods(*method_dimensions_of(data))
             warm = []
             for i, msg in enumerate(request.warm_start):
                 params = params_from_pb(msg)
