@@ -120,3 +120,19 @@ def test_direction_method_flags_and_the_job_file_reach_the_spec_and_conflicts_ar
     assert (from_file.direction_method, from_file.n_directions) == (common_pb2.DIRECTION_METHOD_SUBSPACE, 4)
     with pytest.raises(InvalidArgument, match="n_directions .* needs direction_method"):
         validate_spec(cli.build_spec(parse(["run", "m", "--n-directions", "3"])))
+
+
+def test_every_method_flag_reaches_the_extraction_options():
+    from abliterate.v1 import common_pb2
+
+    parse = cli.build_parser().parse_args
+    argv = ["run", "m", "--direction-method", "cones", "--n-directions", "4", "--cone-layer", "7", "--compliance"]
+    argv += ["--head-scores", "--calibrate", "--label-tokens", "12", "--helpful", "h.json", "--unhelpful", "u.txt"]
+    extraction = cli.build_spec(parse(argv)).options.extraction
+    assert extraction.direction_method == common_pb2.DIRECTION_METHOD_CONES
+    assert (extraction.n_directions, extraction.cone_layer, extraction.label_max_new_tokens) == (4, 7, 12)
+    assert extraction.compliance and extraction.head_scores and extraction.calibration.enabled
+    assert (extraction.helpful.source, extraction.unhelpful.source) == ("h.json", "u.txt")
+    probe = cli.build_spec(parse(["run", "m", "--direction-method", "probe", "--probe-weight", "0.3"]))
+    assert probe.options.extraction.probe_weight == 0.3
+    assert cli.main(["run", "m", "--probe-weight", "1.5"]) == 2  # argparse: not in [0, 1]

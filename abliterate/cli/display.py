@@ -84,22 +84,43 @@ def front_table(front: Any) -> Any:
     return table
 
 
+# Per-layer method diagnostics the geometry table shows when the direction set has them: field -> header.
+METHOD_COLUMNS = {
+    "probe_accuracy": "probe acc.",
+    "compliance_cosine": "cos(c, r)",
+    "calibration_factor": "calibration",
+    "helpfulness_angle_deg": "helpful angle",
+}
+
+
 def geometry_table(job: Any) -> Any:
-    """The residual geometry of a job's direction set, one row per residual (extractor diagnostics)."""
+    """The residual geometry of a job's direction set, one row per residual (extractor diagnostics), with
+    the methods' diagnostics (probe accuracy, CAA overlap, calibration, helpfulness angle, subspace energy)
+    as further columns where the set has them."""
     from rich.table import Table
 
     table = Table(title=f"Residual geometry of job {job.name} (direction set {job.direction_set_id[:12]})")
     for name in ("residual", "mean-diff norm", "separation (d)", "cos(means)", "cos to next", "sacred overlap"):
         table.add_column(name, justify="right")
+    present = [key for key in METHOD_COLUMNS if any(layer.HasField(key) for layer in job.diagnostics)]
+    for key in present:
+        table.add_column(METHOD_COLUMNS[key], justify="right")
+    has_energy = any(layer.subspace_energy for layer in job.diagnostics)
+    if has_energy:
+        table.add_column("subspace energy", justify="right")
     for layer in job.diagnostics:
-        table.add_row(
+        row = [
             str(layer.residual_index),
             f"{layer.mean_diff_norm:.3f}",
             f"{layer.separation:.2f}",
             f"{layer.means_cosine:.3f}",
             f"{layer.cosine_to_next:.3f}" if layer.HasField("cosine_to_next") else "-",
             f"{layer.sacred_overlap:.3f}" if layer.HasField("sacred_overlap") else "-",
-        )
+        ]
+        row += [f"{getattr(layer, key):.3f}" if layer.HasField(key) else "-" for key in present]
+        if has_energy:
+            row.append(" ".join(f"{share:.2f}" for share in layer.subspace_energy))
+        table.add_row(*row)
     return table
 
 

@@ -85,6 +85,14 @@ def non_negative_float(text: str) -> float:
     return value
 
 
+def unit_float(text: str) -> float:
+    """A finite number in [0, 1]."""
+    value = _finite_float(text)
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"must be a number in [0, 1], got {text}")
+    return value
+
+
 def positive_float(text: str) -> float:
     """A finite number > 0."""
     value = _finite_float(text)
@@ -107,7 +115,12 @@ def _add_judge_flags(parser: argparse.ArgumentParser) -> None:
 
 
 # --direction-method choices -> the ExtractionOptions.direction_method enum value's name.
-DIRECTION_METHODS = {"mean_difference": "DIRECTION_METHOD_MEAN_DIFFERENCE", "subspace": "DIRECTION_METHOD_SUBSPACE"}
+DIRECTION_METHODS = {
+    "mean_difference": "DIRECTION_METHOD_MEAN_DIFFERENCE",
+    "subspace": "DIRECTION_METHOD_SUBSPACE",
+    "cones": "DIRECTION_METHOD_CONES",
+    "probe": "DIRECTION_METHOD_PROBE",
+}
 
 
 def _add_job_flags(parser: argparse.ArgumentParser, defaults: bool) -> None:
@@ -147,10 +160,35 @@ def _add_job_flags(parser: argparse.ArgumentParser, defaults: bool) -> None:
     parser.add_argument(
         "--direction-method",
         choices=list(DIRECTION_METHODS),
-        help="how the extractor finds the directions: mean_difference (default, one per residual) or "
-        "subspace (k per residual, removed jointly; the search weighs the further ones; docs/methods.md)",
+        help="how the extractor finds the directions: mean_difference (default), subspace (k per residual, "
+        "removed jointly), cones (one per k-means cluster of harmful prompts, removed jointly) or probe (logistic "
+        "probes on the model's own refusals, ensembled with the mean difference); docs/methods.md",
     )
-    parser.add_argument("--n-directions", type=positive_int, help="subspace: directions per residual (default 2)")
+    parser.add_argument(
+        "--n-directions", type=positive_int, help="subspace: directions per residual (default 2); cones: cones (3)"
+    )
+    parser.add_argument("--cone-layer", type=non_negative_int, help="cones: residual index clustered (default mid)")
+    parser.add_argument("--probe-weight", type=unit_float, help="probe: ensemble weight of the probe (default 0.5)")
+    parser.add_argument(
+        "--label-tokens", type=positive_int, help="probe/compliance: tokens per labelling reply (default 30)"
+    )
+    parser.add_argument(
+        "--compliance",
+        action="store_true",
+        help="extract compliance vectors: the search then also tries CAA (a bias along them at one block)",
+    )
+    parser.add_argument(
+        "--head-scores",
+        action="store_true",
+        help="attribute refusal to attention heads: the search then also tries ablating the top heads only",
+    )
+    parser.add_argument(
+        "--calibrate",
+        action="store_true",
+        help="scale every block's edit weight by the harmful projections' 75th percentile over their mean",
+    )
+    parser.add_argument("--helpful", help="helpfulness orthogonalization: helpful prompt set SOURCE[@SPLIT][#COLUMN]")
+    parser.add_argument("--unhelpful", help="helpfulness orthogonalization: unhelpful text SOURCE[@SPLIT][#COLUMN]")
     parser.add_argument("--dtype", help="auto, bfloat16, float16 or float32")
     parser.add_argument(
         "--no-pruning",

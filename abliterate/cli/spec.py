@@ -109,8 +109,24 @@ def build_spec(args: argparse.Namespace, file_data: dict | None = None) -> Any:
         spec.options.extraction.direction_method = common_pb2.DirectionMethod.Value(
             DIRECTION_METHODS[args.direction_method]
         )
+    extraction = spec.options.extraction
     if args.n_directions is not None:
-        spec.options.extraction.n_directions = args.n_directions
+        extraction.n_directions = args.n_directions
+    if args.cone_layer is not None:
+        extraction.cone_layer = args.cone_layer
+    if args.probe_weight is not None:
+        extraction.probe_weight = args.probe_weight
+    if args.label_tokens is not None:
+        extraction.label_max_new_tokens = args.label_tokens
+    if args.compliance:
+        extraction.compliance = True
+    if args.head_scores:
+        extraction.head_scores = True
+    if args.calibrate:
+        extraction.calibration.enabled = True
+    for key in ("helpful", "unhelpful"):
+        if getattr(args, key):
+            getattr(extraction, key).CopyFrom(parse_prompt_set(getattr(args, key)))
     if args.no_pruning:
         spec.options.disable_pruning = True
     if args.audit:

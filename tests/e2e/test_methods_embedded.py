@@ -36,3 +36,23 @@ def test_subspace_job_searches_the_further_direction_weights(tiny_model_dir, tmp
     directions = DirectionSet.from_bytes((out / DIRECTIONS_FILE).read_bytes())
     assert directions.subspace is not None and tuple(directions.subspace.shape[1:]) == (3, 64)
     _reproduces(out, capsys)
+
+
+def test_cones_calibration_and_head_ablation_job_searches_heads_and_reproduces(tiny_model_dir, tmp_path, capsys):
+    out, _, trials = run_and_export(
+        tiny_model_dir,
+        tmp_path / "data",
+        "--direction-method",
+        "cones",
+        "--n-directions",
+        "2",
+        "--calibrate",
+        "--head-scores",
+    )
+    assert trials and all(len(t.params.subspace_weights) == 1 for t in trials)
+    # The study is seeded: its sampled head counts are the same every run, and some are above 0.
+    assert any(t.params.head_ablation.top_heads > 0 and t.params.head_ablation.weight > 0 for t in trials)
+    directions = DirectionSet.from_bytes((out / DIRECTIONS_FILE).read_bytes())
+    assert directions.metadata["direction_method"] == "cones" and directions.calibration is not None
+    assert directions.head_scores is not None and tuple(directions.head_scores.shape) == (3, 4)
+    _reproduces(out, capsys)
