@@ -202,6 +202,7 @@ def model_info(lm, module_map) -> common_pb2.ModelInfo:
         device=device,
         spec=model_spec_to_pb(lm.spec),
         n_parameters=sum(p.numel() for p in lm.model.parameters()),
+        model_type=str(getattr(lm.model.config, "model_type", "") or ""),
     )
 
 

@@ -187,6 +187,12 @@ def _add_job_flags(parser: argparse.ArgumentParser, defaults: bool) -> None:
         action="store_true",
         help="scale every block's edit weight by the harmful projections' 75th percentile over their mean",
     )
+    parser.add_argument(
+        "--warm-start",
+        choices=["auto", "none", "llama", "mistral", "qwen", "gemma", "phi", "moe", "generic"],
+        help="starting trials before sampling: auto = the model family's (from its config), a family to force "
+        "one, none = cold start (default)",
+    )
     parser.add_argument("--helpful", help="helpfulness orthogonalization: helpful prompt set SOURCE[@SPLIT][#COLUMN]")
     parser.add_argument("--unhelpful", help="helpfulness orthogonalization: unhelpful text SOURCE[@SPLIT][#COLUMN]")
     parser.add_argument("--dtype", help="auto, bfloat16, float16 or float32")

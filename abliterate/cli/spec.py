@@ -124,6 +124,8 @@ def build_spec(args: argparse.Namespace, file_data: dict | None = None) -> Any:
         extraction.head_scores = True
     if args.calibrate:
         extraction.calibration.enabled = True
+    if args.warm_start is not None:
+        spec.options.warm_start_profile = args.warm_start
     for key in ("helpful", "unhelpful"):
         if getattr(args, key):
             getattr(extraction, key).CopyFrom(parse_prompt_set(getattr(args, key)))

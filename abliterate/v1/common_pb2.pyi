@@ -184,7 +184,7 @@ class LayerModules(_message.Message):
     def __init__(self, layer: _Optional[int] = ..., matrices: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("architecture", "n_layers", "hidden_size", "components", "layers", "dtype", "device", "spec", "n_parameters")
+    __slots__ = ("architecture", "n_layers", "hidden_size", "components", "layers", "dtype", "device", "spec", "n_parameters", "model_type")
     ARCHITECTURE_FIELD_NUMBER: _ClassVar[int]
     N_LAYERS_FIELD_NUMBER: _ClassVar[int]
     HIDDEN_SIZE_FIELD_NUMBER: _ClassVar[int]
@@ -194,6 +194,7 @@ class ModelInfo(_message.Message):
     DEVICE_FIELD_NUMBER: _ClassVar[int]
     SPEC_FIELD_NUMBER: _ClassVar[int]
     N_PARAMETERS_FIELD_NUMBER: _ClassVar[int]
+    MODEL_TYPE_FIELD_NUMBER: _ClassVar[int]
     architecture: str
     n_layers: int
     hidden_size: int
@@ -203,7 +204,8 @@ class ModelInfo(_message.Message):
     device: str
     spec: ModelSpec
     n_parameters: int
-    def __init__(self, architecture: _Optional[str] = ..., n_layers: _Optional[int] = ..., hidden_size: _Optional[int] = ..., components: _Optional[_Iterable[str]] = ..., layers: _Optional[_Iterable[_Union[LayerModules, _Mapping]]] = ..., dtype: _Optional[str] = ..., device: _Optional[str] = ..., spec: _Optional[_Union[ModelSpec, _Mapping]] = ..., n_parameters: _Optional[int] = ...) -> None: ...
+    model_type: str
+    def __init__(self, architecture: _Optional[str] = ..., n_layers: _Optional[int] = ..., hidden_size: _Optional[int] = ..., components: _Optional[_Iterable[str]] = ..., layers: _Optional[_Iterable[_Union[LayerModules, _Mapping]]] = ..., dtype: _Optional[str] = ..., device: _Optional[str] = ..., spec: _Optional[_Union[ModelSpec, _Mapping]] = ..., n_parameters: _Optional[int] = ..., model_type: _Optional[str] = ...) -> None: ...
 
 class Progress(_message.Message):
     __slots__ = ("phase", "done", "total", "message")

@@ -33,7 +33,7 @@ JOB_PHASE_CANCELLED: JobPhase
 JOB_PHASE_INTERRUPTED: JobPhase
 
 class JobOptions(_message.Message):
-    __slots__ = ("extraction", "search_space", "kl_tokens", "warm_start", "refusal_markers", "trial_timeout_s", "max_trial_retries", "disable_pruning", "judge", "audit_front", "audit_min_new_tokens", "audit_max_new_tokens")
+    __slots__ = ("extraction", "search_space", "kl_tokens", "warm_start", "refusal_markers", "trial_timeout_s", "max_trial_retries", "disable_pruning", "judge", "audit_front", "audit_min_new_tokens", "audit_max_new_tokens", "warm_start_profile")
     EXTRACTION_FIELD_NUMBER: _ClassVar[int]
     SEARCH_SPACE_FIELD_NUMBER: _ClassVar[int]
     KL_TOKENS_FIELD_NUMBER: _ClassVar[int]
@@ -46,6 +46,7 @@ class JobOptions(_message.Message):
     AUDIT_FRONT_FIELD_NUMBER: _ClassVar[int]
     AUDIT_MIN_NEW_TOKENS_FIELD_NUMBER: _ClassVar[int]
     AUDIT_MAX_NEW_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    WARM_START_PROFILE_FIELD_NUMBER: _ClassVar[int]
     extraction: _common_pb2.ExtractionOptions
     search_space: _optimizer_pb2.SearchSpace
     kl_tokens: int
@@ -58,7 +59,8 @@ class JobOptions(_message.Message):
     audit_front: bool
     audit_min_new_tokens: int
     audit_max_new_tokens: int
-    def __init__(self, extraction: _Optional[_Union[_common_pb2.ExtractionOptions, _Mapping]] = ..., search_space: _Optional[_Union[_optimizer_pb2.SearchSpace, _Mapping]] = ..., kl_tokens: _Optional[int] = ..., warm_start: _Optional[_Iterable[_Union[_common_pb2.AblationParams, _Mapping]]] = ..., refusal_markers: _Optional[_Iterable[str]] = ..., trial_timeout_s: _Optional[float] = ..., max_trial_retries: _Optional[int] = ..., disable_pruning: _Optional[bool] = ..., judge: _Optional[_Union[_common_pb2.RefusalJudge, _Mapping]] = ..., audit_front: _Optional[bool] = ..., audit_min_new_tokens: _Optional[int] = ..., audit_max_new_tokens: _Optional[int] = ...) -> None: ...
+    warm_start_profile: str
+    def __init__(self, extraction: _Optional[_Union[_common_pb2.ExtractionOptions, _Mapping]] = ..., search_space: _Optional[_Union[_optimizer_pb2.SearchSpace, _Mapping]] = ..., kl_tokens: _Optional[int] = ..., warm_start: _Optional[_Iterable[_Union[_common_pb2.AblationParams, _Mapping]]] = ..., refusal_markers: _Optional[_Iterable[str]] = ..., trial_timeout_s: _Optional[float] = ..., max_trial_retries: _Optional[int] = ..., disable_pruning: _Optional[bool] = ..., judge: _Optional[_Union[_common_pb2.RefusalJudge, _Mapping]] = ..., audit_front: _Optional[bool] = ..., audit_min_new_tokens: _Optional[int] = ..., audit_max_new_tokens: _Optional[int] = ..., warm_start_profile: _Optional[str] = ...) -> None: ...
 
 class JobSpec(_message.Message):
     __slots__ = ("name", "model", "harmful_train", "harmless_train", "harmful_eval", "harmless_eval", "n_trials", "seed", "kl_cap", "max_new_tokens", "options")

@@ -48,6 +48,7 @@ from abliterate.rpc.convert import (
     check_direction_method,
     judge_spec_from_pb,
     model_spec_from_pb,
+    params_to_pb,
     prompt_set_from_pb,
 )
 from abliterate.rpc.errors import status_name
@@ -59,6 +60,7 @@ from abliterate.v1 import (
     gateway_pb2,
     optimizer_pb2,
 )
+from abliterate.warm_start import check_profile, resolve_profile, starting_params
 from abliterate_services.gateway import events as ev
 from abliterate_services.gateway.jobs import RUNNING_PHASES, JobRecord, JobStore, phase_name
 
@@ -79,6 +81,22 @@ def _check_prompt_set(msg: common_pb2.PromptSetSpec, what: str) -> None:
         prompt_set_from_pb(msg)
     except InvalidArgument as exc:
         raise InvalidArgument(f"{what}: {exc}") from None
+
+
+def _profile_warm_start(job: JobRecord) -> list[common_pb2.AblationParams]:
+    """The starting trials of the model family's warm-start profile (abliterate.warm_start), for a job
+    that gives none of its own; empty for a cold start or a model whose info is unknown."""
+    options = job.spec.options
+    if job.model is None or not job.model.n_layers:
+        return []
+    profile = resolve_profile(options.warm_start_profile, job.model.model_type)
+    if profile is None:
+        return []
+    components = list(job.model.components)
+    if options.HasField("search_space") and options.search_space.components:
+        # A search space limited to some components: a starting trial may only edit those.
+        components = [name for name in components if name in options.search_space.components]
+    return [params_to_pb(params) for params in starting_params(profile, job.model.n_layers, components)]
 
 
 def validate_spec(spec: gateway_pb2.JobSpec) -> None:
@@ -110,6 +128,7 @@ def validate_spec(spec: gateway_pb2.JobSpec) -> None:
     if extraction.orthogonalize_against_sacred and not extraction.sacred:
         raise InvalidArgument("options.extraction.orthogonalize_against_sacred needs sacred directions")
     check_direction_method(extraction, "options.extraction")
+    check_profile(spec.options.warm_start_profile)
     check_trial_timeout(spec.options.trial_timeout_s, "options.trial_timeout_s")
     if spec.options.HasField("judge"):
         try:
@@ -503,7 +522,7 @@ class Orchestrator:
             n_trials=spec.n_trials,
             evaluator_addresses=self.evaluator_addresses,
             job_settings_json=_spec_settings_json(spec),
-            warm_start=list(options.warm_start),
+            warm_start=list(options.warm_start) or _profile_warm_start(job),
             trial_timeout_s=options.trial_timeout_s,
             max_trial_retries=options.max_trial_retries,
             disable_pruning=options.disable_pruning,

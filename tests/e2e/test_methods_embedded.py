@@ -56,3 +56,44 @@ def test_cones_calibration_and_head_ablation_job_searches_heads_and_reproduces(t
     assert directions.metadata["direction_method"] == "cones" and directions.calibration is not None
     assert directions.head_scores is not None and tuple(directions.head_scores.shape) == (3, 4)
     _reproduces(out, capsys)
+
+
+def test_auto_warm_start_enqueues_the_families_starting_trials_first(tmp_path):
+    """A tiny Llama (config model_type "llama") with --warm-start auto: the study's first trials are the
+    llama profile's points at this depth, marked as warm starts; without the flag none is."""
+    import sys
+
+    from rich.console import Console
+
+    from abliterate.rpc.clients import OptimizerClient
+    from abliterate.rpc.convert import params_from_pb
+    from abliterate.specs import ModelSpec
+    from abliterate.warm_start import PROFILES, starting_params
+    from abliterate_services.embedded import Embedded
+    from tests.tiny import make_lm
+
+    lm = make_lm("llama", layers=3, hidden=64)
+    embedded = Embedded(ModelSpec(source="<tiny llama>"), tmp_path / "data", lm=lm).start()
+    console = Console(file=sys.stdout, width=140)
+    try:
+        for name, flags in (("warm", ["--warm-start", "auto"]), ("cold", [])):
+            args = cli.build_parser().parse_args(
+                ["run", "<tiny llama>", "--n-trials", "4", "--n-prompts", "4", "--max-new-tokens", "2"]
+                + ["--seed", "1", "--name", name, *flags]
+            )
+            spec = cli.build_spec(args)
+            spec.model.source = "<tiny llama>"
+            with cli.gateway_client(embedded.gateway_address) as client:
+                job = cli.watch(client, cli.submit_or_resume(client, spec, console).id, console)
+            with OptimizerClient(embedded.optimizer_address) as optimizer:
+                trials = sorted(optimizer.list_trials(job.study_name or job.id), key=lambda t: t.number)
+            warm = [t for t in trials if t.warm_start]
+            if name == "cold":
+                assert not warm
+                continue
+            expected = starting_params("llama", 3, ["attn.o_proj", "mlp.down_proj"])
+            assert len(warm) == len(PROFILES["llama"]) and [t.number for t in warm] == [0, 1, 2]
+            for trial, params in zip(warm, expected):
+                assert params_from_pb(trial.params) == params
+    finally:
+        embedded.stop()
