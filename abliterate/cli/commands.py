@@ -34,6 +34,7 @@ from abliterate.cli.display import (
     geometry_table,
     harness_table,
     make_console,
+    method_summary_lines,
     phase_label,
 )
 from abliterate.cli.parser import build_parser
@@ -326,6 +327,8 @@ def cmd_geometry(args: argparse.Namespace, console: Any) -> int:
         )
     else:
         console.print(geometry_table(job))
+        for line in method_summary_lines(job):
+            console.print(line)
     if args.plot:
         plot_geometry(job, args.plot)
         console.print(f"plot written to {args.plot}")

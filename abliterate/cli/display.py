@@ -124,6 +124,28 @@ def geometry_table(job: Any) -> Any:
     return table
 
 
+def method_summary_lines(job: Any) -> list[str]:
+    """The direction methods' reports of a job (cones, top heads, reply labels) as lines of text."""
+    if not job.HasField("methods"):
+        return []
+    methods, lines = job.methods, []
+    if methods.HasField("labels"):
+        labels = methods.labels
+        lines.append(
+            f"reply labels: harmful {labels.harmful_refused} refused / {labels.harmful_complied} complied, "
+            f"harmless {labels.harmless_refused} refused / {labels.harmless_complied} complied"
+        )
+    if methods.HasField("cones"):
+        cones = methods.cones
+        lines.append(
+            f"concept cones at residual {cones.layer}: sizes {list(cones.sizes)}, silhouette {cones.silhouette:.3f}"
+        )
+    if methods.top_heads:
+        heads = ", ".join(f"{h.layer}.{h.head} ({h.score:.3g})" for h in methods.top_heads[:8])
+        lines.append(f"top attention heads (block.head, score): {heads}")
+    return lines
+
+
 def audit_cell(trial: Any) -> str:
     """``12/64 (markers, 100-150 tok)`` for an audited trial, ``-`` otherwise."""
     if not trial.HasField("audit"):

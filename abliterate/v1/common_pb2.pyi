@@ -26,6 +26,7 @@ class RowNormalization(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
 
 class DirectionMethod(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
+    DIRECTION_METHOD_UNSPECIFIED: _ClassVar[DirectionMethod]
     DIRECTION_METHOD_MEAN_DIFFERENCE: _ClassVar[DirectionMethod]
     DIRECTION_METHOD_SUBSPACE: _ClassVar[DirectionMethod]
     DIRECTION_METHOD_CONES: _ClassVar[DirectionMethod]
@@ -59,6 +60,7 @@ ROW_NORMALIZATION_NONE: RowNormalization
 ROW_NORMALIZATION_PRE: RowNormalization
 ROW_NORMALIZATION_FULL: RowNormalization
 ROW_NORMALIZATION_COLUMN: RowNormalization
+DIRECTION_METHOD_UNSPECIFIED: DirectionMethod
 DIRECTION_METHOD_MEAN_DIFFERENCE: DirectionMethod
 DIRECTION_METHOD_SUBSPACE: DirectionMethod
 DIRECTION_METHOD_CONES: DirectionMethod

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from abliterate.v1 import common_pb2 as abliterate_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1d\x61\x62literate/v1/extractor.proto\x12\rabliterate.v1\x1a\x1a\x61\x62literate/v1/common.proto\"\xd5\x01\n\x18\x45xtractDirectionsRequest\x12-\n\x07harmful\x18\x01 \x01(\x0b\x32\x1c.abliterate.v1.PromptSetSpec\x12.\n\x08harmless\x18\x02 \x01(\x0b\x32\x1c.abliterate.v1.PromptSetSpec\x12\x31\n\x07options\x18\x03 \x01(\x0b\x32 .abliterate.v1.ExtractionOptions\x12\'\n\x05model\x18\x04 \x01(\x0b\x32\x18.abliterate.v1.ModelSpec\"\xc1\x03\n\x10LayerDiagnostics\x12\x16\n\x0eresidual_index\x18\x01 \x01(\r\x12\x16\n\x0emean_diff_norm\x18\x02 \x01(\x01\x12\x14\n\x0cmeans_cosine\x18\x03 \x01(\x01\x12\x12\n\nseparation\x18\x04 \x01(\x01\x12\x1b\n\x0esacred_overlap\x18\x05 \x01(\x01H\x00\x88\x01\x01\x12\x1b\n\x0e\x63osine_to_next\x18\x06 \x01(\x01H\x01\x88\x01\x01\x12\x17\n\x0fsubspace_energy\x18\x07 \x03(\x01\x12\x1b\n\x0eprobe_accuracy\x18\x08 \x01(\x01H\x02\x88\x01\x01\x12\x1e\n\x11\x63ompliance_cosine\x18\t \x01(\x01H\x03\x88\x01\x01\x12\x1f\n\x12\x63\x61libration_factor\x18\n \x01(\x01H\x04\x88\x01\x01\x12\"\n\x15helpfulness_angle_deg\x18\x0b \x01(\x01H\x05\x88\x01\x01\x42\x11\n\x0f_sacred_overlapB\x11\n\x0f_cosine_to_nextB\x11\n\x0f_probe_accuracyB\x14\n\x12_compliance_cosineB\x15\n\x13_calibration_factorB\x18\n\x16_helpfulness_angle_deg\"N\n\nConeReport\x12\r\n\x05layer\x18\x01 \x01(\r\x12\x12\n\nsilhouette\x18\x02 \x01(\x01\x12\r\n\x05sizes\x18\x03 \x03(\r\x12\x0e\n\x06labels\x18\x04 \x03(\r\"7\n\tHeadScore\x12\r\n\x05layer\x18\x01 \x01(\r\x12\x0c\n\x04head\x18\x02 \x01(\r\x12\r\n\x05score\x18\x03 \x01(\x01\"u\n\x0bReplyLabels\x12\x17\n\x0fharmful_refused\x18\x01 \x01(\r\x12\x18\n\x10harmful_complied\x18\x02 \x01(\r\x12\x18\n\x10harmless_refused\x18\x03 \x01(\r\x12\x19\n\x11harmless_complied\x18\x04 \x01(\r\"\xc1\x03\n\x12\x44irectionSetResult\x12-\n\ndirections\x18\x01 \x01(\x0b\x32\x19.abliterate.v1.TensorBlob\x12\x18\n\x10\x64irection_set_id\x18\x02 \x01(\t\x12/\n\x06layers\x18\x03 \x03(\x0b\x32\x1f.abliterate.v1.LayerDiagnostics\x12\x11\n\tn_harmful\x18\x04 \x01(\r\x12\x12\n\nn_harmless\x18\x05 \x01(\r\x12\x12\n\nbatch_size\x18\x06 \x01(\r\x12\x42\n\ttimings_s\x18\x07 \x03(\x0b\x32/.abliterate.v1.DirectionSetResult.TimingsSEntry\x12(\n\x05\x63ones\x18\x08 \x01(\x0b\x32\x19.abliterate.v1.ConeReport\x12+\n\ttop_heads\x18\t \x03(\x0b\x32\x18.abliterate.v1.HeadScore\x12*\n\x06labels\x18\n \x01(\x0b\x32\x1a.abliterate.v1.ReplyLabels\x1a/\n\rTimingsSEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\x86\x01\n\x19\x45xtractDirectionsResponse\x12+\n\x08progress\x18\x01 \x01(\x0b\x32\x17.abliterate.v1.ProgressH\x00\x12\x33\n\x06result\x18\x02 \x01(\x0b\x32!.abliterate.v1.DirectionSetResultH\x00\x42\x07\n\x05\x65vent2\xd5\x01\n\x10\x45xtractorService\x12W\n\x0cGetModelInfo\x12\".abliterate.v1.GetModelInfoRequest\x1a#.abliterate.v1.GetModelInfoResponse\x12h\n\x11\x45xtractDirections\x12\'.abliterate.v1.ExtractDirectionsRequest\x1a(.abliterate.v1.ExtractDirectionsResponse0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1d\x61\x62literate/v1/extractor.proto\x12\rabliterate.v1\x1a\x1a\x61\x62literate/v1/common.proto\"\xd5\x01\n\x18\x45xtractDirectionsRequest\x12-\n\x07harmful\x18\x01 \x01(\x0b\x32\x1c.abliterate.v1.PromptSetSpec\x12.\n\x08harmless\x18\x02 \x01(\x0b\x32\x1c.abliterate.v1.PromptSetSpec\x12\x31\n\x07options\x18\x03 \x01(\x0b\x32 .abliterate.v1.ExtractionOptions\x12\'\n\x05model\x18\x04 \x01(\x0b\x32\x18.abliterate.v1.ModelSpec\"\xc1\x03\n\x10LayerDiagnostics\x12\x16\n\x0eresidual_index\x18\x01 \x01(\r\x12\x16\n\x0emean_diff_norm\x18\x02 \x01(\x01\x12\x14\n\x0cmeans_cosine\x18\x03 \x01(\x01\x12\x12\n\nseparation\x18\x04 \x01(\x01\x12\x1b\n\x0esacred_overlap\x18\x05 \x01(\x01H\x00\x88\x01\x01\x12\x1b\n\x0e\x63osine_to_next\x18\x06 \x01(\x01H\x01\x88\x01\x01\x12\x17\n\x0fsubspace_energy\x18\x07 \x03(\x01\x12\x1b\n\x0eprobe_accuracy\x18\x08 \x01(\x01H\x02\x88\x01\x01\x12\x1e\n\x11\x63ompliance_cosine\x18\t \x01(\x01H\x03\x88\x01\x01\x12\x1f\n\x12\x63\x61libration_factor\x18\n \x01(\x01H\x04\x88\x01\x01\x12\"\n\x15helpfulness_angle_deg\x18\x0b \x01(\x01H\x05\x88\x01\x01\x42\x11\n\x0f_sacred_overlapB\x11\n\x0f_cosine_to_nextB\x11\n\x0f_probe_accuracyB\x14\n\x12_compliance_cosineB\x15\n\x13_calibration_factorB\x18\n\x16_helpfulness_angle_deg\"\x92\x01\n\rMethodSummary\x12(\n\x05\x63ones\x18\x01 \x01(\x0b\x32\x19.abliterate.v1.ConeReport\x12+\n\ttop_heads\x18\x02 \x03(\x0b\x32\x18.abliterate.v1.HeadScore\x12*\n\x06labels\x18\x03 \x01(\x0b\x32\x1a.abliterate.v1.ReplyLabels\"N\n\nConeReport\x12\r\n\x05layer\x18\x01 \x01(\r\x12\x12\n\nsilhouette\x18\x02 \x01(\x01\x12\r\n\x05sizes\x18\x03 \x03(\r\x12\x0e\n\x06labels\x18\x04 \x03(\r\"7\n\tHeadScore\x12\r\n\x05layer\x18\x01 \x01(\r\x12\x0c\n\x04head\x18\x02 \x01(\r\x12\r\n\x05score\x18\x03 \x01(\x01\"u\n\x0bReplyLabels\x12\x17\n\x0fharmful_refused\x18\x01 \x01(\r\x12\x18\n\x10harmful_complied\x18\x02 \x01(\r\x12\x18\n\x10harmless_refused\x18\x03 \x01(\r\x12\x19\n\x11harmless_complied\x18\x04 \x01(\r\"\xc1\x03\n\x12\x44irectionSetResult\x12-\n\ndirections\x18\x01 \x01(\x0b\x32\x19.abliterate.v1.TensorBlob\x12\x18\n\x10\x64irection_set_id\x18\x02 \x01(\t\x12/\n\x06layers\x18\x03 \x03(\x0b\x32\x1f.abliterate.v1.LayerDiagnostics\x12\x11\n\tn_harmful\x18\x04 \x01(\r\x12\x12\n\nn_harmless\x18\x05 \x01(\r\x12\x12\n\nbatch_size\x18\x06 \x01(\r\x12\x42\n\ttimings_s\x18\x07 \x03(\x0b\x32/.abliterate.v1.DirectionSetResult.TimingsSEntry\x12(\n\x05\x63ones\x18\x08 \x01(\x0b\x32\x19.abliterate.v1.ConeReport\x12+\n\ttop_heads\x18\t \x03(\x0b\x32\x18.abliterate.v1.HeadScore\x12*\n\x06labels\x18\n \x01(\x0b\x32\x1a.abliterate.v1.ReplyLabels\x1a/\n\rTimingsSEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\x86\x01\n\x19\x45xtractDirectionsResponse\x12+\n\x08progress\x18\x01 \x01(\x0b\x32\x17.abliterate.v1.ProgressH\x00\x12\x33\n\x06result\x18\x02 \x01(\x0b\x32!.abliterate.v1.DirectionSetResultH\x00\x42\x07\n\x05\x65vent2\xd5\x01\n\x10\x45xtractorService\x12W\n\x0cGetModelInfo\x12\".abliterate.v1.GetModelInfoRequest\x1a#.abliterate.v1.GetModelInfoResponse\x12h\n\x11\x45xtractDirections\x12\'.abliterate.v1.ExtractDirectionsRequest\x1a(.abliterate.v1.ExtractDirectionsResponse0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -38,18 +38,20 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_EXTRACTDIRECTIONSREQUEST']._serialized_end=290
   _globals['_LAYERDIAGNOSTICS']._serialized_start=293
   _globals['_LAYERDIAGNOSTICS']._serialized_end=742
-  _globals['_CONEREPORT']._serialized_start=744
-  _globals['_CONEREPORT']._serialized_end=822
-  _globals['_HEADSCORE']._serialized_start=824
-  _globals['_HEADSCORE']._serialized_end=879
-  _globals['_REPLYLABELS']._serialized_start=881
-  _globals['_REPLYLABELS']._serialized_end=998
-  _globals['_DIRECTIONSETRESULT']._serialized_start=1001
-  _globals['_DIRECTIONSETRESULT']._serialized_end=1450
-  _globals['_DIRECTIONSETRESULT_TIMINGSSENTRY']._serialized_start=1403
-  _globals['_DIRECTIONSETRESULT_TIMINGSSENTRY']._serialized_end=1450
-  _globals['_EXTRACTDIRECTIONSRESPONSE']._serialized_start=1453
-  _globals['_EXTRACTDIRECTIONSRESPONSE']._serialized_end=1587
-  _globals['_EXTRACTORSERVICE']._serialized_start=1590
-  _globals['_EXTRACTORSERVICE']._serialized_end=1803
+  _globals['_METHODSUMMARY']._serialized_start=745
+  _globals['_METHODSUMMARY']._serialized_end=891
+  _globals['_CONEREPORT']._serialized_start=893
+  _globals['_CONEREPORT']._serialized_end=971
+  _globals['_HEADSCORE']._serialized_start=973
+  _globals['_HEADSCORE']._serialized_end=1028
+  _globals['_REPLYLABELS']._serialized_start=1030
+  _globals['_REPLYLABELS']._serialized_end=1147
+  _globals['_DIRECTIONSETRESULT']._serialized_start=1150
+  _globals['_DIRECTIONSETRESULT']._serialized_end=1599
+  _globals['_DIRECTIONSETRESULT_TIMINGSSENTRY']._serialized_start=1552
+  _globals['_DIRECTIONSETRESULT_TIMINGSSENTRY']._serialized_end=1599
+  _globals['_EXTRACTDIRECTIONSRESPONSE']._serialized_start=1602
+  _globals['_EXTRACTDIRECTIONSRESPONSE']._serialized_end=1736
+  _globals['_EXTRACTORSERVICE']._serialized_start=1739
+  _globals['_EXTRACTORSERVICE']._serialized_end=1952
 # @@protoc_insertion_point(module_scope)

@@ -45,6 +45,16 @@ class LayerDiagnostics(_message.Message):
     helpfulness_angle_deg: float
     def __init__(self, residual_index: _Optional[int] = ..., mean_diff_norm: _Optional[float] = ..., means_cosine: _Optional[float] = ..., separation: _Optional[float] = ..., sacred_overlap: _Optional[float] = ..., cosine_to_next: _Optional[float] = ..., subspace_energy: _Optional[_Iterable[float]] = ..., probe_accuracy: _Optional[float] = ..., compliance_cosine: _Optional[float] = ..., calibration_factor: _Optional[float] = ..., helpfulness_angle_deg: _Optional[float] = ...) -> None: ...
 
+class MethodSummary(_message.Message):
+    __slots__ = ("cones", "top_heads", "labels")
+    CONES_FIELD_NUMBER: _ClassVar[int]
+    TOP_HEADS_FIELD_NUMBER: _ClassVar[int]
+    LABELS_FIELD_NUMBER: _ClassVar[int]
+    cones: ConeReport
+    top_heads: _containers.RepeatedCompositeFieldContainer[HeadScore]
+    labels: ReplyLabels
+    def __init__(self, cones: _Optional[_Union[ConeReport, _Mapping]] = ..., top_heads: _Optional[_Iterable[_Union[HeadScore, _Mapping]]] = ..., labels: _Optional[_Union[ReplyLabels, _Mapping]] = ...) -> None: ...
+
 class ConeReport(_message.Message):
     __slots__ = ("layer", "silhouette", "sizes", "labels")
     LAYER_FIELD_NUMBER: _ClassVar[int]

@@ -89,7 +89,7 @@ class JobSpec(_message.Message):
     def __init__(self, name: _Optional[str] = ..., model: _Optional[_Union[_common_pb2.ModelSpec, _Mapping]] = ..., harmful_train: _Optional[_Union[_common_pb2.PromptSetSpec, _Mapping]] = ..., harmless_train: _Optional[_Union[_common_pb2.PromptSetSpec, _Mapping]] = ..., harmful_eval: _Optional[_Union[_common_pb2.PromptSetSpec, _Mapping]] = ..., harmless_eval: _Optional[_Union[_common_pb2.PromptSetSpec, _Mapping]] = ..., n_trials: _Optional[int] = ..., seed: _Optional[int] = ..., kl_cap: _Optional[float] = ..., max_new_tokens: _Optional[int] = ..., options: _Optional[_Union[JobOptions, _Mapping]] = ...) -> None: ...
 
 class Job(_message.Message):
-    __slots__ = ("id", "name", "spec", "phase", "error", "created_at", "updated_at", "finished_at", "direction_set_id", "diagnostics", "model", "study_name", "n_trials_complete", "n_trials_failed", "eta_s", "auto_selected_trial")
+    __slots__ = ("id", "name", "spec", "phase", "error", "created_at", "updated_at", "finished_at", "direction_set_id", "diagnostics", "model", "study_name", "n_trials_complete", "n_trials_failed", "eta_s", "auto_selected_trial", "methods")
     ID_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
     SPEC_FIELD_NUMBER: _ClassVar[int]
@@ -106,6 +106,7 @@ class Job(_message.Message):
     N_TRIALS_FAILED_FIELD_NUMBER: _ClassVar[int]
     ETA_S_FIELD_NUMBER: _ClassVar[int]
     AUTO_SELECTED_TRIAL_FIELD_NUMBER: _ClassVar[int]
+    METHODS_FIELD_NUMBER: _ClassVar[int]
     id: str
     name: str
     spec: JobSpec
@@ -122,7 +123,8 @@ class Job(_message.Message):
     n_trials_failed: int
     eta_s: float
     auto_selected_trial: int
-    def __init__(self, id: _Optional[str] = ..., name: _Optional[str] = ..., spec: _Optional[_Union[JobSpec, _Mapping]] = ..., phase: _Optional[_Union[JobPhase, str]] = ..., error: _Optional[str] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., updated_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., finished_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., direction_set_id: _Optional[str] = ..., diagnostics: _Optional[_Iterable[_Union[_extractor_pb2.LayerDiagnostics, _Mapping]]] = ..., model: _Optional[_Union[_common_pb2.ModelInfo, _Mapping]] = ..., study_name: _Optional[str] = ..., n_trials_complete: _Optional[int] = ..., n_trials_failed: _Optional[int] = ..., eta_s: _Optional[float] = ..., auto_selected_trial: _Optional[int] = ...) -> None: ...
+    methods: _extractor_pb2.MethodSummary
+    def __init__(self, id: _Optional[str] = ..., name: _Optional[str] = ..., spec: _Optional[_Union[JobSpec, _Mapping]] = ..., phase: _Optional[_Union[JobPhase, str]] = ..., error: _Optional[str] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., updated_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., finished_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., direction_set_id: _Optional[str] = ..., diagnostics: _Optional[_Iterable[_Union[_extractor_pb2.LayerDiagnostics, _Mapping]]] = ..., model: _Optional[_Union[_common_pb2.ModelInfo, _Mapping]] = ..., study_name: _Optional[str] = ..., n_trials_complete: _Optional[int] = ..., n_trials_failed: _Optional[int] = ..., eta_s: _Optional[float] = ..., auto_selected_trial: _Optional[int] = ..., methods: _Optional[_Union[_extractor_pb2.MethodSummary, _Mapping]] = ...) -> None: ...
 
 class SubmitJobRequest(_message.Message):
     __slots__ = ("spec",)

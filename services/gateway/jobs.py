@@ -102,6 +102,7 @@ class JobRecord:
     study_name: str = ""
     model: common_pb2.ModelInfo | None = None
     diagnostics: list[extractor_pb2.LayerDiagnostics] = dataclasses.field(default_factory=list)
+    methods: extractor_pb2.MethodSummary | None = None
     n_trials_complete: int = 0
     n_trials_failed: int = 0
     eta_s: float | None = None
@@ -133,6 +134,8 @@ class JobRecord:
         if self.model is not None:
             job.model.CopyFrom(self.model)
         job.diagnostics.extend(self.diagnostics)
+        if self.methods is not None:
+            job.methods.CopyFrom(self.methods)
         if self.eta_s is not None:
             job.eta_s = self.eta_s
         if self.auto_selected_trial is not None:
@@ -144,6 +147,7 @@ class JobRecord:
         model's source and n_trials, so a page stays small whatever the specs hold."""
         job = self.to_pb()
         job.ClearField("diagnostics")
+        job.ClearField("methods")
         job.ClearField("model")
         job.spec.CopyFrom(
             gateway_pb2.JobSpec(
@@ -167,10 +171,16 @@ def _from_json(text: str, cls: Any) -> Any:
 
 def _row_to_record(row: Any) -> JobRecord:
     diagnostics: list[extractor_pb2.LayerDiagnostics] = []
+    methods = None
     if row.diagnostics_json:
+        stored = json.loads(row.diagnostics_json)
+        if isinstance(stored, dict):  # {"layers": [...], "methods": {...}}: a set with method reports
+            methods = json_format.ParseDict(
+                stored["methods"], extractor_pb2.MethodSummary(), ignore_unknown_fields=True
+            )
+            stored = stored["layers"]
         diagnostics = [
-            json_format.ParseDict(d, extractor_pb2.LayerDiagnostics(), ignore_unknown_fields=True)
-            for d in json.loads(row.diagnostics_json)
+            json_format.ParseDict(d, extractor_pb2.LayerDiagnostics(), ignore_unknown_fields=True) for d in stored
         ]
     return JobRecord(
         id=row.id,
@@ -182,6 +192,7 @@ def _row_to_record(row: Any) -> JobRecord:
         study_name=row.study_name or "",
         model=_from_json(row.model_json, common_pb2.ModelInfo) if row.model_json else None,
         diagnostics=diagnostics,
+        methods=methods,
         n_trials_complete=row.n_trials_complete or 0,
         n_trials_failed=row.n_trials_failed or 0,
         eta_s=row.eta_s,
@@ -304,9 +315,19 @@ class JobStore:
             elif key == "model":
                 values["model_json"] = _to_json(value) if value is not None else ""
             elif key == "diagnostics":
-                values["diagnostics_json"] = json.dumps(
-                    [json_format.MessageToDict(d, preserving_proto_field_name=True) for d in value]
+                layers = [json_format.MessageToDict(d, preserving_proto_field_name=True) for d in value]
+                summary = fields.get("methods")
+                # The method reports travel in the same column (no schema change for existing databases):
+                # a plain list as before, or an object with the layers and the reports.
+                stored = (
+                    {"layers": layers, "methods": json_format.MessageToDict(summary, preserving_proto_field_name=True)}
+                    if summary is not None
+                    else layers
                 )
+                values["diagnostics_json"] = json.dumps(stored)
+            elif key == "methods":
+                if "diagnostics" not in fields:
+                    raise ValueError("methods are stored with the diagnostics: update both at once")
             else:
                 values[key] = value
         values["updated_at"] = time.time()

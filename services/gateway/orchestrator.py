@@ -485,6 +485,12 @@ class Orchestrator:
         except AbliterateError as exc:
             log.warning("GetModelInfo on the extractor failed: %s", exc)
         fields: dict[str, Any] = dict(direction_set_id=digest, diagnostics=list(result.layers))
+        if result.HasField("cones") or result.top_heads or result.HasField("labels"):
+            fields["methods"] = extractor_pb2.MethodSummary(
+                cones=result.cones if result.HasField("cones") else None,
+                top_heads=list(result.top_heads),
+                labels=result.labels if result.HasField("labels") else None,
+            )
         if model_info is not None:
             fields["model"] = model_info
         self._write(

@@ -141,3 +141,24 @@ def test_an_architecture_without_an_attention_bias_flag_refuses_a_compliance_exp
             export_merged(lm, str(tmp_path / "out"))
     finally:
         ablator.reset()
+
+
+def test_method_parameters_round_trip_through_the_contract_and_the_study_json():
+    from abliterate.rpc.convert import params_from_pb, params_to_pb
+
+    params = AblationParams(
+        DirectionScope.GLOBAL,
+        1.5,
+        {ATTN: KERNEL},
+        subspace_weights=(0.25, 0.5),
+        compliance_strength=0.75,
+        compliance_layer=2,
+        head_count=5,
+        head_weight=0.9,
+    )
+    assert params_from_pb(params_to_pb(params)) == params
+    assert AblationParams.from_dict(params.to_dict()) == params
+    plain = AblationParams(DirectionScope.GLOBAL, 1.5, {ATTN: KERNEL})
+    assert set(plain.to_dict()) == {"direction_scope", "direction_index", "row_normalization", "components"}
+    message = params_to_pb(plain)
+    assert not message.HasField("compliance_addition") and not message.HasField("head_ablation")

@@ -58,9 +58,10 @@ def test_cones_calibration_and_head_ablation_job_searches_heads_and_reproduces(t
     _reproduces(out, capsys)
 
 
-def test_auto_warm_start_enqueues_the_families_starting_trials_first(tmp_path):
+def test_auto_warm_start_enqueues_the_families_starting_trials_first(tmp_path, capsys):
     """A tiny Llama (config model_type "llama") with --warm-start auto: the study's first trials are the
-    llama profile's points at this depth, marked as warm starts; without the flag none is."""
+    llama profile's points at this depth, marked as warm starts; without the flag none is (that job
+    runs cones, calibration and head scores, whose reports ``abliterate geometry`` shows)."""
     import sys
 
     from rich.console import Console
@@ -76,9 +77,19 @@ def test_auto_warm_start_enqueues_the_families_starting_trials_first(tmp_path):
     embedded = Embedded(ModelSpec(source="<tiny llama>"), tmp_path / "data", lm=lm).start()
     console = Console(file=sys.stdout, width=140)
     try:
-        for name, flags in (("warm", ["--warm-start", "auto"]), ("cold", [])):
+        cones = [
+            "--direction-method",
+            "cones",
+            "--n-directions",
+            "2",
+            "--cone-layer",
+            "2",
+            "--calibrate",
+            "--head-scores",
+        ]
+        for name, flags in (("warm", ["--warm-start", "auto"]), ("cold", cones)):
             args = cli.build_parser().parse_args(
-                ["run", "<tiny llama>", "--n-trials", "4", "--n-prompts", "4", "--max-new-tokens", "2"]
+                ["run", "<tiny llama>", "--n-trials", "4", "--n-prompts", "8", "--max-new-tokens", "2"]
                 + ["--seed", "1", "--name", name, *flags]
             )
             spec = cli.build_spec(args)
@@ -90,6 +101,12 @@ def test_auto_warm_start_enqueues_the_families_starting_trials_first(tmp_path):
             warm = [t for t in trials if t.warm_start]
             if name == "cold":
                 assert not warm
+                # The cold job ran cones with calibration and head scores: geometry shows their reports.
+                capsys.readouterr()
+                assert cli.main(["geometry", name, "--gateway", embedded.gateway_address]) == 0
+                shown = capsys.readouterr().out
+                assert "concept cones at residual 2" in shown and "top attention heads" in shown
+                assert "calib" in shown and "subspa" in shown  # headers as an 80-column console cuts them
                 continue
             expected = starting_params("llama", 3, ["attn.o_proj", "mlp.down_proj"])
             assert len(warm) == len(PROFILES["llama"]) and [t.number for t in warm] == [0, 1, 2]

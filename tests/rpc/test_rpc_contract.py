@@ -120,7 +120,16 @@ def test_expected_rpcs():
 
 
 def test_ablation_params_fields_match_the_dataclasses():
-    proto_fields = set(common_pb2.AblationParams.DESCRIPTOR.fields_by_name)
+    # The method messages are flattened into the dataclass as <prefix>_<field> (top_heads -> head_count).
+    flattened = {
+        "compliance_addition": {"strength": "compliance_strength", "layer": "compliance_layer"},
+        "head_ablation": {"top_heads": "head_count", "weight": "head_weight"},
+    }
+    proto_fields = set(common_pb2.AblationParams.DESCRIPTOR.fields_by_name) - set(flattened)
+    for message, names in flattened.items():
+        nested = common_pb2.AblationParams.DESCRIPTOR.fields_by_name[message].message_type
+        assert set(nested.fields_by_name) == set(names), message
+        proto_fields |= set(names.values())
     assert proto_fields == {f.name for f in dataclasses.fields(params.AblationParams)}
     kernel_fields = set(common_pb2.ComponentKernel.DESCRIPTOR.fields_by_name)
     assert kernel_fields == {f.name for f in dataclasses.fields(params.ComponentParams)}
