@@ -133,7 +133,7 @@ class SearchSpace:
     has_compliance: bool = False
     n_scored_heads: int = 0
     compliance_strength: Range = Range(0.0, 1.0)
-    top_heads: Range = Range(0.0, 16.0)
+    top_heads: Range = Range(0.0, 32.0)
     head_weight: Range = Range(0.0, 1.0)
 
     # ------------------------------------------------------------ construction
@@ -204,7 +204,7 @@ class SearchSpace:
             n_ei_candidates=int(msg.n_ei_candidates) or DEFAULT_N_EI_CANDIDATES,
             subspace_weight=_range_from_pb(msg.subspace_weight, msg, "subspace_weight", Range(0.0, 1.0)),
             compliance_strength=_range_from_pb(msg.compliance_strength, msg, "compliance_strength", Range(0.0, 1.0)),
-            top_heads=_range_from_pb(msg.top_heads, msg, "top_heads", Range(0.0, 16.0)),
+            top_heads=_range_from_pb(msg.top_heads, msg, "top_heads", Range(0.0, 32.0)),
             head_weight=_range_from_pb(msg.head_weight, msg, "head_weight", Range(0.0, 1.0)),
         )
         space.validate()
@@ -294,7 +294,7 @@ class SearchSpace:
             has_compliance=bool(data.get("has_compliance", False)),
             n_scored_heads=int(data.get("n_scored_heads", 0)),
             compliance_strength=Range(*data.get("compliance_strength", (0.0, 1.0))),
-            top_heads=Range(*data.get("top_heads", (0.0, 16.0))),
+            top_heads=Range(*data.get("top_heads", (0.0, 32.0))),
             head_weight=Range(*data.get("head_weight", (0.0, 1.0))),
             components={
                 name: ComponentSpace(
