@@ -89,35 +89,28 @@ def build_spec(args: argparse.Namespace, file_data: dict | None = None) -> Any:
             getattr(spec, key).CopyFrom(parse_prompt_set(default))
         if args.n_prompts:
             getattr(spec, key).limit = args.n_prompts
-    if args.n_trials is not None:
-        spec.n_trials = args.n_trials
-    if args.max_new_tokens is not None:
-        spec.max_new_tokens = args.max_new_tokens
-    if args.kl_cap is not None:
-        spec.kl_cap = args.kl_cap
-    if args.seed is not None:
-        spec.seed = args.seed
-    for flag in ("n_startup_trials", "n_ei_candidates"):
+    extraction = spec.options.extraction
+    # Flags that set one field when given: (flag, message, field).
+    for flag, message, field_name in (
+        ("n_trials", spec, "n_trials"),
+        ("max_new_tokens", spec, "max_new_tokens"),
+        ("kl_cap", spec, "kl_cap"),
+        ("seed", spec, "seed"),
+        ("n_startup_trials", spec.options.search_space, "n_startup_trials"),
+        ("n_ei_candidates", spec.options.search_space, "n_ei_candidates"),
+        ("batch_size", extraction, "batch_size"),
+        ("n_directions", extraction, "n_directions"),
+        ("cone_layer", extraction, "cone_layer"),
+        ("probe_weight", extraction, "probe_weight"),
+        ("label_tokens", extraction, "label_max_new_tokens"),
+    ):
         value = getattr(args, flag)
         if value is not None:
-            setattr(spec.options.search_space, flag, value)
-    if args.batch_size is not None:
-        spec.options.extraction.batch_size = args.batch_size
+            setattr(message, field_name, value)
     if args.direction_method is not None:
         from abliterate.v1 import common_pb2
 
-        spec.options.extraction.direction_method = common_pb2.DirectionMethod.Value(
-            DIRECTION_METHODS[args.direction_method]
-        )
-    extraction = spec.options.extraction
-    if args.n_directions is not None:
-        extraction.n_directions = args.n_directions
-    if args.cone_layer is not None:
-        extraction.cone_layer = args.cone_layer
-    if args.probe_weight is not None:
-        extraction.probe_weight = args.probe_weight
-    if args.label_tokens is not None:
-        extraction.label_max_new_tokens = args.label_tokens
+        extraction.direction_method = common_pb2.DirectionMethod.Value(DIRECTION_METHODS[args.direction_method])
     if args.compliance:
         extraction.compliance = True
     if args.head_scores:
