@@ -144,11 +144,14 @@ class AblationParams:
             raise InvalidArgument("no component parameters given: nothing would be edited")
         for key, low, high in (("compliance_strength", 0, MAX_COMPLIANCE_STRENGTH), ("head_weight", 0, 1.5)):
             value = getattr(self, key)
-            if not isinstance(value, (int, float)) or not math.isfinite(value) or not low <= value <= high:
+            number = isinstance(value, (int, float)) and not isinstance(value, bool)
+            if not number or not math.isfinite(value) or not low <= value <= high:
                 raise InvalidArgument(f"{key} must be a number in [{low}, {high}], got {value!r}")
-        if not isinstance(self.compliance_layer, int) or not 0 <= self.compliance_layer < n_layers:
+        if isinstance(self.compliance_layer, bool) or not isinstance(self.compliance_layer, int):
+            raise InvalidArgument(f"compliance_layer must be an integer, got {self.compliance_layer!r}")
+        if not 0 <= self.compliance_layer < n_layers:
             raise InvalidArgument(f"compliance_layer {self.compliance_layer!r} is outside [0, {n_layers - 1}]")
-        if not isinstance(self.head_count, int) or self.head_count < 0:
+        if isinstance(self.head_count, bool) or not isinstance(self.head_count, int) or self.head_count < 0:
             raise InvalidArgument(f"head_count must be an integer >= 0, got {self.head_count!r}")
         for index, value in enumerate(self.subspace_weights):
             if not isinstance(value, (int, float)) or not math.isfinite(value) or not 0 <= value <= 1:

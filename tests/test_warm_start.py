@@ -58,3 +58,25 @@ def test_the_flag_reaches_the_spec_and_the_gateway_refuses_an_unknown_profile():
     spec.options.warm_start_profile = "bogus"  # a gRPC client can send anything
     with pytest.raises(InvalidArgument, match="warm_start_profile"):
         validate_spec(spec)
+
+
+def test_the_profile_keeps_to_the_scopes_and_components_the_search_space_allows():
+    from abliterate.v1 import common_pb2, gateway_pb2, optimizer_pb2
+    from abliterate_services.gateway.jobs import JobRecord
+    from abliterate_services.gateway.orchestrator import _profile_warm_start
+    from abliterate_services.optimizer.search_space import SearchSpace
+
+    spec = gateway_pb2.JobSpec(options=gateway_pb2.JobOptions(warm_start_profile="auto"))
+    spec.options.search_space.direction_scopes.append(common_pb2.DIRECTION_SCOPE_GLOBAL)
+    spec.options.search_space.components["attn.o_proj"].CopyFrom(optimizer_pb2.ComponentSearchSpace())
+    model = common_pb2.ModelInfo(model_type="llama", n_layers=30, components=["attn.o_proj", "mlp.down_proj"])
+    starts = _profile_warm_start(JobRecord(id="j", name="j", spec=spec, phase=0, model=model))
+    assert starts and len(starts) < len(PROFILES["llama"])  # the per-layer point is left out
+    assert all(s.direction_scope == common_pb2.DIRECTION_SCOPE_GLOBAL for s in starts)
+    assert all(list(s.components) == ["attn.o_proj"] for s in starts)
+    assert _profile_warm_start(JobRecord(id="j", name="j", spec=gateway_pb2.JobSpec(), phase=0, model=model)) == []
+    # A study told a trial of a scope it cannot sample refuses it up front (CreateStudy), not mid-run.
+    only_global = SearchSpace.from_pb(spec.options.search_space, 30)
+    per_layer = next(p for p in starting_params("llama", 30, ["attn.o_proj"]) if p.direction_index is None)
+    with pytest.raises(InvalidArgument, match="direction_scope 'per_layer'"):
+        only_global.to_optuna_params(per_layer)

@@ -142,6 +142,11 @@ class Ablator:
     def n_layers(self) -> int:
         return self.module_map.n_layers
 
+    @property
+    def added_biases(self) -> bool:
+        """Whether the applied edit gave a linear layer a bias it did not have (CAA)."""
+        return bool(self._added_biases)
+
     def reset(self) -> None:
         with torch.no_grad():
             for param, original in self._originals.values():
@@ -193,6 +198,10 @@ class Ablator:
             raise FailedPrecondition(
                 f"direction set has hidden size {refusal.shape[1]}; this model has {self.module_map.hidden_size}"
             )
+        # The evaluator holds the refusal directions on the model's device and the other tensors of the
+        # set on the CPU: the basis arithmetic below mixes them, so it happens on the refusal's device.
+        protected = None if protected is None else protected.to(refusal.device)
+        subspace = None if subspace is None else subspace.to(refusal.device)
         primary = self._primary_directions(params, refusal, protected)
         extra = len(params.subspace_weights)
         if not extra:
@@ -296,6 +305,22 @@ class Ablator:
             raise FailedPrecondition(
                 "compliance_addition needs compliance vectors: extract the direction set with compliance (--compliance)"
             )
+        # Checked before anything is written, so a refused trial leaves the model as it was.
+        if params.adds_compliance:
+            matrix = self._attention_out(params.compliance_layer)
+            if matrix.linear is None:
+                raise FailedPrecondition(
+                    f"{matrix.name} of layer {params.compliance_layer} is not an nn.Linear: it cannot take a bias"
+                )
+        if params.ablates_heads:
+            for layer in {layer for layer, _ in self._top_heads(params, methods.head_scores)}:
+                self._attention_out(layer)
+
+    @staticmethod
+    def _top_heads(params: AblationParams, scores: torch.Tensor) -> list[tuple[int, int]]:
+        from abliterate.core.heads import top_heads
+
+        return top_heads(scores, params.head_count)
 
     def _attention_out(self, layer: int) -> EditableMatrix:
         matrices = [m for m in self.module_map.layers[layer].get(ATTN, []) if m.param.dim() == 2]
@@ -309,10 +334,10 @@ class Ablator:
     def _ablate_heads(self, params: AblationParams, directions: list[torch.Tensor], scores: torch.Tensor) -> int:
         """Project r out of the top heads' column blocks of each block's attention out-projection
         (after the kernel's edit of the same matrix, if any: the two projections compose)."""
-        from abliterate.core.heads import edit_head_columns, top_heads
+        from abliterate.core.heads import edit_head_columns
 
         by_layer: dict[int, list[int]] = {}
-        for layer, head in top_heads(scores, params.head_count):
+        for layer, head in self._top_heads(params, scores):
             by_layer.setdefault(layer, []).append(head)
         n_heads = scores.shape[1]
         for layer, heads in sorted(by_layer.items()):
@@ -334,9 +359,7 @@ class Ablator:
         ``strength * c[layer + 1]`` (a zero bias is created where it has none; reset removes it)."""
         layer = params.compliance_layer
         matrix = self._attention_out(layer)
-        module = matrix.linear
-        if module is None:
-            raise FailedPrecondition(f"{matrix.name} of layer {layer} is not an nn.Linear: it cannot take a bias")
+        module = matrix.linear  # an nn.Linear: _check_method_tensors made sure
         vector = params.compliance_strength * compliance[layer + 1].to(matrix.param.device, torch.float32)  # (d,)
         if module.bias is None:
             module.bias = torch.nn.Parameter(torch.zeros_like(vector, dtype=matrix.param.dtype), requires_grad=False)

@@ -179,6 +179,11 @@ class DirectionSet:
                 )
             if not torch.isfinite(subspace).all():
                 raise InvalidArgument("the subspace contains NaN or Inf")
+            energy = tensors.get("subspace_energy")
+            if energy is not None and tuple(energy.shape) != tuple(subspace.shape[:2]):
+                raise InvalidArgument(
+                    f"subspace_energy must have shape {list(subspace.shape[:2])}, got {list(energy.shape)}"
+                )
         for key, shape_of in OPTIONAL_TENSORS.items():
             expected = shape_of(refusal.shape[0], refusal.shape[1])
             value = tensors.get(key)

@@ -22,7 +22,9 @@ def export_merged(lm: LoadedModel, path: str, metadata: dict | None = None, max_
     if os.path.exists(path) and os.listdir(path):
         raise InvalidArgument(f"export path {path} exists and is not empty")
     os.makedirs(path, exist_ok=True)
-    with attention_biases_declared(lm.model):
+    ablator = lm.extra.get("ablator")
+    declared = attention_biases_declared(lm.model) if ablator is not None and ablator.added_biases else _nothing()
+    with declared:
         lm.model.save_pretrained(path, safe_serialization=True, max_shard_size=max_shard_size)
     lm.tokenizer.save_pretrained(path)
     if metadata:
@@ -33,6 +35,11 @@ def export_merged(lm: LoadedModel, path: str, metadata: dict | None = None, max_
 
 # Config flags that give every attention projection an output bias, by the name transformers uses.
 _ATTENTION_BIAS_FLAGS = ("attention_bias",)
+
+
+@contextlib.contextmanager
+def _nothing() -> Iterator[None]:
+    yield
 
 
 @contextlib.contextmanager
@@ -62,6 +69,7 @@ def attention_biases_declared(model: torch.nn.Module) -> Iterator[None]:
             "without compliance_addition"
         )
     config = model.config
+    had_flag = hasattr(config, flag)
     previous = getattr(config, flag, None)
     zeros: list[torch.nn.Module] = []
     for name in sorted(set(expected) - present):
@@ -80,7 +88,10 @@ def attention_biases_declared(model: torch.nn.Module) -> Iterator[None]:
     finally:
         for module in zeros:
             module.bias = None
-        setattr(config, flag, previous)
+        if had_flag:
+            setattr(config, flag, previous)
+        else:
+            delattr(config, flag)
 
 
 def _declared_parameters(model: torch.nn.Module, overrides: dict) -> list[str]:

@@ -48,6 +48,7 @@ from abliterate.rpc.convert import (
     check_direction_method,
     judge_spec_from_pb,
     model_spec_from_pb,
+    params_from_pb,
     params_to_pb,
     prompt_set_from_pb,
 )
@@ -93,10 +94,19 @@ def _profile_warm_start(job: JobRecord) -> list[common_pb2.AblationParams]:
     if profile is None:
         return []
     components = list(job.model.components)
-    if options.HasField("search_space") and options.search_space.components:
+    space = options.search_space
+    if space.components:
         # A search space limited to some components: a starting trial may only edit those.
-        components = [name for name in components if name in options.search_space.components]
-    return [params_to_pb(params) for params in starting_params(profile, job.model.n_layers, components)]
+        components = [name for name in components if name in space.components]
+    starts = starting_params(profile, job.model.n_layers, components)
+    if space.direction_scopes:
+        # ... and only in the scopes it allows (the study could not tell a trial of another scope).
+        allowed = {
+            params_from_pb(common_pb2.AblationParams(direction_scope=value)).direction_scope
+            for value in space.direction_scopes
+        }
+        starts = [params for params in starts if params.direction_scope in allowed]
+    return [params_to_pb(params) for params in starts]
 
 
 def validate_spec(spec: gateway_pb2.JobSpec) -> None:

@@ -409,6 +409,16 @@ class SearchSpace:
         unknown = sorted(set(params.components) - set(self.components))
         if unknown:
             raise InvalidArgument(f"parameters name components outside the search space: {unknown}")
+        if params.direction_scope not in self.direction_scopes:
+            raise InvalidArgument(
+                f"parameters use direction_scope {params.direction_scope.value!r}; the search space allows "
+                f"{[scope.value for scope in self.direction_scopes]}"
+            )
+        if params.row_normalization not in self.row_normalizations:
+            raise InvalidArgument(
+                f"parameters use row_normalization {params.row_normalization.value!r}; the search space allows "
+                f"{[norm.value for norm in self.row_normalizations]}"
+            )
         out: dict[str, Any] = {"direction_scope": params.direction_scope.value}
         if params.direction_index is not None:
             out["direction_index"] = float(params.direction_index)
@@ -440,7 +450,10 @@ class SearchSpace:
         if self.has_compliance:
             # Parameters without an addition add nothing: strength 0 (the block is then irrelevant).
             out["compliance_strength"] = float(params.compliance_strength)
-            out["compliance_layer"] = int(params.compliance_layer)
+            # Without an addition the block is irrelevant: the middle of its range keeps TPE's history in range.
+            low, high = self.index_bounds()
+            middle = int(round((low + high) / 2))
+            out["compliance_layer"] = int(params.compliance_layer) if params.adds_compliance else middle
         elif params.adds_compliance:
             raise InvalidArgument("parameters add compliance vectors; the direction set has none")
         if self.n_scored_heads:

@@ -6,7 +6,7 @@ import dataclasses
 import pytest
 import torch
 
-from abliterate.core.ablation import Ablator, MethodTensors, edit_matrix
+from abliterate.core.ablation import Ablator, MethodTensors, ablator_for, edit_matrix
 from abliterate.core.export import export_merged
 from abliterate.core.modules import ATTN, MLP, discover
 from abliterate.errors import FailedPrecondition, InvalidArgument
@@ -112,8 +112,8 @@ def test_a_compliance_edit_survives_a_merged_export_and_reloads_in_plain_transfo
     from transformers import AutoModelForCausalLM
 
     lm = make_lm("llama", layers=3)
-    module_map, refusal = discover(lm.model), _refusal(lm)
-    ablator = Ablator(module_map)
+    refusal = _refusal(lm)
+    ablator = ablator_for(lm)  # the model's one ablator: the export asks it whether a bias was added
     params = AblationParams(DirectionScope.GLOBAL, 1.0, {ATTN: KERNEL}, compliance_strength=1.0, compliance_layer=2)
     ablator.apply(params, refusal, methods=MethodTensors(compliance=2 * _refusal(lm, seed=7)))
     tokens = torch.tensor([[5, 6, 7, 8, 9]])
@@ -122,6 +122,7 @@ def test_a_compliance_edit_survives_a_merged_export_and_reloads_in_plain_transfo
             edited = lm.model(tokens).logits
         export_merged(lm, str(tmp_path / "out"))
         assert lm.model.config.attention_bias is False, "the flag is set only while saving"
+        assert ablator.added_biases
         assert lm.model.get_submodule("model.layers.0.self_attn.q_proj").bias is None
     finally:
         ablator.reset()
@@ -133,7 +134,7 @@ def test_a_compliance_edit_survives_a_merged_export_and_reloads_in_plain_transfo
 
 def test_an_architecture_without_an_attention_bias_flag_refuses_a_compliance_export(tmp_path):
     lm = make_lm("qwen2", layers=2)
-    ablator = Ablator(discover(lm.model))
+    ablator = ablator_for(lm)
     params = AblationParams(DirectionScope.PER_LAYER, None, {}, compliance_strength=1.0, compliance_layer=0)
     ablator.apply(params, _refusal(lm), methods=MethodTensors(compliance=_refusal(lm, seed=2)))
     try:
@@ -162,3 +163,15 @@ def test_method_parameters_round_trip_through_the_contract_and_the_study_json():
     assert set(plain.to_dict()) == {"direction_scope", "direction_index", "row_normalization", "components"}
     message = params_to_pb(plain)
     assert not message.HasField("compliance_addition") and not message.HasField("head_ablation")
+
+
+def test_a_refused_compliance_or_head_trial_writes_nothing():
+    """The method checks run before the kernel's edits are written: a refused trial leaves the model as it was."""
+    lm = make_lm("llama", layers=3)
+    ablator = Ablator(discover(lm.model))
+    before = _snapshot(lm.model)
+    kernel_and_heads = AblationParams(DirectionScope.PER_LAYER, None, {ATTN: KERNEL}, head_count=2, head_weight=1.0)
+    with pytest.raises(FailedPrecondition, match="head scores"):
+        ablator.apply(kernel_and_heads, _refusal(lm))
+    assert all(torch.equal(p, before[n]) for n, p in lm.model.named_parameters())
+    assert ablator.applied is None
