@@ -14,7 +14,12 @@ global direction index) and scaled to the model's depth at sampling time:
   ``c.min_weight_distance`` in ``[1, 0.6 * (L - 1)]`` (never below one block);
 - ``row_normalization``: categorical, only when more than one is allowed;
 - ``subspace_weight_j`` for j = 1..k-1 in ``[0, 1]``, only when the direction
-  set holds a k-direction subspace (``n_directions``, read from the set).
+  set holds a k-direction subspace (``n_directions``, read from the set);
+- ``compliance_addition`` off/on, then ``compliance_strength`` and the block
+  ``compliance_layer`` (over the direction index range), only when the set
+  holds compliance vectors;
+- ``head_ablation`` off/on, then ``top_heads`` (>= 1) and ``head_weight``,
+  only when the set holds head scores.
 
 :meth:`SearchSpace.suggest` turns an Optuna trial into :class:`AblationParams`;
 :meth:`SearchSpace.to_optuna_params` is the inverse, for warm starts and retries.
@@ -112,6 +117,10 @@ def _range_from_pb(msg: optimizer_pb2.FloatRange, parent: Any, field_name: str, 
     if not parent.HasField(field_name):
         return default
     return Range(float(msg.low), float(msg.high))
+
+
+# Values of a method's on/off switch in the study ("compliance_addition", "head_ablation").
+SWITCH = ("off", "on")
 
 
 @dataclass(frozen=True)
@@ -324,8 +333,9 @@ class SearchSpace:
         )
 
     def head_count_bounds(self) -> tuple[int, int]:
-        high = min(int(self.top_heads.high), self.n_scored_heads)
-        return min(int(math.ceil(self.top_heads.low)), high), high
+        """Heads ablated when head ablation is on: at least one (off is the switch), at most the scored ones."""
+        high = max(1, min(int(self.top_heads.high), self.n_scored_heads))
+        return min(max(1, int(math.ceil(self.top_heads.low))), high), high
 
     # ------------------------------------------------------------ scaled bounds
 
@@ -378,13 +388,15 @@ class SearchSpace:
             for j in range(1, self.n_directions)
         )
         methods: dict[str, Any] = {}
-        if self.has_compliance:
+        # Each method is first switched on or off, so the study also tries plain ablation (a strength or
+        # head count drawn from a range is almost never exactly "none"); its values exist only when on.
+        if self.has_compliance and trial.suggest_categorical("compliance_addition", list(SWITCH)) == "on":
             low, high = self.index_bounds()
             methods["compliance_strength"] = float(
                 trial.suggest_float("compliance_strength", self.compliance_strength.low, self.compliance_strength.high)
             )
             methods["compliance_layer"] = int(trial.suggest_int("compliance_layer", math.floor(low), math.ceil(high)))
-        if self.n_scored_heads:
+        if self.n_scored_heads and trial.suggest_categorical("head_ablation", list(SWITCH)) == "on":
             methods["head_count"] = int(trial.suggest_int("top_heads", *self.head_count_bounds()))
             methods["head_weight"] = float(
                 trial.suggest_float("head_weight", self.head_weight.low, self.head_weight.high)
@@ -448,17 +460,17 @@ class SearchSpace:
             given = params.subspace_weights[j - 1] if j - 1 < len(params.subspace_weights) else 0.0
             out[f"subspace_weight_{j}"] = float(given)
         if self.has_compliance:
-            # Parameters without an addition add nothing: strength 0 (the block is then irrelevant).
-            out["compliance_strength"] = float(params.compliance_strength)
-            # Without an addition the block is irrelevant: the middle of its range keeps TPE's history in range.
-            low, high = self.index_bounds()
-            middle = int(round((low + high) / 2))
-            out["compliance_layer"] = int(params.compliance_layer) if params.adds_compliance else middle
+            out["compliance_addition"] = "on" if params.adds_compliance else "off"
+            if params.adds_compliance:
+                out["compliance_strength"] = float(params.compliance_strength)
+                out["compliance_layer"] = int(params.compliance_layer)
         elif params.adds_compliance:
             raise InvalidArgument("parameters add compliance vectors; the direction set has none")
         if self.n_scored_heads:
-            out["top_heads"] = int(params.head_count)
-            out["head_weight"] = float(params.head_weight)
+            out["head_ablation"] = "on" if params.ablates_heads else "off"
+            if params.ablates_heads:
+                out["top_heads"] = int(params.head_count)
+                out["head_weight"] = float(params.head_weight)
         elif params.ablates_heads:
             raise InvalidArgument("parameters ablate attention heads; the direction set has no head scores")
         return out

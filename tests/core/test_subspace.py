@@ -208,3 +208,25 @@ def test_direction_method_and_count_must_go_together():
     ):
         with pytest.raises(InvalidArgument, match=message):
             check_direction_method(options)
+
+
+def test_compliance_and_head_ablation_are_switched_on_and_off_by_the_search():
+    import optuna
+
+    from abliterate_services.optimizer.search_space import SearchSpace
+
+    space = SearchSpace.from_pb(None, 30).with_methods(1, has_compliance=True, n_scored_heads=270)
+    study = optuna.create_study(directions=["minimize", "minimize"], sampler=optuna.samplers.RandomSampler(seed=3))
+    sampled = [space.suggest(study.ask()) for _ in range(40)]
+    assert any(p.adds_compliance for p in sampled) and any(not p.adds_compliance for p in sampled)
+    assert any(p.ablates_heads for p in sampled) and any(not p.ablates_heads for p in sampled)
+    for params in sampled:
+        assert space.params_from_optuna(space.to_optuna_params(params)) == params
+        if params.ablates_heads:
+            assert 1 <= params.head_count <= 32
+        if params.adds_compliance:
+            low, high = space.index_bounds()
+            assert int(low) <= params.compliance_layer <= int(high) + 1
+    plain = SearchSpace.from_pb(None, 30)
+    with pytest.raises(InvalidArgument, match="compliance vectors"):
+        plain.to_optuna_params(next(p for p in sampled if p.adds_compliance))
