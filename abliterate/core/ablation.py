@@ -280,7 +280,7 @@ class Ablator:
             if params.ablates_heads:
                 edited += self._ablate_heads(params, directions, methods.head_scores)
             if params.adds_compliance:
-                edited += self._add_compliance(params, methods.compliance)
+                edited += self._add_compliance(params, methods.compliance, protected)
         self.applied = params
         return edited
 
@@ -354,13 +354,23 @@ class Ablator:
             self._mark_edited(layer)
         return len(by_layer)
 
-    def _add_compliance(self, params: AblationParams, compliance: torch.Tensor) -> int:
+    def _add_compliance(
+        self, params: AblationParams, compliance: torch.Tensor, protected: torch.Tensor | None = None
+    ) -> int:
         """CAA: block ``compliance_layer``'s attention out-projection gets the output bias
-        ``strength * c[layer + 1]`` (a zero bias is created where it has none; reset removes it)."""
+        ``strength * c[layer + 1]`` (a zero bias is created where it has none; reset removes it).
+
+        With a protected subspace (sacred, helpfulness), ``c`` is projected off it first: the addition
+        must not move the residual along what the set protects, as the ablation does not.
+        """
         layer = params.compliance_layer
         matrix = self._attention_out(layer)
         module = matrix.linear  # an nn.Linear: _check_method_tensors made sure
-        vector = params.compliance_strength * compliance[layer + 1].to(matrix.param.device, torch.float32)  # (d,)
+        vector = compliance[layer + 1].to(matrix.param.device, torch.float32)  # (d,)
+        if protected is not None:
+            basis = protected[layer + 1].to(vector.device, torch.float32)  # (k, d) orthonormal rows
+            vector = vector - (basis @ vector) @ basis  # (k,) @ (k, d) -> (d,)
+        vector = params.compliance_strength * vector
         if module.bias is None:
             module.bias = torch.nn.Parameter(torch.zeros_like(vector, dtype=matrix.param.dtype), requires_grad=False)
             self._added_biases.append(module)

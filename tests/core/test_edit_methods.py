@@ -175,3 +175,21 @@ def test_a_refused_compliance_or_head_trial_writes_nothing():
         ablator.apply(kernel_and_heads, _refusal(lm))
     assert all(torch.equal(p, before[n]) for n, p in lm.model.named_parameters())
     assert ablator.applied is None
+
+
+def test_compliance_addition_leaves_the_protected_subspace_alone():
+    lm = make_lm("llama", layers=3)
+    ablator = Ablator(discover(lm.model))
+    generator = torch.Generator().manual_seed(11)
+    protected = torch.linalg.qr(torch.randn(lm.n_layers + 1, lm.hidden_size, 3, generator=generator))[0]
+    protected = protected.transpose(1, 2).contiguous()  # (L+1, 3, d) orthonormal rows
+    compliance = 2 * _refusal(lm, seed=5)
+    params = AblationParams(DirectionScope.PER_LAYER, None, {}, compliance_strength=1.0, compliance_layer=1)
+    ablator.apply(params, _refusal(lm), protected, methods=MethodTensors(compliance=compliance))
+    try:
+        bias = lm.model.get_submodule("model.layers.1.self_attn.o_proj").bias.detach()
+        assert (protected[2] @ bias).abs().max() < 1e-5
+        kept = compliance[2] - (protected[2] @ compliance[2]) @ protected[2]
+        assert torch.allclose(bias, kept, atol=1e-6) and kept.norm() > 0.5 * compliance[2].norm()
+    finally:
+        ablator.reset()
