@@ -459,20 +459,29 @@ class SearchSpace:
             # A set of parameters without further weights edits along the first direction alone: weight 0.
             given = params.subspace_weights[j - 1] if j - 1 < len(params.subspace_weights) else 0.0
             out[f"subspace_weight_{j}"] = float(given)
-        if self.has_compliance:
-            out["compliance_addition"] = "on" if params.adds_compliance else "off"
-            if params.adds_compliance:
-                out["compliance_strength"] = float(params.compliance_strength)
-                out["compliance_layer"] = int(params.compliance_layer)
-        elif params.adds_compliance:
-            raise InvalidArgument("parameters add compliance vectors; the direction set has none")
-        if self.n_scored_heads:
-            out["head_ablation"] = "on" if params.ablates_heads else "off"
-            if params.ablates_heads:
-                out["top_heads"] = int(params.head_count)
-                out["head_weight"] = float(params.head_weight)
-        elif params.ablates_heads:
-            raise InvalidArgument("parameters ablate attention heads; the direction set has no head scores")
+        # The method switches: (opened by the set, switch, on in these parameters, values when on, error).
+        for opened, switch, on, values, missing in (
+            (
+                self.has_compliance,
+                "compliance_addition",
+                params.adds_compliance,
+                {"compliance_strength": float(params.compliance_strength), "compliance_layer": params.compliance_layer},
+                "parameters add compliance vectors; the direction set has none",
+            ),
+            (
+                bool(self.n_scored_heads),
+                "head_ablation",
+                params.ablates_heads,
+                {"top_heads": params.head_count, "head_weight": float(params.head_weight)},
+                "parameters ablate attention heads; the direction set has no head scores",
+            ),
+        ):
+            if opened:
+                out[switch] = SWITCH[int(on)]
+                if on:
+                    out.update(values)
+            elif on:
+                raise InvalidArgument(missing)
         return out
 
     def params_from_optuna(self, values: dict[str, Any]) -> AblationParams:
