@@ -420,6 +420,16 @@ def prepare_state(stack: Stack, model_dir: Path, workdir: Path, timeout_s: float
         if response.HasField("result"):
             result = response.result
     assert result is not None, "ExtractDirections sent no result"
+    # The methods that label prompts generate replies and the head scores hook the out-projections: one
+    # such extraction now, so the RSS measured after the fuzz shows growth, not the first use of that path.
+    warm_up = extract_request(model_dir)
+    warm_up.options.compliance = warm_up.options.head_scores = True
+    warm_up.options.label_max_new_tokens = 4
+    try:
+        for _ in extractor_pb2_grpc.ExtractorServiceStub(channel).ExtractDirections(warm_up, timeout=60):
+            pass
+    except grpc.RpcError as exc:  # a random tiny model may refuse everything or nothing: the labels were made
+        assert exc.code() in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.FAILED_PRECONDITION), exc
     baseline = stack.evaluator_stub().PrepareBaseline(
         evaluator_pb2.PrepareBaselineRequest(baseline=study.baseline), timeout=60
     )
