@@ -430,6 +430,23 @@ def prepare_state(stack: Stack, model_dir: Path, workdir: Path, timeout_s: float
             pass
     except grpc.RpcError as exc:  # a random tiny model may refuse everything or nothing: the labels were made
         assert exc.code() in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.FAILED_PRECONDITION), exc
+    # A prompt source that is no local file is looked up on the Hub: the first lookup imports the dataset
+    # libraries (about 100 MiB). One now in each torch service, so the RSS measure sees growth, not imports.
+    unknown = common_pb2.PromptSetSpec(source="no-such-user/no-such-dataset")
+    hub_lookup = evaluator_pb2.PrepareBaselineRequest(baseline=study.baseline)
+    hub_lookup.baseline.kl_prompts.CopyFrom(unknown)
+    extract_lookup = extract_request(model_dir)
+    extract_lookup.harmless.CopyFrom(unknown)
+    for call, request in (
+        (stack.evaluator_stub().PrepareBaseline, hub_lookup),
+        (extractor_pb2_grpc.ExtractorServiceStub(channel).ExtractDirections, extract_lookup),
+    ):
+        try:
+            answer = call(request, timeout=60)
+            for _ in answer if hasattr(answer, "__iter__") else ():
+                pass
+        except grpc.RpcError as exc:  # offline, the lookup fails: what matters is that it ran
+            assert exc.code() not in (grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN), exc
     baseline = stack.evaluator_stub().PrepareBaseline(
         evaluator_pb2.PrepareBaselineRequest(baseline=study.baseline), timeout=60
     )
