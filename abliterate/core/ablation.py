@@ -263,7 +263,7 @@ class Ablator:
         methods = methods or MethodTensors()
         subspace = subspace if subspace is not None else methods.subspace
         params.validate(self.n_layers, self.module_map.components)
-        self._check_method_tensors(params, methods)
+        heads_by_layer = self._check_method_tensors(params, methods)
         directions = self.directions_for(params, refusal, protected, subspace)
         self.reset()
         edited = 0
@@ -277,8 +277,8 @@ class Ablator:
                         self._edit(matrix, directions[layer], block_weights, params.row_normalization, layer)
                         edited += 1
                         self._mark_edited(layer)
-            if params.ablates_heads:
-                edited += self._ablate_heads(params, directions, methods.head_scores)
+            if heads_by_layer:
+                edited += self._ablate_heads(params, directions, heads_by_layer)
             if params.adds_compliance:
                 edited += self._add_compliance(params, methods.compliance, protected)
         self.applied = params
@@ -288,7 +288,10 @@ class Ablator:
         first = self.first_edited_layer
         self.first_edited_layer = layer if first is None else min(first, layer)
 
-    def _check_method_tensors(self, params: AblationParams, methods: MethodTensors) -> None:
+    def _check_method_tensors(self, params: AblationParams, methods: MethodTensors) -> dict[int, tuple[list[int], int]]:
+        """Refuse what the set or the model cannot do, before anything is written (a refused trial leaves
+        the model as it was). Returns the heads to ablate: block -> (head indices, head_dim)."""
+        heads_by_layer: dict[int, tuple[list[int], int]] = {}
         if params.ablates_heads:
             if methods.head_scores is None:
                 raise FailedPrecondition(
@@ -313,14 +316,21 @@ class Ablator:
                     f"{matrix.name} of layer {params.compliance_layer} is not an nn.Linear: it cannot take a bias"
                 )
         if params.ablates_heads:
-            for layer in {layer for layer, _ in self._top_heads(params, methods.head_scores)}:
-                self._attention_out(layer)
+            from abliterate.core.heads import top_heads
 
-    @staticmethod
-    def _top_heads(params: AblationParams, scores: torch.Tensor) -> list[tuple[int, int]]:
-        from abliterate.core.heads import top_heads
-
-        return top_heads(scores, params.head_count)
+            n_heads = methods.head_scores.shape[1]
+            for layer, head in top_heads(methods.head_scores, params.head_count):
+                if layer not in heads_by_layer:
+                    width = self._attention_out(layer).param.shape[1]
+                    head_dim, remainder = divmod(width, n_heads)
+                    if remainder:
+                        raise FailedPrecondition(
+                            f"block {layer}'s attention out-projection reads {width} inputs, not a multiple "
+                            f"of the head scores' {n_heads} heads"
+                        )
+                    heads_by_layer[layer] = ([], head_dim)
+                heads_by_layer[layer][0].append(head)
+        return heads_by_layer
 
     def _attention_out(self, layer: int) -> EditableMatrix:
         matrices = [m for m in self.module_map.layers[layer].get(ATTN, []) if m.param.dim() == 2]
@@ -331,28 +341,20 @@ class Ablator:
             )
         return matrices[0]
 
-    def _ablate_heads(self, params: AblationParams, directions: list[torch.Tensor], scores: torch.Tensor) -> int:
+    def _ablate_heads(
+        self, params: AblationParams, directions: list[torch.Tensor], heads_by_layer: dict[int, tuple[list[int], int]]
+    ) -> int:
         """Project r out of the top heads' column blocks of each block's attention out-projection
         (after the kernel's edit of the same matrix, if any: the two projections compose)."""
         from abliterate.core.heads import edit_head_columns
 
-        by_layer: dict[int, list[int]] = {}
-        for layer, head in self._top_heads(params, scores):
-            by_layer.setdefault(layer, []).append(head)
-        n_heads = scores.shape[1]
-        for layer, heads in sorted(by_layer.items()):
+        weights = self.weights_for(params, params.head_weight)
+        for layer, (heads, head_dim) in sorted(heads_by_layer.items()):
             matrix = self._attention_out(layer)
-            head_dim, remainder = divmod(matrix.param.shape[1], n_heads)
-            if remainder:
-                raise FailedPrecondition(
-                    f"block {layer}'s attention out-projection reads {matrix.param.shape[1]} inputs, not a multiple "
-                    f"of the head scores' {n_heads} heads"
-                )
-            weights = self.weights_for(params, params.head_weight)
             edited = edit_head_columns(matrix.param.data, heads, head_dim, directions[layer], weights)
             self._write(matrix.param, edited, f"{matrix.name} of layer {layer}")
             self._mark_edited(layer)
-        return len(by_layer)
+        return len(heads_by_layer)
 
     def _add_compliance(
         self, params: AblationParams, compliance: torch.Tensor, protected: torch.Tensor | None = None

@@ -24,17 +24,13 @@ from abliterate.params import (
     check_calibration,
 )
 
-DEFAULT_PERCENTILE = DEFAULT_CALIBRATION_PERCENTILE
-DEFAULT_MIN_FACTOR = DEFAULT_CALIBRATION_MIN_FACTOR
-DEFAULT_MAX_FACTOR = DEFAULT_CALIBRATION_MAX_FACTOR
-
 
 def calibration_factors(
     h_bad: torch.Tensor,
     refusal: torch.Tensor,
-    percentile: float = DEFAULT_PERCENTILE,
-    min_factor: float = DEFAULT_MIN_FACTOR,
-    max_factor: float = DEFAULT_MAX_FACTOR,
+    percentile: float = DEFAULT_CALIBRATION_PERCENTILE,
+    min_factor: float = DEFAULT_CALIBRATION_MIN_FACTOR,
+    max_factor: float = DEFAULT_CALIBRATION_MAX_FACTOR,
 ) -> torch.Tensor:
     """(L+1,) float32 factors from harmful residuals ``h_bad`` (N, L+1, d) and unit ``refusal`` (L+1, d)."""
     check_calibration(percentile, min_factor, max_factor)

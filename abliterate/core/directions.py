@@ -228,6 +228,14 @@ OPTIONAL_TENSORS = {
 }
 
 
+def project_off_harmless_mean(rows: torch.Tensor, good_mean: torch.Tensor) -> torch.Tensor:
+    """``normalize(r - (r . g) g)`` per row with ``g = normalize(good_mean)``, in float64: what a projected set
+    does to its directions (rows (L+1, d), good_mean (L+1, d))."""
+    g = _normalize(good_mean.double())  # (L+1, d)
+    r = rows.double()
+    return _normalize(r - (r * g).sum(-1, keepdim=True) * g)  # (L+1, d) - (L+1, 1) * (L+1, d)
+
+
 def refusal_directions(
     h_bad: torch.Tensor,
     h_good: torch.Tensor,
@@ -247,8 +255,7 @@ def refusal_directions(
     diff = mu_bad - mu_good  # (L+1, d)
     r = _normalize(diff)  # (L+1, d) unit rows
     if projected:
-        g = _normalize(mu_good)  # (L+1, d)
-        r = _normalize(r - (r * g).sum(-1, keepdim=True) * g)  # (L+1, d) - (L+1, 1) * (L+1, d)
+        r = project_off_harmless_mean(r, mu_good)  # (L+1, d)
     diagnostics = []
     for layer in range(r.shape[0]):
         p_bad = h_bad[:, layer].double() @ r[layer]  # (N_bad, d) @ (d,) -> (N_bad,)

@@ -23,8 +23,8 @@ def export_merged(lm: LoadedModel, path: str, metadata: dict | None = None, max_
         raise InvalidArgument(f"export path {path} exists and is not empty")
     os.makedirs(path, exist_ok=True)
     ablator = lm.extra.get("ablator")
-    declared = attention_biases_declared(lm.model) if ablator is not None and ablator.added_biases else _nothing()
-    with declared:
+    added = ablator is not None and ablator.added_biases
+    with attention_biases_declared(lm.model) if added else contextlib.nullcontext():
         lm.model.save_pretrained(path, safe_serialization=True, max_shard_size=max_shard_size)
     lm.tokenizer.save_pretrained(path)
     if metadata:
@@ -35,11 +35,6 @@ def export_merged(lm: LoadedModel, path: str, metadata: dict | None = None, max_
 
 # Config flags that give every attention projection an output bias, by the name transformers uses.
 _ATTENTION_BIAS_FLAGS = ("attention_bias",)
-
-
-@contextlib.contextmanager
-def _nothing() -> Iterator[None]:
-    yield
 
 
 @contextlib.contextmanager

@@ -18,7 +18,12 @@ from dataclasses import dataclass, field
 
 import torch
 
-from abliterate.core.directions import DirectionSet, _normalize, protect_helpfulness, refusal_subspace
+from abliterate.core.directions import (
+    DirectionSet,
+    project_off_harmless_mean,
+    protect_helpfulness,
+    refusal_subspace,
+)
 from abliterate.core.loading import LoadedModel
 from abliterate.params import (
     DEFAULT_CALIBRATION_MAX_FACTOR,
@@ -88,9 +93,7 @@ def _probe_ensemble(opts, residuals, labels, directions: DirectionSet) -> None:
     ensemble = ensemble_directions(probe.directions, directions.refusal, weight)  # (L+1, d)
     if directions.metadata.get("projected") == "True":
         # The set is projected: the ensemble must leave the harmless mean alone too.
-        harmless = _normalize(directions.good_mean.double())  # (L+1, d)
-        ensemble = ensemble.double() - (ensemble.double() * harmless).sum(1, keepdim=True) * harmless
-        ensemble = _normalize(ensemble).float()
+        ensemble = project_off_harmless_mean(ensemble, directions.good_mean).float()  # (L+1, d)
     directions.refusal = ensemble.contiguous()
     directions.probe_accuracy = torch.as_tensor(probe.accuracies, dtype=torch.float32)
     directions.metadata.update(

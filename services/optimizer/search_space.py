@@ -320,9 +320,6 @@ class SearchSpace:
     def with_n_layers(self, n_layers: int) -> "SearchSpace":
         return replace(self, n_layers=int(n_layers))
 
-    def with_n_directions(self, n_directions: int) -> "SearchSpace":
-        return replace(self, n_directions=max(1, int(n_directions)))
-
     def with_methods(self, n_directions: int, has_compliance: bool, n_scored_heads: int) -> "SearchSpace":
         """The dimensions the direction set's method tensors open (see the module docstring)."""
         return replace(

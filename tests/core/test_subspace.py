@@ -169,7 +169,7 @@ def test_search_space_searches_one_weight_per_further_direction():
 
     from abliterate_services.optimizer.search_space import SearchSpace
 
-    space = SearchSpace.from_pb(None, 8).with_n_directions(3)
+    space = SearchSpace.from_pb(None, 8).with_methods(3, False, 0)
     study = optuna.create_study(directions=["minimize", "minimize"], sampler=optuna.samplers.RandomSampler(seed=1))
     trial = study.ask()
     params = space.suggest(trial)
